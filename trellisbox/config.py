@@ -1,0 +1,48 @@
+"""Configuration as validated typed objects: the one loader for every service.
+
+Each service declares a subclass of :class:`ServiceSettings` with its own environment prefix
+(``TRELLISBOX_GATEWAY_``, ``TRELLISBOX_REFINER_``, ``TRELLISBOX_TRELLIS_``). Values come from, in order of
+precedence: command-line flags, environment variables, an optional ``.env`` file, then defaults.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from trellisbox.imaging import ImageLimits
+
+
+class ServiceSettings(BaseSettings):
+    """Settings every gRPC service shares."""
+
+    model_config = SettingsConfigDict(extra="forbid", cli_kebab_case=True, cli_implicit_flags=True)
+
+    host: str = Field("127.0.0.1", description="Address to bind; 0.0.0.0 or [::] in a container.")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one).")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port; 0 disables it.")
+    log_level: str = Field("INFO", description="Python logging level.")
+    max_request_bytes: int = Field(64 * 2**20, ge=2**20, description="Largest accepted request message.")
+    max_image_bytes: int = Field(32 * 2**20, ge=1024, description="Largest accepted encoded image.")
+    max_image_pixels: int = Field(4096 * 4096, ge=64 * 64, description="Largest accepted width × height.")
+    max_images: int = Field(8, ge=1, le=64, description="Most images in one request.")
+    max_queue: int = Field(16, ge=0, description="Requests that may wait; more get RESOURCE_EXHAUSTED.")
+    chunk_bytes: int = Field(2**20, ge=16 * 1024, le=3 * 2**20, description="Artifact chunk size.")
+    max_connection_age_s: float = Field(
+        300.0, ge=0, description="Close client connections after this long so clients re-resolve DNS."
+    )
+    grace_s: float = Field(10.0, ge=0, description="How long a draining server lets calls finish.")
+
+    @property
+    def image_limits(self) -> ImageLimits:
+        return ImageLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
+
+
+S = TypeVar("S", bound=ServiceSettings)
+
+
+def load_settings(cls: type[S], argv: list[str] | None = None) -> S:
+    """Build ``cls`` from flags (``argv``, e.g. ``["--port", "50052"]``), environment and defaults."""
+    return cls(_cli_parse_args=argv if argv is not None else [])  # type: ignore[call-arg]

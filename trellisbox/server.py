@@ -1,0 +1,113 @@
+"""The one server bootstrap: gRPC aio server, health, reflection, metrics, graceful shutdown.
+
+Liveness (health service "") is SERVING as soon as the port is open; readiness (the service's full
+name) turns SERVING only after ``warm_up`` has loaded the model and run it once, so Kubernetes startup
+and readiness probes and the gateway never send work to a cold model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from trellisbox.config import ServiceSettings
+from trellisbox.observability import configure_logging, start_metrics_server
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServiceSpec:
+    """What a service plugs into the bootstrap.
+
+    Args:
+        name: Full proto service name, e.g. ``"trellisbox.v1.RefinerService"``; also the readiness key.
+        register: Adds the servicer(s) to the server.
+        warm_up: Blocking load + first inference; runs in a thread after the port is open.
+        describe: One line for the log once ready (backend, device).
+        on_shutdown: Called after the server stopped (free the model, release leases).
+    """
+
+    name: str
+    register: Callable[[grpc.aio.Server], None]
+    warm_up: Callable[[], None] | None = None
+    describe: Callable[[], str] = field(default=lambda: "")
+    on_shutdown: Callable[[], None] | None = None
+
+
+def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
+    """Channel arguments every service's server uses."""
+    options = [
+        ("grpc.max_receive_message_length", settings.max_request_bytes),
+        ("grpc.max_send_message_length", settings.max_request_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+    if settings.max_connection_age_s > 0:
+        # Bounded connection age makes dns:/// clients re-resolve and find new replicas.
+        options += [
+            ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(max(settings.grace_s, 60) * 1000)),
+        ]
+    return options
+
+
+async def serve(settings: ServiceSettings, spec: ServiceSpec) -> None:
+    """Serve until SIGTERM/SIGINT, then drain for ``settings.grace_s`` seconds."""
+    server = grpc.aio.server(options=server_options(settings))
+    spec.register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (spec.name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    address = f"{settings.host}:{settings.port}"
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise RuntimeError(f"cannot bind {address}")
+    await server.start()
+    start_metrics_server(settings.metrics_port)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set(spec.name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    _log.info("listening on %s:%d (%s not ready yet)", settings.host, port, spec.name)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def warm_up() -> None:
+        try:
+            if spec.warm_up is not None:
+                await asyncio.to_thread(spec.warm_up)
+        except Exception:
+            _log.exception("warm-up failed: %s stays NOT_SERVING", spec.name)
+            return
+        await health_servicer.set(spec.name, health_pb2.HealthCheckResponse.SERVING)
+        _log.info("ready: %s %s", spec.name, spec.describe())
+
+    warm_task = asyncio.create_task(warm_up())
+    await stop.wait()
+    _log.info("draining for up to %.0f s", settings.grace_s)
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(settings.grace_s)
+    warm_task.cancel()
+    if spec.on_shutdown is not None:
+        spec.on_shutdown()
+    _log.info("stopped")
+
+
+def run(settings: ServiceSettings, spec: ServiceSpec, service_label: str) -> None:
+    """Entry point for a service's ``__main__``."""
+    configure_logging(service_label, settings.log_level)
+    asyncio.run(serve(settings, spec))

@@ -1,0 +1,186 @@
+"""Start TRELLIS-BOX services as local processes: used by ``make demo``, ``make run``, tests and benchmarks.
+
+Every process is started in its own session on a loopback port and stopped (SIGTERM, then SIGKILL)
+when the stack exits, also on failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+REFINER_SERVICE = "trellisbox.v1.RefinerService"
+TRELLIS_SERVICE = "trellisbox.v1.TrellisService"
+GATEWAY_SERVICE = "trellisbox.v1.GatewayService"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago on ``host``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def health_status(target: str, service: str, timeout: float = 1.0) -> int:
+    """The grpc.health.v1 status of ``service`` at ``target`` (UNKNOWN when unreachable)."""
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError:
+            return health_pb2.HealthCheckResponse.UNKNOWN
+        return int(response.status)
+
+
+@dataclass
+class ServiceProcess:
+    """A running service process.
+
+    Args:
+        name: Short name used in logs ("refiner", "trellis", "gateway").
+        module: Python module run with ``-m``.
+        port: Its gRPC port on 127.0.0.1.
+        process: The child process.
+        log_path: Where its stdout and stderr go.
+    """
+
+    name: str
+    module: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def wait_ready(self, service: str, timeout: float) -> None:
+        """Block until ``service`` reports SERVING; raise with the log tail when it dies or times out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"{self.name} exited with {self.process.returncode} before it was ready:\n{self.log_tail()}"
+                )
+            if health_status(self.target, service, timeout=0.5) == health_pb2.HealthCheckResponse.SERVING:
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.name} was not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM, wait ``grace`` seconds, then SIGKILL the whole process group."""
+        if self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL now (for failure tests)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+
+def start_service(name: str, module: str, args: Sequence[str], log_dir: Path, *,
+                  port: int | None = None, env: dict[str, str] | None = None) -> ServiceProcess:
+    """Start ``python -m module --host 127.0.0.1 --port PORT *args`` in its own process group."""
+    port = port or free_port()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port), *args],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            start_new_session=True,
+        )
+    return ServiceProcess(name, module, port, process, log_path)
+
+
+@dataclass
+class LocalStack:
+    """Refiner, TRELLIS and gateway services as local processes.
+
+    Args:
+        log_dir: Where each service writes ``<name>.log``.
+        refiner_args: Extra flags for ``python -m refiner_service`` (e.g. ``["--backend", "classic"]``).
+        trellis_args: Extra flags for ``python -m trellis_service``.
+        gateway_args: Extra flags for ``python -m gateway``.
+        ports: Fixed ports by name; free ports otherwise.
+        ready_timeout: Seconds each service may take to load and warm up.
+        env: Extra environment for every process.
+    """
+
+    log_dir: Path
+    refiner_args: Sequence[str] = ()
+    trellis_args: Sequence[str] = ()
+    gateway_args: Sequence[str] = ()
+    ports: dict[str, int] = field(default_factory=dict)
+    ready_timeout: float = 180.0
+    env: dict[str, str] = field(default_factory=dict)
+    processes: dict[str, ServiceProcess] = field(default_factory=dict)
+
+    def __enter__(self) -> LocalStack:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        # Model services load in parallel; the gateway starts once both are ready.
+        refiner = self._start("refiner", "refiner_service", self.refiner_args)
+        trellis = self._start("trellis", "trellis_service", self.trellis_args)
+        refiner.wait_ready(REFINER_SERVICE, self.ready_timeout)
+        trellis.wait_ready(TRELLIS_SERVICE, self.ready_timeout)
+        gateway = self._start(
+            "gateway", "gateway",
+            ["--refiner-target", refiner.target, "--trellis-target", trellis.target, *self.gateway_args],
+        )
+        gateway.wait_ready(GATEWAY_SERVICE, self.ready_timeout)
+
+    def _start(self, name: str, module: str, args: Sequence[str]) -> ServiceProcess:
+        process = start_service(name, module, args, self.log_dir, port=self.ports.get(name), env=self.env)
+        self.processes[name] = process
+        return process
+
+    @property
+    def gateway_target(self) -> str:
+        return self.processes["gateway"].target
+
+    def stop(self) -> None:
+        for process in reversed(list(self.processes.values())):
+            process.stop()
+
+    def logs(self) -> Iterator[tuple[str, str]]:
+        for name, process in self.processes.items():
+            yield name, process.log_tail()

@@ -1,0 +1,165 @@
+"""The single model worker: one thread owns the model, jobs run one at a time, in arrival order.
+
+Upstream pipelines (TRELLIS, diffusers) are not thread-safe, so every model call goes through one
+:class:`ModelWorker`. The asyncio side gets a stream of progress events and then the result; a caller
+that goes away (cancel, deadline) stops its job at the next step boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from trellisbox.errors import Cancelled, DeadlineExceeded, QueueFull
+from trellisbox.observability import IN_FLIGHT, QUEUE_DEPTH
+from trellisbox.v1 import common_pb2
+
+_log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """``step`` of ``total`` in ``stage`` (a ``trellisbox.v1.Stage`` value)."""
+
+    stage: int
+    step: int
+    total: int
+    message: str = ""
+
+    def to_proto(self) -> common_pb2.Progress:
+        return common_pb2.Progress(
+            stage=self.stage, step=self.step, total=self.total, message=self.message  # type: ignore[arg-type]
+        )
+
+
+@dataclass(frozen=True)
+class Finished(Generic[T]):
+    """The job's return value; always the last item of :meth:`ModelWorker.run`."""
+
+    value: T
+
+
+class JobContext:
+    """What a running job sees: where to report progress and whether it should stop."""
+
+    def __init__(self, request_id: str, deadline: float | None,
+                 report: Callable[[ProgressEvent], None]) -> None:
+        self.request_id = request_id
+        self.deadline = deadline  # time.monotonic() seconds, or None
+        self._report = report
+        self._stop = threading.Event()
+
+    def report(self, stage: int, step: int, total: int, message: str = "") -> None:
+        """Send a progress event to the caller (thread-safe, never blocks)."""
+        self._report(ProgressEvent(stage, step, total, message))
+
+    def cancel(self) -> None:
+        self._stop.set()
+
+    @property
+    def should_stop(self) -> bool:
+        """True once the caller cancelled or the deadline passed: stop at the next step."""
+        return self._stop.is_set() or (self.deadline is not None and time.monotonic() > self.deadline)
+
+    def raise_if_stopped(self) -> None:
+        if self._stop.is_set():
+            raise Cancelled("cancelled by the caller")
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise DeadlineExceeded("the deadline passed before the work finished")
+
+
+class ModelWorker:
+    """Runs model jobs on one dedicated thread with a bounded waiting line.
+
+    Args:
+        service: Name used in metrics and thread names.
+        max_queue: Jobs that may wait while one runs; one more is refused with ``QueueFull``.
+        gpu_turn: Optional context manager factory entered around each job (the GPU lease).
+    """
+
+    def __init__(self, service: str, max_queue: int,
+                 gpu_turn: Callable[[JobContext], AbstractContextManager[None]] | None = None) -> None:
+        self._service = service
+        self._max_queue = max_queue
+        self._gpu_turn = gpu_turn
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{service}-model")
+        self._admitted = 0  # waiting + running; touched only on the event loop thread
+        self._running = 0
+
+    @property
+    def queue_depth(self) -> int:
+        return self._admitted - self._running
+
+    @property
+    def in_flight(self) -> int:
+        return self._running
+
+    def _publish(self) -> None:
+        QUEUE_DEPTH.labels(self._service).set(self.queue_depth)
+        IN_FLIGHT.labels(self._service).set(self._running)
+
+    def call_blocking(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the model thread and wait (startup: load and warm-up)."""
+        return self._executor.submit(fn).result()
+
+    async def run(self, job: Callable[[JobContext], T], *, request_id: str,
+                  deadline: float | None = None) -> AsyncIterator[ProgressEvent | Finished[T]]:
+        """Queue ``job`` and stream its progress, then :class:`Finished` with its result.
+
+        Raises:
+            QueueFull: the waiting line is full.
+            ServiceError: whatever the job raised.
+        """
+        if self._admitted > self._max_queue:
+            raise QueueFull(
+                f"{self._service} is busy: {self.queue_depth} requests waiting (limit {self._max_queue}); "
+                "retry later"
+            )
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[ProgressEvent | None] = asyncio.Queue()
+        ctx = JobContext(request_id, deadline, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+        position = self.queue_depth
+        self._admitted += 1
+        self._publish()
+
+        def body() -> T:
+            loop.call_soon_threadsafe(self._started)
+            ctx.raise_if_stopped()  # cancelled while it waited: do not touch the model
+            with self._gpu_turn(ctx) if self._gpu_turn else contextlib.nullcontext():
+                ctx.raise_if_stopped()
+                return job(ctx)
+
+        future = loop.run_in_executor(self._executor, body)
+
+        def finished(_: asyncio.Future[T]) -> None:
+            self._admitted -= 1
+            self._running -= 1
+            self._publish()
+            events.put_nowait(None)
+
+        future.add_done_callback(finished)
+        try:
+            if position > 0:
+                yield ProgressEvent(common_pb2.STAGE_QUEUED, 0, position, f"{position} ahead in the queue")
+            while (event := await events.get()) is not None:
+                yield event
+            yield Finished(future.result())
+        finally:
+            if not future.done():
+                ctx.cancel()  # the caller went away: stop the job at its next step
+
+    def _started(self) -> None:
+        self._running += 1
+        self._publish()
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
