@@ -31,8 +31,9 @@ $(INSTALLED): pyproject.toml
 $(VALIDATOR): tools/gltf-validator/package.json tools/gltf-validator/package-lock.json
 	npm ci --prefix tools/gltf-validator --no-audit --no-fund --loglevel=error
 
+# Stubs + typed stubs (mypy-protobuf) into trellisbox/v1; a test fails when they drift from the protos.
 proto: $(INSTALLED)
-	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+	$(PY) -m trellisbox.protogen .
 
 run: install
 	$(PY) -m trellisbox.demo --serve --gateway-port $(GATEWAY_PORT) --refiner-port $(REFINER_PORT) \

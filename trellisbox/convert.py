@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
+
+from google.protobuf.message import Message
+from PIL import Image
 
 from trellisbox.errors import InvalidInput
 from trellisbox.imaging import ImageLimits, decode_image
 from trellisbox.params import GenerationParams, MultiImageMode, RefineParams, SamplerParams
 from trellisbox.v1 import common_pb2
 
-from PIL import Image
+_T = TypeVar("_T")
 
 _MULTI_IMAGE_MODES = {
     common_pb2.MULTI_IMAGE_MODE_UNSPECIFIED: MultiImageMode.STOCHASTIC,
@@ -18,24 +22,23 @@ _MULTI_IMAGE_MODES = {
 }
 
 
+def _given(message: Message, name: str, default: _T) -> _T:
+    """The field's value when the caller set it, else ``default`` (proto3 ``optional`` semantics)."""
+    return getattr(message, name) if message.HasField(name) else default  # type: ignore[no-any-return]
+
+
 def refine_params_from_proto(message: common_pb2.RefineParameters) -> RefineParams:
     """Validated refine parameters; unset fields take the seed's defaults."""
-    defaults = RefineParams()
-
-    def pick(name: str, default: object) -> object:
-        return getattr(message, name) if message.HasField(name) else default
-
+    d = RefineParams()
     return RefineParams(
-        strength=float(pick("strength", defaults.strength)),  # type: ignore[arg-type]
-        guidance_scale=float(pick("guidance_scale", defaults.guidance_scale)),  # type: ignore[arg-type]
-        num_inference_steps=int(pick("num_inference_steps", defaults.num_inference_steps)),  # type: ignore[call-overload]
-        prompt=str(pick("prompt", defaults.prompt)),
-        negative_prompt=str(pick("negative_prompt", defaults.negative_prompt)),
-        seed=int(message.seed) if message.HasField("seed") else None,
-        aesthetic_score=float(pick("aesthetic_score", defaults.aesthetic_score)),  # type: ignore[arg-type]
-        negative_aesthetic_score=float(
-            pick("negative_aesthetic_score", defaults.negative_aesthetic_score)  # type: ignore[arg-type]
-        ),
+        strength=_given(message, "strength", d.strength),
+        guidance_scale=_given(message, "guidance_scale", d.guidance_scale),
+        num_inference_steps=_given(message, "num_inference_steps", d.num_inference_steps),
+        prompt=_given(message, "prompt", d.prompt),
+        negative_prompt=_given(message, "negative_prompt", d.negative_prompt),
+        seed=_given(message, "seed", d.seed),
+        aesthetic_score=_given(message, "aesthetic_score", d.aesthetic_score),
+        negative_aesthetic_score=_given(message, "negative_aesthetic_score", d.negative_aesthetic_score),
     ).validate()
 
 
@@ -56,8 +59,8 @@ def refine_params_to_proto(params: RefineParams) -> common_pb2.RefineParameters:
 
 def _sampler_from_proto(message: common_pb2.SamplerParameters, default: SamplerParams) -> SamplerParams:
     return SamplerParams(
-        steps=int(message.steps) if message.HasField("steps") else default.steps,
-        cfg_strength=float(message.cfg_strength) if message.HasField("cfg_strength") else default.cfg_strength,
+        steps=_given(message, "steps", default.steps),
+        cfg_strength=_given(message, "cfg_strength", default.cfg_strength),
     )
 
 
@@ -67,12 +70,12 @@ def generation_params_from_proto(message: common_pb2.GenerationParameters) -> Ge
     if message.multi_image_mode not in _MULTI_IMAGE_MODES:
         raise InvalidInput(f"multi_image_mode {message.multi_image_mode} is not a known MultiImageMode")
     return GenerationParams(
-        seed=int(message.seed) if message.HasField("seed") else None,
+        seed=_given(message, "seed", defaults.seed),
         sparse_structure=_sampler_from_proto(message.sparse_structure, defaults.sparse_structure),
         slat=_sampler_from_proto(message.slat, defaults.slat),
         multi_image_mode=_MULTI_IMAGE_MODES[message.multi_image_mode],
-        mesh_simplify=float(message.mesh_simplify) if message.HasField("mesh_simplify") else defaults.mesh_simplify,
-        texture_size=int(message.texture_size) if message.HasField("texture_size") else defaults.texture_size,
+        mesh_simplify=_given(message, "mesh_simplify", defaults.mesh_simplify),
+        texture_size=_given(message, "texture_size", defaults.texture_size),
     ).validate()
 
 
@@ -86,3 +89,24 @@ def decode_images(images: Sequence[common_pb2.Image], limits: ImageLimits, max_c
         decode_image(image.data, image.media_type, limits, label=f"images[{i}]")
         for i, image in enumerate(images)
     ]
+
+
+_MULTI_IMAGE_MODE_PROTO = {
+    MultiImageMode.STOCHASTIC: common_pb2.MULTI_IMAGE_MODE_STOCHASTIC,
+    MultiImageMode.MULTIDIFFUSION: common_pb2.MULTI_IMAGE_MODE_MULTIDIFFUSION,
+}
+
+
+def generation_params_to_proto(params: GenerationParams) -> common_pb2.GenerationParameters:
+    message = common_pb2.GenerationParameters(
+        sparse_structure=common_pb2.SamplerParameters(
+            steps=params.sparse_structure.steps, cfg_strength=params.sparse_structure.cfg_strength
+        ),
+        slat=common_pb2.SamplerParameters(steps=params.slat.steps, cfg_strength=params.slat.cfg_strength),
+        multi_image_mode=_MULTI_IMAGE_MODE_PROTO[params.multi_image_mode],
+        mesh_simplify=params.mesh_simplify,
+        texture_size=params.texture_size,
+    )
+    if params.seed is not None:
+        message.seed = params.seed
+    return message

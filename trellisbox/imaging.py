@@ -8,6 +8,7 @@ from the header before decoding, and turns every decoder failure into an actiona
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -67,9 +68,11 @@ def decode_image(data: bytes, media_type: str = "", limits: ImageLimits | None =
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
+        # Pillow refuses absurd sizes before we see them; its message carries the pixel count.
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = _megapixels(int(found.group(1))) if found else "too many pixels"
         raise InvalidInput(
-            f"{label} is too large to decode ({exc}); the limit is "
-            f"{_megapixels(limits.max_pixels)}. Downscale it."
+            f"{label} is {size}; the limit is {_megapixels(limits.max_pixels)} (e.g. 4096×4096). Downscale it."
         ) from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise InvalidInput(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 from trellisbox.errors import InvalidInput
 
@@ -71,7 +71,7 @@ class RefineParams:
         return self
 
 
-class MultiImageMode(str, Enum):
+class MultiImageMode(StrEnum):
     STOCHASTIC = "stochastic"
     MULTIDIFFUSION = "multidiffusion"
 

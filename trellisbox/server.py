@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
 
 from trellisbox.config import ServiceSettings
@@ -66,7 +67,7 @@ async def serve(settings: ServiceSettings, spec: ServiceSpec) -> None:
     """Serve until SIGTERM/SIGINT, then drain for ``settings.grace_s`` seconds."""
     server = grpc.aio.server(options=server_options(settings))
     spec.register(server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (spec.name, health.SERVICE_NAME, reflection.SERVICE_NAME), server

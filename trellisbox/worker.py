@@ -126,7 +126,11 @@ class ModelWorker:
             )
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[ProgressEvent | None] = asyncio.Queue()
-        ctx = JobContext(request_id, deadline, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+
+        def report(event: ProgressEvent) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        ctx = JobContext(request_id, deadline, report)
         position = self.queue_depth
         self._admitted += 1
         self._publish()

@@ -1,0 +1,1 @@
+"""The TRELLIS-BOX gateway: validation, admission, stage routing and streaming. Holds no model, imports no torch."""

@@ -1,0 +1,164 @@
+"""Stage routing: optional refinement, then image-to-3D, relayed as one stream.
+
+The router speaks to the model services over gRPC and streams their progress and artifact chunks to
+the caller as they arrive. Chunks are forwarded, never reassembled, except refined images, which are
+the next stage's input. Leaving the stream (client cancel, deadline) cancels the stage call in flight,
+which stops the model worker at its next step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+
+from gateway.admission import Admission
+from gateway.stages import StageClients
+from trellisbox.artifacts import ArtifactAssembler, ArtifactProtocolError
+from trellisbox.convert import generation_params_to_proto, refine_params_to_proto
+from trellisbox.errors import StageFailed
+from trellisbox.observability import STAGE_SECONDS
+from trellisbox.params import GenerationParams, RefineParams
+from trellisbox.v1 import common_pb2, gateway_pb2, refiner_pb2, trellis_pb2
+
+_log = logging.getLogger(__name__)
+
+_Event = TypeVar("_Event", refiner_pb2.RefineResponse, trellis_pb2.ImageTo3DResponse)
+
+GENERATED_KINDS = frozenset({common_pb2.ARTIFACT_KIND_GLB, common_pb2.ARTIFACT_KIND_GAUSSIAN_PLY})
+
+
+@dataclass(frozen=True)
+class GenerateJob:
+    """A validated request.
+
+    Args:
+        request_id: Correlates logs and metrics across the three services.
+        images: The caller's encoded images, already validated by decoding them once.
+        refine: Refinement parameters, or None to skip refinement.
+        generation: Image-to-3D parameters.
+        formats: Requested ``ArtifactKind`` values.
+        deadline: ``time.monotonic()`` by which everything must be done.
+    """
+
+    request_id: str
+    images: Sequence[common_pb2.Image]
+    refine: RefineParams | None
+    generation: GenerationParams
+    formats: frozenset[int]
+    deadline: float
+
+    def remaining(self) -> float:
+        return max(self.deadline - time.monotonic(), 0.001)
+
+
+class Router:
+    """Args:
+        stages: Stubs to the model services.
+        admission: Bounds how many requests run and wait.
+    """
+
+    def __init__(self, stages: StageClients, admission: Admission) -> None:
+        self._stages = stages
+        self._admission = admission
+
+    async def generate(self, job: GenerateJob) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        timings: list[common_pb2.StageTiming] = []
+        started = time.monotonic()
+        if self._admission.would_wait():
+            yield _progress(common_pb2.STAGE_QUEUED, 0, self._admission.waiting + 1, "waiting for a gateway slot")
+        async with self._admission.slot():
+            timings.append(_timing(common_pb2.STAGE_QUEUED, time.monotonic() - started))
+            images: Sequence[common_pb2.Image] = job.images
+            refine_done = refiner_pb2.RefineDone()
+            if job.refine is not None:
+                refine_started = time.monotonic()
+                refined: dict[int, bytes] = {}
+                async for event in self._refine(job, job.refine, refined):
+                    if event.HasField("done"):
+                        refine_done = event.done
+                    else:
+                        yield _relay(event)
+                timings.append(_timing(common_pb2.STAGE_REFINE, time.monotonic() - refine_started))
+                images = [common_pb2.Image(data=refined[i], media_type="image/png") for i in range(len(images))]
+            generate_done = trellis_pb2.ImageTo3DDone()
+            async for stage_event in self._image_to_3d(job, images):
+                if stage_event.HasField("done"):
+                    generate_done = stage_event.done
+                else:
+                    yield _relay(stage_event)
+            timings.extend(t for t in generate_done.timings if t.stage != common_pb2.STAGE_QUEUED)
+            for timing in timings:
+                STAGE_SECONDS.labels("gateway", common_pb2.Stage.Name(timing.stage)).observe(timing.seconds)
+            yield gateway_pb2.GenerateResponse(done=gateway_pb2.GenerateDone(
+                request_id=job.request_id,
+                timings=timings,
+                refine_seeds=refine_done.seeds,
+                generation_seed=generate_done.seed,
+                refiner_backend=refine_done.backend,
+                generator_backend=generate_done.backend,
+                notes=generate_done.notes,
+            ))
+
+    async def _refine(self, job: GenerateJob, params: RefineParams,
+                      refined: dict[int, bytes]) -> AsyncIterator[refiner_pb2.RefineResponse]:
+        request = refiner_pb2.RefineRequest(
+            request_id=job.request_id, images=job.images, parameters=refine_params_to_proto(params)
+        )
+        assembler = ArtifactAssembler()
+        forward_chunks = common_pb2.ARTIFACT_KIND_REFINED_IMAGE in job.formats
+        async for event in self._stream("refiner", self._stages.refiner.Refine(request, timeout=job.remaining())):
+            if event.HasField("chunk"):
+                artifact = assembler.feed(event.chunk)
+                if artifact is not None:
+                    refined[artifact.index] = artifact.data
+                if not forward_chunks:
+                    continue
+            yield event
+        missing = set(range(len(job.images))) - set(refined)
+        if missing:
+            raise StageFailed("refiner", grpc.StatusCode.INTERNAL,
+                              f"returned no refined image for images {sorted(missing)}")
+
+    async def _image_to_3d(self, job: GenerateJob, images: Sequence[common_pb2.Image]
+                           ) -> AsyncIterator[trellis_pb2.ImageTo3DResponse]:
+        request = trellis_pb2.ImageTo3DRequest(
+            request_id=job.request_id,
+            images=images,
+            parameters=generation_params_to_proto(job.generation),
+            formats=[common_pb2.ArtifactKind.ValueType(k) for k in sorted(job.formats & GENERATED_KINDS)],
+        )
+        async for event in self._stream("trellis", self._stages.trellis.ImageTo3D(request, timeout=job.remaining())):
+            yield event
+
+    async def _stream(self, stage: str, call: grpc.aio.UnaryStreamCall[Any, _Event]) -> AsyncIterator[_Event]:
+        """Iterate a stage call; its failures become ``StageFailed`` with the stage's own status code."""
+        try:
+            async for event in call:
+                yield event
+        except grpc.aio.AioRpcError as exc:
+            raise StageFailed(stage, exc.code(), exc.details() or exc.code().name) from exc
+        except ArtifactProtocolError as exc:
+            raise StageFailed(stage, grpc.StatusCode.INTERNAL, str(exc)) from exc
+        finally:
+            call.cancel()  # no-op when finished; stops the stage when we leave early
+
+
+def _progress(stage: int, step: int, total: int, message: str) -> gateway_pb2.GenerateResponse:
+    return gateway_pb2.GenerateResponse(
+        progress=common_pb2.Progress(stage=stage, step=step, total=total, message=message)  # type: ignore[arg-type]
+    )
+
+
+def _timing(stage: int, seconds: float) -> common_pb2.StageTiming:
+    return common_pb2.StageTiming(stage=stage, seconds=seconds)  # type: ignore[arg-type]
+
+
+def _relay(event: refiner_pb2.RefineResponse | trellis_pb2.ImageTo3DResponse) -> gateway_pb2.GenerateResponse:
+    if event.HasField("progress"):
+        return gateway_pb2.GenerateResponse(progress=event.progress)
+    return gateway_pb2.GenerateResponse(chunk=event.chunk)

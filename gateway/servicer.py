@@ -1,0 +1,73 @@
+"""gRPC transport of the gateway: protobuf in, validated domain job to the router, protobuf out."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from gateway.config import GatewaySettings
+from gateway.router import GENERATED_KINDS, GenerateJob, Router
+from trellisbox.convert import decode_images, generation_params_from_proto, refine_params_from_proto
+from trellisbox.errors import InvalidInput, error_boundary
+from trellisbox.observability import REQUEST_ID
+from trellisbox.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+_log = logging.getLogger(__name__)
+
+_KNOWN_KINDS = GENERATED_KINDS | {common_pb2.ARTIFACT_KIND_REFINED_IMAGE}
+
+
+def requested_formats(request: gateway_pb2.GenerateRequest) -> frozenset[int]:
+    """The artifact kinds to return; GLB (plus the refined image when refining) by default."""
+    for kind in request.formats:
+        if kind not in _KNOWN_KINDS:
+            raise InvalidInput(
+                f"formats contains {kind}; use ARTIFACT_KIND_GLB, ARTIFACT_KIND_GAUSSIAN_PLY or "
+                "ARTIFACT_KIND_REFINED_IMAGE"
+            )
+    formats = frozenset(request.formats)
+    if not formats:
+        formats = frozenset({common_pb2.ARTIFACT_KIND_GLB})
+        if request.refine:
+            formats |= {common_pb2.ARTIFACT_KIND_REFINED_IMAGE}
+    if common_pb2.ARTIFACT_KIND_REFINED_IMAGE in formats and not request.refine:
+        raise InvalidInput("ARTIFACT_KIND_REFINED_IMAGE was requested but refine is false; set refine=true")
+    if not formats & GENERATED_KINDS:
+        formats |= {common_pb2.ARTIFACT_KIND_GLB}  # the 3D model is the point of the call
+    return formats
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
+    """Args:
+        settings: Gateway settings (limits, default deadline).
+        router: Runs the stages.
+    """
+
+    def __init__(self, settings: GatewaySettings, router: Router) -> None:
+        self._settings = settings
+        self._router = router
+
+    @error_boundary
+    async def Generate(self, request: gateway_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        request_id = request.request_id or uuid.uuid4().hex[:16]
+        REQUEST_ID.set(request_id)
+        # Decoding once here is the validation: format, size, pixel count, truncation.
+        decode_images(request.images, self._settings.image_limits, self._settings.max_images)
+        job = GenerateJob(
+            request_id=request_id,
+            images=request.images,
+            refine=refine_params_from_proto(request.refine_parameters) if request.refine else None,
+            generation=generation_params_from_proto(request.generation),
+            formats=requested_formats(request),
+            deadline=time.monotonic() + (context.time_remaining() or self._settings.default_timeout_s),
+        )
+        _log.info("generate: %d image(s), refine=%s, formats=%s", len(job.images), job.refine is not None,
+                  sorted(common_pb2.ArtifactKind.Name(k) for k in job.formats))  # type: ignore[arg-type]
+        async for response in self._router.generate(job):
+            yield response

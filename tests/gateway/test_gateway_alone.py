@@ -1,0 +1,84 @@
+"""The gateway process on its own: validation happens before any stage is called."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.images import huge_png_header, png_bytes, truncated_png
+from trellisbox.stack import GATEWAY_SERVICE, ServiceProcess, free_port, health_status, start_service
+from trellisbox.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    process = start_service(
+        "gateway", "gateway", ["--refiner-target", dead, "--trellis-target", dead, "--stage-retries", "1"],
+        tmp_path_factory.mktemp("gateway"),
+    )
+    try:
+        process.wait_ready(GATEWAY_SERVICE, 60)
+        yield process
+    finally:
+        process.stop()
+
+
+def _call(target: str, request: gateway_pb2.GenerateRequest) -> grpc.RpcError:
+    with grpc.insecure_channel(target) as channel:
+        stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Generate(request, timeout=30))
+    return info.value
+
+
+def _image(data: bytes, media_type: str = "") -> common_pb2.Image:
+    return common_pb2.Image(data=data, media_type=media_type)
+
+
+@pytest.mark.parametrize(
+    "request_fields,message",
+    [
+        ({"images": [_image(b"this is not an image")]}, "images[0] is not a PNG, JPEG or WebP image"),
+        ({"images": [_image(png_bytes()), _image(truncated_png())]}, "images[1] is truncated or corrupt"),
+        ({"images": [_image(huge_png_header())]}, "images[0] is 900.0 MP; the limit is 16.8 MP"),
+        ({"images": []}, "no images: send at least one PNG, JPEG or WebP image"),
+        ({"images": [_image(png_bytes())], "refine": True,
+          "refine_parameters": common_pb2.RefineParameters(strength=7)}, "strength must be in (0.0, 1.0], got 7"),
+        ({"images": [_image(png_bytes())], "generation": common_pb2.GenerationParameters(texture_size=10)},
+         "texture_size must be in [256, 4096], got 10"),
+        ({"images": [_image(png_bytes())], "formats": [common_pb2.ARTIFACT_KIND_REFINED_IMAGE]},
+         "ARTIFACT_KIND_REFINED_IMAGE was requested but refine is false"),
+        ({"images": [_image(png_bytes())] * 9}, "9 images sent; at most 8 per request"),
+    ],
+)
+def test_bad_input_is_invalid_argument_and_the_gateway_stays_up(
+    gateway: ServiceProcess, request_fields: dict[str, object], message: str
+) -> None:
+    error = _call(gateway.target, gateway_pb2.GenerateRequest(**request_fields))  # type: ignore[arg-type]
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert message in error.details()  # type: ignore[attr-defined]
+    assert health_status(gateway.target, GATEWAY_SERVICE) == 1  # SERVING
+
+
+def test_unreachable_stage_is_unavailable_and_named(gateway: ServiceProcess) -> None:
+    error = _call(gateway.target, gateway_pb2.GenerateRequest(images=[_image(png_bytes())], refine=True))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+    assert error.details().startswith("refiner:")  # type: ignore[attr-defined]
+    error = _call(gateway.target, gateway_pb2.GenerateRequest(images=[_image(png_bytes())]))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+    assert error.details().startswith("trellis:")  # type: ignore[attr-defined]
+
+
+def test_oversized_request_message_is_refused_by_the_transport(tmp_path: Path, gateway: ServiceProcess) -> None:
+    big = _image(b"\x89PNG" + bytes(70 * 2**20))
+    with grpc.insecure_channel(gateway.target, options=[("grpc.max_send_message_length", 80 * 2**20)]) as channel:
+        stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Generate(gateway_pb2.GenerateRequest(images=[big]), timeout=30))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]

@@ -1,0 +1,51 @@
+"""Encoded test images made in code."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+
+def rgba_object(size: int = 128, seed: int = 0) -> Image.Image:
+    """A shaded disc on a transparent background."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    r = np.hypot(xx - size / 2, yy - size / 2)
+    inside = r < size * 0.35
+    rgba = np.zeros((size, size, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[..., 1] = (80 + 100 * xx / size).astype(np.uint8)
+    rgba[..., 2] = rng.integers(40, 60, (size, size))
+    rgba[..., 3] = np.where(inside, 255, 0)
+    return Image.fromarray(rgba, "RGBA")
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **kwargs: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def png_bytes(size: int = 128) -> bytes:
+    return encode(rgba_object(size))
+
+
+def truncated_png(size: int = 128) -> bytes:
+    data = png_bytes(size)
+    return data[: len(data) // 2]
+
+
+def huge_png_header(width: int = 30000, height: int = 30000) -> bytes:
+    """A tiny file whose header claims width × height: the decoder must refuse it before allocating."""
+    small = encode(Image.new("L", (1, 1)), "PNG")
+    # Rewrite IHDR's width/height; a valid CRC is not needed to be rejected on size first.
+    import struct
+    import zlib
+
+    ihdr_start = 8
+    length = struct.unpack(">I", small[ihdr_start:ihdr_start + 4])[0]
+    body = b"IHDR" + struct.pack(">II", width, height) + small[ihdr_start + 16:ihdr_start + 8 + length]
+    crc = struct.pack(">I", zlib.crc32(body) & 0xFFFFFFFF)
+    return small[:ihdr_start] + struct.pack(">I", length) + body + crc + small[ihdr_start + 12 + length:]

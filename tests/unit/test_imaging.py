@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from tests.images import encode, huge_png_header, png_bytes, rgba_object, truncated_png
+from trellisbox.errors import InvalidInput
+from trellisbox.imaging import ImageLimits, decode_image, encode_png, reapply_alpha, split_alpha
+
+
+def test_png_rgba_round_trip_keeps_alpha() -> None:
+    image = decode_image(png_bytes(64), "image/png")
+    assert image.mode == "RGBA" and image.size == (64, 64)
+    again = decode_image(encode_png(image))
+    assert list(again.getdata()) == list(image.getdata())
+
+
+@pytest.mark.parametrize("fmt,media_type", [("JPEG", "image/jpeg"), ("WEBP", "image/webp")])
+def test_jpeg_and_webp_decode_to_rgb(fmt: str, media_type: str) -> None:
+    data = encode(rgba_object(64).convert("RGB"), fmt)
+    image = decode_image(data, media_type)
+    assert image.mode == "RGB" and image.size == (64, 64)
+
+
+@pytest.mark.parametrize(
+    "data,media_type,message",
+    [
+        (b"", "", "is empty"),
+        (b"definitely not an image", "", "is not a PNG, JPEG or WebP image"),
+        (truncated_png(), "", "truncated or corrupt"),
+        (huge_png_header(), "", "900.0 MP; the limit is 16.8 MP"),
+        (huge_png_header(5000, 5000), "", "5000×5000"),
+        (png_bytes(), "image/jpeg", "declared image/jpeg but its bytes are image/png"),
+        (png_bytes(), "image/gif", "use image/png, image/jpeg or image/webp"),
+        (encode(Image.new("RGB", (16, 16)), "GIF"), "", "send PNG, JPEG or WebP"),
+        (encode(Image.new("RGB", (4, 64)), "PNG"), "", "at least 8 px"),
+    ],
+)
+def test_bad_images_are_invalid_input_with_actionable_messages(data: bytes, media_type: str, message: str) -> None:
+    with pytest.raises(InvalidInput, match="images\\[3\\]") as info:
+        decode_image(data, media_type, label="images[3]")
+    assert message in str(info.value)
+
+
+def test_byte_limit() -> None:
+    with pytest.raises(InvalidInput, match="MiB; the limit is"):
+        decode_image(png_bytes(256), limits=ImageLimits(max_bytes=1024))
+
+
+def test_palette_with_transparency_becomes_rgba() -> None:
+    palette = rgba_object(32).convert("P")
+    palette.info["transparency"] = 0
+    buffer = io.BytesIO()
+    palette.save(buffer, "PNG", transparency=0)
+    assert decode_image(buffer.getvalue()).mode == "RGBA"
+
+
+def test_alpha_split_and_reapply_resizes_when_the_model_snapped_the_size() -> None:
+    image = rgba_object(100)
+    rgb, alpha = split_alpha(image)
+    assert rgb.mode == "RGB" and alpha is not None
+    out = reapply_alpha(rgb.resize((96, 96)), alpha)
+    assert out.mode == "RGBA" and out.size == (96, 96)
+    assert out.getchannel("A").getextrema() == (0, 255)

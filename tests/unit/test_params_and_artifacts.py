@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from trellisbox.artifacts import Artifact, ArtifactAssembler, ArtifactProtocolError
+from trellisbox.convert import (
+    generation_params_from_proto,
+    generation_params_to_proto,
+    refine_params_from_proto,
+    refine_params_to_proto,
+)
+from trellisbox.errors import InvalidInput
+from trellisbox.params import GenerationParams, MultiImageMode, RefineParams
+from trellisbox.v1 import common_pb2
+
+
+def test_unset_refine_parameters_take_the_seed_defaults() -> None:
+    params = refine_params_from_proto(common_pb2.RefineParameters())
+    assert (params.strength, params.guidance_scale, params.num_inference_steps) == (0.3, 7.5, 20)
+    assert params.prompt == "high quality, detailed, sharp"
+    assert params.negative_prompt == "blurry, low quality, distorted"
+    assert params.seed is None
+    assert (params.aesthetic_score, params.negative_aesthetic_score) == (6.0, 2.5)
+
+
+def test_explicit_zero_is_not_unset() -> None:
+    params = refine_params_from_proto(common_pb2.RefineParameters(guidance_scale=0.0, seed=0))
+    assert params.guidance_scale == 0.0 and params.seed == 0
+
+
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        ({"strength": 7}, "strength must be in (0.0, 1.0], got 7"),
+        ({"strength": 0}, "strength must be in (0.0, 1.0]"),
+        ({"num_inference_steps": 0}, "num_inference_steps must be in [1, 200]"),
+        ({"guidance_scale": 100}, "guidance_scale must be in [0.0, 30.0]"),
+        ({"seed": 2**40}, "refine seed must be in"),
+        ({"prompt": "x" * 5000}, "prompt is 5000 characters"),
+    ],
+)
+def test_out_of_range_refine_parameters(fields: dict[str, object], message: str) -> None:
+    with pytest.raises(InvalidInput) as info:
+        refine_params_from_proto(common_pb2.RefineParameters(**fields))  # type: ignore[arg-type]
+    assert message in str(info.value)
+
+
+def test_generation_defaults_and_round_trip() -> None:
+    params = generation_params_from_proto(common_pb2.GenerationParameters())
+    assert params == GenerationParams()
+    assert (params.sparse_structure.steps, params.sparse_structure.cfg_strength) == (12, 7.5)
+    assert (params.slat.steps, params.slat.cfg_strength) == (12, 3.0)
+    custom = GenerationParams(seed=5, multi_image_mode=MultiImageMode.MULTIDIFFUSION, texture_size=512)
+    assert generation_params_from_proto(generation_params_to_proto(custom)) == custom
+    refine = RefineParams(strength=0.5, seed=9, prompt="a chair")
+    assert refine_params_from_proto(refine_params_to_proto(refine)) == refine
+
+
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        ({"texture_size": 10}, "texture_size must be in [256, 4096]"),
+        ({"mesh_simplify": 1.5}, "mesh_simplify must be in [0.0, 0.99]"),
+        ({"slat": common_pb2.SamplerParameters(steps=0)}, "slat.steps must be in [1, 100]"),
+    ],
+)
+def test_out_of_range_generation_parameters(fields: dict[str, object], message: str) -> None:
+    with pytest.raises(InvalidInput) as info:
+        generation_params_from_proto(common_pb2.GenerationParameters(**fields))  # type: ignore[arg-type]
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("size", [0, 1, 1000, 2**20, 2**20 + 1, 3 * 2**20 + 17])
+def test_chunking_round_trip(size: int) -> None:
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    artifact = Artifact(common_pb2.ARTIFACT_KIND_GLB, data, index=2)
+    chunks = list(artifact.chunks())
+    assert all(len(c.data) <= 2**20 for c in chunks)
+    assert [c.sha256 != "" for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert chunks[-1].sha256 == hashlib.sha256(data).hexdigest()
+    assembler = ArtifactAssembler()
+    results = [assembler.feed(c) for c in chunks]
+    assert results[:-1] == [None] * (len(chunks) - 1)
+    done = results[-1]
+    assert done is not None and done.data == data and done.index == 2
+    assert done.media_type == "model/gltf-binary"
+    assert assembler.incomplete == []
+
+
+def test_assembler_rejects_gaps_and_bad_checksums() -> None:
+    chunks = list(Artifact(common_pb2.ARTIFACT_KIND_GLB, b"x" * 3000).chunks(chunk_bytes=1000))
+    with pytest.raises(ArtifactProtocolError, match="offset"):
+        ArtifactAssembler().feed(chunks[1])
+    assembler = ArtifactAssembler()
+    assembler.feed(chunks[0])
+    assembler.feed(chunks[1])
+    last = common_pb2.ArtifactChunk()
+    last.CopyFrom(chunks[2])
+    last.sha256 = "0" * 64
+    with pytest.raises(ArtifactProtocolError, match="sha256"):
+        assembler.feed(last)

@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from trellisbox.errors import Cancelled, QueueFull
+from trellisbox.v1 import common_pb2
+from trellisbox.worker import Finished, JobContext, ModelWorker, ProgressEvent
+
+
+def _stepper(steps: int, delay: float, seen: list[int] | None = None):  # type: ignore[no-untyped-def]
+    def job(ctx: JobContext) -> str:
+        for i in range(steps):
+            ctx.raise_if_stopped()
+            time.sleep(delay)
+            if seen is not None:
+                seen.append(i)
+            ctx.report(common_pb2.STAGE_REFINE, i + 1, steps)
+        return threading.current_thread().name
+
+    return job
+
+
+async def _drain(worker: ModelWorker, job, request_id: str = "r"):  # type: ignore[no-untyped-def]
+    return [item async for item in worker.run(job, request_id=request_id)]
+
+
+def test_progress_then_result_on_the_model_thread() -> None:
+    worker = ModelWorker("test", max_queue=2)
+    items = asyncio.run(_drain(worker, _stepper(3, 0)))
+    assert [i.step for i in items if isinstance(i, ProgressEvent)] == [1, 2, 3]
+    assert isinstance(items[-1], Finished) and items[-1].value.startswith("test-model")
+    worker.shutdown()
+
+
+def test_jobs_run_one_at_a_time_and_the_queue_is_bounded() -> None:
+    worker = ModelWorker("test", max_queue=1)
+    active = 0
+    peak = 0
+    lock = threading.Lock()
+
+    def job(ctx: JobContext) -> None:
+        nonlocal active, peak
+        with lock:
+            active += 1
+            peak = max(peak, active)
+        time.sleep(0.05)
+        with lock:
+            active -= 1
+
+    async def main() -> list[object]:
+        return await asyncio.gather(*(_drain(worker, job) for _ in range(3)), return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert peak == 1
+    assert sum(isinstance(r, QueueFull) for r in results) == 1  # 1 running + 1 waiting admitted
+    worker.shutdown()
+
+
+def test_a_caller_that_leaves_stops_its_job() -> None:
+    worker = ModelWorker("test", max_queue=2)
+    seen: list[int] = []
+
+    async def main() -> None:
+        stream = worker.run(_stepper(200, 0.01, seen), request_id="r")
+        async for item in stream:
+            if isinstance(item, ProgressEvent) and item.step == 2:
+                break
+        await stream.aclose()  # what grpc does when the client cancels
+        await asyncio.sleep(0.2)
+
+    asyncio.run(main())
+    assert 2 <= len(seen) < 50
+    worker.shutdown()
+
+
+def test_deadline_raises_deadline_exceeded() -> None:
+    from trellisbox.errors import DeadlineExceeded
+
+    worker = ModelWorker("test", max_queue=2)
+
+    async def main() -> None:
+        async for _ in worker.run(_stepper(100, 0.01), request_id="r", deadline=time.monotonic() + 0.05):
+            pass
+
+    with pytest.raises(DeadlineExceeded):
+        asyncio.run(main())
+    worker.shutdown()
+
+
+def test_cancel_before_start_never_touches_the_model() -> None:
+    ctx = JobContext("r", None, lambda e: None)
+    ctx.cancel()
+    with pytest.raises(Cancelled):
+        ctx.raise_if_stopped()

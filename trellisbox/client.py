@@ -1,0 +1,190 @@
+"""Python client for the gateway.
+
+    from trellisbox.client import TrellisBoxClient
+
+    with TrellisBoxClient("127.0.0.1:50051") as client:
+        result = client.generate(["chair.png"], refine=True, refine_params={"strength": 0.3})
+        Path("chair.glb").write_bytes(result.glb)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import grpc
+from PIL import Image
+
+from trellisbox.artifacts import Artifact, ArtifactAssembler
+from trellisbox.imaging import encode_png
+from trellisbox.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+ImageInput = bytes | str | Path | Image.Image
+
+FORMATS: dict[str, int] = {
+    "glb": common_pb2.ARTIFACT_KIND_GLB,
+    "ply": common_pb2.ARTIFACT_KIND_GAUSSIAN_PLY,
+    "refined": common_pb2.ARTIFACT_KIND_REFINED_IMAGE,
+}
+MULTI_IMAGE_MODES: dict[str, int] = {
+    "stochastic": common_pb2.MULTI_IMAGE_MODE_STOCHASTIC,
+    "multidiffusion": common_pb2.MULTI_IMAGE_MODE_MULTIDIFFUSION,
+}
+
+
+@dataclass(frozen=True)
+class ProgressUpdate:
+    """A progress event: ``step`` of ``total`` in ``stage`` (e.g. "REFINE", "SLAT")."""
+
+    stage: str
+    step: int
+    total: int
+    message: str
+
+
+@dataclass
+class GenerationResult:
+    """Everything one Generate call returned."""
+
+    request_id: str = ""
+    artifacts: list[Artifact] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    refine_seeds: list[int] = field(default_factory=list)
+    generation_seed: int = 0
+    refiner_backend: str = ""
+    generator_backend: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def _first(self, kind: int) -> bytes | None:
+        return next((a.data for a in self.artifacts if a.kind == kind), None)
+
+    @property
+    def glb(self) -> bytes | None:
+        return self._first(common_pb2.ARTIFACT_KIND_GLB)
+
+    @property
+    def gaussian_ply(self) -> bytes | None:
+        return self._first(common_pb2.ARTIFACT_KIND_GAUSSIAN_PLY)
+
+    @property
+    def refined_images(self) -> list[bytes]:
+        refined = [a for a in self.artifacts if a.kind == common_pb2.ARTIFACT_KIND_REFINED_IMAGE]
+        return [a.data for a in sorted(refined, key=lambda a: a.index)]
+
+
+def to_image_message(image: ImageInput) -> common_pb2.Image:
+    """Encoded bytes are sent as they are (the server sniffs the type); PIL images go as PNG."""
+    if isinstance(image, Image.Image):
+        return common_pb2.Image(data=encode_png(image), media_type="image/png")
+    if isinstance(image, (str, Path)):
+        return common_pb2.Image(data=Path(image).read_bytes())
+    return common_pb2.Image(data=image)
+
+
+def build_request(images: Sequence[ImageInput], *, refine: bool = False,
+                  refine_params: Mapping[str, Any] | None = None,
+                  generation: Mapping[str, Any] | None = None,
+                  formats: Sequence[str] = (), request_id: str = "") -> gateway_pb2.GenerateRequest:
+    """A GenerateRequest. Parameters left out take the server's defaults.
+
+    Args:
+        images: Paths, encoded bytes or PIL images; several images are views of one object.
+        refine: Run the refiner first.
+        refine_params: Any of strength, guidance_scale, num_inference_steps, prompt, negative_prompt,
+            seed, aesthetic_score, negative_aesthetic_score.
+        generation: Any of seed, mesh_simplify, texture_size, multi_image_mode ("stochastic" |
+            "multidiffusion"), sparse_structure / slat (mappings of steps, cfg_strength).
+        formats: Any of "glb", "ply", "refined"; empty for the server default.
+        request_id: Optional id for logs and metrics.
+    """
+    generation = dict(generation or {})
+    mode = generation.pop("multi_image_mode", None)
+    message = gateway_pb2.GenerateRequest(
+        images=[to_image_message(i) for i in images],
+        refine=refine,
+        refine_parameters=common_pb2.RefineParameters(**(refine_params or {})),
+        generation=common_pb2.GenerationParameters(**generation),
+        formats=[FORMATS[f] for f in formats],  # type: ignore[misc]
+        request_id=request_id,
+    )
+    if mode is not None:
+        message.generation.multi_image_mode = MULTI_IMAGE_MODES[mode]  # type: ignore[assignment]
+    return message
+
+
+class TrellisBoxClient:
+    """A synchronous client of ``GatewayService``.
+
+    Args:
+        target: Gateway address, e.g. ``"127.0.0.1:50051"``.
+        timeout: Deadline in seconds for a whole Generate call (None: the gateway's default).
+        max_message_bytes: Largest request message (images are sent in the request).
+    """
+
+    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = 900.0,
+                 max_message_bytes: int = 64 * 2**20) -> None:
+        self._channel = grpc.insecure_channel(target, options=[
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ])
+        self._stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
+        self._timeout = timeout
+
+    def __enter__(self) -> TrellisBoxClient:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def stream(self, request: gateway_pb2.GenerateRequest) -> Iterator[gateway_pb2.GenerateResponse]:
+        """The raw response stream; cancel it by closing the iterator."""
+        call = self._stub.Generate(request, timeout=self._timeout)
+        try:
+            yield from call
+        finally:
+            call.cancel()  # type: ignore[no-untyped-call]
+
+    def generate(self, images: Sequence[ImageInput], *,
+                 on_progress: Callable[[ProgressUpdate], None] | None = None,
+                 **options: Any) -> GenerationResult:
+        """Run one Generate call to completion; ``options`` are those of :func:`build_request`.
+
+        Raises:
+            grpc.RpcError: with the server's status code and message (e.g. INVALID_ARGUMENT).
+        """
+        return self.collect(self.stream(build_request(images, **options)), on_progress)
+
+    @staticmethod
+    def collect(responses: Iterator[gateway_pb2.GenerateResponse],
+                on_progress: Callable[[ProgressUpdate], None] | None = None) -> GenerationResult:
+        """Reassemble artifacts (checking order, size and sha256) and read the done event."""
+        result = GenerationResult()
+        assembler = ArtifactAssembler()
+        for response in responses:
+            event = response.WhichOneof("event")
+            if event == "progress" and on_progress is not None:
+                p = response.progress
+                on_progress(ProgressUpdate(common_pb2.Stage.Name(p.stage).removeprefix("STAGE_"),
+                                           p.step, p.total, p.message))
+            elif event == "chunk":
+                artifact = assembler.feed(response.chunk)
+                if artifact is not None:
+                    result.artifacts.append(artifact)
+            elif event == "done":
+                done = response.done
+                result.request_id = done.request_id
+                result.timings = {common_pb2.Stage.Name(t.stage).removeprefix("STAGE_"): t.seconds
+                                  for t in done.timings}
+                result.refine_seeds = list(done.refine_seeds)
+                result.generation_seed = done.generation_seed
+                result.refiner_backend = done.refiner_backend
+                result.generator_backend = done.generator_backend
+                result.notes = list(done.notes)
+        return result
