@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import threading
 import time
@@ -142,13 +143,19 @@ class ModelWorker:
                 ctx.raise_if_stopped()
                 return job(ctx)
 
-        future = loop.run_in_executor(self._executor, body)
+        # Copy the caller's context so log lines from the model thread carry its request id.
+        future = loop.run_in_executor(self._executor, contextvars.copy_context().run, body)
 
-        def finished(_: asyncio.Future[T]) -> None:
+        def finished(done: asyncio.Future[T]) -> None:
             self._admitted -= 1
             self._running -= 1
             self._publish()
             events.put_nowait(None)
+            if not done.cancelled():
+                # Mark the outcome as seen: a job that stopped because its caller went away has nobody
+                # left to read its Cancelled, and asyncio would log "exception was never retrieved".
+                # A caller still listening gets the exception from future.result() all the same.
+                done.exception()
 
         future.add_done_callback(finished)
         try:

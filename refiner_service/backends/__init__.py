@@ -1,0 +1,84 @@
+"""Refiner backends, chosen by configuration: ``sdxl`` (diffusers) and ``classic`` (CPU, no weights).
+
+``auto`` picks ``sdxl`` only when a CUDA GPU is usable and the weights are already on local disk, so it
+never starts a multi-GB download nor runs SDXL on a CPU; otherwise ``classic``. The choice and the
+reason are logged as a WARNING because the two produce very different images.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from refiner_service.backends.base import RefinerBackend, seeds_for
+from refiner_service.config import DEFAULT_MODEL
+from refiner_service.tiny import TINY_MODEL
+from trellisbox.devices import cuda_available, validate_device
+
+__all__ = ["RefinerBackend", "create_backend", "resolve_backend", "seeds_for", "weights_available"]
+
+_log = logging.getLogger(__name__)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def _has_weights(folder: Path) -> bool:
+    unet = folder / "unet"
+    return unet.is_dir() and any(p.name.endswith(_WEIGHT_SUFFIXES) for p in unet.iterdir())
+
+
+def weights_available(model: str) -> tuple[bool, str]:
+    """Whether ``model`` can be loaded without the network, and why (or why not).
+
+    A local folder needs ``model_index.json``; a hub id must already be in the Hugging Face cache with
+    UNet weights (checked with ``local_files_only``: no network access).
+    """
+    if model == TINY_MODEL:
+        return True, "the tiny random-weight test model is built locally"
+    path = Path(model).expanduser()
+    if path.exists():
+        if (path / "model_index.json").is_file():
+            return True, f"local folder {path}"
+        return False, f"{path} has no model_index.json"
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(model, local_files_only=True))
+    except (OSError, ValueError) as exc:  # not cached (LocalEntryNotFoundError), or not a valid repo id
+        return False, f"{model} is not in the Hugging Face cache ({type(exc).__name__})"
+    if (folder / "model_index.json").is_file() and _has_weights(folder):
+        return True, f"{model} found in the Hugging Face cache"
+    return False, f"{model} is only partly in the Hugging Face cache (no UNet weights)"
+
+
+def resolve_backend(backend: str, model: str = DEFAULT_MODEL, device: str = "auto") -> tuple[str, str]:
+    """The concrete backend for ``backend`` (``auto`` resolved) and the reason for the choice."""
+    validate_device(device)
+    if backend != "auto":
+        return backend, "configured explicitly"
+    if device == "cpu":
+        return "classic", "device is cpu (SDXL on a CPU takes minutes per image)"
+    if not cuda_available():
+        return "classic", "no CUDA GPU is visible"
+    ok, why = weights_available(model)
+    if not ok:
+        return "classic", f"{why}; download it or pass --backend sdxl to fail loudly instead"
+    return "sdxl", f"a CUDA GPU is visible and {why}"
+
+
+def create_backend(backend: str = "auto", model: str = DEFAULT_MODEL, device: str = "auto",
+                   use_fp16: bool = True, attention_slicing: bool = True,
+                   cpu_offload: bool = True) -> RefinerBackend:
+    """Build (not load) the backend named by configuration; ``auto`` is resolved and logged loudly."""
+    name, reason = resolve_backend(backend, model, device)
+    if name == "sdxl":
+        from refiner_service.backends.sdxl import SDXLBackend
+
+        _log.warning("refiner backend: sdxl (model %s, device %s): %s", model, device, reason)
+        return SDXLBackend(model, device, use_fp16=use_fp16, attention_slicing=attention_slicing,
+                           cpu_offload=cpu_offload)
+    if name == "classic":
+        from refiner_service.backends.classic import ClassicBackend
+
+        _log.warning("refiner backend: classic (CPU restoration, no diffusion model): %s", reason)
+        return ClassicBackend()
+    raise ValueError(f"unknown refiner backend {backend!r}: use auto, sdxl or classic")

@@ -1,0 +1,47 @@
+"""Refiner service settings: flags, ``TRELLISBOX_REFINER_*`` environment variables, then defaults."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import SettingsConfigDict
+
+from trellisbox.config import ServiceSettings
+from trellisbox.devices import validate_device
+
+DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-refiner-1.0"
+
+BackendName = Literal["auto", "sdxl", "classic"]
+
+
+class RefinerSettings(ServiceSettings):
+    """Settings of ``python -m refiner_service``."""
+
+    # Pydantic merges this with the parent's config, so the CLI flags (kebab-case, implicit booleans)
+    # stay; spreading the parent's dict here instead would pass env_prefix twice.
+    model_config = SettingsConfigDict(env_prefix="TRELLISBOX_REFINER_")
+
+    port: int = Field(50052, ge=0, le=65535, description="gRPC port (0 picks a free one).")
+    backend: BackendName = Field(
+        "auto",
+        description=(
+            "sdxl: diffusers SDXL refiner img2img; classic: CPU restoration without weights; "
+            "auto: sdxl when a CUDA GPU is visible and the weights are available locally, else classic."
+        ),
+    )
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="Hugging Face model id, local diffusers folder, or 'tiny' (random-weight test model).",
+    )
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    use_fp16: bool = Field(True, description="Load fp16 weights (variant 'fp16') on CUDA; fp32 on CPU.")
+    attention_slicing: bool = Field(True, description="Compute attention in slices to lower peak VRAM.")
+    cpu_offload: bool = Field(
+        True, description="Keep sub-models in host RAM and move each to the GPU only while it runs (CUDA only)."
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        return validate_device(value)

@@ -1,0 +1,115 @@
+"""The gRPC front of the refiner: protobuf in, domain objects to the model worker, protobuf out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from PIL import Image
+
+from refiner_service.backends import RefinerBackend, seeds_for
+from refiner_service.config import RefinerSettings
+from trellisbox.artifacts import Artifact
+from trellisbox.convert import decode_images, refine_params_from_proto
+from trellisbox.errors import Cancelled, DeadlineExceeded, error_boundary
+from trellisbox.imaging import encode_png
+from trellisbox.observability import REQUEST_ID, STAGE_SECONDS
+from trellisbox.params import RefineParams, random_seed
+from trellisbox.v1 import common_pb2, refiner_pb2, refiner_pb2_grpc
+from trellisbox.worker import Finished, JobContext, ModelWorker
+
+_log = logging.getLogger(__name__)
+SERVICE_LABEL = "refiner"
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    images: list[Image.Image]
+    started: float  # time.monotonic() when the worker picked the job up
+    finished: float
+
+
+class RefinerServicer(refiner_pb2_grpc.RefinerServiceServicer):
+    """``trellisbox.v1.RefinerService``: every model call goes through the one :class:`ModelWorker`.
+
+    Args:
+        backend: The loaded (or lazily loading) refiner backend.
+        worker: The model worker that owns ``backend``.
+        settings: Limits (images, bytes, pixels) and the artifact chunk size.
+    """
+
+    def __init__(self, backend: RefinerBackend, worker: ModelWorker, settings: RefinerSettings) -> None:
+        self._backend = backend
+        self._worker = worker
+        self._settings = settings
+
+    @error_boundary
+    async def Refine(
+        self, request: refiner_pb2.RefineRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[refiner_pb2.RefineResponse]:
+        request_id = request.request_id or uuid.uuid4().hex[:12]
+        REQUEST_ID.set(request_id)  # this RPC's task only: contextvars are per task
+        # Decoding up to max_images large images is CPU work: off the event loop, so health checks and
+        # other calls stay responsive meanwhile.
+        images = await asyncio.to_thread(
+            decode_images, request.images, self._settings.image_limits, self._settings.max_images
+        )
+        params = refine_params_from_proto(request.parameters)
+        self._backend.check(params)  # reject before queueing, not after a wait
+        seeds = seeds_for(random_seed() if params.seed is None else params.seed, len(images))
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        _log.info("refine %d image(s) with %s, seeds %s", len(images), self._backend.name, seeds)
+
+        def job(ctx: JobContext) -> _Outcome:
+            return self._run(ctx, images, params, seeds)
+
+        submitted = time.monotonic()
+        outcome: _Outcome | None = None
+        async for event in self._worker.run(job, request_id=request_id, deadline=deadline):
+            if isinstance(event, Finished):
+                outcome = event.value
+            else:
+                yield refiner_pb2.RefineResponse(progress=event.to_proto())
+        if outcome is None:  # run() ends with Finished or raises; this guards against a broken worker
+            raise RuntimeError("the model worker ended without a result")
+
+        queued, refined = outcome.started - submitted, outcome.finished - outcome.started
+        STAGE_SECONDS.labels(SERVICE_LABEL, "queued").observe(queued)
+        STAGE_SECONDS.labels(SERVICE_LABEL, "refine").observe(refined)
+        for index, image in enumerate(outcome.images):
+            # PNG encoding is CPU work: keep it off the event loop and off the model thread.
+            data = await asyncio.to_thread(encode_png, image)
+            artifact = Artifact(common_pb2.ARTIFACT_KIND_REFINED_IMAGE, data, index=index)
+            for chunk in artifact.chunks(self._settings.chunk_bytes):
+                yield refiner_pb2.RefineResponse(chunk=chunk)
+        yield refiner_pb2.RefineResponse(done=refiner_pb2.RefineDone(
+            seeds=seeds,
+            timings=[
+                common_pb2.StageTiming(stage=common_pb2.STAGE_QUEUED, seconds=queued),
+                common_pb2.StageTiming(stage=common_pb2.STAGE_REFINE, seconds=refined),
+            ],
+            backend=self._backend.name,
+            device=self._backend.device,
+        ))
+        _log.info("refined %d image(s) in %.2f s (queued %.2f s)", len(images), refined, queued)
+
+    def _run(self, ctx: JobContext, images: list[Image.Image], params: RefineParams,
+             seeds: list[int]) -> _Outcome:
+        """The job body, on the model thread."""
+        token = REQUEST_ID.set(ctx.request_id)  # log lines from the model thread name the request
+        started = time.monotonic()
+        try:
+            refined = self._backend.refine(images, params, seeds, ctx)
+        except (Cancelled, DeadlineExceeded) as exc:
+            _log.info("refine stopped after %.2f s: %s", time.monotonic() - started, exc)
+            raise
+        finally:
+            REQUEST_ID.reset(token)
+        return _Outcome(refined, started, time.monotonic())

@@ -1,0 +1,124 @@
+"""The servicer in-process with a scripted backend: deadline, queue limit, readiness, stream order."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Set
+from typing import Any
+
+import grpc
+import pytest
+from PIL import Image
+from trellis_helpers import object_image, png_bytes
+
+from trellis_service.backends.base import ImageTo3DBackend
+from trellis_service.config import TrellisSettings
+from trellis_service.domain import GenerationResult
+from trellis_service.servicer import BackendSlot, TrellisServicer
+from trellisbox.artifacts import Artifact
+from trellisbox.params import GenerationParams
+from trellisbox.v1 import common_pb2, trellis_pb2
+from trellisbox.worker import JobContext, ModelWorker
+
+
+class Aborted(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+class FakeContext:
+    def __init__(self, timeout: float | None = None) -> None:
+        self._deadline = time.monotonic() + timeout if timeout is not None else None
+
+    def time_remaining(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise Aborted(code, details)
+
+
+class ScriptedBackend(ImageTo3DBackend):
+    """Reports ``steps`` SLAT steps, ``delay`` seconds each, checking for cancellation between them."""
+
+    name = "scripted"
+
+    def __init__(self, steps: int = 3, delay: float = 0.0) -> None:
+        self.steps = steps
+        self.delay = delay
+        self.stopped_at: int | None = None
+
+    @property
+    def device(self) -> str:
+        return "cpu"
+
+    def load(self) -> None:
+        pass
+
+    def generate(self, images: list[Image.Image], params: GenerationParams, formats: Set[int],
+                 ctx: JobContext) -> GenerationResult:
+        for step in range(1, self.steps + 1):
+            if ctx.should_stop:
+                self.stopped_at = step
+                ctx.raise_if_stopped()
+            time.sleep(self.delay)
+            ctx.report(common_pb2.STAGE_SLAT, step, self.steps, "step")
+        data = bytes(range(256)) * 300  # 76.8 kB: several 16 KiB chunks
+        return GenerationResult([Artifact(common_pb2.ARTIFACT_KIND_GLB, data)], seed=params.seed or 0,
+                                timings={common_pb2.STAGE_SLAT: 0.01}, notes=["scripted"])
+
+
+def make_servicer(backend: ImageTo3DBackend | None, max_queue: int = 4) -> TrellisServicer:
+    settings = TrellisSettings(chunk_bytes=16 * 1024, max_queue=max_queue)
+    slot = BackendSlot()
+    slot.backend = backend
+    return TrellisServicer(settings, ModelWorker("trellis-test", max_queue), slot)
+
+
+REQUEST = trellis_pb2.ImageTo3DRequest(
+    request_id="r1", images=[common_pb2.Image(data=png_bytes(object_image((64, 64))))],
+    parameters=common_pb2.GenerationParameters(seed=11),
+)
+
+
+async def collect(servicer: TrellisServicer, context: Any) -> list[trellis_pb2.ImageTo3DResponse]:
+    return [response async for response in servicer.ImageTo3D(REQUEST, context)]
+
+
+def test_stream_order_and_done() -> None:
+    responses = asyncio.run(collect(make_servicer(ScriptedBackend()), FakeContext()))
+    kinds = [r.WhichOneof("event") for r in responses]
+    assert kinds[:3] == ["progress"] * 3 and kinds[-1] == "done"
+    assert set(kinds[3:-1]) == {"chunk"} and len(kinds[3:-1]) == 5
+    done = responses[-1].done
+    assert done.seed == 11 and done.backend == "scripted" and list(done.notes) == ["scripted"]
+    assert [t.stage for t in done.timings] == [common_pb2.STAGE_QUEUED, common_pb2.STAGE_SLAT]
+
+
+def test_deadline_stops_the_job() -> None:
+    backend = ScriptedBackend(steps=50, delay=0.02)
+    with pytest.raises(Aborted) as info:
+        asyncio.run(collect(make_servicer(backend), FakeContext(timeout=0.2)))
+    assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert backend.stopped_at is not None and backend.stopped_at < 50
+
+
+def test_full_queue_is_resource_exhausted() -> None:
+    servicer = make_servicer(ScriptedBackend(steps=10, delay=0.02), max_queue=0)
+
+    async def two() -> list[Any]:
+        return await asyncio.gather(collect(servicer, FakeContext()), collect(servicer, FakeContext()),
+                                    return_exceptions=True)
+
+    results = asyncio.run(two())
+    codes = [r.code for r in results if isinstance(r, Aborted)]
+    assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert any(isinstance(r, list) for r in results)
+
+
+def test_not_ready_is_unavailable() -> None:
+    with pytest.raises(Aborted) as info:
+        asyncio.run(collect(make_servicer(None), FakeContext()))
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE and "not ready" in info.value.details

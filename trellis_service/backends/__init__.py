@@ -1,0 +1,51 @@
+"""Image-to-3D backends: ``trellis`` (upstream TRELLIS on CUDA) and ``preview`` (CPU, no weights)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from trellis_service.backends.base import ImageTo3DBackend
+from trellis_service.config import TrellisSettings
+from trellisbox.devices import cuda_available
+from trellisbox.errors import ModelUnavailable
+
+__all__ = ["ImageTo3DBackend", "select_backend"]
+
+_log = logging.getLogger(__name__)
+
+
+def select_backend(settings: TrellisSettings, cuda_check: Callable[[], bool] = cuda_available
+                   ) -> tuple[ImageTo3DBackend, list[str]]:
+    """The backend to run and the preflight's warnings. Says loudly (WARNING) which one and why.
+
+    ``trellis`` raises :class:`ModelUnavailable` when it cannot run (readiness stays NOT_SERVING);
+    ``auto`` falls back to ``preview`` instead, naming the reason.
+    """
+    from trellis_service.backends.preview import PreviewBackend
+    from trellis_service.backends.trellis import TrellisBackend
+
+    if settings.backend == "preview":
+        _log.warning("backend preview (configured): CPU silhouette inflation, NOT TRELLIS")
+        return PreviewBackend(), []
+    trellis = TrellisBackend(
+        settings.model, settings.device, environment=settings.trellis_environment(),
+        offline=settings.is_offline, cuda_check=cuda_check,
+    )
+    if settings.backend == "trellis":
+        warnings = trellis.preflight()
+        _log.warning("backend trellis (configured): TRELLIS %s on %s", settings.model, trellis.device)
+        return trellis, warnings
+    try:
+        warnings = trellis.preflight()
+    except ModelUnavailable as exc:
+        _log.warning("backend auto: running PREVIEW (CPU silhouette inflation, NOT TRELLIS) because TRELLIS "
+                     "cannot run here: %s", exc)
+        return PreviewBackend(), []
+    if not trellis.weights_present:
+        _log.warning("backend auto: running PREVIEW (CPU silhouette inflation, NOT TRELLIS) because the weights of "
+                     "%s are not on this machine; set --backend trellis to download them at load", settings.model)
+        return PreviewBackend(), []
+    _log.warning("backend auto: running TRELLIS %s on %s (GPU, trellis package and weights found)",
+                 settings.model, trellis.device)
+    return trellis, warnings
