@@ -21,7 +21,7 @@ from gateway.stages import StageClients
 from trellisbox.artifacts import ArtifactAssembler, ArtifactProtocolError
 from trellisbox.convert import generation_params_to_proto, refine_params_to_proto
 from trellisbox.errors import StageFailed
-from trellisbox.observability import STAGE_SECONDS
+from trellisbox.observability import observe_stage
 from trellisbox.params import GenerationParams, RefineParams
 from trellisbox.v1 import common_pb2, gateway_pb2, refiner_pb2, trellis_pb2
 
@@ -93,7 +93,7 @@ class Router:
                     yield _relay(stage_event)
             timings.extend(t for t in generate_done.timings if t.stage != common_pb2.STAGE_QUEUED)
             for timing in timings:
-                STAGE_SECONDS.labels("gateway", common_pb2.Stage.Name(timing.stage)).observe(timing.seconds)
+                observe_stage("gateway", timing.stage, timing.seconds)
             yield gateway_pb2.GenerateResponse(done=gateway_pb2.GenerateDone(
                 request_id=job.request_id,
                 timings=timings,

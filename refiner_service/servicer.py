@@ -7,7 +7,6 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -19,20 +18,13 @@ from trellisbox.artifacts import Artifact
 from trellisbox.convert import decode_images, refine_params_from_proto
 from trellisbox.errors import Cancelled, DeadlineExceeded, error_boundary
 from trellisbox.imaging import encode_png
-from trellisbox.observability import REQUEST_ID, STAGE_SECONDS
+from trellisbox.observability import REQUEST_ID, observe_stage
 from trellisbox.params import RefineParams, random_seed
 from trellisbox.v1 import common_pb2, refiner_pb2, refiner_pb2_grpc
 from trellisbox.worker import Finished, JobContext, ModelWorker
 
 _log = logging.getLogger(__name__)
 SERVICE_LABEL = "refiner"
-
-
-@dataclass(frozen=True)
-class _Outcome:
-    images: list[Image.Image]
-    started: float  # time.monotonic() when the worker picked the job up
-    finished: float
 
 
 class RefinerServicer(refiner_pb2_grpc.RefinerServiceServicer):
@@ -67,23 +59,22 @@ class RefinerServicer(refiner_pb2_grpc.RefinerServiceServicer):
         deadline = None if remaining is None else time.monotonic() + remaining
         _log.info("refine %d image(s) with %s, seeds %s", len(images), self._backend.name, seeds)
 
-        def job(ctx: JobContext) -> _Outcome:
+        def job(ctx: JobContext) -> list[Image.Image]:
             return self._run(ctx, images, params, seeds)
 
-        submitted = time.monotonic()
-        outcome: _Outcome | None = None
+        outcome: Finished[list[Image.Image]] | None = None
         async for event in self._worker.run(job, request_id=request_id, deadline=deadline):
             if isinstance(event, Finished):
-                outcome = event.value
+                outcome = event
             else:
                 yield refiner_pb2.RefineResponse(progress=event.to_proto())
         if outcome is None:  # run() ends with Finished or raises; this guards against a broken worker
             raise RuntimeError("the model worker ended without a result")
 
-        queued, refined = outcome.started - submitted, outcome.finished - outcome.started
-        STAGE_SECONDS.labels(SERVICE_LABEL, "queued").observe(queued)
-        STAGE_SECONDS.labels(SERVICE_LABEL, "refine").observe(refined)
-        for index, image in enumerate(outcome.images):
+        queued, refined = outcome.queued_s, outcome.run_s
+        observe_stage(SERVICE_LABEL, common_pb2.STAGE_QUEUED, queued)
+        observe_stage(SERVICE_LABEL, common_pb2.STAGE_REFINE, refined)
+        for index, image in enumerate(outcome.value):
             # PNG encoding is CPU work: keep it off the event loop and off the model thread.
             data = await asyncio.to_thread(encode_png, image)
             artifact = Artifact(common_pb2.ARTIFACT_KIND_REFINED_IMAGE, data, index=index)
@@ -101,7 +92,7 @@ class RefinerServicer(refiner_pb2_grpc.RefinerServiceServicer):
         _log.info("refined %d image(s) in %.2f s (queued %.2f s)", len(images), refined, queued)
 
     def _run(self, ctx: JobContext, images: list[Image.Image], params: RefineParams,
-             seeds: list[int]) -> _Outcome:
+             seeds: list[int]) -> list[Image.Image]:
         """The job body, on the model thread."""
         token = REQUEST_ID.set(ctx.request_id)  # log lines from the model thread name the request
         started = time.monotonic()
@@ -112,4 +103,4 @@ class RefinerServicer(refiner_pb2_grpc.RefinerServiceServicer):
             raise
         finally:
             REQUEST_ID.reset(token)
-        return _Outcome(refined, started, time.monotonic())
+        return refined

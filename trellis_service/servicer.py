@@ -20,20 +20,12 @@ from trellis_service.config import TrellisSettings
 from trellis_service.domain import GenerationResult
 from trellisbox.convert import decode_images, generation_params_from_proto
 from trellisbox.errors import InvalidInput, Unavailable, error_boundary
-from trellisbox.observability import REQUEST_ID, STAGE_SECONDS
+from trellisbox.observability import REQUEST_ID, observe_stage
 from trellisbox.v1 import common_pb2, trellis_pb2, trellis_pb2_grpc
 from trellisbox.worker import Finished, JobContext, ModelWorker
 
 SERVICE_LABEL = "trellis"
 _SUPPORTED_FORMATS = (common_pb2.ARTIFACT_KIND_GLB, common_pb2.ARTIFACT_KIND_GAUSSIAN_PLY)
-
-
-def stage_label(stage: int) -> str:
-    """Metric label of a ``trellisbox.v1.Stage`` value, e.g. ``sparse_structure``."""
-    try:
-        return common_pb2.Stage.Name(stage).removeprefix("STAGE_").lower()  # type: ignore[arg-type,unused-ignore]
-    except ValueError:
-        return str(stage)
 
 
 def formats_from_proto(kinds: Sequence[int]) -> frozenset[int]:
@@ -91,7 +83,6 @@ class TrellisServicer(trellis_pb2_grpc.TrellisServiceServicer):
     ) -> AsyncIterator[trellis_pb2.ImageTo3DResponse]:
         request_id = request.request_id or uuid.uuid4().hex[:16]
         REQUEST_ID.set(request_id)
-        received = time.monotonic()
         formats = formats_from_proto(list(request.formats))
         params = generation_params_from_proto(request.parameters)
         # Decoding up to max_images large images is CPU work: keep it off the event loop.
@@ -100,26 +91,23 @@ class TrellisServicer(trellis_pb2_grpc.TrellisServiceServicer):
         )
         backend = self._slot.require()
         remaining = context.time_remaining()
-        deadline = received + remaining if remaining is not None else None
-        started: list[float] = []
+        deadline = time.monotonic() + remaining if remaining is not None else None
 
         def job(ctx: JobContext) -> GenerationResult:
-            started.append(time.monotonic())
             return backend.generate(images, params, formats, ctx)
 
-        result: GenerationResult | None = None
+        finished: Finished[GenerationResult] | None = None
         async for item in self._worker.run(job, request_id=request_id, deadline=deadline):
             if isinstance(item, Finished):
-                result = item.value
+                finished = item
             else:
                 yield trellis_pb2.ImageTo3DResponse(progress=item.to_proto())
-        if result is None:  # the worker always ends with Finished or raises
+        if finished is None:  # the worker always ends with Finished or raises
             raise Unavailable("the model worker ended without a result")
-        timings = dict(result.timings)
-        if started:
-            timings = {common_pb2.STAGE_QUEUED: started[0] - received, **timings}
+        result = finished.value
+        timings = {common_pb2.STAGE_QUEUED: finished.queued_s, **result.timings}
         for stage, seconds in timings.items():
-            STAGE_SECONDS.labels(SERVICE_LABEL, stage_label(stage)).observe(seconds)
+            observe_stage(SERVICE_LABEL, stage, seconds)
         for artifact in result.artifacts:
             for chunk in artifact.chunks(self._settings.chunk_bytes):
                 yield trellis_pb2.ImageTo3DResponse(chunk=chunk)

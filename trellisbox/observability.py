@@ -8,6 +8,8 @@ import sys
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from trellisbox.v1 import common_pb2
+
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 REQUESTS = Counter(
@@ -21,6 +23,19 @@ STAGE_SECONDS = Histogram(
 )
 QUEUE_DEPTH = Gauge("trellisbox_queue_depth", "Requests waiting for the model worker.", ["service"])
 IN_FLIGHT = Gauge("trellisbox_in_flight", "Requests the model worker is running now (0 or 1).", ["service"])
+
+
+def stage_label(stage: int) -> str:
+    """Metric label of a ``trellisbox.v1.Stage`` value, e.g. ``sparse_structure``."""
+    try:
+        return common_pb2.Stage.Name(stage).removeprefix("STAGE_").lower()  # type: ignore[arg-type]
+    except ValueError:
+        return str(stage)
+
+
+def observe_stage(service: str, stage: int, seconds: float) -> None:
+    """Record one stage's wall time in ``trellisbox_stage_seconds``."""
+    STAGE_SECONDS.labels(service, stage_label(stage)).observe(seconds)
 
 
 class _RequestIdFilter(logging.Filter):

@@ -44,9 +44,17 @@ class ProgressEvent:
 
 @dataclass(frozen=True)
 class Finished(Generic[T]):
-    """The job's return value; always the last item of :meth:`ModelWorker.run`."""
+    """The job's return value; always the last item of :meth:`ModelWorker.run`.
+
+    Args:
+        value: What the job returned.
+        queued_s: Seconds from submission until the job started computing (queue and GPU-lease wait).
+        run_s: Seconds the job computed.
+    """
 
     value: T
+    queued_s: float = 0.0
+    run_s: float = 0.0
 
 
 class JobContext:
@@ -136,12 +144,19 @@ class ModelWorker:
         self._admitted += 1
         self._publish()
 
+        submitted = time.monotonic()
+        computing: list[float] = []  # [start, end] of the job itself, set on the model thread
+
         def body() -> T:
             loop.call_soon_threadsafe(self._started)
             ctx.raise_if_stopped()  # cancelled while it waited: do not touch the model
             with self._gpu_turn(ctx) if self._gpu_turn else contextlib.nullcontext():
                 ctx.raise_if_stopped()
-                return job(ctx)
+                computing.append(time.monotonic())
+                try:
+                    return job(ctx)
+                finally:
+                    computing.append(time.monotonic())
 
         # Copy the caller's context so log lines from the model thread carry its request id.
         future = loop.run_in_executor(self._executor, contextvars.copy_context().run, body)
@@ -163,7 +178,8 @@ class ModelWorker:
                 yield ProgressEvent(common_pb2.STAGE_QUEUED, 0, position, f"{position} ahead in the queue")
             while (event := await events.get()) is not None:
                 yield event
-            yield Finished(future.result())
+            value = future.result()
+            yield Finished(value, queued_s=computing[0] - submitted, run_s=computing[1] - computing[0])
         finally:
             if not future.done():
                 ctx.cancel()  # the caller went away: stop the job at its next step
