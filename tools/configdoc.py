@@ -10,12 +10,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pydantic_settings import BaseSettings  # noqa: E402
+from pydantic_settings import BaseSettings
 
-from gateway.config import GatewaySettings  # noqa: E402
-from refiner_service.config import RefinerSettings  # noqa: E402
-from trellis_service.config import TrellisSettings  # noqa: E402
-from trellisbox.config import ServiceSettings  # noqa: E402
+from gateway.config import GatewaySettings
+from refiner_service.config import RefinerSettings
+from trellis_service.config import TrellisSettings
+from trellisbox.config import ServiceSettings
 
 SECTIONS: list[tuple[str, type[BaseSettings], str]] = [
     ("Every service", ServiceSettings, "TRELLISBOX_<SERVICE>_"),
