@@ -17,7 +17,9 @@ TRELLIS_BACKEND ?= auto
 # Model id or local folder for each (empty: the service default).
 REFINER_MODEL ?=
 TRELLIS_MODEL ?=
-MODEL_FLAGS = $(if $(REFINER_MODEL),--refiner-model $(REFINER_MODEL)) $(if $(TRELLIS_MODEL),--trellis-model $(TRELLIS_MODEL))
+# dedicated: each model service on its own device; shared: both on one GPU under a flock lease.
+PLACEMENT ?= dedicated
+STACK_FLAGS = --placement $(PLACEMENT) $(if $(REFINER_MODEL),--refiner-model $(REFINER_MODEL)) $(if $(TRELLIS_MODEL),--trellis-model $(TRELLIS_MODEL))
 
 .PHONY: install proto run demo test lint bench k8s-validate images clean
 
@@ -41,10 +43,10 @@ proto: $(INSTALLED)
 
 run: install
 	$(PY) -m trellisbox.demo --serve --gateway-port $(GATEWAY_PORT) --refiner-port $(REFINER_PORT) \
-	  --trellis-port $(TRELLIS_PORT) --refiner-backend $(REFINER_BACKEND) --trellis-backend $(TRELLIS_BACKEND) $(MODEL_FLAGS)
+	  --trellis-port $(TRELLIS_PORT) --refiner-backend $(REFINER_BACKEND) --trellis-backend $(TRELLIS_BACKEND) $(STACK_FLAGS)
 
 demo: install
-	$(PY) -m trellisbox.demo --out out --refiner-backend $(REFINER_BACKEND) --trellis-backend $(TRELLIS_BACKEND) $(MODEL_FLAGS)
+	$(PY) -m trellisbox.demo --out out --refiner-backend $(REFINER_BACKEND) --trellis-backend $(TRELLIS_BACKEND) $(STACK_FLAGS)
 	node tools/gltf-validator/validate.mjs out/*.glb
 
 test: install

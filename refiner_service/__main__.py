@@ -17,9 +17,9 @@ from refiner_service.servicer import SERVICE_LABEL, RefinerServicer
 from trellisbox.config import load_settings
 from trellisbox.observability import configure_logging
 from trellisbox.params import RefineParams
+from trellisbox.runtime import build_model_runtime
 from trellisbox.server import ServiceSpec, run
 from trellisbox.v1 import refiner_pb2_grpc
-from trellisbox.worker import ModelWorker
 
 SERVICE_NAME = "trellisbox.v1.RefinerService"
 
@@ -40,24 +40,25 @@ def build_spec(settings: RefinerSettings) -> ServiceSpec:
                              attention_slicing=settings.attention_slicing, cpu_offload=settings.cpu_offload)
     if isinstance(backend, SDXLBackend):
         backend.show_progress_bars = False  # loading bars are for terminals, not for a service log
-    worker = ModelWorker(SERVICE_LABEL, settings.max_queue)
-    servicer = RefinerServicer(backend, worker, settings)
+    runtime = build_model_runtime(SERVICE_LABEL, settings.max_queue, settings, lambda: backend)
+    servicer = RefinerServicer(backend, runtime.worker, settings)
 
     def register(server: grpc.aio.Server) -> None:
         refiner_pb2_grpc.add_RefinerServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
 
-    def shutdown() -> None:
-        # On the model thread, after any job still running has stopped: never free a model mid-step.
-        worker.call_blocking(backend.unload)
-        worker.shutdown()
+    def warm_up() -> None:
+        # On the model thread (the pipeline is only ever touched by that one thread), and under the GPU
+        # lease in shared placement: loading is GPU work too.
+        runtime.run_in_turn(lambda: _warm_up(backend))
+        runtime.publish_placement(backend.device)
 
     return ServiceSpec(
         name=SERVICE_NAME,
         register=register,
-        # On the model thread too: the pipeline is only ever touched by that one thread.
-        warm_up=lambda: worker.call_blocking(lambda: _warm_up(backend)),
-        describe=backend.describe,
-        on_shutdown=shutdown,
+        warm_up=warm_up,
+        describe=lambda: f"{backend.describe()} {settings.lease_summary()}",
+        # On the model thread, after any job still running has stopped: never free a model mid-step.
+        on_shutdown=lambda: runtime.close(backend.unload),
     )
 
 

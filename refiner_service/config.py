@@ -9,13 +9,14 @@ from pydantic_settings import SettingsConfigDict
 
 from trellisbox.config import ServiceSettings
 from trellisbox.devices import validate_device
+from trellisbox.lease import LeaseSettings
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-refiner-1.0"
 
-BackendName = Literal["auto", "sdxl", "classic"]
+BackendName = Literal["auto", "sdxl", "classic", "fixed-latency"]
 
 
-class RefinerSettings(ServiceSettings):
+class RefinerSettings(ServiceSettings, LeaseSettings):
     """Settings of ``python -m refiner_service``."""
 
     # Pydantic merges this with the parent's config, so the CLI flags (kebab-case, implicit booleans)
@@ -27,7 +28,8 @@ class RefinerSettings(ServiceSettings):
         "auto",
         description=(
             "sdxl: diffusers SDXL refiner img2img; classic: CPU restoration without weights; "
-            "auto: sdxl when a CUDA GPU is visible and the weights are available locally, else classic."
+            "auto: sdxl when a CUDA GPU is visible and the weights are available locally, else classic; "
+            "fixed-latency: load testing only, returns the input after --fixed-latency-ms per image."
         ),
     )
     model: str = Field(
@@ -39,6 +41,10 @@ class RefinerSettings(ServiceSettings):
     attention_slicing: bool = Field(True, description="Compute attention in slices to lower peak VRAM.")
     cpu_offload: bool = Field(
         True, description="Keep sub-models in host RAM and move each to the GPU only while it runs (CUDA only)."
+    )
+    fixed_latency_ms: float = Field(
+        200.0, ge=0, le=600_000,
+        description="fixed-latency backend only: wall time per image, spent sleeping (no CPU, like a GPU-bound model).",
     )
 
     @field_validator("device")

@@ -48,8 +48,9 @@ def render() -> str:
             ):
                 continue  # listed once under "Every service"
             description = (field.description or "").replace("|", "/")
-            lines.append(f"| `--{name.replace('_', '-')}` | `{prefix}{name.upper()}` | "
-                         f"`{_default(field.default)}` | {description} |")
+            # Defaults computed at start-up (hostname, pid, temp dir) differ per machine: name the rule.
+            default = "computed" if field.default_factory is not None else f"`{_default(field.default)}`"
+            lines.append(f"| `--{name.replace('_', '-')}` | `{prefix}{name.upper()}` | {default} | {description} |")
     return "\n".join(lines) + "\n"
 
 

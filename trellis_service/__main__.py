@@ -16,10 +16,11 @@ from trellis_service.servicer import SERVICE_LABEL, BackendSlot, TrellisServicer
 from trellisbox.config import load_settings
 from trellisbox.errors import ModelUnavailable
 from trellisbox.params import GenerationParams, SamplerParams
+from trellisbox.runtime import NO_MODEL, build_model_runtime
 from trellisbox.server import ServiceSpec, run
 from trellisbox.stack import TRELLIS_SERVICE
 from trellisbox.v1 import common_pb2, trellis_pb2_grpc
-from trellisbox.worker import JobContext, ModelWorker
+from trellisbox.worker import JobContext
 
 _log = logging.getLogger("trellis_service")
 
@@ -42,8 +43,10 @@ def warm_up_image(side: int = 96) -> Image.Image:
 
 def main(argv: list[str] | None = None) -> None:
     settings = load_settings(TrellisSettings, sys.argv[1:] if argv is None else argv)
-    worker = ModelWorker(SERVICE_LABEL, settings.max_queue)
     slot = BackendSlot()
+    # The backend is chosen during warm-up; until then there is nothing to move on a turn edge.
+    runtime = build_model_runtime(SERVICE_LABEL, settings.max_queue, settings, lambda: slot.backend or NO_MODEL)
+    worker = runtime.worker
 
     def prepare() -> ImageTo3DBackend:
         # Runs on the model thread: the pipeline is created, used and freed by that thread only.
@@ -59,13 +62,16 @@ def main(argv: list[str] | None = None) -> None:
 
     def warm_up() -> None:
         try:
-            slot.backend = worker.call_blocking(prepare)
+            # Under the GPU lease in shared placement: loading and the first generation are GPU work.
+            slot.backend = runtime.run_in_turn(prepare)
         except ModelUnavailable as exc:
             _log.error("TRELLIS service cannot start its model: %s", exc)
             raise
+        runtime.publish_placement(slot.backend.device)
 
     def describe() -> str:
-        return slot.backend.describe() if slot.backend is not None else f"backend={settings.backend} (not loaded)"
+        backend = slot.backend.describe() if slot.backend is not None else f"backend={settings.backend} (not loaded)"
+        return f"{backend} {settings.lease_summary()}"
 
     def register(server: grpc.aio.Server) -> None:
         trellis_pb2_grpc.add_TrellisServiceServicer_to_server(TrellisServicer(settings, worker, slot), server)
@@ -73,12 +79,11 @@ def main(argv: list[str] | None = None) -> None:
     def on_shutdown() -> None:
         backend = slot.backend
         # Free the model on its own thread, unless a job still runs (the process exit frees it anyway).
-        if backend is not None and worker.in_flight == 0 and worker.queue_depth == 0:
-            try:
-                worker.call_blocking(backend.unload)
-            except Exception:
-                _log.exception("unloading %s failed", backend.name)
-        worker.shutdown()
+        idle = worker.in_flight == 0 and worker.queue_depth == 0
+        try:
+            runtime.close(backend.unload if backend is not None and idle else None)
+        except Exception:
+            _log.exception("shutting down the model runtime failed")
 
     spec = ServiceSpec(name=TRELLIS_SERVICE, register=register, warm_up=warm_up, describe=describe,
                        on_shutdown=on_shutdown)

@@ -10,13 +10,13 @@ from pydantic_settings import SettingsConfigDict
 
 from trellisbox.config import ServiceSettings
 from trellisbox.devices import validate_device
+from trellisbox.lease import LeaseSettings, Residency
 
 
-class TrellisSettings(ServiceSettings):
+class TrellisSettings(ServiceSettings, LeaseSettings):
     """Settings of the TRELLIS service (environment prefix ``TRELLISBOX_TRELLIS_``)."""
 
-    # Merged rather than passed as keywords: the parent's config already holds an env_prefix key.
-    model_config = SettingsConfigDict(**{**ServiceSettings.model_config, "env_prefix": "TRELLISBOX_TRELLIS_"})
+    model_config = SettingsConfigDict(env_prefix="TRELLISBOX_TRELLIS_")  # merged with the base config
 
     port: int = Field(50053, ge=0, le=65535, description="gRPC port (0 picks a free one).")
     backend: Literal["auto", "trellis", "preview"] = Field(
@@ -30,6 +30,11 @@ class TrellisSettings(ServiceSettings):
         "pipeline.json and ckpts/.",
     )
     device: str = Field("auto", description="auto, cuda or cuda:N (TRELLIS has no CPU path).")
+    residency: Residency = Field(
+        "resident",
+        description="Where the model waits between GPU turns in shared placement: resident (default here: "
+        "TRELLIS is the main tenant and the refiner is offloaded), offload (host RAM), unload (freed).",
+    )
     offline: bool = Field(
         False,
         description="Never download weights (sets HF_HUB_OFFLINE=1); missing weights fail the preflight. "

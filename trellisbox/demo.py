@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--refiner-model", default=None, help="refiner model id, local folder or 'tiny'")
     parser.add_argument("--trellis-backend", default="auto", choices=("auto", "trellis", "preview"))
     parser.add_argument("--trellis-model", default=None, help="TRELLIS model id or local folder")
+    parser.add_argument("--placement", default="dedicated", choices=("dedicated", "shared"),
+                        help="shared: both model services time-share one GPU under a flock lease")
     parser.add_argument("--serve", action="store_true", help="keep the stack running until Ctrl-C")
     parser.add_argument("--gateway-port", type=int, default=0)
     parser.add_argument("--refiner-port", type=int, default=0)
@@ -50,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
 
     refiner_args = ["--backend", args.refiner_backend] + (["--model", args.refiner_model] if args.refiner_model else [])
     trellis_args = ["--backend", args.trellis_backend] + (["--model", args.trellis_model] if args.trellis_model else [])
+    if args.placement == "shared":
+        # One lease for both services; the record shows every hand-off (tools/check_lease_records.py).
+        shared = ["--placement", "shared", "--lease-backend", "flock", "--lease-dir", str(args.out / "lease"),
+                  "--lease-record", str(args.out / "lease-records.jsonl")]
+        refiner_args += shared
+        trellis_args += shared
     ports = {name: port for name, port in (("gateway", args.gateway_port), ("refiner", args.refiner_port),
                                            ("trellis", args.trellis_port)) if port}
     log_dir = args.out / "logs"

@@ -42,3 +42,15 @@ def resolve_device(spec: str) -> str:
             raise ValueError(f"device {spec} was configured but only {torch.cuda.device_count()} GPU(s) are visible")
         return f"cuda:{index}"
     return spec
+
+
+def gpu_memory_bytes(device: str) -> tuple[int, int] | None:
+    """(allocated, reserved) bytes on a CUDA ``device``; None on the CPU or when torch is not loaded."""
+    if not device.startswith("cuda"):
+        return None
+    import sys
+
+    torch = sys.modules.get("torch")  # never import torch just to report memory
+    if torch is None or not torch.cuda.is_available():
+        return None
+    return int(torch.cuda.memory_allocated(device)), int(torch.cuda.memory_reserved(device))

@@ -19,6 +19,7 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from grpc_reflection.v1alpha import reflection
 
 from trellisbox.config import ServiceSettings
+from trellisbox.errors import ServiceError
 from trellisbox.observability import configure_logging, start_metrics_server
 
 _log = logging.getLogger(__name__)
@@ -91,6 +92,9 @@ async def serve(settings: ServiceSettings, spec: ServiceSpec) -> None:
         try:
             if spec.warm_up is not None:
                 await asyncio.to_thread(spec.warm_up)
+        except ServiceError as exc:  # an explained failure (e.g. missing weights): the message is the point
+            _log.error("warm-up failed, %s stays NOT_SERVING: %s", spec.name, exc)
+            return
         except Exception:
             _log.exception("warm-up failed: %s stays NOT_SERVING", spec.name)
             return

@@ -1,4 +1,5 @@
-"""Refiner backends, chosen by configuration: ``sdxl`` (diffusers) and ``classic`` (CPU, no weights).
+"""Refiner backends, chosen by configuration: ``sdxl`` (diffusers) and ``classic`` (CPU, no weights);
+``fixed-latency`` is for load tests only (see its module).
 
 ``auto`` picks ``sdxl`` only when a CUDA GPU is usable and the weights are already on local disk, so it
 never starts a multi-GB download nor runs SDXL on a CPU; otherwise ``classic``. The choice and the
@@ -67,8 +68,11 @@ def resolve_backend(backend: str, model: str = DEFAULT_MODEL, device: str = "aut
 
 def create_backend(backend: str = "auto", model: str = DEFAULT_MODEL, device: str = "auto",
                    use_fp16: bool = True, attention_slicing: bool = True,
-                   cpu_offload: bool = True) -> RefinerBackend:
-    """Build (not load) the backend named by configuration; ``auto`` is resolved and logged loudly."""
+                   cpu_offload: bool = True, fixed_latency_ms: float | None = None) -> RefinerBackend:
+    """Build (not load) the backend named by configuration; ``auto`` is resolved and logged loudly.
+
+    ``fixed_latency_ms`` is for ``fixed-latency`` only; None reads ``TRELLISBOX_REFINER_FIXED_LATENCY_MS``.
+    """
     name, reason = resolve_backend(backend, model, device)
     if name == "sdxl":
         from refiner_service.backends.sdxl import SDXLBackend
@@ -81,4 +85,11 @@ def create_backend(backend: str = "auto", model: str = DEFAULT_MODEL, device: st
 
         _log.warning("refiner backend: classic (CPU restoration, no diffusion model): %s", reason)
         return ClassicBackend()
-    raise ValueError(f"unknown refiner backend {backend!r}: use auto, sdxl or classic")
+    if name == "fixed-latency":
+        from refiner_service.backends.fixed_latency import FixedLatencyBackend, latency_from_environment
+
+        latency = latency_from_environment() if fixed_latency_ms is None else fixed_latency_ms
+        _log.warning("refiner backend: fixed-latency (%g ms per image, returns its input; load testing only)",
+                     latency)
+        return FixedLatencyBackend(latency)
+    raise ValueError(f"unknown refiner backend {backend!r}: use auto, sdxl, classic or fixed-latency")

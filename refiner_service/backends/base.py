@@ -63,5 +63,13 @@ class RefinerBackend(ABC):
     def unload(self) -> None:
         """Free the model and its device memory (idempotent); the next refine loads again."""
 
+    def to_gpu(self) -> None:
+        """Move a loaded model onto its GPU (idempotent); a shared GPU's turn starts with this."""
+        return None  # CPU backends have nothing to move
+
+    def to_host(self) -> None:
+        """Park a loaded model in host RAM and free its VRAM; a shared GPU's turn ends with this."""
+        return None
+
     def describe(self) -> str:
         return f"backend={self.name} device={self.device}"

@@ -216,6 +216,22 @@ class SDXLBackend(RefinerBackend):
             refined = refined.resize(rgb.size, Image.Resampling.LANCZOS)
         return reapply_alpha(refined, alpha)
 
+    def to_gpu(self) -> None:
+        # With model CPU offload, accelerate's hooks move each sub-model in just before it runs.
+        if self._pipe is not None and self.device.startswith("cuda") and not self._offloaded:
+            self._pipe.to(self.device)
+
+    def to_host(self) -> None:
+        if self._pipe is None or not self.device.startswith("cuda"):
+            return
+        import torch
+
+        if self._offloaded:
+            self._pipe.maybe_free_model_hooks()  # offload whatever sub-model ran last
+        else:
+            self._pipe.to("cpu")
+        torch.cuda.empty_cache()
+
     def unload(self) -> None:
         """Free the pipeline and empty the CUDA cache (the seed's ``unload``); the next refine reloads."""
         pipe, self._pipe = self._pipe, None

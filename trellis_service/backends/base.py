@@ -57,6 +57,12 @@ class ImageTo3DBackend(abc.ABC):
     def unload(self) -> None:  # noqa: B027 - optional hook, nothing to free by default
         """Free the model (GPU memory)."""
 
+    def to_gpu(self) -> None:  # noqa: B027 - CPU backends have nothing to move
+        """Move a loaded model onto its GPU (idempotent); a shared GPU's turn starts with this."""
+
+    def to_host(self) -> None:  # noqa: B027
+        """Park a loaded model in host RAM and free its VRAM; a shared GPU's turn ends with this."""
+
     def describe(self) -> str:
         """One line for the log: backend, device and what it runs."""
         return f"backend={self.name} device={self.device}"

@@ -377,6 +377,21 @@ class TrellisBackend(ImageTo3DBackend):
         pipeline.to(torch.device(self._device))  # moves every sub-model; returns None upstream
         self._pipeline = pipeline
 
+    def to_gpu(self) -> None:
+        if self._pipeline is not None:
+            import torch
+
+            self._pipeline.to(torch.device(self._device))
+
+    def to_host(self) -> None:
+        if self._pipeline is None:
+            return
+        self._pipeline.cpu()
+        if self._device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
     def unload(self) -> None:
         if self._pipeline is None:
             return

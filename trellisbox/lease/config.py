@@ -50,14 +50,15 @@ class LeaseSettings(BaseModel):
         "kubernetes: a coordination.k8s.io/v1 Lease object (no hostPath needed).")
     lease_dir: Path = Field(
         default_factory=default_lease_dir,
-        description="flock backend: directory both contenders mount; one <lease_name>.lock per GPU.")
+        description="flock backend: directory both contenders mount; one <lease_name>.lock per GPU "
+        "(default: <temp dir>/trellisbox-lease).")
     lease_name: str = Field(default="gpu-0", description="The GPU's lease name: the lock file stem or the Lease "
                             "object name. Both services sharing a GPU must use the same name.")
     lease_namespace: str = Field(default="default", description="kubernetes backend: namespace of the Lease.")
     lease_holder: str = Field(
         default_factory=default_holder,
         description="This contender's identity (holderIdentity): the pod name in Kubernetes; must differ "
-        "between the two contenders.")
+        "between the two contenders (default: <hostname>-<pid>).")
     lease_duration_s: int = Field(default=15, ge=1, le=3600, description="kubernetes backend: leaseDurationSeconds.")
     renew_deadline_s: float = Field(default=10.0, gt=0, description="kubernetes backend: a holder that cannot "
                                     "renew for this long marks the lease lost and stops GPU work.")

@@ -1,0 +1,93 @@
+"""``fixed-latency``: a load-testing refiner backend that returns each input image unchanged after a fixed
+wait, using no CPU while it waits.
+
+From the host's point of view this is what a GPU-bound model looks like: the model thread is busy for a
+known time per image while the CPU stays free. Benchmarks use it to measure the serving path (gateway
+routing, ``dns:///`` + round_robin over replicas, queueing) without the host's cores being what is
+measured. Never use it to serve users: it does not refine anything.
+
+The wait is ``--fixed-latency-ms`` (``TRELLISBOX_REFINER_FIXED_LATENCY_MS``) per image, split into as many
+slices as the SDXL refiner would run denoising steps (``int(num_inference_steps × strength)``, at least
+one), with one progress event per slice and a cancellation check between slices, so the progress stream
+and cancellation behave like the real backend's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+
+from PIL import Image
+
+from refiner_service.backends.base import RefinerBackend
+from trellisbox.params import RefineParams
+from trellisbox.v1 import common_pb2
+from trellisbox.worker import JobContext
+
+_log = logging.getLogger(__name__)
+
+DEFAULT_LATENCY_MS = 200.0
+LATENCY_ENV = "TRELLISBOX_REFINER_FIXED_LATENCY_MS"
+
+
+def latency_from_environment() -> float:
+    """``TRELLISBOX_REFINER_FIXED_LATENCY_MS`` (the setting's environment variable), else the default."""
+    value = os.environ.get(LATENCY_ENV, "").strip()
+    if not value:
+        return DEFAULT_LATENCY_MS
+    latency = float(value)
+    if latency < 0:
+        raise ValueError(f"{LATENCY_ENV} must be >= 0, got {value}")
+    return latency
+
+
+class FixedLatencyBackend(RefinerBackend):
+    """Args:
+        latency_ms: Wall time per image, spent sleeping on the model thread.
+    """
+
+    name = "fixed-latency"
+
+    def __init__(self, latency_ms: float = DEFAULT_LATENCY_MS) -> None:
+        if latency_ms < 0:
+            raise ValueError(f"latency_ms must be >= 0, got {latency_ms}")
+        self.latency_ms = float(latency_ms)
+        self._loaded = False
+
+    @property
+    def device(self) -> str:
+        return "none"
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded
+
+    def load(self) -> None:
+        self._loaded = True
+
+    def unload(self) -> None:
+        self._loaded = False
+
+    def describe(self) -> str:
+        return f"backend=fixed-latency ({self.latency_ms:g} ms per image, no model: load testing only)"
+
+    def refine(self, images: Sequence[Image.Image], params: RefineParams, seeds: Sequence[int],
+               ctx: JobContext | None = None) -> list[Image.Image]:
+        if len(seeds) != len(images):
+            raise ValueError(f"{len(images)} images but {len(seeds)} seeds")
+        self.load()
+        slices = max(1, int(params.num_inference_steps * params.strength))
+        pause = self.latency_ms / 1000 / slices
+        out = []
+        for index, image in enumerate(images):
+            label = f"image {index + 1}/{len(images)}"
+            for step in range(slices):
+                if ctx is not None:
+                    ctx.raise_if_stopped()
+                time.sleep(pause)
+                if ctx is not None:
+                    ctx.report(common_pb2.STAGE_REFINE, step + 1, slices, label)
+            out.append(image)
+        return out
