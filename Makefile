@@ -49,8 +49,10 @@ demo: install
 	$(PY) -m trellisbox.demo --out out --refiner-backend $(REFINER_BACKEND) --trellis-backend $(TRELLIS_BACKEND) $(STACK_FLAGS)
 	node tools/gltf-validator/validate.mjs out/*.glb
 
+# The manifests are validated first (fast, and it names the broken object), then the whole suite.
 test: install
-	$(PY) -m pytest -q
+	K8S_VERSION=$(K8S_VERSION) $(PY) -m tests.k8s.validate
+	K8S_VERSION=$(K8S_VERSION) $(PY) -m pytest -q
 
 lint: install
 	$(PY) -m ruff check .

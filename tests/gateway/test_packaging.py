@@ -1,0 +1,34 @@
+"""The gateway and the client install and run without torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_gateway_and_client_import_no_model_library() -> None:
+    code = (
+        "import sys, gateway.__main__, gateway.router, trellisbox.client, trellisbox.cli, trellisbox.demo\n"
+        "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'trimesh', 'scipy') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
+
+
+def test_base_and_gateway_dependencies_pull_no_torch() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    gateway = project["dependencies"] + project["optional-dependencies"]["gateway"]
+    assert not [d for d in gateway if d.split("=")[0].split(">")[0].strip().lower() in {"torch", "diffusers"}]
+
+
+def test_grpc_stack_and_protobuf_are_pinned_together() -> None:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = [d for d in deps["dependencies"] + deps["optional-dependencies"]["dev"]
+            if d.startswith(("grpcio", "protobuf"))]
+    assert all("==" in d for d in pins), pins
+    versions = {d.split("==")[1] for d in pins if d.startswith("grpcio")}
+    assert len(versions) == 1, pins
