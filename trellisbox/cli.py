@@ -149,7 +149,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="trellisbox", description="TRELLIS-BOX Serving client")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
-    args = parser.parse_args(argv)
+    sub.add_parser("web", add_help=False, help="serve the web form in front of a gateway (see: trellisbox web -h)")
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "web":
+        from trellisbox.webui import main as web_main
+
+        return web_main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return run_generate(args)
 
 

@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from trellisbox.cli import StageBars, print_summary, write_outputs
 from trellisbox.client import TrellisBoxClient
 from trellisbox.stack import LocalStack
+from trellisbox.webui import WebUI
 
 EXAMPLE_IMAGE = Path(__file__).parent / "assets" / "example.png"
 _console = Console(stderr=True)
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--placement", default="dedicated", choices=("dedicated", "shared"),
                         help="shared: both model services time-share one GPU under a flock lease")
     parser.add_argument("--serve", action="store_true", help="keep the stack running until Ctrl-C")
+    parser.add_argument("--web-port", type=int, default=8080, help="with --serve: the web form's port (0: off)")
     parser.add_argument("--gateway-port", type=int, default=0)
     parser.add_argument("--refiner-port", type=int, default=0)
     parser.add_argument("--trellis-port", type=int, default=0)
@@ -69,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.serve:
                 stop = threading.Event()
                 signal.signal(signal.SIGTERM, lambda *_: stop.set())
+                if args.web_port:
+                    web = WebUI(stack.gateway_target, args.out / "web").server("127.0.0.1", args.web_port)
+                    threading.Thread(target=web.serve_forever, daemon=True).start()
+                    _console.print(f"web form on http://127.0.0.1:{web.server_port}")
                 _console.print("serving; Ctrl-C to stop")
                 with contextlib.suppress(KeyboardInterrupt):
                     stop.wait()
