@@ -42,10 +42,30 @@ class RefinerSettings(ServiceSettings, LeaseSettings):
     cpu_offload: bool = Field(
         True, description="Keep sub-models in host RAM and move each to the GPU only while it runs (CUDA only)."
     )
+    batch_window_ms: float = Field(
+        5.0, ge=0, le=10_000,
+        description=(
+            "Dynamic batching (sdxl only): while the model is idle, a new request waits this long for compatible "
+            "requests (same snapped size, steps, strength, guidance, aesthetic scores) to share its pipeline call; "
+            "while it is busy, compatible requests join the next call anyway. 0 turns batching off."
+        ),
+    )
+    max_batch_images: int = Field(
+        4, ge=1, le=64,
+        description=(
+            "Dynamic batching: most images in one pipeline call (a multi-image request counts all its images; "
+            "one with more runs alone). 1 turns batching off."
+        ),
+    )
     fixed_latency_ms: float = Field(
         200.0, ge=0, le=600_000,
         description="fixed-latency backend only: wall time per image, spent sleeping (no CPU, like a GPU-bound model).",
     )
+
+    @property
+    def batching(self) -> bool:
+        """Whether dynamic batching is on (the backend must support it too)."""
+        return self.batch_window_ms > 0 and self.max_batch_images > 1
 
     @field_validator("device")
     @classmethod

@@ -13,6 +13,7 @@ import grpc
 from PIL import Image
 
 from refiner_service.backends import RefinerBackend, seeds_for
+from refiner_service.batching import DynamicBatcher
 from refiner_service.config import RefinerSettings
 from trellisbox.artifacts import Artifact
 from trellisbox.convert import decode_images, refine_params_from_proto
@@ -30,16 +31,29 @@ SERVICE_LABEL = "refiner"
 class RefinerServicer(refiner_pb2_grpc.RefinerServiceServicer):
     """``trellisbox.v1.RefinerService``: every model call goes through the one :class:`ModelWorker`.
 
+    With ``batch_window_ms`` > 0 and ``max_batch_images`` > 1, and a backend that supports it (``sdxl``),
+    compatible concurrent requests share one pipeline call (:mod:`refiner_service.batching`); otherwise each
+    request is one job, as before.
+
     Args:
         backend: The loaded (or lazily loading) refiner backend.
         worker: The model worker that owns ``backend``.
-        settings: Limits (images, bytes, pixels) and the artifact chunk size.
+        settings: Limits (images, bytes, pixels), the artifact chunk size and the batching settings.
     """
 
     def __init__(self, backend: RefinerBackend, worker: ModelWorker, settings: RefinerSettings) -> None:
         self._backend = backend
         self._worker = worker
         self._settings = settings
+        self._batcher: DynamicBatcher | None = None
+        if settings.batching and backend.supports_batching:
+            self._batcher = DynamicBatcher(backend, worker, service=SERVICE_LABEL,
+                                           window_s=settings.batch_window_ms / 1000,
+                                           max_images=settings.max_batch_images)
+            _log.info("dynamic batching on: window %g ms, up to %d images per call",
+                      settings.batch_window_ms, settings.max_batch_images)
+        elif settings.batching:
+            _log.info("dynamic batching off: the %s backend refines one request at a time", backend.name)
 
     @error_boundary
     async def Refine(
@@ -62,8 +76,12 @@ class RefinerServicer(refiner_pb2_grpc.RefinerServiceServicer):
         def job(ctx: JobContext) -> list[Image.Image]:
             return self._run(ctx, images, params, seeds)
 
+        events = (
+            self._worker.run(job, request_id=request_id, deadline=deadline) if self._batcher is None
+            else self._batcher.run(images, params, seeds, request_id=request_id, deadline=deadline)
+        )
         outcome: Finished[list[Image.Image]] | None = None
-        async for event in self._worker.run(job, request_id=request_id, deadline=deadline):
+        async for event in events:
             if isinstance(event, Finished):
                 outcome = event
             else:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from refiner_service.backends.base import RefinerBackend
+from refiner_service.backends.base import BatchMember, MemberOutcome, RefinerBackend, stop_reason
 from refiner_service.config import DEFAULT_MODEL
 from refiner_service.tiny import TINY_MODEL, tiny_refiner_path
 from trellisbox.devices import resolve_device, validate_device
@@ -49,6 +49,10 @@ def effective_steps(params: RefineParams) -> int:
     return min(int(params.num_inference_steps * params.strength), params.num_inference_steps)
 
 
+class _EveryMemberStopped(Exception):
+    """Raised from the step callback to leave the denoising loop once no member of a batch wants its result."""
+
+
 class SDXLBackend(RefinerBackend):
     """SDXL-refiner img2img.
 
@@ -65,6 +69,7 @@ class SDXLBackend(RefinerBackend):
     """
 
     name = "sdxl"
+    supports_batching = True
 
     def __init__(self, model: str = DEFAULT_MODEL, device: str = "auto", use_fp16: bool = True,
                  attention_slicing: bool = True, cpu_offload: bool = True) -> None:
@@ -77,6 +82,21 @@ class SDXLBackend(RefinerBackend):
         self._pipe: Any = None  # StableDiffusionXLImg2ImgPipeline; diffusers ships no type information
         self._device: str | None = None
         self._offloaded = False
+
+    @classmethod
+    def from_pipeline(cls, pipe: Any, device: str, *, offloaded: bool = False) -> SDXLBackend:
+        """Wrap an already built ``StableDiffusionXLImg2ImgPipeline`` (benchmarks: random full-size weights).
+
+        Args:
+            pipe: The pipeline, already on ``device`` (or with model CPU offload enabled for it).
+            device: Where it runs, ``cpu`` or ``cuda:N``.
+            offloaded: True when ``enable_model_cpu_offload`` was called on it.
+        """
+        backend = cls("<in-memory pipeline>", device, attention_slicing=False, cpu_offload=offloaded)
+        backend.show_progress_bars = False
+        pipe.set_progress_bar_config(disable=True)
+        backend._pipe, backend._device, backend._offloaded = pipe, device, offloaded
+        return backend
 
     @property
     def device(self) -> str:
@@ -176,6 +196,119 @@ class SDXLBackend(RefinerBackend):
             out.append(self._refine_one(image, params, seed, f"image {index + 1}/{len(images)}", ctx))
         return out
 
+    def _scale_factor(self) -> int:
+        pipe = self._pipe
+        return int(getattr(pipe, "vae_scale_factor", 8)) if pipe is not None else 8  # 8 for every SDXL VAE
+
+    def batch_key(self, images: Sequence[Image.Image], params: RefineParams) -> Hashable | None:
+        """Same pipeline size (each side snapped down to a multiple of the VAE scale factor, as diffusers
+        resizes) and the same scalar parameters; prompts and seeds may differ."""
+        factor = self._scale_factor()
+        sizes = {(w - w % factor, h - h % factor) for w, h in (image.size for image in images)}
+        if len(sizes) != 1:
+            return None  # one pipeline call resizes every image to the first one's size: never mix sizes
+        return (sizes.pop(), params.num_inference_steps, params.strength, params.guidance_scale,
+                params.aesthetic_score, params.negative_aesthetic_score)
+
+    def refine_batch(self, members: Sequence[BatchMember]) -> list[MemberOutcome]:
+        """One pipeline call for every image of every member (prompts, negative prompts and seeds per image).
+
+        Each member gets progress on its own context; a member that stops gets its error as its outcome
+        (and ``on_stop`` at once) while the others go on; the loop stops only when every member stopped.
+        """
+        import torch
+
+        outcomes: dict[int, MemberOutcome] = {}
+        live: list[int] = []
+        for index, member in enumerate(members):
+            if member.ctx is not None and member.ctx.should_stop:
+                outcomes[index] = stop_reason(member.ctx)  # stopped before the call: computes nothing
+            else:
+                live.append(index)
+        if not live:
+            return [outcomes[i] for i in range(len(members))]
+        params = members[live[0]].params
+        keys = {self.batch_key(members[i].images, members[i].params) for i in live}
+        if len(keys) != 1 or None in keys:
+            raise ValueError("refine_batch: members differ in image size or parameters; batch by batch_key()")
+        for i in live:
+            if len(members[i].seeds) != len(members[i].images):
+                raise ValueError(f"member {i}: {len(members[i].images)} images but {len(members[i].seeds)} seeds")
+        self.check(params)
+        self.load()
+
+        owners: list[int] = []  # member index of each image in the call
+        rgbs: list[Image.Image] = []
+        alphas: list[Image.Image | None] = []
+        for i in live:
+            for image in members[i].images:
+                rgb, alpha = split_alpha(image)
+                rgbs.append(rgb)
+                alphas.append(alpha)
+                owners.append(i)
+        prompts = [members[i].params.prompt for i in owners]
+        negatives = [members[i].params.negative_prompt for i in owners]
+        generators = [torch.Generator(device="cpu").manual_seed(seed) for i in live for seed in members[i].seeds]
+        running = set(live)
+        label = f"batch of {len(rgbs)} images from {len(live)} requests"
+        pipe = self._pipe
+
+        def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            total = int(pipe.num_timesteps)
+            for i in sorted(running):
+                member = members[i]
+                if member.ctx is None:
+                    continue
+                if member.ctx.should_stop:
+                    running.discard(i)
+                    outcomes[i] = error = stop_reason(member.ctx)
+                    _log.info("request %s left the batch after step %d of %d (%s); %d request(s) go on",
+                              member.ctx.request_id, step + 1, total, error, len(running))
+                    if member.on_stop is not None:
+                        member.on_stop(error)
+                else:
+                    member.ctx.report(common_pb2.STAGE_REFINE, step + 1, total, label)
+            if not running:
+                pipe._interrupt = True
+                _log.info("stopping the denoising loop after step %d of %d: every request of the batch stopped",
+                          step + 1, total)
+                raise _EveryMemberStopped
+            return tensors
+
+        try:
+            result = pipe(
+                prompt=prompts,
+                negative_prompt=negatives,
+                image=rgbs,
+                strength=params.strength,
+                guidance_scale=params.guidance_scale,
+                num_inference_steps=params.num_inference_steps,
+                aesthetic_score=params.aesthetic_score,
+                negative_aesthetic_score=params.negative_aesthetic_score,
+                generator=generators,
+                callback_on_step_end=on_step_end,
+            )
+        except _EveryMemberStopped:
+            pipe.maybe_free_model_hooks()
+            return [outcomes[i] for i in range(len(members))]
+        except ServiceError:
+            pipe.maybe_free_model_hooks()
+            raise
+        refined: dict[int, list[Image.Image]] = {i: [] for i in running}
+        for owner, rgb, alpha, out in zip(owners, rgbs, alphas, result.images, strict=True):
+            if owner in running:
+                refined[owner].append(self._finish(out, rgb, alpha))
+        outcomes.update(refined)
+        return [outcomes[i] for i in range(len(members))]
+
+    @staticmethod
+    def _finish(out: Image.Image, rgb: Image.Image, alpha: Image.Image | None) -> Image.Image:
+        """The pipeline's output at the input's size (diffusers snaps to a multiple of 8), alpha put back."""
+        refined = out.convert("RGB")
+        if refined.size != rgb.size:
+            refined = refined.resize(rgb.size, Image.Resampling.LANCZOS)
+        return reapply_alpha(refined, alpha)
+
     def _refine_one(self, image: Image.Image, params: RefineParams, seed: int, label: str,
                     ctx: JobContext | None) -> Image.Image:
         import torch
@@ -210,11 +343,7 @@ class SDXLBackend(RefinerBackend):
         except ServiceError:
             pipe.maybe_free_model_hooks()  # the run stopped early: put offloaded models back as after a run
             raise
-        refined: Image.Image = result.images[0].convert("RGB")
-        if refined.size != rgb.size:
-            # diffusers snaps the size to a multiple of 8; hand back the input's size so the alpha matches.
-            refined = refined.resize(rgb.size, Image.Resampling.LANCZOS)
-        return reapply_alpha(refined, alpha)
+        return self._finish(result.images[0], rgb, alpha)
 
     def to_gpu(self) -> None:
         # With model CPU offload, accelerate's hooks move each sub-model in just before it runs.

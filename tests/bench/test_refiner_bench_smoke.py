@@ -1,0 +1,71 @@
+"""The refiner benchmarks keep working: both run in their quickest CPU mode and write their JSON.
+
+Timings are not asserted (2 shared cores): only that each figure is there, is a number, and that what
+must hold whatever the speed does hold (batch 1 is the unbatched path bit for bit, a batched image stays
+within the tolerance, the full-size architecture has the published parameter counts).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TOLERANCE = 2  # grey levels; the same bound as tests/refiner/test_refiner_batching.py
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+def _run(module: str, out: Path, cache: Path) -> dict[str, Any]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "XDG_CACHE_HOME": str(cache), "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-m", module, "--quick", "--device", "cpu", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "| batch |" in done.stdout or "| variant |" in done.stdout, done.stdout  # the Markdown table
+    data: dict[str, Any] = json.loads(out.read_text())
+    return data
+
+
+def test_refiner_batching_quick(tmp_path: Path) -> None:
+    data = _run("bench.refiner_batching", tmp_path / "refiner_batching.json", tmp_path / "cache")
+    assert data["quick"] and data["machine"]["device"] == "cpu" and data["machine"]["device_name"]
+    assert [row["batch"] for row in data["calls"]] == [1, 2, 4]
+    for row in data["calls"]:
+        assert _positive(row["images_per_s"]) and _positive(row["seconds_per_call"]["median"])
+    tolerance = data["tolerance"]
+    assert tolerance["per_batch"]["1"]["bit_identical_to_unbatched"] is True
+    assert 0 <= tolerance["max_abs_grey_levels"] <= TOLERANCE
+    off, on = data["service_path"]
+    assert not off["batching"] and on["batching"]
+    assert off["model_calls"] == off["requests"] and on["model_calls"] < on["requests"]
+    assert _positive(off["images_per_s"]) and _positive(on["images_per_s"])
+
+
+def test_refiner_gpu_quick_on_a_cpu(tmp_path: Path) -> None:
+    data = _run("bench.refiner_gpu", tmp_path / "refiner_gpu.json", tmp_path / "cache")
+    assert data["machine"]["device"] == "cpu" and data["machine"]["device_name"]
+    assert data["config"]["scale"] < 1 and data["config"]["unet_steps"] == 6
+    rows = {row["variant"]: row for row in data["variants"]}
+    for name in ("fp32", "fp32-sliced", "fp32-eager", "fp32-channels-last"):
+        assert "error" not in rows[name], rows[name]
+        assert _positive(rows[name]["seconds_per_image"]["median"])
+    for name in ("fp16-sdpa", "fp16-sdpa-compile", "fp16-sdpa-offload", "fp16-sliced-offload"):
+        assert rows[name]["skipped"]  # CUDA only, with the reason
+    assert data["moves"]["skipped"]
+
+
+def test_full_size_architecture_matches_the_published_weights() -> None:
+    from bench.refiner_gpu import PUBLISHED_PARAMETERS, architecture_parameters
+
+    assert architecture_parameters(1.0) == PUBLISHED_PARAMETERS  # built on the meta device: no memory
