@@ -54,6 +54,17 @@ test: install
 	K8S_VERSION=$(K8S_VERSION) $(PY) -m tests.k8s.validate
 	K8S_VERSION=$(K8S_VERSION) $(PY) -m pytest -q
 
+# Serving benchmarks (docs/benchmarks.md): real services on loopback, about 4 minutes on 2 CPU cores.
+# Writes bench/results/*.json and regenerates the table in docs/benchmarks.md (lease figures included).
+# The refiner benchmarks (docs/refiner-performance.md) run the full-size architecture on a CUDA host and a
+# reduced one on a CPU; set REFINER_BENCH=full to run them at their CPU defaults instead of --quick.
+REFINER_BENCH ?= quick
+bench: install
+	$(PY) bench/lease_bench.py --out bench/results/lease.json
+	$(PY) -m bench.refiner_batching $(if $(filter quick,$(REFINER_BENCH)),--quick)
+	$(PY) -m bench.refiner_gpu $(if $(filter quick,$(REFINER_BENCH)),--quick)
+	$(PY) -m bench --out bench/results --docs docs/benchmarks.md
+
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m mypy trellisbox refiner_service trellis_service gateway

@@ -9,12 +9,11 @@ import grpc
 from gateway.admission import Admission
 from gateway.config import GatewaySettings
 from gateway.router import Router
-from gateway.servicer import GatewayServicer
+from gateway.servicer import GatewayServicer, add_gateway_servicer
 from gateway.stages import StageClients
 from trellisbox.config import load_settings
 from trellisbox.server import ServiceSpec, run
 from trellisbox.stack import GATEWAY_SERVICE
-from trellisbox.v1 import gateway_pb2_grpc
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,14 +23,15 @@ def main(argv: list[str] | None = None) -> None:
         # Channels must be created inside the server's event loop.
         stages = StageClients(settings)
         router = Router(stages, Admission(settings.max_concurrent, settings.max_queue))
-        gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(settings, router), server)
+        add_gateway_servicer(GatewayServicer(settings, router), server)
 
     spec = ServiceSpec(
         name=GATEWAY_SERVICE,
         register=register,
         describe=lambda: f"refiner={settings.refiner_target} trellis={settings.trellis_target}",
     )
-    run(settings, spec, "gateway")
+    # The gateway only relays: its allocator is tuned for message-sized buffers (see tune_malloc).
+    run(settings, spec, "gateway", streaming_malloc=True)
 
 
 if __name__ == "__main__":

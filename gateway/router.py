@@ -1,9 +1,10 @@
 """Stage routing: optional refinement, then image-to-3D, relayed as one stream.
 
 The router speaks to the model services over gRPC and streams their progress and artifact chunks to
-the caller as they arrive. Chunks are forwarded, never reassembled, except refined images, which are
-the next stage's input. Leaving the stream (client cancel, deadline) cancels the stage call in flight,
-which stops the model worker at its next step.
+the caller as they arrive. Chunks are forwarded in the bytes they arrived as (see
+:mod:`gateway.relay`), never reassembled, except refined images, which are the next stage's input.
+Leaving the stream (client cancel, deadline) cancels the stage call in flight, which stops the model
+worker at its next step.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, TypeVar
 import grpc
 
 from gateway.admission import Admission
+from gateway.relay import CHUNK, DONE, Outgoing, StageEvent
 from gateway.stages import StageClients
 from trellisbox.artifacts import ArtifactAssembler, ArtifactProtocolError
 from trellisbox.convert import generation_params_to_proto, refine_params_to_proto
@@ -27,7 +29,7 @@ from trellisbox.v1 import common_pb2, gateway_pb2, refiner_pb2, trellis_pb2
 
 _log = logging.getLogger(__name__)
 
-_Event = TypeVar("_Event", refiner_pb2.RefineResponse, trellis_pb2.ImageTo3DResponse)
+_Event = TypeVar("_Event", StageEvent[refiner_pb2.RefineResponse], StageEvent[trellis_pb2.ImageTo3DResponse])
 
 GENERATED_KINDS = frozenset({common_pb2.ARTIFACT_KIND_GLB, common_pb2.ARTIFACT_KIND_GAUSSIAN_PLY})
 
@@ -66,7 +68,7 @@ class Router:
         self._stages = stages
         self._admission = admission
 
-    async def generate(self, job: GenerateJob) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+    async def generate(self, job: GenerateJob) -> AsyncIterator[Outgoing]:
         timings: list[common_pb2.StageTiming] = []
         started = time.monotonic()
         if self._admission.would_wait():
@@ -79,18 +81,18 @@ class Router:
                 refine_started = time.monotonic()
                 refined: dict[int, bytes] = {}
                 async for event in self._refine(job, job.refine, refined):
-                    if event.HasField("done"):
-                        refine_done = event.done
-                    else:
-                        yield _relay(event)
+                    if event.field == DONE:
+                        refine_done = event.message.done
+                    elif event.field:
+                        yield event.relay()
                 timings.append(_timing(common_pb2.STAGE_REFINE, time.monotonic() - refine_started))
                 images = [common_pb2.Image(data=refined[i], media_type="image/png") for i in range(len(images))]
             generate_done = trellis_pb2.ImageTo3DDone()
             async for stage_event in self._image_to_3d(job, images):
-                if stage_event.HasField("done"):
-                    generate_done = stage_event.done
-                else:
-                    yield _relay(stage_event)
+                if stage_event.field == DONE:
+                    generate_done = stage_event.message.done
+                elif stage_event.field:
+                    yield stage_event.relay()
             timings.extend(t for t in generate_done.timings if t.stage != common_pb2.STAGE_QUEUED)
             for timing in timings:
                 observe_stage("gateway", timing.stage, timing.seconds)
@@ -105,15 +107,15 @@ class Router:
             ))
 
     async def _refine(self, job: GenerateJob, params: RefineParams,
-                      refined: dict[int, bytes]) -> AsyncIterator[refiner_pb2.RefineResponse]:
+                      refined: dict[int, bytes]) -> AsyncIterator[StageEvent[refiner_pb2.RefineResponse]]:
         request = refiner_pb2.RefineRequest(
             request_id=job.request_id, images=job.images, parameters=refine_params_to_proto(params)
         )
         assembler = ArtifactAssembler()
         forward_chunks = common_pb2.ARTIFACT_KIND_REFINED_IMAGE in job.formats
-        async for event in self._stream("refiner", self._stages.refiner.Refine(request, timeout=job.remaining())):
-            if event.HasField("chunk"):
-                artifact = assembler.feed(event.chunk)
+        async for event in self._stream("refiner", self._stages.refine(request, timeout=job.remaining())):
+            if event.field == CHUNK:
+                artifact = assembler.feed(event.message.chunk)
                 if artifact is not None:
                     refined[artifact.index] = artifact.data
                 if not forward_chunks:
@@ -125,14 +127,14 @@ class Router:
                               f"returned no refined image for images {sorted(missing)}")
 
     async def _image_to_3d(self, job: GenerateJob, images: Sequence[common_pb2.Image]
-                           ) -> AsyncIterator[trellis_pb2.ImageTo3DResponse]:
+                           ) -> AsyncIterator[StageEvent[trellis_pb2.ImageTo3DResponse]]:
         request = trellis_pb2.ImageTo3DRequest(
             request_id=job.request_id,
             images=images,
             parameters=generation_params_to_proto(job.generation),
             formats=[common_pb2.ArtifactKind.ValueType(k) for k in sorted(job.formats & GENERATED_KINDS)],
         )
-        async for event in self._stream("trellis", self._stages.trellis.ImageTo3D(request, timeout=job.remaining())):
+        async for event in self._stream("trellis", self._stages.image_to_3d(request, timeout=job.remaining())):
             yield event
 
     async def _stream(self, stage: str, call: grpc.aio.UnaryStreamCall[Any, _Event]) -> AsyncIterator[_Event]:
@@ -156,9 +158,3 @@ def _progress(stage: int, step: int, total: int, message: str) -> gateway_pb2.Ge
 
 def _timing(stage: int, seconds: float) -> common_pb2.StageTiming:
     return common_pb2.StageTiming(stage=stage, seconds=seconds)  # type: ignore[arg-type]
-
-
-def _relay(event: refiner_pb2.RefineResponse | trellis_pb2.ImageTo3DResponse) -> gateway_pb2.GenerateResponse:
-    if event.HasField("progress"):
-        return gateway_pb2.GenerateResponse(progress=event.progress)
-    return gateway_pb2.GenerateResponse(chunk=event.chunk)

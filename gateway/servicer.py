@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -11,11 +12,13 @@ from typing import Any
 import grpc
 
 from gateway.config import GatewaySettings
+from gateway.relay import Outgoing, serialize_response
 from gateway.router import GENERATED_KINDS, GenerateJob, Router
 from trellisbox.convert import decode_images, generation_params_from_proto, refine_params_from_proto
 from trellisbox.errors import InvalidInput, error_boundary
 from trellisbox.observability import REQUEST_ID
-from trellisbox.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from trellisbox.stack import GATEWAY_SERVICE
+from trellisbox.v1 import common_pb2, gateway_pb2
 
 _log = logging.getLogger(__name__)
 
@@ -42,8 +45,10 @@ def requested_formats(request: gateway_pb2.GenerateRequest) -> frozenset[int]:
     return formats
 
 
-class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
-    """Args:
+class GatewayServicer:
+    """``trellisbox.v1.GatewayService``; register it with :func:`add_gateway_servicer`.
+
+    Args:
         settings: Gateway settings (limits, default deadline).
         router: Runs the stages.
     """
@@ -54,11 +59,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     @error_boundary
     async def Generate(self, request: gateway_pb2.GenerateRequest,
-                       context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+                       context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Outgoing]:
         request_id = request.request_id or uuid.uuid4().hex[:16]
         REQUEST_ID.set(request_id)
-        # Decoding once here is the validation: format, size, pixel count, truncation.
-        decode_images(request.images, self._settings.image_limits, self._settings.max_images)
+        # Decoding once here is the validation: format, size, pixel count, truncation. It is CPU work
+        # (a 4096² PNG takes a few hundred ms): off the event loop, so streams in flight keep flowing.
+        await asyncio.to_thread(decode_images, request.images, self._settings.image_limits, self._settings.max_images)
         job = GenerateJob(
             request_id=request_id,
             images=request.images,
@@ -71,3 +77,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                   sorted(common_pb2.ArtifactKind.Name(k) for k in job.formats))  # type: ignore[arg-type]
         async for response in self._router.generate(job):
             yield response
+
+
+def add_gateway_servicer(servicer: GatewayServicer, server: grpc.aio.Server) -> None:
+    """Register ``servicer`` like the generated ``add_GatewayServiceServicer_to_server``, but with a response
+    serializer that passes relayed stage events (:class:`gateway.relay.Encoded`) through unchanged."""
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate,
+            request_deserializer=gateway_pb2.GenerateRequest.FromString,
+            response_serializer=serialize_response,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(GATEWAY_SERVICE, handlers),))
+    server.add_registered_method_handlers(GATEWAY_SERVICE, handlers)  # type: ignore[attr-defined]  # stubs lag

@@ -4,6 +4,9 @@ The refiner target is normally ``dns:///<headless service>:port``: with the roun
 client-side health checking, calls are spread over every replica that reports its readiness service
 SERVING, and replicas that appear or disappear are picked up when the servers' max connection age
 makes the channel re-resolve.
+
+Responses are deserialized by :func:`gateway.relay.stage_deserializer`: progress and artifact chunks stay
+in the bytes they arrived as and are relayed to the client unparsed.
 """
 
 from __future__ import annotations
@@ -14,8 +17,17 @@ from typing import Any
 import grpc
 
 from gateway.config import GatewaySettings
+from gateway.relay import StageEvent, stage_deserializer
 from trellisbox.stack import REFINER_SERVICE, TRELLIS_SERVICE
-from trellisbox.v1 import refiner_pb2_grpc, trellis_pb2_grpc
+from trellisbox.v1 import refiner_pb2, trellis_pb2
+
+RefineCall = grpc.aio.UnaryStreamCall[refiner_pb2.RefineRequest, StageEvent[refiner_pb2.RefineResponse]]
+ImageTo3DCall = grpc.aio.UnaryStreamCall[trellis_pb2.ImageTo3DRequest, StageEvent[trellis_pb2.ImageTo3DResponse]]
+
+
+def _method_path(service: str, method: str) -> str:
+    """``/package.Service/Method``, the HTTP/2 path of a method."""
+    return f"/{service}/{method}"
 
 
 def service_config(service: str, attempts: int) -> str:
@@ -53,7 +65,7 @@ def channel_options(settings: GatewaySettings, service: str) -> list[tuple[str, 
 
 
 class StageClients:
-    """The gateway's stubs for the refiner pool and the TRELLIS service."""
+    """The gateway's calls to the refiner pool and the TRELLIS service: one long-lived channel each."""
 
     def __init__(self, settings: GatewaySettings) -> None:
         self._refiner_channel = grpc.aio.insecure_channel(
@@ -62,8 +74,26 @@ class StageClients:
         self._trellis_channel = grpc.aio.insecure_channel(
             settings.trellis_target, options=channel_options(settings, TRELLIS_SERVICE)
         )
-        self.refiner = refiner_pb2_grpc.RefinerServiceStub(self._refiner_channel)
-        self.trellis = trellis_pb2_grpc.TrellisServiceStub(self._trellis_channel)
+        self._refine: grpc.aio.UnaryStreamMultiCallable[
+            refiner_pb2.RefineRequest, StageEvent[refiner_pb2.RefineResponse]
+        ] = self._refiner_channel.unary_stream(
+            _method_path(REFINER_SERVICE, "Refine"),
+            request_serializer=refiner_pb2.RefineRequest.SerializeToString,
+            response_deserializer=stage_deserializer(refiner_pb2.RefineResponse),
+        )
+        self._image_to_3d: grpc.aio.UnaryStreamMultiCallable[
+            trellis_pb2.ImageTo3DRequest, StageEvent[trellis_pb2.ImageTo3DResponse]
+        ] = self._trellis_channel.unary_stream(
+            _method_path(TRELLIS_SERVICE, "ImageTo3D"),
+            request_serializer=trellis_pb2.ImageTo3DRequest.SerializeToString,
+            response_deserializer=stage_deserializer(trellis_pb2.ImageTo3DResponse),
+        )
+
+    def refine(self, request: refiner_pb2.RefineRequest, timeout: float) -> RefineCall:
+        return self._refine(request, timeout=timeout)
+
+    def image_to_3d(self, request: trellis_pb2.ImageTo3DRequest, timeout: float) -> ImageTo3DCall:
+        return self._image_to_3d(request, timeout=timeout)
 
     async def close(self) -> None:
         await self._refiner_channel.close(None)

@@ -37,7 +37,8 @@ def _warm_up(backend: RefinerBackend) -> None:
 def build_spec(settings: RefinerSettings) -> ServiceSpec:
     """Backend, worker and servicer wired into the shared bootstrap."""
     backend = create_backend(settings.backend, settings.model, settings.device, use_fp16=settings.use_fp16,
-                             attention_slicing=settings.attention_slicing, cpu_offload=settings.cpu_offload)
+                             attention_slicing=settings.attention_slicing, cpu_offload=settings.cpu_offload,
+                             fixed_latency_ms=settings.fixed_latency_ms)
     if isinstance(backend, SDXLBackend):
         backend.show_progress_bars = False  # loading bars are for terminals, not for a service log
     runtime = build_model_runtime(SERVICE_LABEL, settings.max_queue, settings, lambda: backend)

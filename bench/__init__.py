@@ -1,0 +1,1 @@
+"""TRELLIS-BOX serving benchmarks: ``python -m bench`` (see docs/benchmarks.md)."""

@@ -1,0 +1,171 @@
+"""Shared helpers of the serving benchmarks: statistics, machine description, test images, processes."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import io
+import os
+import platform
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from trellisbox.stack import ServiceProcess, health_status, start_service
+
+REPO = Path(__file__).resolve().parents[1]
+SERVING = 1  # grpc.health.v1 HealthCheckResponse.SERVING
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (``q`` in [0, 1])."""
+    ordered = sorted(values)
+    if not ordered:
+        raise ValueError("no values")
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def summarize(values: Sequence[float], digits: int = 4) -> dict[str, Any]:
+    """Median with p10–p90 and min–max of repeated measurements."""
+    values = [float(v) for v in values]
+    return {
+        "median": round(statistics.median(values), digits),
+        "p10": round(percentile(values, 0.10), digits),
+        "p90": round(percentile(values, 0.90), digits),
+        "min": round(min(values), digits),
+        "max": round(max(values), digits),
+        "n": len(values),
+    }
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on (versions read from package metadata: no torch import)."""
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
+    return {
+        "cpus": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": _version("torch"),
+        "grpcio": _version("grpcio"),
+        "protobuf": _version("protobuf"),
+        "diffusers": _version("diffusers"),
+        "load_average_at_start": [round(v, 2) for v in load],
+    }
+
+
+def object_image(side: int = 256, seed: int = 0, noisy: bool = False) -> Image.Image:
+    """An RGBA object: a disc on a transparent background, smooth shading or (``noisy``) random pixels.
+
+    Noise makes the preview backend's baked texture incompressible, which is how the transport benchmark
+    gets a large GLB out of the real TRELLIS service.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:side, 0:side]
+    inside = np.hypot(xx - side / 2, yy - side / 2) < side * 0.45
+    rgba = np.zeros((side, side, 4), np.uint8)
+    if noisy:
+        rgba[..., :3] = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+    else:
+        rgba[..., 0] = 200
+        rgba[..., 1] = (60 + 150 * xx / side).astype(np.uint8)
+        rgba[..., 2] = (60 + 150 * yy / side).astype(np.uint8)
+    rgba[..., 3] = np.where(inside, 255, 0)
+    return Image.fromarray(rgba, "RGBA")
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=3)
+    return buffer.getvalue()
+
+
+def wait_serving(target: str, service: str, timeout: float, process: ServiceProcess | None = None,
+                 poll_s: float = 0.05) -> float:
+    """Poll readiness until ``service`` at ``target`` is SERVING; returns the monotonic time it was seen."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.process.poll() is not None:
+            raise RuntimeError(f"{process.name} exited with {process.process.returncode}:\n{process.log_tail()}")
+        if health_status(target, service, timeout=0.5) == SERVING:
+            return time.monotonic()
+        time.sleep(poll_s)
+    tail = process.log_tail() if process is not None else ""
+    raise TimeoutError(f"{service} at {target} not SERVING after {timeout:.0f} s\n{tail}")
+
+
+@dataclass
+class Processes:
+    """Service processes started by one benchmark section; all stopped on exit."""
+
+    log_dir: Path
+
+    def __post_init__(self) -> None:
+        self.started: list[ServiceProcess] = []
+
+    def start(self, name: str, module: str, args: Sequence[str], *, port: int | None = None,
+              env: dict[str, str] | None = None) -> ServiceProcess:
+        process = start_service(name, module, args, self.log_dir, port=port, env=env)
+        self.started.append(process)
+        return process
+
+    def stop(self, process: ServiceProcess) -> None:
+        process.stop()
+        with contextlib.suppress(ValueError):
+            self.started.remove(process)
+
+    def close(self) -> None:
+        while self.started:
+            self.started.pop().stop()
+
+    def __enter__(self) -> Processes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def rss_kib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak) of a process, KiB."""
+    out: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0])
+    return out
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds of a process (``None``: this one, all its threads)."""
+    if pid is None:
+        return time.process_time()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK

@@ -1,0 +1,147 @@
+"""Experiments behind the tuning decisions in docs/benchmarks.md; not part of ``make bench``.
+
+    python -m bench.experiments malloc      # the gateway relaying a 48 MiB stream with and without its
+                                            #   malloc setting (tune_malloc), alternating in one run
+    python -m bench.experiments grpc-args   # HTTP/2 flow-control arguments (BDP, lookahead, frame size)
+                                            #   on a raw relay in the gateway's place
+    python -m bench.experiments loop        # latency of small calls while the gateway validates big images
+                                            #   (run it in another checkout to compare code versions)
+
+Each prints its rows and writes ``bench/results/experiment-<name>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import REPO, Processes, machine_info, object_image, png, summarize, wait_serving
+from bench.load import closed_loop
+from bench.transport import MIB, _row, measure
+from trellisbox.client import TrellisBoxClient, build_request
+from trellisbox.stack import GATEWAY_SERVICE, TRELLIS_SERVICE, free_port
+
+ARTIFACT_BYTES = 48 * MIB
+
+
+def _small_request() -> Any:
+    return build_request([png(object_image(64))], generation={"seed": 1})
+
+
+def malloc(procs: Processes, rounds: int, repeats: int) -> list[dict[str, Any]]:
+    rows = []
+    for _ in range(rounds):
+        for setting in ("default", "tuned"):
+            env = {"TRELLISBOX_MALLOC": "default"} if setting == "default" else {}
+            stub = procs.start("stub", "bench.stubs", ["--mode", "trellis", "--artifact-bytes", str(ARTIFACT_BYTES)])
+            wait_serving(stub.target, TRELLIS_SERVICE, 60, stub)
+            gateway = procs.start("gateway", "gateway", ["--refiner-target", stub.target,
+                                                         "--trellis-target", stub.target], env=env)
+            wait_serving(gateway.target, GATEWAY_SERVICE, 60, gateway)
+            timings, _ = measure(gateway.target, _small_request(), repeats,
+                                 {"trellis stub": stub.process.pid, "gateway": gateway.process.pid, "client": None})
+            procs.stop(gateway)
+            procs.stop(stub)
+            rows.append({"malloc": setting, **_row(timings)})
+            print(json.dumps(rows[-1]["cpu_ms_per_mib"]), setting, rows[-1]["mib_s"]["median"], flush=True)
+    return rows
+
+
+GRPC_ARGS: dict[str, list[tuple[str, int]]] = {
+    "defaults (BDP probing on)": [],
+    "BDP off, lookahead 1 MiB": [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", MIB)],
+    "BDP off, lookahead 4 MiB": [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 4 * MIB)],
+    "BDP off, lookahead 16 MiB": [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16 * MIB)],
+    "max frame 1 MiB": [("grpc.http2.max_frame_size", MIB)],
+}
+
+
+def grpc_args(procs: Processes, rounds: int, repeats: int) -> list[dict[str, Any]]:
+    stub = procs.start("stub", "bench.stubs", ["--mode", "trellis", "--artifact-bytes", str(ARTIFACT_BYTES)])
+    wait_serving(stub.target, TRELLIS_SERVICE, 60, stub)
+    rows = []
+    for _ in range(rounds):
+        for name, args in GRPC_ARGS.items():
+            relay = procs.start("relay", "bench.stubs", ["--mode", "relay", "--upstream", stub.target,
+                                                         "--grpc-args", json.dumps(args)], port=free_port())
+            wait_serving(relay.target, GATEWAY_SERVICE, 60, relay)
+            timings, _ = measure(relay.target, _small_request(), repeats,
+                                 {"trellis stub": stub.process.pid, "relay": relay.process.pid, "client": None})
+            procs.stop(relay)
+            rows.append({"grpc_args": name, **_row(timings)})
+            print(name, rows[-1]["mib_s"]["median"], json.dumps(rows[-1]["cpu_ms_per_mib"]), flush=True)
+    procs.stop(stub)
+    return rows
+
+
+def loop(procs: Processes, seconds: float, big_side: int = 2048) -> dict[str, Any]:
+    """Small 3D-only calls, one at a time, alone and while 2 clients keep sending big noisy PNGs."""
+    stub = procs.start("stub", "bench.stubs", ["--mode", "trellis", "--artifact-bytes", str(64 * 1024)])
+    wait_serving(stub.target, TRELLIS_SERVICE, 60, stub)
+    gateway = procs.start("gateway", "gateway", ["--refiner-target", stub.target, "--trellis-target", stub.target,
+                                                 "--max-concurrent", "16", "--max-queue", "64"])
+    wait_serving(gateway.target, GATEWAY_SERVICE, 60, gateway)
+    small = _small_request().SerializeToString()
+    big_png = png(object_image(big_side, seed=3, noisy=True))
+    big_request = build_request([big_png], generation={"seed": 1})
+    result: dict[str, Any] = {"big_image": f"{big_side}x{big_side} noisy RGBA PNG, {len(big_png) / MIB:.1f} MiB"}
+    def load(stop: threading.Event) -> None:
+        # The synchronous client in threads: grpc.aio wants one event loop per process.
+        with TrellisBoxClient(gateway.target, timeout=60) as client:
+            while not stop.is_set():  # bounded: stopped below
+                for _ in client.stream(big_request):
+                    pass
+
+    for label, background in (("alone", 0), ("with 2 clients sending big images", 2)):
+        stop = threading.Event()
+        threads = [threading.Thread(target=load, args=(stop,), daemon=True) for _ in range(background)]
+        for thread in threads:
+            thread.start()
+        if threads:
+            time.sleep(1.0)
+        run = closed_loop(gateway.target, small, 1, 0.0, seconds)
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+        latencies = sorted(run.latencies_s)
+        result[label] = {"calls": len(latencies), "latency_ms": summarize([x * 1000 for x in latencies], 1),
+                         "p99_ms": round(latencies[int(0.99 * (len(latencies) - 1))] * 1000, 1),
+                         "mean_ms": round(statistics.fmean(latencies) * 1000, 1)}
+        print(label, json.dumps(result[label]), flush=True)
+    procs.stop(gateway)
+    procs.stop(stub)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.experiments", description=__doc__.split("\n\n")[0])
+    parser.add_argument("name", choices=("malloc", "grpc-args", "loop"))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--log-dir", type=Path, default=Path("/tmp/trellisbox-bench-experiments"))
+    args = parser.parse_args(argv)
+    with Processes(args.log_dir) as procs:
+        if args.name == "malloc":
+            data: Any = malloc(procs, args.rounds, args.repeats)
+        elif args.name == "grpc-args":
+            data = grpc_args(procs, args.rounds, args.repeats)
+        else:
+            data = loop(procs, args.seconds)
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"experiment-{args.name}.json"
+    out.write_text(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "tree": str(REPO),
+                               "machine": machine_info(), "rows": data}, indent=2) + "\n")
+    print(f"written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Serving overhead: one request through gateway -> refiner -> TRELLIS service (real processes on loopback)
+against the same backends called in this process with the same image, parameters and seeds.
+
+Served: ``TrellisBoxClient.generate`` wall time, call to ``done`` (client-side reassembly included).
+In-process: decode the PNG once, ``SDXLBackend("tiny", "cpu").refine`` and ``PreviewBackend.generate``,
+the objects the services run, with the refined PIL image handed over directly. Served and in-process
+runs alternate, so each pair sees the same machine load; the ratio and the added milliseconds are
+medians of the per-pair values. Both paths must return byte-identical GLBs (checked).
+
+torch runs one intra-op thread on both sides (``OMP_NUM_THREADS=1`` in the services, ``set_num_threads(1)``
+here): on a shared 2-core host two OpenMP threads spin-wait on a core someone else holds, and the tiny
+refiner's time then swings from 0.3 s to 20 s between identical calls, which would drown the overhead.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from bench.common import object_image, png, summarize
+from trellisbox.client import TrellisBoxClient
+from trellisbox.imaging import decode_image
+from trellisbox.params import GenerationParams, RefineParams
+from trellisbox.v1 import common_pb2
+from trellisbox.worker import JobContext
+
+IMAGE_SIDE = 256
+REFINE = {"seed": 1}  # service defaults otherwise: strength 0.3, 20 steps (6 UNet steps), guidance 7.5
+GENERATION = {"seed": 1}  # preview defaults otherwise: simplify 0.95, texture 1024
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+class InProcess:
+    """The refiner and TRELLIS backends the services run, built and warmed up in this process."""
+
+    def __init__(self) -> None:
+        import torch
+
+        from refiner_service.backends.sdxl import SDXLBackend
+
+        torch.set_num_threads(1)
+        from trellis_service.backends.preview import PreviewBackend
+
+        self.refiner = SDXLBackend("tiny", "cpu")
+        self.refiner.show_progress_bars = False
+        self.refiner.load()
+        self.preview = PreviewBackend()
+        self.preview.load()
+        self.ctx = JobContext("bench", None, lambda _event: None)
+
+    def run(self, data: bytes, refine: bool) -> tuple[bytes, dict[str, float]]:
+        """The GLB and the seconds spent refining (decode included) and generating."""
+        t0 = time.perf_counter()
+        images = [decode_image(data)]
+        if refine:
+            params = RefineParams(**REFINE)  # type: ignore[arg-type]
+            images = self.refiner.refine(images, params, [REFINE["seed"]], self.ctx)
+        t1 = time.perf_counter()
+        result = self.preview.generate(images, GenerationParams(**GENERATION),  # type: ignore[arg-type]
+                                       {common_pb2.ARTIFACT_KIND_GLB}, self.ctx)
+        t2 = time.perf_counter()
+        return result.artifacts[0].data, {"REFINE": t1 - t0, "3D": t2 - t1}
+
+
+def run(gateway_target: str, quick: bool, repeats: int) -> dict[str, Any]:
+    data = png(object_image(IMAGE_SIDE))
+    local = InProcess()
+    cases: dict[str, dict[str, Any]] = {}
+    with TrellisBoxClient(gateway_target, timeout=300) as client:
+        for name, refine in (("refine_and_3d", True), ("3d_only", False)):
+            options: dict[str, Any] = {"refine": refine, "generation": GENERATION, "formats": ["glb"]}
+            if refine:
+                options["refine_params"] = REFINE
+            served_s, local_s = [], []
+            # Where the added time goes: the gateway's refine stage (a whole refiner call, as the gateway
+            # sees it) against the in-process refine, and the TRELLIS service's own stage times against
+            # the in-process generate; the rest is the gateway, the trellis hop and the client.
+            refine_hop_ms, trellis_compute_ms = [], []
+            identical = True
+            for i in range(repeats + 1):  # the first pair warms both paths up and is not counted
+                t0 = time.perf_counter()
+                result = client.generate([data], **options)
+                t1 = time.perf_counter()
+                glb, stages = local.run(data, refine)
+                t2 = time.perf_counter()
+                identical &= result.glb == glb
+                if i > 0:
+                    served_s.append(t1 - t0)
+                    local_s.append(t2 - t1)
+                    if refine:
+                        refine_hop_ms.append((result.timings.get("REFINE", 0.0) - stages["REFINE"]) * 1000)
+                    generated = sum(v for k, v in result.timings.items() if k not in ("QUEUED", "REFINE"))
+                    trellis_compute_ms.append((generated - stages["3D"]) * 1000)
+            added_ms = [(s - loc) * 1000 for s, loc in zip(served_s, local_s, strict=True)]
+            ratios = [s / loc for s, loc in zip(served_s, local_s, strict=True)]
+            cases[name] = {
+                "served_ms": summarize([s * 1000 for s in served_s], 1),
+                "in_process_ms": summarize([s * 1000 for s in local_s], 1),
+                "added_ms": summarize(added_ms, 1),
+                "ratio": summarize(ratios, 3),
+                "breakdown_added_ms": {
+                    "refiner call vs in-process refine": summarize(refine_hop_ms, 1) if refine_hop_ms else None,
+                    "trellis stage times vs in-process generate": summarize(trellis_compute_ms, 1),
+                },
+                "identical_glb": identical,
+                "glb_bytes": len(glb),
+            }
+    return {
+        "method": "alternating served / in-process pairs; medians of per-pair ratio and difference",
+        "image": f"{IMAGE_SIDE}x{IMAGE_SIDE} RGBA PNG ({len(data)} bytes)",
+        "refiner": "sdxl --model tiny --device cpu (random weights), 20 steps x strength 0.3 = 6 UNet steps",
+        "trellis": "preview, simplify 0.95, texture 1024",
+        "repeats": repeats,
+        "cases": cases,
+    }

@@ -1,0 +1,153 @@
+"""Stand-in servers for the benchmarks, run as processes: ``python -m bench.stubs --mode trellis|bare``.
+
+``trellis``: a TrellisService that returns a fixed artifact of ``--artifact-bytes`` at once, through the
+    project's own server bootstrap and ``Artifact.chunks`` (what the real servicer does after its model
+    ran). Used where the real preview backend's CPU time would be what is measured instead of the
+    gateway (refiner scaling, gateway memory).
+``bare``: the transport baseline. A plain ``grpc.aio.server()`` with default options that serves
+    ``GatewayService/Generate`` by writing the bytes of ``--file`` as pre-encoded ``GenerateResponse``
+    chunk messages, ``--chunk-bytes`` each: no validation, no stage, no protobuf work per request.
+``relay``: the least a relay can do: ``GatewayService/Generate`` forwards ``--upstream``'s
+    ``TrellisService/ImageTo3D`` messages as raw bytes, with ``--grpc-args`` (JSON list of [name, value])
+    on both its channel and its server. Experiments use it to vary transport arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
+
+from trellisbox.artifacts import Artifact
+from trellisbox.config import ServiceSettings
+from trellisbox.server import ServiceSpec, serve
+from trellisbox.stack import GATEWAY_SERVICE, TRELLIS_SERVICE
+from trellisbox.v1 import common_pb2, gateway_pb2, trellis_pb2, trellis_pb2_grpc
+
+
+def _payload(size: int) -> bytes:
+    """Deterministic, incompressible bytes (a GLB with a noisy texture compresses about as badly)."""
+    out = bytearray()
+    counter = 0
+    while len(out) < size:
+        out += hashlib.sha256(counter.to_bytes(8, "little")).digest() * 64
+        counter += 1
+    return bytes(out[:size])
+
+
+class StubTrellis(trellis_pb2_grpc.TrellisServiceServicer):
+    def __init__(self, artifact_bytes: int, chunk_bytes: int) -> None:
+        self._artifact = Artifact(common_pb2.ARTIFACT_KIND_GLB, _payload(artifact_bytes))
+        self._chunk_bytes = chunk_bytes
+
+    async def ImageTo3D(self, request: trellis_pb2.ImageTo3DRequest,
+                        context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[trellis_pb2.ImageTo3DResponse]:
+        yield trellis_pb2.ImageTo3DResponse(progress=common_pb2.Progress(stage=common_pb2.STAGE_EXPORT, step=1,
+                                                                         total=1, message="stub"))
+        for chunk in self._artifact.chunks(self._chunk_bytes):
+            yield trellis_pb2.ImageTo3DResponse(chunk=chunk)
+        yield trellis_pb2.ImageTo3DResponse(done=trellis_pb2.ImageTo3DDone(seed=0, backend="stub", device="none"))
+
+
+def serve_trellis(host: str, port: int, artifact_bytes: int, chunk_bytes: int) -> None:
+    settings = ServiceSettings(host=host, port=port, max_queue=1024, grace_s=0.5)
+    servicer = StubTrellis(artifact_bytes, chunk_bytes)
+
+    def register(server: grpc.aio.Server) -> None:
+        trellis_pb2_grpc.add_TrellisServiceServicer_to_server(servicer, server)
+
+    asyncio.run(serve(settings, ServiceSpec(name=TRELLIS_SERVICE, register=register)))
+
+
+def gateway_malloc() -> str:
+    """The gateway's allocator settings (``trellisbox.server.tune_malloc``), where this tree has them."""
+    try:
+        from trellisbox.server import tune_malloc
+    except ImportError:  # a tree from before the tuning: glibc's defaults, like its gateway
+        return "malloc: default"
+    return tune_malloc()
+
+
+async def _serve_bare(host: str, port: int, files: list[Path], chunk_bytes: int) -> None:
+    kinds = (common_pb2.ARTIFACT_KIND_GLB, common_pb2.ARTIFACT_KIND_GAUSSIAN_PLY)
+    frames = [
+        gateway_pb2.GenerateResponse(chunk=chunk).SerializeToString()
+        for kind, path in zip(kinds, files, strict=False)
+        for chunk in Artifact(kind, path.read_bytes()).chunks(chunk_bytes)
+    ]
+    frames.append(gateway_pb2.GenerateResponse(done=gateway_pb2.GenerateDone(request_id="bare")).SerializeToString())
+
+    async def generate(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
+        for frame in frames:
+            yield frame
+
+    handler = grpc.method_handlers_generic_handler(GATEWAY_SERVICE, {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            generate, request_deserializer=lambda b: b, response_serializer=lambda b: b),
+    })
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    await health.set(GATEWAY_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    await server.wait_for_termination()
+
+
+async def _serve_relay(host: str, port: int, upstream: str, grpc_args: list[tuple[str, Any]]) -> None:
+    channel = grpc.aio.insecure_channel(upstream, options=grpc_args)
+    image_to_3d = channel.unary_stream(f"/{TRELLIS_SERVICE}/ImageTo3D", request_serializer=lambda b: b,
+                                       response_deserializer=lambda b: b)
+
+    async def generate(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
+        async for message in image_to_3d(b"", timeout=120):
+            yield message
+
+    handler = grpc.method_handlers_generic_handler(GATEWAY_SERVICE, {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            generate, request_deserializer=lambda b: b, response_serializer=lambda b: b),
+    })
+    server = grpc.aio.server(options=grpc_args)
+    server.add_generic_rpc_handlers((handler,))
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    await health.set(GATEWAY_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    await server.wait_for_termination()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--mode", choices=("trellis", "bare", "relay"), required=True)
+    parser.add_argument("--upstream", help="relay: the TrellisService target")
+    parser.add_argument("--grpc-args", default="[]", help="relay: JSON list of [name, value] channel arguments")
+    parser.add_argument("--artifact-bytes", type=int, default=8 * 2**20)
+    parser.add_argument("--chunk-bytes", type=int, default=2**20)
+    parser.add_argument("--file", type=Path, nargs="+", help="bare: GLB (and PLY) whose bytes it streams")
+    args = parser.parse_args()
+    if args.mode == "relay":
+        gateway_malloc()  # it stands in for the gateway
+        asyncio.run(_serve_relay(args.host, args.port, args.upstream,
+                                 [(name, value) for name, value in json.loads(args.grpc_args)]))
+    elif args.mode == "trellis":
+        serve_trellis(args.host, args.port, args.artifact_bytes, args.chunk_bytes)
+    else:
+        if args.file is None:
+            parser.error("--mode bare needs --file")
+        asyncio.run(_serve_bare(args.host, args.port, args.file, args.chunk_bytes))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Artifact transport: MiB/s of a large artifact from the TRELLIS service through the gateway to a client,
+against a bare grpcio server streaming the same bytes in the same chunks, in the same run.
+
+Only the streaming phase is timed, at the client: from the arrival of the first artifact chunk to the
+arrival of the last one. The TRELLIS servicer starts streaming only after its model job has finished,
+so generation time is not in the window; what is in it is the trellis servicer chunking, both gRPC
+hops, the gateway's relay and the client's reassembly (parse, order and size checks, SHA-256). The
+client code is the same for both rows (``TrellisBoxClient.stream`` + ``collect``).
+
+Throughput on a shared 2-core machine moves with other people's load, so each row also gives the CPU
+time every process spent per MiB streamed (``/proc/<pid>/stat``, read when the first chunk arrives and
+after the last): the cost of the code path, which load barely moves.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.common import Processes, cpu_seconds, object_image, png, summarize, wait_serving
+from trellisbox.client import TrellisBoxClient, build_request
+from trellisbox.stack import GATEWAY_SERVICE, TRELLIS_SERVICE, LocalStack, free_port
+from trellisbox.v1 import gateway_pb2
+
+MIB = 2**20
+
+
+@dataclass
+class StreamTiming:
+    total_bytes: int  # artifact bytes received
+    window_bytes: int  # bytes received after the first chunk (the timed part)
+    window_s: float  # first chunk -> last chunk
+    request_s: float  # call start -> done
+    cpu_s: dict[str, float]  # CPU seconds per process between the first chunk and the end of the call
+
+    @property
+    def mib_s(self) -> float:
+        return self.window_bytes / MIB / self.window_s if self.window_s > 0 else float("nan")
+
+
+def _cpu(pids: dict[str, int | None]) -> dict[str, float]:
+    return {name: cpu_seconds(pid) for name, pid in pids.items()}
+
+
+def timed_stream(client: TrellisBoxClient, request: gateway_pb2.GenerateRequest,
+                 pids: dict[str, int | None]) -> tuple[StreamTiming, Any]:
+    """Run one Generate call, timing the chunk phase; returns the timing and the collected result.
+
+    Chunk sizes come from the artifacts' offsets, not from reading ``chunk.data`` (which would copy it).
+    ``pids`` names the processes whose CPU time is taken (None: this one, the client).
+    """
+    arrivals: list[tuple[float, int, int, int]] = []  # (time, kind, index, offset)
+    cpu_start: dict[str, float] = {}
+
+    def watch(responses: Iterator[gateway_pb2.GenerateResponse]) -> Iterator[gateway_pb2.GenerateResponse]:
+        for response in responses:
+            if response.WhichOneof("event") == "chunk":
+                chunk = response.chunk
+                arrivals.append((time.perf_counter(), chunk.kind, chunk.index, chunk.offset))
+                if not cpu_start:
+                    cpu_start.update(_cpu(pids))
+            yield response
+
+    started = time.perf_counter()
+    result = client.collect(watch(client.stream(request)))
+    elapsed = time.perf_counter() - started
+    cpu_end = _cpu(pids)
+    if not arrivals:
+        raise RuntimeError("the call returned no artifact chunk")
+    sizes = {(a.kind, a.index): len(a.data) for a in result.artifacts}
+    total = sum(sizes.values())
+    _, kind, index, _ = arrivals[0]
+    later = [offset for _, k, i, offset in arrivals[1:] if (k, i) == (kind, index)]
+    first = later[0] if later else sizes[(kind, index)]
+    cpu = {name: cpu_end[name] - cpu_start[name] for name in pids}
+    timing = StreamTiming(total, total - first, arrivals[-1][0] - arrivals[0][0], elapsed, cpu)
+    return timing, result
+
+
+def big_request(quick: bool) -> gateway_pb2.GenerateRequest:
+    """Preview settings that make a large GLB (+ PLY): full-resolution mesh, 4096² texture of noise."""
+    side, texture = (512, 2048) if quick else (1024, 4096)
+    return build_request([png(object_image(side, seed=7, noisy=True))],
+                         generation={"seed": 1, "mesh_simplify": 0.0, "texture_size": texture},
+                         formats=["glb", "ply"])
+
+
+def measure(target: str, request: gateway_pb2.GenerateRequest, repeats: int, pids: dict[str, int | None],
+            warmup: int = 1) -> tuple[list[StreamTiming], Any]:
+    timings: list[StreamTiming] = []
+    result = None
+    with TrellisBoxClient(target, timeout=600, max_message_bytes=64 * MIB) as client:
+        for i in range(warmup + repeats):
+            timing, result = timed_stream(client, request, pids)
+            if i >= warmup:
+                timings.append(timing)
+    return timings, result
+
+
+def bare_rate(procs: Processes, files: list[Path], chunk_bytes: int, repeats: int) -> list[StreamTiming]:
+    port = free_port()
+    bare = procs.start("bare", "bench.stubs", ["--mode", "bare", "--chunk-bytes", str(chunk_bytes),
+                                                "--file", *map(str, files)], port=port)
+    try:
+        wait_serving(bare.target, GATEWAY_SERVICE, 60, bare)
+        timings, _ = measure(bare.target, gateway_pb2.GenerateRequest(), repeats,
+                             {"bare server": bare.process.pid, "client": None})
+        return timings
+    finally:
+        procs.stop(bare)
+
+
+def _row(timings: list[StreamTiming]) -> dict[str, Any]:
+    mib = sum(t.total_bytes for t in timings) / MIB
+    return {
+        "mib_s": summarize([t.mib_s for t in timings], 1),
+        "stream_s": summarize([t.window_s for t in timings], 4),
+        "artifact_mib": round(timings[0].total_bytes / MIB, 2),
+        "cpu_ms_per_mib": {name: round(sum(t.cpu_s[name] for t in timings) * 1000 / mib, 2)
+                           for name in timings[0].cpu_s},
+    }
+
+
+def run(stack: LocalStack, procs: Processes, quick: bool, repeats: int) -> dict[str, Any]:
+    """Headline: the real TRELLIS service (preview) through the real gateway vs a bare grpcio stream."""
+    request = big_request(quick)
+    pids: dict[str, int | None] = {"trellis": stack.processes["trellis"].process.pid,
+                                   "gateway": stack.processes["gateway"].process.pid, "client": None}
+    served, result = measure(stack.gateway_target, request, repeats, pids)
+    with tempfile.TemporaryDirectory(prefix="bench-transport-") as tmp:
+        files = []
+        for artifact in result.artifacts:
+            path = Path(tmp) / f"{artifact.kind_name}.bin"
+            path.write_bytes(artifact.data)
+            files.append(path)
+        bare = bare_rate(procs, files, 2**20, max(repeats, 5))
+    served_row, bare_row = _row(served), _row(bare)
+    ratio = served_row["mib_s"]["median"] / bare_row["mib_s"]["median"]
+    return {
+        "method": "client-side first chunk -> last chunk; bytes after the first chunk / that time",
+        "artifacts": [{"kind": a.kind_name, "bytes": len(a.data)} for a in result.artifacts],
+        "chunk_bytes": 2**20,
+        "served": served_row,
+        "bare": bare_row,
+        "ratio_to_bare": round(ratio, 3),
+    }
+
+
+def run_chunk_sweep(procs: Processes, gateway_args: list[str], sizes: list[int], artifact_bytes: int,
+                    repeats: int) -> list[dict[str, Any]]:
+    """Chunk size sweep with the stub TRELLIS (no generation between calls), gateway in between, vs bare."""
+    rows = []
+    request = build_request([png(object_image(64))], generation={"seed": 1})
+    with tempfile.TemporaryDirectory(prefix="bench-chunks-") as tmp:
+        payload_path = Path(tmp) / "payload.bin"
+        for chunk in sizes:
+            stub = procs.start(f"stub-trellis-{chunk}", "bench.stubs",
+                               ["--mode", "trellis", "--artifact-bytes", str(artifact_bytes),
+                                "--chunk-bytes", str(chunk)])
+            wait_serving(stub.target, TRELLIS_SERVICE, 60, stub)
+            gateway = procs.start(f"gateway-chunks-{chunk}", "gateway",
+                                  ["--refiner-target", stub.target, "--trellis-target", stub.target, *gateway_args])
+            wait_serving(gateway.target, GATEWAY_SERVICE, 60, gateway)
+            served, result = measure(gateway.target, request, repeats,
+                                     {"trellis stub": stub.process.pid, "gateway": gateway.process.pid,
+                                      "client": None})
+            procs.stop(gateway)
+            procs.stop(stub)
+            payload_path.write_bytes(result.artifacts[0].data)
+            bare = bare_rate(procs, [payload_path], chunk, repeats)
+            served_row, bare_row = _row(served), _row(bare)
+            rows.append({"chunk_bytes": chunk, "served": served_row, "bare": bare_row,
+                         "ratio_to_bare": round(served_row["mib_s"]["median"] / bare_row["mib_s"]["median"], 3)})
+    return rows
