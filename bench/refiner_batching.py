@@ -274,15 +274,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    threads = args.threads or (1 if args.quick else None)
-    if threads:
-        torch.set_num_threads(threads)
+    from bench.refiner_gpu import select_device
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        device = f"cuda:{torch.cuda.current_device()}"
+    device = select_device(args.device, args.threads, args.quick)
     cuda = device.startswith("cuda")
     size = args.size or (1024 if cuda else 128 if args.quick else 256)
     repeats = args.repeats or (1 if args.quick else 7)

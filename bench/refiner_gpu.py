@@ -424,6 +424,20 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def select_device(requested: str, threads: int | None, quick: bool) -> str:
+    """The concrete torch device for ``requested`` (auto|cpu|cuda|cuda:N), with the CPU thread count set."""
+    import torch
+
+    threads = threads or (1 if quick else None)
+    if threads:
+        torch.set_num_threads(threads)
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        requested = f"cuda:{torch.cuda.current_device()}"
+    return requested
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.refiner_gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: smallest size, one repeat")
@@ -442,17 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
-    import torch
 
-    threads = args.threads or (1 if args.quick else None)
-    if threads:
-        torch.set_num_threads(threads)
-
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        device = f"cuda:{torch.cuda.current_device()}"
+    device = select_device(args.device, args.threads, args.quick)
     cuda = device.startswith("cuda")
     scale = args.scale if args.scale is not None else (1.0 if cuda else 0.0625 if args.quick else 0.125)
     size = args.size or (1024 if cuda else 128 if args.quick else 256)
