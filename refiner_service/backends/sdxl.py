@@ -44,6 +44,17 @@ class _DropEmptyFp32Warning(logging.Filter):
 logging.getLogger("diffusers.models.modeling_utils").addFilter(_DropEmptyFp32Warning())
 
 
+def _sampling_args(params: RefineParams) -> dict[str, Any]:
+    """The pipeline arguments a batch must agree on (prompts, images and generators are per image)."""
+    return {
+        "strength": params.strength,
+        "guidance_scale": params.guidance_scale,
+        "num_inference_steps": params.num_inference_steps,
+        "aesthetic_score": params.aesthetic_score,
+        "negative_aesthetic_score": params.negative_aesthetic_score,
+    }
+
+
 def effective_steps(params: RefineParams) -> int:
     """UNet steps img2img runs: ``int(num_inference_steps * strength)`` (as diffusers computes it)."""
     return min(int(params.num_inference_steps * params.strength), params.num_inference_steps)
@@ -207,8 +218,7 @@ class SDXLBackend(RefinerBackend):
         sizes = {(w - w % factor, h - h % factor) for w, h in (image.size for image in images)}
         if len(sizes) != 1:
             return None  # one pipeline call resizes every image to the first one's size: never mix sizes
-        return (sizes.pop(), params.num_inference_steps, params.strength, params.guidance_scale,
-                params.aesthetic_score, params.negative_aesthetic_score)
+        return sizes.pop(), tuple(_sampling_args(params).items())
 
     def refine_batch(self, members: Sequence[BatchMember]) -> list[MemberOutcome]:
         """One pipeline call for every image of every member (prompts, negative prompts and seeds per image).
@@ -280,11 +290,7 @@ class SDXLBackend(RefinerBackend):
                 prompt=prompts,
                 negative_prompt=negatives,
                 image=rgbs,
-                strength=params.strength,
-                guidance_scale=params.guidance_scale,
-                num_inference_steps=params.num_inference_steps,
-                aesthetic_score=params.aesthetic_score,
-                negative_aesthetic_score=params.negative_aesthetic_score,
+                **_sampling_args(params),
                 generator=generators,
                 callback_on_step_end=on_step_end,
             )
@@ -332,11 +338,7 @@ class SDXLBackend(RefinerBackend):
                 prompt=params.prompt,
                 negative_prompt=params.negative_prompt,
                 image=rgb,
-                strength=params.strength,
-                guidance_scale=params.guidance_scale,
-                num_inference_steps=params.num_inference_steps,
-                aesthetic_score=params.aesthetic_score,
-                negative_aesthetic_score=params.negative_aesthetic_score,
+                **_sampling_args(params),
                 generator=torch.Generator(device="cpu").manual_seed(seed),
                 callback_on_step_end=on_step_end,
             )
