@@ -67,7 +67,7 @@ bench: install
 
 lint: install
 	$(PY) -m ruff check .
-	$(PY) -m mypy trellisbox refiner_service trellis_service gateway
+	$(PY) -m mypy trellisbox refiner_service trellis_service gateway bench tools
 
 clean:
 	rm -rf out build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -22,18 +22,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 from bench import coldstart, memory, overhead, scaling, transport
-from bench.common import REPO, Processes, machine_info
+from bench.common import REPO, Processes, machine_info, write_json
 from bench.report import write_docs
 from trellisbox.stack import LocalStack
 
 SECTIONS = ("overhead", "transport", "scaling", "coldstart", "memory")
-
-
-def _write(out: Path, name: str, data: dict[str, Any]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{name}.json.tmp"
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(out / f"{name}.json")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     results["elapsed_s"] = round(time.monotonic() - started, 1)
     for name in SECTIONS:
         if name in results:
-            _write(args.out, name, {"when": results["when"], "quick": quick, "machine": results["machine"],
-                                    **results[name]})
+            write_json(args.out / f"{name}.json",
+                       {"when": results["when"], "quick": quick, "machine": results["machine"], **results[name]})
     lease = args.out / "lease.json"
     if lease.exists():
         results["lease"] = json.loads(lease.read_text())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import io
+import json
 import os
 import platform
 import statistics
@@ -62,9 +63,21 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where the OS has none): how busy the shared host was."""
+    return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write a result file whole or not at all (a run stopped midway leaves the previous file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def machine_info() -> dict[str, Any]:
     """What the numbers were measured on (versions read from package metadata: no torch import)."""
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
     return {
         "cpus": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
@@ -75,7 +88,7 @@ def machine_info() -> dict[str, Any]:
         "grpcio": _version("grpcio"),
         "protobuf": _version("protobuf"),
         "diffusers": _version("diffusers"),
-        "load_average_at_start": [round(v, 2) for v in load],
+        "load_average_at_start": load_average() or [0.0, 0.0, 0.0],
     }
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -31,14 +30,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
+from bench.common import percentile, write_json  # noqa: E402
 from trellisbox.lease import FlockLease, GpuTurns, LeaseRecorder, read_records  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "lease.json"
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
 # -- 1. hand-off latency ----------------------------------------------------------------------------
@@ -85,8 +80,8 @@ def bench_handoff(rounds: int) -> dict[str, Any]:
         raise RuntimeError("no hand-offs were recorded")
     return {
         "backend": "flock", "processes": 2, "handoffs": len(latencies),
-        "p50_ms": round(_percentile(latencies, 0.50) * 1000, 4),
-        "p99_ms": round(_percentile(latencies, 0.99) * 1000, 4),
+        "p50_ms": round(percentile(latencies, 0.50) * 1000, 4),
+        "p99_ms": round(percentile(latencies, 0.99) * 1000, 4),
         "max_ms": round(max(latencies) * 1000, 4),
         "mean_ms": round(sum(latencies) / len(latencies) * 1000, 4),
     }
@@ -164,10 +159,7 @@ def main() -> int:
                     "cpus": os.cpu_count()},
         "handoff": handoff, "swaps": swaps, "elapsed_s": round(time.monotonic() - started, 2),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(args.out)
+    write_json(args.out, result)
 
     print(f"## GPU lease benchmark ({result['machine']['cpus']} CPUs, {result['machine']['platform']})\n")
     print("| hand-off (flock, 2 processes) | hand-offs | p50 | p99 | max |")

@@ -19,9 +19,7 @@ prints a Markdown table.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
@@ -41,6 +39,18 @@ if str(REPO) not in sys.path:
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from bench.common import load_average, summarize  # noqa: E402
+from bench.refiner_gpu import (  # noqa: E402
+    build_components,
+    device_info,
+    image_size,
+    make_pipeline,
+    publish,
+    refiner_bench_parser,
+    select_device,
+    set_attention,
+    sync,
+)
 from refiner_service.backends.base import BatchMember  # noqa: E402
 from refiner_service.backends.sdxl import SDXLBackend  # noqa: E402
 from trellisbox.params import RefineParams  # noqa: E402
@@ -61,15 +71,6 @@ def test_image(size: int, seed: int) -> Image.Image:
     rgb[disc] = (220, 90 + 80 * phase[0], 60)
     rgb += rng.normal(0, 2.0, rgb.shape)
     return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
-
-
-def summary(values: Sequence[float]) -> dict[str, Any]:
-    return {"median": round(statistics.median(values), 4), "min": round(min(values), 4),
-            "max": round(max(values), 4), "n": len(values)}
-
-
-def load_average() -> list[float] | None:
-    return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 class Workload:
@@ -98,13 +99,6 @@ def call(backend: SDXLBackend, work: Workload, batch: int) -> list[Image.Image]:
     return images
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize(device)
-
-
 def measure_calls(backend: SDXLBackend, work: Workload, batches: list[int], repeats: int,
                   device: str) -> tuple[list[dict[str, Any]], dict[int, list[Image.Image]]]:
     outputs = {b: call(backend, work, b) for b in batches}  # warm-up, and the pictures for the tolerance
@@ -129,7 +123,7 @@ def measure_calls(backend: SDXLBackend, work: Workload, batches: list[int], repe
     for b in batches:
         per_call = statistics.median(times[b])
         rate = b / per_call
-        row = {"batch": b, "seconds_per_call": summary(times[b]), "images_per_s": round(rate, 3),
+        row = {"batch": b, "seconds_per_call": summarize(times[b]), "images_per_s": round(rate, 3),
                "seconds_per_image": round(per_call / b, 4), "speedup_vs_first": round(rate / base, 3)}
         if cuda:
             row["peak_vram_mib"] = round(peak[b] / 2**20, 1)
@@ -218,8 +212,6 @@ def make_backend(device: str) -> tuple[SDXLBackend, str]:
         return backend, "tiny random-weight SDXL refiner (refiner_service.tiny), fp32, attention slicing"
     import torch
 
-    from bench.refiner_gpu import build_components, make_pipeline, set_attention
-
     components = build_components(1.0, device=device)
     for name in ("unet", "text_encoder_2", "vae"):
         components[name].to(dtype=torch.float16)
@@ -232,7 +224,7 @@ def make_backend(device: str) -> tuple[SDXLBackend, str]:
 def markdown(result: dict[str, Any]) -> str:
     cfg = result["config"]
     lines = [
-        f"{result['model']} on {result['machine']['device_name']} ({result['machine']['torch_threads']} threads), "
+        f"{result['model']} on {result['machine']['device_name']} ({result['machine']['cpu_threads']} threads), "
         f"{cfg['size']}×{cfg['size']}, {cfg['steps']} steps × strength {cfg['strength']}",
         "",
         "| batch | s / call (median) | s / image | images/s | speedup | peak VRAM MiB |",
@@ -256,41 +248,20 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.refiner_batching", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke test: small images, one repeat")
-    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
-    parser.add_argument("--size", type=int, default=None, help="image edge (default 1024 on CUDA, 256 / 128 on a CPU)")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--strength", type=float, default=0.3)
+    parser = refiner_bench_parser("python -m bench.refiner_batching", __doc__ or "", RESULTS,
+                                  "timed rounds (default 7, 1 with --quick)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7, 1 with --quick)")
     parser.add_argument("--requests", type=int, default=None,
                         help="concurrent requests of the service-path run (default 8, 4 with --quick; 0 skips it)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice; 1 with --quick, where a busy shared "
-                             "host makes multi-threaded CPU kernels spin)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
-    import torch
-
-    from bench.refiner_gpu import select_device
-
     device = select_device(args.device, args.threads, args.quick)
-    cuda = device.startswith("cuda")
-    size = args.size or (1024 if cuda else 128 if args.quick else 256)
+    size = image_size(args, device)
     repeats = args.repeats or (1 if args.quick else 7)
     requests = args.requests if args.requests is not None else (4 if args.quick else 8)
     batches = sorted(set(args.batches))
     started = time.monotonic()
-    machine: dict[str, Any] = {"device": device, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                               "cpus": os.cpu_count(), "load_average_at_start": load_average()}
-    if cuda:
-        machine["device_name"] = torch.cuda.get_device_name(device)
-    else:
-        from bench.refiner_gpu import _cpu_name
-
-        machine["device_name"] = _cpu_name()
+    machine = device_info(device)
     print(f"loading the refiner on {device} ...", flush=True)
     backend, model = make_backend(device)
     work = Workload(size, max(max(batches), 8), args.steps, args.strength)
@@ -312,12 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed_s": round(time.monotonic() - started, 1),
     }
     backend.unload()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(args.out)
-    print(markdown(result))
-    print(f"\nwrote {args.out} in {result['elapsed_s']} s")
+    publish(result, args.out, markdown(result))
     return 0
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import os
 import platform
 import statistics
@@ -42,6 +41,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # python bench/refiner_gpu.py works too
     sys.path.insert(0, str(REPO))
+
+from bench.common import cpu_model, load_average, summarize, write_json  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "refiner_gpu.json"
 
@@ -219,10 +220,11 @@ def set_attention(pipe: Any, attention: str) -> None:
     pipe.vae.set_attn_processor(processor())
 
 
-def _sync(device: str) -> None:
-    import torch
-
+def sync(device: str) -> None:
+    """Wait for queued CUDA work, so a timer stops when the work is done (a no-op on a CPU)."""
     if device.startswith("cuda"):
+        import torch
+
         torch.cuda.synchronize(device)
 
 
@@ -232,11 +234,6 @@ def _free(device: str) -> None:
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-
-
-def _summary(values: list[float]) -> dict[str, Any]:
-    return {"median": round(statistics.median(values), 4), "min": round(min(values), 4),
-            "max": round(max(values), 4), "n": len(values)}
 
 
 def _mib(value: int) -> float:
@@ -300,12 +297,12 @@ def measure_variant(master: dict[str, Any], variant: Variant, device: str, size:
             pipe.unet.to(memory_format=torch.channels_last)
         if variant.compile:
             pipe.unet = torch.compile(components["unet"])
-        _sync(device)
+        sync(device)
         if cuda:
             record["resident_mib"] = _mib(torch.cuda.memory_allocated(device))
         started = time.perf_counter()
         refine_call(pipe, size, steps, strength)  # warm-up: kernels, allocator, compilation
-        _sync(device)
+        sync(device)
         record["first_call_s"] = round(time.perf_counter() - started, 3)
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
@@ -313,9 +310,9 @@ def measure_variant(master: dict[str, Any], variant: Variant, device: str, size:
         for i in range(repeats):
             started = time.perf_counter()
             refine_call(pipe, size, steps, strength, seed=i + 1)
-            _sync(device)
+            sync(device)
             times.append(time.perf_counter() - started)
-        record["seconds_per_image"] = _summary(times)
+        record["seconds_per_image"] = summarize(times)
         if cuda:
             record["peak_vram_mib"] = _mib(torch.cuda.max_memory_allocated(device))
             record["peak_reserved_mib"] = _mib(torch.cuda.max_memory_reserved(device))
@@ -346,16 +343,16 @@ def measure_moves(master: dict[str, Any], device: str, repeats: int) -> dict[str
         for _ in range(repeats):
             started = time.perf_counter()
             backend.to_gpu()
-            _sync(device)
+            sync(device)
             to_gpu.append(time.perf_counter() - started)
             resident = torch.cuda.memory_allocated(device)
             started = time.perf_counter()
             backend.to_host()
-            _sync(device)
+            sync(device)
             to_host.append(time.perf_counter() - started)
         weights = sum(p.numel() * p.element_size() for n in ("unet", "text_encoder_2", "vae")
                       for p in components[n].parameters())
-        return {"host_to_gpu_s": _summary(to_gpu), "gpu_to_host_s": _summary(to_host),
+        return {"host_to_gpu_s": summarize(to_gpu), "gpu_to_host_s": summarize(to_host),
                 "weights_mib": _mib(weights), "resident_mib": _mib(resident),
                 "host_to_gpu_gib_per_s": round(weights / 2**30 / statistics.median(to_gpu), 2)}
     finally:
@@ -371,7 +368,8 @@ def device_info(device: str) -> dict[str, Any]:
     import torch
 
     info: dict[str, Any] = {"device": device, "torch": torch.__version__, "python": platform.python_version(),
-                            "cpu_threads": torch.get_num_threads(), "platform": platform.platform()}
+                            "cpus": os.cpu_count(), "cpu_threads": torch.get_num_threads(),
+                            "platform": platform.platform()}
     with contextlib.suppress(ImportError):
         import diffusers
 
@@ -380,21 +378,9 @@ def device_info(device: str) -> dict[str, Any]:
         props = torch.cuda.get_device_properties(device)
         info.update(device_name=props.name, vram_mib=_mib(props.total_memory), cuda=torch.version.cuda)
     else:
-        info["device_name"] = _cpu_name()
-    info["load_average"] = _load_average()
+        info["device_name"] = cpu_model()
+    info["load_average_at_start"] = load_average()
     return info
-
-
-def _load_average() -> list[float] | None:
-    return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
-
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "cpu"
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -438,29 +424,47 @@ def select_device(requested: str, threads: int | None, quick: bool) -> str:
     return requested
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.refiner_gpu", description=__doc__.split("\n\n")[0])
+def refiner_bench_parser(prog: str, doc: str, out: Path, repeats_help: str) -> argparse.ArgumentParser:
+    """The options both refiner benchmarks share (this one and ``bench.refiner_batching``); each adds its own."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: smallest size, one repeat")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
-    parser.add_argument("--scale", type=float, default=None,
-                        help="architecture scale (default 1.0 on CUDA, 0.125 on a CPU, 0.0625 with --quick)")
     parser.add_argument("--size", type=int, default=None,
                         help="image edge in px (default 1024 on CUDA, 256 / 128 on a CPU)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--strength", type=float, default=0.3)
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per variant (default 5, 1 with --quick)")
-    parser.add_argument("--only", nargs="+", choices=[v.name for v in VARIANTS], default=None)
+    parser.add_argument("--repeats", type=int, default=None, help=repeats_help)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 with --quick, where a busy shared "
                              "host makes multi-threaded CPU kernels spin)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", type=Path, default=out)
+    return parser
 
+
+def image_size(args: argparse.Namespace, device: str) -> int:
+    """``--size``, else the real 1024 px on CUDA and a size a CPU gets through in minutes."""
+    return int(args.size or (1024 if device.startswith("cuda") else 128 if args.quick else 256))
+
+
+def publish(result: dict[str, Any], out: Path, table: str) -> None:
+    """Write the JSON result and print its Markdown table (what goes into docs/refiner-performance.md)."""
+    write_json(out, result)
+    print(table)
+    print(f"\nwrote {out} in {result['elapsed_s']} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = refiner_bench_parser("python -m bench.refiner_gpu", __doc__ or "", RESULTS,
+                                  "timed calls per variant (default 5, 1 with --quick)")
+    parser.add_argument("--scale", type=float, default=None,
+                        help="architecture scale (default 1.0 on CUDA, 0.125 on a CPU, 0.0625 with --quick)")
+    parser.add_argument("--only", nargs="+", choices=[v.name for v in VARIANTS], default=None)
+    args = parser.parse_args(argv)
 
     device = select_device(args.device, args.threads, args.quick)
     cuda = device.startswith("cuda")
     scale = args.scale if args.scale is not None else (1.0 if cuda else 0.0625 if args.quick else 0.125)
-    size = args.size or (1024 if cuda else 128 if args.quick else 256)
+    size = image_size(args, device)
     repeats = args.repeats or (1 if args.quick else 5 if cuda else 3)
     if not 0 < scale <= 1:
         parser.error("--scale must be in (0, 1]")
@@ -496,15 +500,10 @@ def main(argv: list[str] | None = None) -> int:
     result["variants"] = rows
     result["moves"] = (measure_moves(master, device, max(3, repeats)) if cuda
                        else {"skipped": "no CUDA device: nothing to move"})
-    result["machine"]["load_average_at_end"] = _load_average()
+    result["machine"]["load_average_at_end"] = load_average()
     result["elapsed_s"] = round(time.monotonic() - started, 1)
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(args.out)
-    print(markdown(result))
-    print(f"\nwrote {args.out} in {result['elapsed_s']} s")
+    publish(result, args.out, markdown(result))
     return 0
 
 

@@ -65,9 +65,21 @@ def test_shared_placement_computes_only_inside_a_recorded_turn(tmp_path: Path) -
     assert events == ["acquire", "release", "acquire", "release"]
 
 
-def test_no_model_placeholder_is_inert() -> None:
-    NO_MODEL.load()
-    NO_MODEL.to_gpu()
-    NO_MODEL.to_host()
-    NO_MODEL.unload()
-    assert NO_MODEL.device == "cpu"
+def test_a_backend_chosen_during_warm_up_is_moved_from_the_next_turn_on(tmp_path: Path) -> None:
+    # The TRELLIS service picks its backend inside the first turn; until then NO_MODEL stands in.
+    model = FakeModel()
+    slot: list[FakeModel] = []
+    settings = LeaseSettings(placement="shared", lease_dir=tmp_path / "lease", lease_record=tmp_path / "lease.jsonl",
+                             residency="offload", max_hold_s=0)
+    runtime = build_model_runtime("svc", 4, settings, lambda: slot[0] if slot else NO_MODEL)
+
+    def choose_backend() -> str:
+        slot.append(model)
+        return model.device
+
+    assert runtime.run_in_turn(choose_backend) == "cpu"
+    # The turn began with the placeholder: nothing was moved in, but the chosen model is parked at its end.
+    assert model.calls == ["to_host"]
+    _run_one(runtime, model)
+    runtime.close()
+    assert model.calls == ["to_host", "to_gpu", "compute", "to_host"]
