@@ -21,7 +21,7 @@ TRELLIS_MODEL ?=
 PLACEMENT ?= dedicated
 STACK_FLAGS = --placement $(PLACEMENT) $(if $(REFINER_MODEL),--refiner-model $(REFINER_MODEL)) $(if $(TRELLIS_MODEL),--trellis-model $(TRELLIS_MODEL))
 
-.PHONY: install proto run demo test lint bench k8s-validate images clean
+.PHONY: install proto run demo test lint bench device-wheels k8s-validate images clean
 
 install: $(INSTALLED) $(VALIDATOR)
 
@@ -64,6 +64,11 @@ bench: install
 	$(PY) -m bench.refiner_batching $(if $(filter quick,$(REFINER_BENCH)),--quick)
 	$(PY) -m bench.refiner_gpu $(if $(filter quick,$(REFINER_BENCH)),--quick)
 	$(PY) -m bench --out bench/results --docs docs/benchmarks.md
+
+# Wheels the refiner benchmarks need on a lent GPU machine, which reaches no registry: into .whl/ (ignored),
+# carried with the working tree. docs/refiner-performance.md has the command to run there.
+device-wheels: install
+	$(PY) tools/device_wheels.py --dest .whl
 
 lint: install
 	$(PY) -m ruff check .

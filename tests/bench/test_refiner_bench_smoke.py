@@ -69,3 +69,23 @@ def test_full_size_architecture_matches_the_published_weights() -> None:
     from bench.refiner_gpu import PUBLISHED_PARAMETERS, architecture_parameters
 
     assert architecture_parameters(1.0) == PUBLISHED_PARAMETERS  # built on the meta device: no memory
+
+
+def test_the_gpu_host_recipe_names_real_variants_and_pins_what_the_tests_ran_against() -> None:
+    import importlib.metadata
+    import re
+
+    from bench.refiner_gpu import VARIANTS
+    from tools.device_wheels import MISSING_ON_DEVICE, pinned
+
+    doc = (ROOT / "docs" / "refiner-performance.md").read_text()
+    recipe = doc.split("### On a GPU host without this project installed", 1)[1].split("\n### ", 1)[0]
+    commands = recipe.replace("\\\n", " ")  # shell line continuations
+    named = {name for args in re.findall(r"--only ([^\n]*)", commands)
+             for name in args.split("--out")[0].split()}
+    assert named and named <= {v.name for v in VARIANTS}, named - {v.name for v in VARIANTS}
+    assert pinned(("diffusers", "protobuf")) == [f"diffusers=={importlib.metadata.version('diffusers')}",
+                                                 f"protobuf=={importlib.metadata.version('protobuf')}"]
+    assert {"diffusers", "pydantic-settings", "grpcio-health-checking", "protobuf"} <= set(MISSING_ON_DEVICE)
+    with pytest.raises(SystemExit, match="not installed"):
+        pinned(("no-such-distribution-here",))
