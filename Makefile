@@ -72,7 +72,7 @@ device-wheels: install
 
 lint: install
 	$(PY) -m ruff check .
-	$(PY) -m mypy trellisbox refiner_service trellis_service gateway bench tools
+	$(PY) -m mypy trellisbox refiner_service trellis_service gateway bench tools tests
 
 clean:
 	rm -rf out build *.egg-info .pytest_cache .mypy_cache .ruff_cache

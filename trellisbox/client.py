@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -143,7 +143,7 @@ class TrellisBoxClient:
     def close(self) -> None:
         self._channel.close()
 
-    def stream(self, request: gateway_pb2.GenerateRequest) -> Iterator[gateway_pb2.GenerateResponse]:
+    def stream(self, request: gateway_pb2.GenerateRequest) -> Generator[gateway_pb2.GenerateResponse, None, None]:
         """The raw response stream; cancel it by closing the iterator."""
         call = self._stub.Generate(request, timeout=self._timeout)
         try:

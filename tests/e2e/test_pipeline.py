@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -60,13 +61,15 @@ def test_refine_then_generate_streams_progress_artifacts_and_done(stack: LocalSt
     glb_path.write_bytes(result.glb or b"")
     validate_glb(glb_path)
     mesh = trimesh.load(glb_path, force="mesh")
+    assert isinstance(mesh, trimesh.Trimesh)
     assert mesh.is_watertight and len(mesh.faces) > 100
     ply = result.gaussian_ply or b""
     assert ply.startswith(b"ply\n") and b"f_dc_0" in ply[:2000]
 
 
 def test_same_seeds_give_the_same_bytes(stack: LocalStack) -> None:
-    options = dict(refine=True, refine_params={"seed": 7}, generation={"seed": 3}, formats=["glb", "refined"])
+    options: dict[str, Any] = dict(refine=True, refine_params={"seed": 7}, generation={"seed": 3},
+                                   formats=["glb", "refined"])
     with TrellisBoxClient(stack.gateway_target, timeout=180) as client:
         first = client.generate([png_bytes(96)], **options)
         second = client.generate([png_bytes(96)], **options)
@@ -99,8 +102,11 @@ def test_several_views_use_the_first_for_preview_and_say_so(stack: LocalStack) -
 
 def test_bad_input_through_the_stack_keeps_every_service_up(stack: LocalStack) -> None:
     with TrellisBoxClient(stack.gateway_target, timeout=60) as client:
-        for images, options in (([b"not an image"], {}), ([png_bytes()[:100]], {}),
-                                ([], {}), ([png_bytes()], {"refine": True, "refine_params": {"strength": 7.0}})):
+        cases: list[tuple[list[bytes], dict[str, Any]]] = [
+            ([b"not an image"], {}), ([png_bytes()[:100]], {}), ([], {}),
+            ([png_bytes()], {"refine": True, "refine_params": {"strength": 7.0}}),
+        ]
+        for images, options in cases:
             with pytest.raises(grpc.RpcError) as info:
                 client.generate(images, **options)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
@@ -142,7 +148,7 @@ def test_reflection_client_without_project_stubs_can_call_generate(stack: LocalS
         method = pool.FindServiceByName("trellisbox.v1.GatewayService").FindMethodByName("Generate")
         request_class = message_factory.GetMessageClass(method.input_type)
         response_class = message_factory.GetMessageClass(method.output_type)
-        request = request_class()
+        request: Any = request_class()  # a class built at run time from the reflected descriptors
         image = request.images.add()
         image.data = png_bytes(64)
         call = channel.unary_stream(

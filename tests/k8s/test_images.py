@@ -151,7 +151,7 @@ def test_entrypoint_ports_and_bind_address(name: str) -> None:
 @pytest.mark.parametrize("name", list(IMAGES))
 def test_installs_its_own_extra(name: str) -> None:
     runs = " ".join(a for k, a in instructions(dockerfile(name)) if k == "RUN")
-    assert IMAGES[name]["extra"] in runs
+    assert str(IMAGES[name]["extra"]) in runs
     others = [f"[{o}]" for o in IMAGES if o != name]
     assert not any(o in runs for o in others)
 

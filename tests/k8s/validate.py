@@ -12,6 +12,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from tests.k8s import k8sutil
 
@@ -24,7 +25,7 @@ def main() -> int:
     print(f"renderer: {k8sutil.kubectl()} ({k8sutil.kubectl_version()})")
     print(f"validator: kubernetes-validate --strict, Kubernetes {version}")
     failures = 0
-    targets: list[tuple[str, list[dict]]] = []
+    targets: list[tuple[str, list[dict[str, Any]]]] = []
     for name in k8sutil.KUSTOMIZATIONS:
         try:
             targets.append((name, list(k8sutil.render(name))))

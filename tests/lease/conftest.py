@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers import as plain modules
 
-from fake_apiserver import FakeApiServer
+from tests.lease.fake_apiserver import FakeApiServer
 
 
 @pytest.fixture

@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from lease_helpers import child_env
 from pydantic import ValidationError
 from pydantic_settings import SettingsConfigDict
 
+from tests.lease.lease_helpers import child_env
 from trellisbox.config import ServiceSettings, load_settings
 from trellisbox.lease import LeaseSettings
 

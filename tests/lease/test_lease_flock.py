@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from lease_helpers import HERE, check_records, child_env, wait_until
 
+from tests.lease.lease_helpers import HERE, check_records, child_env, wait_until
 from trellisbox.lease import AcquireCancelled, FlockLease, LeaseError, LeaseRecorder, LeaseTimeout, read_records
 from trellisbox.lease.flock import read_lock_file
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import random
 import threading
@@ -13,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_apiserver import FakeApiServer
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
-from lease_helpers import Occupancy, check_records, wait_until
 
+from tests.lease.fake_apiserver import FakeApiServer
+from tests.lease.lease_helpers import Occupancy, check_records, wait_until
 from trellisbox.errors import Unavailable
 from trellisbox.lease import GpuTurns, LeaseLost, LeaseRecorder, LeaseSettings, LeaseTimeout, make_lease
 from trellisbox.lease.kube import WAITING_ANNOTATION, KubernetesLease, coordination_api, format_microtime
@@ -48,16 +49,16 @@ def test_fake_server_enforces_concurrency_rules(apiserver: FakeApiServer) -> Non
     rv1 = created.metadata.resource_version
     with pytest.raises(ApiException) as exc:
         api.create_namespaced_lease("default", _body(holder_identity="b"))
-    assert exc.value.status == 409 and json.loads(exc.value.body)["reason"] == "AlreadyExists"
+    assert exc.value.status == 409 and json.loads(exc.value.body or "{}")["reason"] == "AlreadyExists"
 
     created.spec.holder_identity = "a2"
     updated = api.replace_namespaced_lease("gpu-0", "default", created)
     rv2 = updated.metadata.resource_version
-    assert int(rv2) > int(rv1)  # every write bumps the version
+    assert rv1 is not None and rv2 is not None and int(rv2) > int(rv1)  # every write bumps the version
     created.spec.holder_identity = "stale-writer"  # still carries rv1
     with pytest.raises(ApiException) as exc:
         api.replace_namespaced_lease("gpu-0", "default", created)
-    assert exc.value.status == 409 and json.loads(exc.value.body)["reason"] == "Conflict"
+    assert exc.value.status == 409 and json.loads(exc.value.body or "{}")["reason"] == "Conflict"
     with pytest.raises(ApiException) as exc:
         api.replace_namespaced_lease("gpu-0", "default", _body(holder_identity="no-rv"))
     assert exc.value.status == 422
@@ -191,7 +192,7 @@ def test_renewal_keeps_the_lease(apiserver: FakeApiServer) -> None:
 
 
 def test_release_lets_the_peer_in_at_once(apiserver: FakeApiServer) -> None:
-    timing = {"lease_duration_s": 5, "renew_deadline_s": 3, "retry_period_s": 0.1}
+    timing: dict[str, Any] = {"lease_duration_s": 5, "renew_deadline_s": 3, "retry_period_s": 0.1}
     a, b = _lease(apiserver, "pod-a", **timing), _lease(apiserver, "pod-b", **timing)
     a.acquire(timeout=5)
     got: dict[str, float] = {}
@@ -361,8 +362,8 @@ def test_turns_share_fairly_over_the_kubernetes_backend(apiserver: FakeApiServer
     """Two services with full queues and a short bounded hold: the waiting annotation makes each
     holder yield, both finish, and the recorded turns never overlap."""
     jobs = {"refiner": 8, "trellis": 8}
-    turns = {name: GpuTurns(_lease(apiserver, name, record_path), name, lambda n=name: jobs[n], lambda: None,
-                            lambda: None, max_hold_s=0.1, wait_s=20)
+    turns = {name: GpuTurns(_lease(apiserver, name, record_path), name, functools.partial(jobs.__getitem__, name),
+                            lambda: None, lambda: None, max_hold_s=0.1, wait_s=20)
              for name in jobs}
     occupancy = Occupancy()
 
@@ -379,8 +380,8 @@ def test_turns_share_fairly_over_the_kubernetes_backend(apiserver: FakeApiServer
         t.start()
     for t in threads:
         t.join(timeout=40)
-    for t in turns.values():
-        t.close()
+    for guard in turns.values():
+        guard.close()
     assert not occupancy.violations and occupancy.entries == 16
     summary = check_records(record_path)["summary"]["gpu-0"]
     assert summary["alternations"] >= 2  # neither service ran all its jobs while the other waited

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lease_helpers import REPO, child_env
 
+from tests.lease.lease_helpers import REPO, child_env
 from trellisbox.lease import LeaseRecorder, read_records
 
 pytestmark = pytest.mark.timeout(60)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from lease_helpers import Occupancy, check_records, wait_until
 
+from tests.lease.lease_helpers import Occupancy, check_records, wait_until
 from trellisbox.errors import Cancelled, DeadlineExceeded, Unavailable
 from trellisbox.lease import (
     FlockLease,
@@ -205,11 +206,14 @@ def test_residency_hooks() -> None:
     log: list[str] = []
     moves = {name: (lambda n=name: log.append(n)) for name in ("to_gpu", "to_host", "load", "unload")}
     resident = residency_hooks("resident", to_gpu=moves["to_gpu"])
-    resident.on_acquire(), resident.on_release()
+    resident.on_acquire()
+    resident.on_release()
     offload = residency_hooks("offload", to_gpu=moves["to_gpu"], to_host=moves["to_host"])
-    offload.on_acquire(), offload.on_release()
+    offload.on_acquire()
+    offload.on_release()
     unload = residency_hooks("unload", to_gpu=moves["to_gpu"], load=moves["load"], unload=moves["unload"])
-    unload.on_acquire(), unload.on_release()
+    unload.on_acquire()
+    unload.on_release()
     assert log == ["to_gpu", "to_gpu", "to_host", "load", "to_gpu", "unload"]
     with pytest.raises(ValueError, match="to_host"):
         residency_hooks("offload", to_gpu=moves["to_gpu"])
@@ -243,9 +247,10 @@ def test_wired_into_two_model_workers(tmp_path: Path, record_path: Path) -> None
         for name in ("refiner", "trellis"):
             settings = LeaseSettings(placement="shared", lease_dir=tmp_path, lease_record=record_path,
                                      lease_holder=f"pod-{name}", max_hold_s=5)
-            hooks = residency_hooks("offload", to_gpu=lambda n=name: gpu.load(n),
-                                    to_host=lambda n=name: gpu.park(n))
-            t = make_gpu_turns(settings, name, queue_depth=lambda n=name: workers[n].queue_depth, hooks=hooks)
+            hooks = residency_hooks("offload", to_gpu=functools.partial(gpu.load, name),
+                                    to_host=functools.partial(gpu.park, name))
+            t = make_gpu_turns(settings, name, queue_depth=functools.partial(lambda n: workers[n].queue_depth, name),
+                               hooks=hooks)
             assert t is not None
             turns[name] = t
             workers[name] = ModelWorker(name, max_queue=16, gpu_turn=t)

@@ -20,7 +20,6 @@ import grpc
 import numpy as np
 import pytest
 from PIL import Image
-from refiner_helpers import png_bytes, scene, with_alpha
 
 from refiner_service.backends.base import BatchMember, MemberOutcome
 from refiner_service.backends.classic import ClassicBackend
@@ -28,6 +27,7 @@ from refiner_service.backends.sdxl import SDXLBackend
 from refiner_service.batching import BATCH_IMAGES, BATCH_REQUESTS, DynamicBatcher
 from refiner_service.config import RefinerSettings
 from refiner_service.servicer import SERVICE_LABEL, RefinerServicer
+from tests.refiner.refiner_helpers import png_bytes, scene, with_alpha
 from trellisbox.errors import Cancelled, DeadlineExceeded, QueueFull
 from trellisbox.params import RefineParams
 from trellisbox.stack import free_port, start_service
@@ -38,7 +38,7 @@ from trellisbox.worker import Finished, ModelWorker, ProgressEvent
 # channel: a batch runs the text encoder, UNet and VAE on a larger tensor, and CPU (and GPU) kernels sum
 # in another order for another batch size. Measured on the tiny model: at most 1 (docs/refiner-performance.md).
 TOLERANCE = 2
-FAST = {"num_inference_steps": 10, "strength": 0.5}  # 5 UNet steps
+FAST: dict[str, Any] = {"num_inference_steps": 10, "strength": 0.5}  # 5 UNet steps
 
 
 @pytest.fixture(scope="module")

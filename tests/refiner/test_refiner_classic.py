@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from refiner_helpers import blockiness, jpeg_degraded, pixels, scene, with_alpha
 
 from refiner_service.backends.classic import ClassicBackend
+from tests.refiner.refiner_helpers import blockiness, jpeg_degraded, pixels, scene, with_alpha
 from trellisbox.errors import Cancelled
 from trellisbox.params import RefineParams
 from trellisbox.v1 import common_pb2

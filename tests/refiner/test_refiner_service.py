@@ -20,8 +20,8 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2
 from PIL import Image
-from refiner_helpers import png_bytes, scene, with_alpha
 
+from tests.refiner.refiner_helpers import png_bytes, scene, with_alpha
 from trellisbox.artifacts import ArtifactAssembler
 from trellisbox.stack import ServiceProcess, health_status, start_service
 from trellisbox.v1 import common_pb2, refiner_pb2, refiner_pb2_grpc
@@ -48,7 +48,8 @@ def build_reference_refiner(dest: Path, seed: int = 7) -> Path:
     tokens = alphabet + [c + "</w>" for c in alphabet] + [a + b for a, b in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    # transformers' annotation says list[str]; the BPE tokenizer takes merge pairs as well.
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)  # type: ignore[arg-type]
 
     hidden, projection, time_dim = 48, 40, 6
     torch.manual_seed(seed)
@@ -73,10 +74,11 @@ def build_reference_refiner(dest: Path, seed: int = 7) -> Path:
     )
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading")
-    StableDiffusionXLImg2ImgPipeline(
+    pipe: Any = StableDiffusionXLImg2ImgPipeline(  # diffusers' annotations are partial
         vae=vae, text_encoder=None, text_encoder_2=text_encoder, tokenizer=None, tokenizer_2=tokenizer,
         unet=unet, scheduler=scheduler, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
-    ).save_pretrained(dest)
+    )
+    pipe.save_pretrained(dest)
     return dest
 
 
@@ -113,7 +115,10 @@ def stub(service: ServiceProcess) -> Iterator[refiner_pb2_grpc.RefinerServiceStu
 def call(stub: refiner_pb2_grpc.RefinerServiceStub, request: refiner_pb2.RefineRequest
          ) -> tuple[list[common_pb2.Progress], dict[int, Image.Image], refiner_pb2.RefineDone]:
     """One Refine call: progress events, decoded images by index, the done event."""
-    progress, images, done, assembler = [], {}, None, ArtifactAssembler()
+    progress: list[common_pb2.Progress] = []
+    images: dict[int, Image.Image] = {}
+    done: refiner_pb2.RefineDone | None = None
+    assembler = ArtifactAssembler()
     chunks: dict[int, int] = {}
     for response in stub.Refine(request, timeout=CALL_TIMEOUT):
         kind = response.WhichOneof("event")
@@ -195,7 +200,7 @@ def test_refine_matches_diffusers_pixel_for_pixel(stub: refiner_pb2_grpc.Refiner
     ([png_bytes(scene(64))], {"num_inference_steps": 2, "strength": 0.3}, "no denoising step"),
 ], ids=["not-an-image", "truncated-png", "strength-7", "zero-images", "no-effective-step"])
 def test_bad_input_is_invalid_argument(stub: refiner_pb2_grpc.RefinerServiceStub, service: ServiceProcess,
-                                       images: list[bytes], parameters: dict[str, float], message: str) -> None:
+                                       images: list[bytes], parameters: dict[str, Any], message: str) -> None:
     request = refiner_pb2.RefineRequest(
         images=[common_pb2.Image(data=data) for data in images],
         parameters=common_pb2.RefineParameters(**parameters),
@@ -216,7 +221,7 @@ def test_cancel_stops_the_denoising_loop(stub: refiner_pb2_grpc.RefinerServiceSt
         parameters=common_pb2.RefineParameters(seed=1, strength=1.0, num_inference_steps=200),
     )
     responses = stub.Refine(long_request, timeout=CALL_TIMEOUT)
-    first = next(responses)
+    first = next(iter(responses))
     assert first.WhichOneof("event") == "progress" and first.progress.total == 200
     responses.cancel()  # type: ignore[attr-defined]
     with pytest.raises(grpc.RpcError) as caught:

@@ -7,7 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from trellis_standin import purge_modules
+
+from tests.trellis.trellis_standin import purge_modules
 
 _KNOBS = ("ATTN_BACKEND", "SPARSE_ATTN_BACKEND", "SPARSE_BACKEND", "SPCONV_ALGO", "HF_HUB_OFFLINE")
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from trellis_helpers import load_glb, object_image
-from trellis_standin import MODELS, write_model_folder, write_standin
 
+from tests.trellis.trellis_helpers import load_glb, object_image
+from tests.trellis.trellis_standin import MODELS, write_model_folder, write_standin
 from trellis_service.backends import select_backend
 from trellis_service.backends.preview import PreviewBackend
 from trellis_service.backends.trellis import TrellisBackend

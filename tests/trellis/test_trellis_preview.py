@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import trimesh
 from PIL import Image, ImageDraw
-from trellis_helpers import load_glb, object_image, parse_ply, validate_glb
 
+from tests.trellis.trellis_helpers import load_glb, object_image, parse_ply, validate_glb
 from trellis_service.backends.preview import (
     PreviewBackend,
     extract_silhouette,
@@ -186,4 +186,5 @@ def test_gaussian_ply_layout() -> None:
     assert colours.min() >= -1e-4 and colours.max() <= 1 + 1e-4
     assert colours[:, 0].mean() > colours[:, 1].mean()  # mostly the red disc
     cloud = trimesh.load(trimesh.util.wrap_as_stream(artifacts[PLY]), file_type="ply")
+    assert isinstance(cloud, trimesh.PointCloud)
     assert len(cloud.vertices) == len(table)

@@ -10,8 +10,8 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
-from trellis_helpers import REPO_ROOT, load_glb, object_image, parse_ply, png_bytes, validate_glb
 
+from tests.trellis.trellis_helpers import REPO_ROOT, load_glb, object_image, parse_ply, png_bytes, validate_glb
 from trellis_service.servicer import formats_from_proto
 from trellisbox.artifacts import Artifact, ArtifactAssembler
 from trellisbox.errors import InvalidInput

@@ -10,8 +10,8 @@ from typing import Any
 import grpc
 import pytest
 from PIL import Image
-from trellis_helpers import object_image, png_bytes
 
+from tests.trellis.trellis_helpers import object_image, png_bytes
 from trellis_service.backends.base import ImageTo3DBackend
 from trellis_service.config import TrellisSettings
 from trellis_service.domain import GenerationResult
@@ -109,8 +109,8 @@ def test_full_queue_is_resource_exhausted() -> None:
     servicer = make_servicer(ScriptedBackend(steps=10, delay=0.02), max_queue=0)
 
     async def two() -> list[Any]:
-        return await asyncio.gather(collect(servicer, FakeContext()), collect(servicer, FakeContext()),
-                                    return_exceptions=True)
+        return list(await asyncio.gather(collect(servicer, FakeContext()), collect(servicer, FakeContext()),
+                                         return_exceptions=True))
 
     results = asyncio.run(two())
     codes = [r.code for r in results if isinstance(r, Aborted)]

@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import AsyncGenerator
 
 import pytest
 
@@ -69,6 +70,7 @@ def test_a_caller_that_leaves_stops_its_job() -> None:
         async for item in stream:
             if isinstance(item, ProgressEvent) and item.step == 2:
                 break
+        assert isinstance(stream, AsyncGenerator)
         await stream.aclose()  # what grpc does when the client cancels
         await asyncio.sleep(0.2)
 
