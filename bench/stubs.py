@@ -18,7 +18,7 @@ import argparse
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,25 @@ def gateway_malloc() -> str:
     return tune_malloc()
 
 
+async def _serve_raw_generate(host: str, port: int,
+                              generate: Callable[[bytes, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[bytes]],
+                              grpc_args: list[tuple[str, Any]] | None = None) -> None:
+    """A bare grpcio server (none of the project's bootstrap) whose ``GatewayService/Generate`` yields raw
+    frames: the baseline of the transport benchmark and the relay of the grpc-args experiment."""
+    handler = grpc.method_handlers_generic_handler(GATEWAY_SERVICE, {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            generate, request_deserializer=lambda b: b, response_serializer=lambda b: b),
+    })
+    server = grpc.aio.server(options=grpc_args or [])
+    server.add_generic_rpc_handlers((handler,))
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    await health.set(GATEWAY_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    await server.wait_for_termination()
+
+
 async def _serve_bare(host: str, port: int, files: list[Path], chunk_bytes: int) -> None:
     kinds = (common_pb2.ARTIFACT_KIND_GLB, common_pb2.ARTIFACT_KIND_GAUSSIAN_PLY)
     frames = [
@@ -89,18 +108,7 @@ async def _serve_bare(host: str, port: int, files: list[Path], chunk_bytes: int)
         for frame in frames:
             yield frame
 
-    handler = grpc.method_handlers_generic_handler(GATEWAY_SERVICE, {
-        "Generate": grpc.unary_stream_rpc_method_handler(
-            generate, request_deserializer=lambda b: b, response_serializer=lambda b: b),
-    })
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((handler,))
-    health = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    server.add_insecure_port(f"{host}:{port}")
-    await server.start()
-    await health.set(GATEWAY_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-    await server.wait_for_termination()
+    await _serve_raw_generate(host, port, generate)
 
 
 async def _serve_relay(host: str, port: int, upstream: str, grpc_args: list[tuple[str, Any]]) -> None:
@@ -112,18 +120,7 @@ async def _serve_relay(host: str, port: int, upstream: str, grpc_args: list[tupl
         async for message in image_to_3d(b"", timeout=120):
             yield message
 
-    handler = grpc.method_handlers_generic_handler(GATEWAY_SERVICE, {
-        "Generate": grpc.unary_stream_rpc_method_handler(
-            generate, request_deserializer=lambda b: b, response_serializer=lambda b: b),
-    })
-    server = grpc.aio.server(options=grpc_args)
-    server.add_generic_rpc_handlers((handler,))
-    health = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    server.add_insecure_port(f"{host}:{port}")
-    await server.start()
-    await health.set(GATEWAY_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-    await server.wait_for_termination()
+    await _serve_raw_generate(host, port, generate, grpc_args)
 
 
 def main() -> None:
