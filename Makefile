@@ -39,14 +39,14 @@ $(VALIDATOR): tools/gltf-validator/package.json tools/gltf-validator/package-loc
 
 # Stubs + typed stubs (mypy-protobuf) into trellisbox/v1; a test fails when they drift from the protos.
 proto: $(INSTALLED)
-	$(PY) -m trellisbox.protogen .
+	$(PY) -m tools.protogen .
 
 run: install
-	$(PY) -m trellisbox.demo --serve --gateway-port $(GATEWAY_PORT) --refiner-port $(REFINER_PORT) \
+	$(PY) -m tools.demo --serve --gateway-port $(GATEWAY_PORT) --refiner-port $(REFINER_PORT) \
 	  --trellis-port $(TRELLIS_PORT) --refiner-backend $(REFINER_BACKEND) --trellis-backend $(TRELLIS_BACKEND) $(STACK_FLAGS)
 
 demo: install
-	$(PY) -m trellisbox.demo --out out --refiner-backend $(REFINER_BACKEND) --trellis-backend $(TRELLIS_BACKEND) $(STACK_FLAGS)
+	$(PY) -m tools.demo --out out --refiner-backend $(REFINER_BACKEND) --trellis-backend $(TRELLIS_BACKEND) $(STACK_FLAGS)
 	node tools/gltf-validator/validate.mjs out/*.glb
 
 # The manifests are validated first (fast, and it names the broken object), then the whole suite.

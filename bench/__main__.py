@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 from bench import coldstart, memory, overhead, scaling, transport
 from bench.common import REPO, Processes, machine_info, write_json
 from bench.report import write_docs
-from trellisbox.stack import LocalStack
+from tools.stack import LocalStack
 
 SECTIONS = ("overhead", "transport", "scaling", "coldstart", "memory")
 

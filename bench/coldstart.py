@@ -9,7 +9,8 @@ import time
 from typing import Any
 
 from bench.common import Processes, summarize, wait_serving
-from trellisbox.stack import GATEWAY_SERVICE, REFINER_SERVICE, TRELLIS_SERVICE, free_port
+from tools.stack import free_port
+from trellisbox._domain.contract import GATEWAY_SERVICE, REFINER_SERVICE, TRELLIS_SERVICE
 
 SERVICES: list[tuple[str, str, str, list[str]]] = [
     ("gateway", "gateway", GATEWAY_SERVICE, []),

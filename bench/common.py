@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from trellisbox.stack import ServiceProcess, health_status, start_service
+from tools.stack import ServiceProcess, health_status, start_service
 
 REPO = Path(__file__).resolve().parents[1]
 SERVING = 1  # grpc.health.v1 HealthCheckResponse.SERVING

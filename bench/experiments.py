@@ -24,8 +24,9 @@ from typing import Any
 from bench.common import REPO, Processes, machine_info, object_image, png, summarize, wait_serving
 from bench.load import closed_loop
 from bench.transport import MIB, _row, measure
+from tools.stack import free_port
+from trellisbox._domain.contract import GATEWAY_SERVICE, TRELLIS_SERVICE
 from trellisbox.client import TrellisBoxClient, build_request
-from trellisbox.stack import GATEWAY_SERVICE, TRELLIS_SERVICE, free_port
 
 ARTIFACT_BYTES = 48 * MIB
 

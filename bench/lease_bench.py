@@ -31,7 +31,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
 from bench.common import percentile, write_json  # noqa: E402
-from trellisbox.lease import FlockLease, GpuTurns, LeaseRecorder, read_records  # noqa: E402
+from trellisbox._runtime.lease import FlockLease, GpuTurns, LeaseRecorder, read_records  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "lease.json"
 

@@ -18,8 +18,9 @@ from typing import Any
 
 from bench.common import Processes, object_image, png, rss_kib, summarize, wait_serving
 from bench.load import closed_loop, stalled_streams
+from tools.stack import ServiceProcess
+from trellisbox._domain.contract import GATEWAY_SERVICE, TRELLIS_SERVICE
 from trellisbox.client import build_request
-from trellisbox.stack import GATEWAY_SERVICE, TRELLIS_SERVICE, ServiceProcess
 
 MIB = 2**20
 

@@ -18,11 +18,11 @@ import time
 from typing import Any
 
 from bench.common import object_image, png, summarize
+from trellisbox._domain.imaging import decode_image
+from trellisbox._domain.params import GenerationParams, RefineParams
+from trellisbox._runtime.worker import JobContext
 from trellisbox.client import TrellisBoxClient
-from trellisbox.imaging import decode_image
-from trellisbox.params import GenerationParams, RefineParams
 from trellisbox.v1 import common_pb2
-from trellisbox.worker import JobContext
 
 IMAGE_SIDE = 256
 REFINE = {"seed": 1}  # service defaults otherwise: strength 0.3, 20 steps (6 UNet steps), guidance 7.5

@@ -53,7 +53,7 @@ from bench.refiner_gpu import (  # noqa: E402
 )
 from refiner_service.backends.base import BatchMember  # noqa: E402
 from refiner_service.backends.sdxl import SDXLBackend  # noqa: E402
-from trellisbox.params import RefineParams  # noqa: E402
+from trellisbox._domain.params import RefineParams  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "refiner_batching.json"
 PROMPTS = ("a ceramic vase, studio light", "a wooden chair", "a brass lamp", "a leather boot",
@@ -152,7 +152,7 @@ def measure_tolerance(backend: SDXLBackend, work: Workload, outputs: dict[int, l
 async def _service_path(backend: SDXLBackend, work: Workload, requests: int, batching: bool,
                         window_s: float, max_images: int) -> dict[str, Any]:
     from refiner_service.batching import DynamicBatcher
-    from trellisbox.worker import Finished, JobContext, ModelWorker
+    from trellisbox._runtime.worker import Finished, JobContext, ModelWorker
 
     worker = ModelWorker("bench-refiner", max_queue=requests + 1)
     batcher = DynamicBatcher(backend, worker, service="bench-refiner", window_s=window_s, max_images=max_images)

@@ -19,8 +19,9 @@ from typing import Any
 from bench.common import Processes, object_image, png, summarize, wait_serving
 from bench.dns import LoopbackDns
 from bench.load import closed_loop
+from tools.stack import ServiceProcess, free_port
+from trellisbox._domain.contract import GATEWAY_SERVICE, REFINER_SERVICE, TRELLIS_SERVICE
 from trellisbox.client import build_request
-from trellisbox.stack import GATEWAY_SERVICE, REFINER_SERVICE, TRELLIS_SERVICE, ServiceProcess, free_port
 
 NAME = "refiner.bench.test"
 _REFINED = re.compile(r"refined \d+ image\(s\)")

@@ -26,10 +26,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
-from trellisbox.artifacts import Artifact
-from trellisbox.config import ServiceSettings
-from trellisbox.server import ServiceSpec, serve
-from trellisbox.stack import GATEWAY_SERVICE, TRELLIS_SERVICE
+from trellisbox._domain.artifacts import Artifact
+from trellisbox._domain.contract import GATEWAY_SERVICE, TRELLIS_SERVICE
+from trellisbox._runtime.config import ServiceSettings
+from trellisbox._runtime.server import ServiceSpec, serve
 from trellisbox.v1 import common_pb2, gateway_pb2, trellis_pb2, trellis_pb2_grpc
 
 
@@ -68,9 +68,9 @@ def serve_trellis(host: str, port: int, artifact_bytes: int, chunk_bytes: int) -
 
 
 def gateway_malloc() -> str:
-    """The gateway's allocator settings (``trellisbox.server.tune_malloc``), where this tree has them."""
+    """The gateway's allocator settings (``trellisbox._runtime.server.tune_malloc``), where this tree has them."""
     try:
-        from trellisbox.server import tune_malloc
+        from trellisbox._runtime.server import tune_malloc
     except ImportError:  # a tree from before the tuning: glibc's defaults, like its gateway
         return "malloc: default"
     return tune_malloc()

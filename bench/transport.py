@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Processes, cpu_seconds, object_image, png, summarize, wait_serving
+from tools.stack import LocalStack, free_port
+from trellisbox._domain.contract import GATEWAY_SERVICE, TRELLIS_SERVICE
 from trellisbox.client import TrellisBoxClient, build_request
-from trellisbox.stack import GATEWAY_SERVICE, TRELLIS_SERVICE, LocalStack, free_port
 from trellisbox.v1 import gateway_pb2
 
 MIB = 2**20

@@ -11,9 +11,9 @@ from gateway.config import GatewaySettings
 from gateway.router import Router
 from gateway.servicer import GatewayServicer, add_gateway_servicer
 from gateway.stages import StageClients
-from trellisbox.config import load_settings
-from trellisbox.server import ServiceSpec, run
-from trellisbox.stack import GATEWAY_SERVICE
+from trellisbox._domain.contract import GATEWAY_SERVICE
+from trellisbox._runtime.config import load_settings
+from trellisbox._runtime.server import ServiceSpec, run
 
 
 def main(argv: list[str] | None = None) -> None:

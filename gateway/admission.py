@@ -6,8 +6,8 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from trellisbox.errors import QueueFull
-from trellisbox.observability import IN_FLIGHT, QUEUE_DEPTH
+from trellisbox._domain.errors import QueueFull
+from trellisbox._runtime.observability import IN_FLIGHT, QUEUE_DEPTH
 
 
 class Admission:

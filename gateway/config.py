@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from trellisbox.config import ServiceSettings
+from trellisbox._runtime.config import ServiceSettings
 
 
 class GatewaySettings(ServiceSettings):

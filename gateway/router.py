@@ -20,11 +20,11 @@ import grpc
 from gateway.admission import Admission
 from gateway.relay import CHUNK, DONE, Outgoing, StageEvent
 from gateway.stages import StageClients
-from trellisbox.artifacts import ArtifactAssembler, ArtifactProtocolError
-from trellisbox.convert import generation_params_to_proto, refine_params_to_proto
-from trellisbox.errors import StageFailed
-from trellisbox.observability import observe_stage
-from trellisbox.params import GenerationParams, RefineParams
+from trellisbox._domain.artifacts import ArtifactAssembler, ArtifactProtocolError
+from trellisbox._domain.convert import generation_params_to_proto, refine_params_to_proto
+from trellisbox._domain.errors import StageFailed
+from trellisbox._domain.params import GenerationParams, RefineParams
+from trellisbox._runtime.observability import observe_stage
 from trellisbox.v1 import common_pb2, gateway_pb2, refiner_pb2, trellis_pb2
 
 _log = logging.getLogger(__name__)

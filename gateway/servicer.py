@@ -14,10 +14,10 @@ import grpc
 from gateway.config import GatewaySettings
 from gateway.relay import Outgoing, serialize_response
 from gateway.router import GENERATED_KINDS, GenerateJob, Router
-from trellisbox.convert import decode_images, generation_params_from_proto, refine_params_from_proto
-from trellisbox.errors import InvalidInput, error_boundary
-from trellisbox.observability import REQUEST_ID
-from trellisbox.stack import GATEWAY_SERVICE
+from trellisbox._domain.contract import GATEWAY_SERVICE
+from trellisbox._domain.convert import decode_images, generation_params_from_proto, refine_params_from_proto
+from trellisbox._domain.errors import InvalidInput, error_boundary
+from trellisbox._runtime.observability import REQUEST_ID
 from trellisbox.v1 import common_pb2, gateway_pb2
 
 _log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ import grpc
 
 from gateway.config import GatewaySettings
 from gateway.relay import StageEvent, stage_deserializer
-from trellisbox.stack import REFINER_SERVICE, TRELLIS_SERVICE
+from trellisbox._domain.contract import REFINER_SERVICE, TRELLIS_SERVICE
 from trellisbox.v1 import refiner_pb2, trellis_pb2
 
 RefineCall = grpc.aio.UnaryStreamCall[refiner_pb2.RefineRequest, StageEvent[refiner_pb2.RefineResponse]]

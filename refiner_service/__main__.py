@@ -14,14 +14,13 @@ from refiner_service.backends import RefinerBackend, create_backend
 from refiner_service.backends.sdxl import SDXLBackend
 from refiner_service.config import RefinerSettings
 from refiner_service.servicer import SERVICE_LABEL, RefinerServicer
-from trellisbox.config import load_settings
-from trellisbox.observability import configure_logging
-from trellisbox.params import RefineParams
-from trellisbox.runtime import build_model_runtime
-from trellisbox.server import ServiceSpec, run
+from trellisbox._domain.contract import REFINER_SERVICE
+from trellisbox._domain.params import RefineParams
+from trellisbox._runtime.config import load_settings
+from trellisbox._runtime.model import build_model_runtime
+from trellisbox._runtime.observability import configure_logging
+from trellisbox._runtime.server import ServiceSpec, run
 from trellisbox.v1 import refiner_pb2_grpc
-
-SERVICE_NAME = "trellisbox.v1.RefinerService"
 
 # Small and short (2 UNet steps), yet it runs every sub-model once: kernels and allocator are warm.
 _WARM_UP_IMAGE_SIZE = (128, 128)
@@ -54,7 +53,7 @@ def build_spec(settings: RefinerSettings) -> ServiceSpec:
         runtime.publish_placement(backend.device)
 
     return ServiceSpec(
-        name=SERVICE_NAME,
+        name=REFINER_SERVICE,
         register=register,
         warm_up=warm_up,
         describe=lambda: f"{backend.describe()} {settings.lease_summary()}",

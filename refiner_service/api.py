@@ -21,12 +21,12 @@ from PIL import Image
 
 from refiner_service.backends import RefinerBackend, create_backend, seeds_for
 from refiner_service.config import DEFAULT_MODEL, BackendName
-from trellisbox.errors import Cancelled, DeadlineExceeded, InvalidInput
-from trellisbox.imaging import normalize_mode
-from trellisbox.params import RefineParams, random_seed
+from trellisbox._domain.errors import Cancelled, DeadlineExceeded, InvalidInput
+from trellisbox._domain.imaging import normalize_mode
+from trellisbox._domain.params import RefineParams, random_seed
 
 _log = logging.getLogger(__name__)
-_DEFAULTS = RefineParams()  # the seed's defaults live in one place: trellisbox.params
+_DEFAULTS = RefineParams()  # the seed's defaults live in one place: trellisbox._domain.params
 
 
 class ImageRefiner:

@@ -4,7 +4,7 @@ How a batch forms (all bookkeeping on the event loop, except the seal on the mod
 
 - A request whose images the backend can batch (``batch_key`` not None, at most ``max_images`` images)
   joins the open group of its key when the group has room, otherwise opens a new group.
-- A new group is handed to the :class:`~trellisbox.worker.ModelWorker` after ``window_s`` when the worker
+- A new group is handed to the :class:`~trellisbox._runtime.worker.ModelWorker` after ``window_s`` when the worker
   is idle (time for concurrent requests to arrive), at once when the worker is busy (the group waits in
   the worker's queue anyway) or when it is full.
 - The group accepts joiners until the model thread starts it: then it is sealed. So under load, every
@@ -33,10 +33,10 @@ from PIL import Image
 from prometheus_client import Histogram
 
 from refiner_service.backends.base import BatchMember, RefinerBackend, stop_reason
-from trellisbox.errors import Cancelled, DeadlineExceeded, ServiceError
-from trellisbox.observability import REQUEST_ID
-from trellisbox.params import RefineParams
-from trellisbox.worker import Finished, JobContext, ModelWorker, ProgressEvent
+from trellisbox._domain.errors import Cancelled, DeadlineExceeded, ServiceError
+from trellisbox._domain.params import RefineParams
+from trellisbox._runtime.observability import REQUEST_ID
+from trellisbox._runtime.worker import Finished, JobContext, ModelWorker, ProgressEvent
 
 _log = logging.getLogger(__name__)
 

@@ -15,14 +15,14 @@ from PIL import Image
 from refiner_service.backends import RefinerBackend, seeds_for
 from refiner_service.batching import DynamicBatcher
 from refiner_service.config import RefinerSettings
-from trellisbox.artifacts import Artifact
-from trellisbox.convert import decode_images, refine_params_from_proto
-from trellisbox.errors import Cancelled, DeadlineExceeded, error_boundary
-from trellisbox.imaging import encode_png
-from trellisbox.observability import REQUEST_ID, observe_stage
-from trellisbox.params import RefineParams, random_seed
+from trellisbox._domain.artifacts import Artifact
+from trellisbox._domain.convert import decode_images, refine_params_from_proto
+from trellisbox._domain.errors import Cancelled, DeadlineExceeded, error_boundary
+from trellisbox._domain.imaging import encode_png
+from trellisbox._domain.params import RefineParams, random_seed
+from trellisbox._runtime.observability import REQUEST_ID, observe_stage
+from trellisbox._runtime.worker import Finished, JobContext, ModelWorker
 from trellisbox.v1 import common_pb2, refiner_pb2, refiner_pb2_grpc
-from trellisbox.worker import Finished, JobContext, ModelWorker
 
 _log = logging.getLogger(__name__)
 SERVICE_LABEL = "refiner"

@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings
 from gateway.config import GatewaySettings
 from refiner_service.config import RefinerSettings
 from trellis_service.config import TrellisSettings
-from trellisbox.config import ServiceSettings
+from trellisbox._runtime.config import ServiceSettings
 
 SECTIONS: list[tuple[str, type[BaseSettings], str]] = [
     ("Every service", ServiceSettings, "TRELLISBOX_<SERVICE>_"),

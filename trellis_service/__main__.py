@@ -13,14 +13,14 @@ from PIL import Image
 from trellis_service.backends import ImageTo3DBackend, select_backend
 from trellis_service.config import TrellisSettings
 from trellis_service.servicer import SERVICE_LABEL, BackendSlot, TrellisServicer
-from trellisbox.config import load_settings
-from trellisbox.errors import ModelUnavailable
-from trellisbox.params import GenerationParams, SamplerParams
-from trellisbox.runtime import NO_MODEL, build_model_runtime
-from trellisbox.server import ServiceSpec, run
-from trellisbox.stack import TRELLIS_SERVICE
+from trellisbox._domain.contract import TRELLIS_SERVICE
+from trellisbox._domain.errors import ModelUnavailable
+from trellisbox._domain.params import GenerationParams, SamplerParams
+from trellisbox._runtime.config import load_settings
+from trellisbox._runtime.model import NO_MODEL, build_model_runtime
+from trellisbox._runtime.server import ServiceSpec, run
+from trellisbox._runtime.worker import JobContext
 from trellisbox.v1 import common_pb2, trellis_pb2_grpc
-from trellisbox.worker import JobContext
 
 _log = logging.getLogger("trellis_service")
 

@@ -8,9 +8,9 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from trellisbox.config import ServiceSettings
-from trellisbox.devices import validate_device
-from trellisbox.lease import LeaseSettings, Residency
+from trellisbox._runtime.config import ServiceSettings
+from trellisbox._runtime.devices import validate_device
+from trellisbox._runtime.lease import LeaseSettings, Residency
 
 
 class TrellisSettings(ServiceSettings, LeaseSettings):

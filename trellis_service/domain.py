@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from trellisbox.artifacts import Artifact
+from trellisbox._domain.artifacts import Artifact
 
 
 @dataclass(frozen=True)

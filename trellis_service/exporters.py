@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 import trimesh
 
-from trellisbox.errors import ServiceError
+from trellisbox._domain.errors import ServiceError
 
 #: DC term of degree-0 spherical harmonics: colour = 0.5 + SH_C0 * f_dc (3DGS convention).
 SH_C0 = 0.28209479177387814

@@ -1,8 +1,8 @@
 """The gRPC face of the TRELLIS service: protobuf in, domain calls on the model worker, a stream out.
 
 The servicer holds no model logic: it validates and converts the request, queues one job on the
-single :class:`~trellisbox.worker.ModelWorker`, relays progress, then streams each artifact in chunks
-and a final ``ImageTo3DDone``. Errors become status codes in :func:`trellisbox.errors.error_boundary`.
+single :class:`~trellisbox._runtime.worker.ModelWorker`, relays progress, then streams each artifact in chunks
+and a final ``ImageTo3DDone``. Errors become status codes in :func:`trellisbox._domain.errors.error_boundary`.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import grpc
 from trellis_service.backends.base import ImageTo3DBackend
 from trellis_service.config import TrellisSettings
 from trellis_service.domain import GenerationResult
-from trellisbox.convert import decode_images, generation_params_from_proto
-from trellisbox.errors import InvalidInput, Unavailable, error_boundary
-from trellisbox.observability import REQUEST_ID, observe_stage
+from trellisbox._domain.convert import decode_images, generation_params_from_proto
+from trellisbox._domain.errors import InvalidInput, Unavailable, error_boundary
+from trellisbox._runtime.observability import REQUEST_ID, observe_stage
+from trellisbox._runtime.worker import Finished, JobContext, ModelWorker
 from trellisbox.v1 import common_pb2, trellis_pb2, trellis_pb2_grpc
-from trellisbox.worker import Finished, JobContext, ModelWorker
 
 SERVICE_LABEL = "trellis"
 _SUPPORTED_FORMATS = (common_pb2.ARTIFACT_KIND_GLB, common_pb2.ARTIFACT_KIND_GAUSSIAN_PLY)

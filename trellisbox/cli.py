@@ -152,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("web", add_help=False, help="serve the web form in front of a gateway (see: trellisbox web -h)")
     args, rest = parser.parse_known_args(argv)
     if args.command == "web":
-        from trellisbox.webui import main as web_main
+        from webui.app import main as web_main
 
         return web_main(rest)
     if rest:

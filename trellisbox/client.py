@@ -18,8 +18,8 @@ from typing import Any
 import grpc
 from PIL import Image
 
-from trellisbox.artifacts import Artifact, ArtifactAssembler
-from trellisbox.imaging import encode_png
+from trellisbox._domain.artifacts import Artifact, ArtifactAssembler
+from trellisbox._domain.imaging import encode_png
 from trellisbox.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 ImageInput = bytes | str | Path | Image.Image

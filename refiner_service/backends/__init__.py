@@ -14,7 +14,7 @@ from pathlib import Path
 from refiner_service.backends.base import RefinerBackend, seeds_for
 from refiner_service.config import DEFAULT_MODEL
 from refiner_service.tiny import TINY_MODEL
-from trellisbox.devices import cuda_available, validate_device
+from trellisbox._runtime.devices import cuda_available, validate_device
 
 __all__ = ["RefinerBackend", "create_backend", "resolve_backend", "seeds_for", "weights_available"]
 

@@ -9,9 +9,9 @@ from typing import ClassVar
 
 from PIL import Image
 
-from trellisbox.errors import Cancelled, DeadlineExceeded, ServiceError
-from trellisbox.params import MAX_SEED, RefineParams
-from trellisbox.worker import JobContext
+from trellisbox._domain.errors import Cancelled, DeadlineExceeded, ServiceError
+from trellisbox._domain.params import MAX_SEED, RefineParams
+from trellisbox._runtime.worker import JobContext
 
 
 def seeds_for(first: int, count: int) -> list[int]:

@@ -22,10 +22,10 @@ import numpy.typing as npt
 from PIL import Image
 
 from refiner_service.backends.base import RefinerBackend
-from trellisbox.imaging import reapply_alpha, split_alpha
-from trellisbox.params import RefineParams
+from trellisbox._domain.imaging import reapply_alpha, split_alpha
+from trellisbox._domain.params import RefineParams
+from trellisbox._runtime.worker import JobContext
 from trellisbox.v1 import common_pb2
-from trellisbox.worker import JobContext
 
 _log = logging.getLogger(__name__)
 

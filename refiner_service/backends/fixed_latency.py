@@ -22,9 +22,9 @@ from collections.abc import Sequence
 from PIL import Image
 
 from refiner_service.backends.base import RefinerBackend
-from trellisbox.params import RefineParams
+from trellisbox._domain.params import RefineParams
+from trellisbox._runtime.worker import JobContext
 from trellisbox.v1 import common_pb2
-from trellisbox.worker import JobContext
 
 _log = logging.getLogger(__name__)
 

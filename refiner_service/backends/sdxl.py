@@ -20,12 +20,12 @@ from PIL import Image
 from refiner_service.backends.base import BatchMember, MemberOutcome, RefinerBackend, stop_reason
 from refiner_service.config import DEFAULT_MODEL
 from refiner_service.tiny import TINY_MODEL, tiny_refiner_path
-from trellisbox.devices import resolve_device, validate_device
-from trellisbox.errors import InvalidInput, ModelUnavailable, ServiceError
-from trellisbox.imaging import reapply_alpha, split_alpha
-from trellisbox.params import RefineParams
+from trellisbox._domain.errors import InvalidInput, ModelUnavailable, ServiceError
+from trellisbox._domain.imaging import reapply_alpha, split_alpha
+from trellisbox._domain.params import RefineParams
+from trellisbox._runtime.devices import resolve_device, validate_device
+from trellisbox._runtime.worker import JobContext
 from trellisbox.v1 import common_pb2
-from trellisbox.worker import JobContext
 
 if TYPE_CHECKING:
     import torch

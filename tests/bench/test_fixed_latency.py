@@ -7,9 +7,9 @@ from PIL import Image
 
 from refiner_service.backends import create_backend
 from refiner_service.backends.fixed_latency import LATENCY_ENV, FixedLatencyBackend
-from trellisbox.errors import Cancelled
-from trellisbox.params import RefineParams
-from trellisbox.worker import JobContext, ProgressEvent
+from trellisbox._domain.errors import Cancelled
+from trellisbox._domain.params import RefineParams
+from trellisbox._runtime.worker import JobContext, ProgressEvent
 
 
 def test_returns_its_input_with_progress_like_the_sdxl_backend() -> None:

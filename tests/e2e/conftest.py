@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from trellisbox.stack import LocalStack
+from tools.stack import LocalStack
 
 ROOT = Path(__file__).resolve().parents[2]
 VALIDATOR = ROOT / "tools" / "gltf-validator" / "validate.mjs"

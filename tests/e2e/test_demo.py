@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 def test_demo_runs_refine_then_3d_and_writes_out(tmp_path: Path) -> None:
     out = tmp_path / "out"
     completed = subprocess.run(
-        [sys.executable, "-m", "trellisbox.demo", "--out", str(out)],
+        [sys.executable, "-m", "tools.demo", "--out", str(out)],
         capture_output=True, text=True, timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]

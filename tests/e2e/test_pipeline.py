@@ -20,8 +20,9 @@ from PIL import Image
 
 from tests.e2e.conftest import validate_glb
 from tests.images import encode, png_bytes, rgba_object
+from tools.stack import LocalStack, health_status
+from trellisbox._domain.contract import GATEWAY_SERVICE, REFINER_SERVICE, TRELLIS_SERVICE
 from trellisbox.client import ProgressUpdate, TrellisBoxClient, build_request
-from trellisbox.stack import GATEWAY_SERVICE, REFINER_SERVICE, TRELLIS_SERVICE, LocalStack, health_status
 from trellisbox.v1 import common_pb2
 
 pytestmark = pytest.mark.integration

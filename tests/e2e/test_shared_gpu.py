@@ -20,8 +20,8 @@ import grpc
 import pytest
 
 from tests.images import png_bytes
+from tools.stack import LocalStack
 from trellisbox.client import TrellisBoxClient, build_request
-from trellisbox.stack import LocalStack
 from trellisbox.v1 import common_pb2
 
 pytestmark = pytest.mark.integration

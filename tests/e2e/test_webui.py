@@ -14,8 +14,8 @@ from PIL import Image
 
 from tests.e2e.conftest import validate_glb
 from tests.images import png_bytes
-from trellisbox.stack import LocalStack
-from trellisbox.webui import WebUI
+from tools.stack import LocalStack
+from webui.app import WebUI
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from trellisbox.artifacts import Artifact, ArtifactAssembler, ArtifactProtocolError
+from trellisbox._domain.artifacts import Artifact, ArtifactAssembler, ArtifactProtocolError
 from trellisbox.v1 import common_pb2
 
 GLB, PLY = common_pb2.ARTIFACT_KIND_GLB, common_pb2.ARTIFACT_KIND_GAUSSIAN_PLY

@@ -9,7 +9,8 @@ import grpc
 import pytest
 
 from tests.images import huge_png_header, png_bytes, truncated_png
-from trellisbox.stack import GATEWAY_SERVICE, ServiceProcess, free_port, health_status, start_service
+from tools.stack import ServiceProcess, free_port, health_status, start_service
+from trellisbox._domain.contract import GATEWAY_SERVICE
 from trellisbox.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 pytestmark = pytest.mark.integration

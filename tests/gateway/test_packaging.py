@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_gateway_and_client_import_no_model_library() -> None:
     code = (
-        "import sys, gateway.__main__, gateway.router, trellisbox.client, trellisbox.cli, trellisbox.demo\n"
+        "import sys, gateway.__main__, gateway.router, trellisbox.client, trellisbox.cli, tools.demo\n"
         "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'trimesh', 'scipy') if m in sys.modules)\n"
         "assert not heavy, heavy\n"
     )

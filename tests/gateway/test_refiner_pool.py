@@ -8,15 +8,9 @@ from pathlib import Path
 import pytest
 
 from tests.images import png_bytes
+from tools.stack import ServiceProcess, health_status, start_service
+from trellisbox._domain.contract import GATEWAY_SERVICE, REFINER_SERVICE, TRELLIS_SERVICE
 from trellisbox.client import TrellisBoxClient
-from trellisbox.stack import (
-    GATEWAY_SERVICE,
-    REFINER_SERVICE,
-    TRELLIS_SERVICE,
-    ServiceProcess,
-    health_status,
-    start_service,
-)
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from gateway.relay import CHUNK, DONE, PROGRESS, Encoded, serialize_response, single_field, stage_deserializer
-from trellisbox.artifacts import Artifact
+from trellisbox._domain.artifacts import Artifact
 from trellisbox.v1 import common_pb2, gateway_pb2, refiner_pb2, trellis_pb2
 
 STAGE_TYPES = [refiner_pb2.RefineResponse, trellis_pb2.ImageTo3DResponse]

@@ -531,7 +531,7 @@ def container_environment(objs: tuple[Obj, ...], container: Obj) -> dict[str, st
 def test_config_keys_are_real_settings_and_values_parse(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Unknown TRELLISBOX_* variables are silently ignored by the services, so a typo would go unnoticed:
     every key must name a field, and the services' own settings classes must accept every value."""
-    from trellisbox.config import load_settings
+    from trellisbox._runtime.config import load_settings
 
     objs = k8sutil.render(name)
     pending = []

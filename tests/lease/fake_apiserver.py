@@ -103,7 +103,7 @@ class FakeApiServer:
 
     def configuration(self) -> k8s.Configuration:
         cfg = k8s.Configuration(host=self.url)
-        cfg.retries = False  # as trellisbox.lease.kube.coordination_api does for real clusters
+        cfg.retries = False  # as trellisbox._runtime.lease.kube.coordination_api does for real clusters
         return cfg
 
     # -- test controls -----------------------------------------------------------------------

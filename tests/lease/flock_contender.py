@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from trellisbox.lease import FlockLease, LeaseRecorder
+from trellisbox._runtime.lease import FlockLease, LeaseRecorder
 
 
 def main() -> int:

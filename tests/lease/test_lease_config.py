@@ -11,8 +11,8 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsConfigDict
 
 from tests.lease.lease_helpers import child_env
-from trellisbox.config import ServiceSettings, load_settings
-from trellisbox.lease import LeaseSettings
+from trellisbox._runtime.config import ServiceSettings, load_settings
+from trellisbox._runtime.lease import LeaseSettings
 
 
 class RefinerLikeSettings(ServiceSettings, LeaseSettings):
@@ -75,8 +75,8 @@ def test_paths_are_checked(tmp_path: Path) -> None:
 
 
 def test_importing_the_lease_package_does_not_import_kubernetes() -> None:
-    """Services on the flock backend (and anything importing trellisbox.lease) skip the k8s client."""
-    code = ("import sys, trellisbox.lease as lease\n"
+    """Services on the flock backend (and anything importing trellisbox._runtime.lease) skip the k8s client."""
+    code = ("import sys, trellisbox._runtime.lease as lease\n"
             "assert 'kubernetes' not in sys.modules, 'kubernetes imported eagerly'\n"
             "assert lease.KubernetesLease.__name__ == 'KubernetesLease'\n")
     result = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True,

@@ -13,8 +13,15 @@ from pathlib import Path
 import pytest
 
 from tests.lease.lease_helpers import HERE, check_records, child_env, wait_until
-from trellisbox.lease import AcquireCancelled, FlockLease, LeaseError, LeaseRecorder, LeaseTimeout, read_records
-from trellisbox.lease.flock import read_lock_file
+from trellisbox._runtime.lease import (
+    AcquireCancelled,
+    FlockLease,
+    LeaseError,
+    LeaseRecorder,
+    LeaseTimeout,
+    read_records,
+)
+from trellisbox._runtime.lease.flock import read_lock_file
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -19,10 +19,10 @@ from kubernetes.client.exceptions import ApiException
 
 from tests.lease.fake_apiserver import FakeApiServer
 from tests.lease.lease_helpers import Occupancy, check_records, wait_until
-from trellisbox.errors import Unavailable
-from trellisbox.lease import GpuTurns, LeaseLost, LeaseRecorder, LeaseSettings, LeaseTimeout, make_lease
-from trellisbox.lease.kube import WAITING_ANNOTATION, KubernetesLease, coordination_api, format_microtime
-from trellisbox.worker import JobContext
+from trellisbox._domain.errors import Unavailable
+from trellisbox._runtime.lease import GpuTurns, LeaseLost, LeaseRecorder, LeaseSettings, LeaseTimeout, make_lease
+from trellisbox._runtime.lease.kube import WAITING_ANNOTATION, KubernetesLease, coordination_api, format_microtime
+from trellisbox._runtime.worker import JobContext
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.lease.lease_helpers import REPO, child_env
-from trellisbox.lease import LeaseRecorder, read_records
+from trellisbox._runtime.lease import LeaseRecorder, read_records
 
 pytestmark = pytest.mark.timeout(60)
 CHECKER = REPO / "tools" / "check_lease_records.py"
@@ -48,7 +48,7 @@ def test_appends_are_atomic_across_processes(tmp_path: Path) -> None:
     path, per_process, procs = tmp_path / "shared.jsonl", 400, 4
     script = (
         "import sys\n"
-        "from trellisbox.lease import LeaseRecorder\n"
+        "from trellisbox._runtime.lease import LeaseRecorder\n"
         "rec = LeaseRecorder(sys.argv[1])\n"
         "for i in range(int(sys.argv[2])):\n"
         "    rec.record('acquire', service='s' + sys.argv[3], holder='h' * 300, gpu='gpu-0', token=i)\n"

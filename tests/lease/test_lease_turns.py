@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.lease.lease_helpers import Occupancy, check_records, wait_until
-from trellisbox.errors import Cancelled, DeadlineExceeded, Unavailable
-from trellisbox.lease import (
+from trellisbox._domain.errors import Cancelled, DeadlineExceeded, Unavailable
+from trellisbox._runtime.lease import (
     FlockLease,
     GpuTurns,
     LeaseRecorder,
@@ -21,7 +21,7 @@ from trellisbox.lease import (
     make_lease,
     residency_hooks,
 )
-from trellisbox.worker import JobContext, ModelWorker
+from trellisbox._runtime.worker import JobContext, ModelWorker
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -14,10 +14,10 @@ import pytest
 from refiner_service import ImageRefiner
 from refiner_service.backends.sdxl import SDXLBackend
 from tests.refiner.refiner_helpers import pixels, scene, with_alpha
-from trellisbox.errors import Cancelled, DeadlineExceeded, InvalidInput, ModelUnavailable
-from trellisbox.params import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, MAX_SEED, RefineParams
+from trellisbox._domain.errors import Cancelled, DeadlineExceeded, InvalidInput, ModelUnavailable
+from trellisbox._domain.params import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, MAX_SEED, RefineParams
+from trellisbox._runtime.worker import JobContext, ProgressEvent
 from trellisbox.v1 import common_pb2
-from trellisbox.worker import JobContext, ProgressEvent
 
 FAST: dict[str, Any] = {"num_inference_steps": 4, "strength": 0.5}  # two UNet steps: enough to prove the plumbing
 

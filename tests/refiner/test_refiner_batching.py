@@ -28,11 +28,11 @@ from refiner_service.batching import BATCH_IMAGES, BATCH_REQUESTS, DynamicBatche
 from refiner_service.config import RefinerSettings
 from refiner_service.servicer import SERVICE_LABEL, RefinerServicer
 from tests.refiner.refiner_helpers import png_bytes, scene, with_alpha
-from trellisbox.errors import Cancelled, DeadlineExceeded, QueueFull
-from trellisbox.params import RefineParams
-from trellisbox.stack import free_port, start_service
+from tools.stack import free_port, start_service
+from trellisbox._domain.errors import Cancelled, DeadlineExceeded, QueueFull
+from trellisbox._domain.params import RefineParams
+from trellisbox._runtime.worker import Finished, ModelWorker, ProgressEvent
 from trellisbox.v1 import common_pb2, refiner_pb2, refiner_pb2_grpc
-from trellisbox.worker import Finished, ModelWorker, ProgressEvent
 
 # A batched image may differ from the same image refined alone by this many grey levels (of 255) per
 # channel: a batch runs the text encoder, UNet and VAE on a larger tensor, and CPU (and GPU) kernels sum

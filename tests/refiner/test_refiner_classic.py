@@ -7,10 +7,10 @@ import pytest
 
 from refiner_service.backends.classic import ClassicBackend
 from tests.refiner.refiner_helpers import blockiness, jpeg_degraded, pixels, scene, with_alpha
-from trellisbox.errors import Cancelled
-from trellisbox.params import RefineParams
+from trellisbox._domain.errors import Cancelled
+from trellisbox._domain.params import RefineParams
+from trellisbox._runtime.worker import JobContext, ProgressEvent
 from trellisbox.v1 import common_pb2
-from trellisbox.worker import JobContext, ProgressEvent
 
 
 def refine(image, strength: float = 0.3):  # type: ignore[no-untyped-def]

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from refiner_service import backends
 from refiner_service.backends import create_backend, resolve_backend, weights_available
 from refiner_service.config import DEFAULT_MODEL, RefinerSettings
-from trellisbox.config import load_settings
+from trellisbox._runtime.config import load_settings
 
 
 def test_defaults() -> None:

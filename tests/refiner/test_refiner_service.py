@@ -22,8 +22,8 @@ from grpc_health.v1 import health_pb2
 from PIL import Image
 
 from tests.refiner.refiner_helpers import png_bytes, scene, with_alpha
-from trellisbox.artifacts import ArtifactAssembler
-from trellisbox.stack import ServiceProcess, health_status, start_service
+from tools.stack import ServiceProcess, health_status, start_service
+from trellisbox._domain.artifacts import ArtifactAssembler
 from trellisbox.v1 import common_pb2, refiner_pb2, refiner_pb2_grpc
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

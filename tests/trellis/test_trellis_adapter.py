@@ -16,10 +16,10 @@ from trellis_service.backends import select_backend
 from trellis_service.backends.preview import PreviewBackend
 from trellis_service.backends.trellis import TrellisBackend
 from trellis_service.config import TrellisSettings
-from trellisbox.errors import Cancelled, ModelUnavailable
-from trellisbox.params import GenerationParams, MultiImageMode, SamplerParams
+from trellisbox._domain.errors import Cancelled, ModelUnavailable
+from trellisbox._domain.params import GenerationParams, MultiImageMode, SamplerParams
+from trellisbox._runtime.worker import JobContext, ProgressEvent
 from trellisbox.v1 import common_pb2
-from trellisbox.worker import JobContext, ProgressEvent
 
 GLB = common_pb2.ARTIFACT_KIND_GLB
 PLY = common_pb2.ARTIFACT_KIND_GAUSSIAN_PLY

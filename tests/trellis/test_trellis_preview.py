@@ -18,9 +18,9 @@ from trellis_service.backends.preview import (
     remove_pinches,
 )
 from trellis_service.exporters import SPLAT_PROPERTIES
-from trellisbox.params import GenerationParams
+from trellisbox._domain.params import GenerationParams
+from trellisbox._runtime.worker import JobContext, ProgressEvent
 from trellisbox.v1 import common_pb2
-from trellisbox.worker import JobContext, ProgressEvent
 
 GLB = common_pb2.ARTIFACT_KIND_GLB
 PLY = common_pb2.ARTIFACT_KIND_GAUSSIAN_PLY

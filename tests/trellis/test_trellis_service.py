@@ -12,10 +12,11 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from tests.trellis.trellis_helpers import REPO_ROOT, load_glb, object_image, parse_ply, png_bytes, validate_glb
+from tools.stack import ServiceProcess, health_status, start_service
 from trellis_service.servicer import formats_from_proto
-from trellisbox.artifacts import Artifact, ArtifactAssembler
-from trellisbox.errors import InvalidInput
-from trellisbox.stack import TRELLIS_SERVICE, ServiceProcess, health_status, start_service
+from trellisbox._domain.artifacts import Artifact, ArtifactAssembler
+from trellisbox._domain.contract import TRELLIS_SERVICE
+from trellisbox._domain.errors import InvalidInput
 from trellisbox.v1 import common_pb2, trellis_pb2, trellis_pb2_grpc
 
 pytestmark = pytest.mark.integration

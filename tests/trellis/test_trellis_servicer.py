@@ -16,10 +16,10 @@ from trellis_service.backends.base import ImageTo3DBackend
 from trellis_service.config import TrellisSettings
 from trellis_service.domain import GenerationResult
 from trellis_service.servicer import BackendSlot, TrellisServicer
-from trellisbox.artifacts import Artifact
-from trellisbox.params import GenerationParams
+from trellisbox._domain.artifacts import Artifact
+from trellisbox._domain.params import GenerationParams
+from trellisbox._runtime.worker import JobContext, ModelWorker
 from trellisbox.v1 import common_pb2, trellis_pb2
-from trellisbox.worker import JobContext, ModelWorker
 
 
 class Aborted(Exception):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from trellisbox.protogen import PROTO_DIR, ROOT, generate
+from tools.protogen import PROTO_DIR, ROOT, generate
 from trellisbox.v1 import common_pb2, gateway_pb2, refiner_pb2, trellis_pb2
 
 GENERATED = ROOT / "trellisbox" / "v1"

@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from tests.images import encode, huge_png_header, png_bytes, rgba_object, truncated_png
-from trellisbox.errors import InvalidInput
-from trellisbox.imaging import ImageLimits, decode_image, encode_png, reapply_alpha, split_alpha
+from trellisbox._domain.errors import InvalidInput
+from trellisbox._domain.imaging import ImageLimits, decode_image, encode_png, reapply_alpha, split_alpha
 
 
 def test_png_rgba_round_trip_keeps_alpha() -> None:

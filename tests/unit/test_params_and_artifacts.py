@@ -4,15 +4,15 @@ import hashlib
 
 import pytest
 
-from trellisbox.artifacts import Artifact, ArtifactAssembler, ArtifactProtocolError
-from trellisbox.convert import (
+from trellisbox._domain.artifacts import Artifact, ArtifactAssembler, ArtifactProtocolError
+from trellisbox._domain.convert import (
     generation_params_from_proto,
     generation_params_to_proto,
     refine_params_from_proto,
     refine_params_to_proto,
 )
-from trellisbox.errors import InvalidInput
-from trellisbox.params import GenerationParams, MultiImageMode, RefineParams
+from trellisbox._domain.errors import InvalidInput
+from trellisbox._domain.params import GenerationParams, MultiImageMode, RefineParams
 from trellisbox.v1 import common_pb2
 
 

@@ -4,9 +4,9 @@ import asyncio
 import json
 from pathlib import Path
 
-from trellisbox.lease import LeaseSettings
-from trellisbox.runtime import NO_MODEL, build_model_runtime
-from trellisbox.worker import Finished, JobContext
+from trellisbox._runtime.lease import LeaseSettings
+from trellisbox._runtime.model import NO_MODEL, build_model_runtime
+from trellisbox._runtime.worker import Finished, JobContext
 
 
 class FakeModel:

@@ -7,9 +7,9 @@ from collections.abc import AsyncGenerator
 
 import pytest
 
-from trellisbox.errors import Cancelled, QueueFull
+from trellisbox._domain.errors import Cancelled, QueueFull
+from trellisbox._runtime.worker import Finished, JobContext, ModelWorker, ProgressEvent
 from trellisbox.v1 import common_pb2
-from trellisbox.worker import Finished, JobContext, ModelWorker, ProgressEvent
 
 
 def _stepper(steps: int, delay: float, seen: list[int] | None = None):  # type: ignore[no-untyped-def]
@@ -80,7 +80,7 @@ def test_a_caller_that_leaves_stops_its_job() -> None:
 
 
 def test_deadline_raises_deadline_exceeded() -> None:
-    from trellisbox.errors import DeadlineExceeded
+    from trellisbox._domain.errors import DeadlineExceeded
 
     worker = ModelWorker("test", max_queue=2)
 

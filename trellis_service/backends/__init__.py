@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 from trellis_service.backends.base import ImageTo3DBackend
 from trellis_service.config import TrellisSettings
-from trellisbox.devices import cuda_available
-from trellisbox.errors import ModelUnavailable
+from trellisbox._domain.errors import ModelUnavailable
+from trellisbox._runtime.devices import cuda_available
 
 __all__ = ["ImageTo3DBackend", "select_backend"]
 

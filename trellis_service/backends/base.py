@@ -8,15 +8,15 @@ from collections.abc import Set
 from PIL import Image
 
 from trellis_service.domain import GenerationResult
-from trellisbox.params import GenerationParams
-from trellisbox.worker import JobContext
+from trellisbox._domain.params import GenerationParams
+from trellisbox._runtime.worker import JobContext
 
 
 class ImageTo3DBackend(abc.ABC):
     """One image-to-3D model. Every method is called on the service's single model thread.
 
     Upstream pipelines are not thread-safe, so a backend instance is only ever driven by one
-    :class:`~trellisbox.worker.ModelWorker`; implementations need no locking of their own.
+    :class:`~trellisbox._runtime.worker.ModelWorker`; implementations need no locking of their own.
     """
 
     #: Short name reported to callers ("trellis", "preview").

@@ -23,10 +23,10 @@ from scipy import ndimage
 from trellis_service.backends.base import ImageTo3DBackend
 from trellis_service.domain import GenerationResult, StageClock
 from trellis_service.exporters import SH_C0, glb_bytes, splat_ply_bytes
-from trellisbox.artifacts import Artifact
-from trellisbox.params import GenerationParams, random_seed
+from trellisbox._domain.artifacts import Artifact
+from trellisbox._domain.params import GenerationParams, random_seed
+from trellisbox._runtime.worker import JobContext
 from trellisbox.v1 import common_pb2
-from trellisbox.worker import JobContext
 
 _log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ with its CUDA extensions for the target GPU) and is imported from ``PYTHONPATH``
   instance (upstream code is untouched);
 - exports the GLB with ``postprocessing_utils.to_glb`` and the splats with ``Gaussian.save_ply``.
 
-One pipeline instance is only ever driven by one :class:`~trellisbox.worker.ModelWorker` thread:
+One pipeline instance is only ever driven by one :class:`~trellisbox._runtime.worker.ModelWorker` thread:
 ``run`` seeds the global torch RNG and ``run_multi_image`` patches shared sampler objects, so two
 concurrent calls would corrupt each other.
 """
@@ -39,12 +39,12 @@ from PIL import Image
 from trellis_service.backends.base import ImageTo3DBackend
 from trellis_service.domain import GenerationResult, StageClock
 from trellis_service.exporters import glb_bytes, ply_bytes_from
-from trellisbox.artifacts import Artifact
-from trellisbox.devices import cuda_available, resolve_device
-from trellisbox.errors import ModelUnavailable
-from trellisbox.params import GenerationParams, MultiImageMode, random_seed
+from trellisbox._domain.artifacts import Artifact
+from trellisbox._domain.errors import ModelUnavailable
+from trellisbox._domain.params import GenerationParams, MultiImageMode, random_seed
+from trellisbox._runtime.devices import cuda_available, resolve_device
+from trellisbox._runtime.worker import JobContext
 from trellisbox.v1 import common_pb2
-from trellisbox.worker import JobContext
 
 _log = logging.getLogger(__name__)
 

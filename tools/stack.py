@@ -21,9 +21,7 @@ from types import TracebackType
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-REFINER_SERVICE = "trellisbox.v1.RefinerService"
-TRELLIS_SERVICE = "trellisbox.v1.TrellisService"
-GATEWAY_SERVICE = "trellisbox.v1.GatewayService"
+from trellisbox._domain.contract import GATEWAY_SERVICE, REFINER_SERVICE, TRELLIS_SERVICE
 
 
 def free_port(host: str = "127.0.0.1") -> int:

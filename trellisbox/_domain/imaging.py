@@ -2,7 +2,7 @@
 
 All untrusted image bytes go through :func:`decode_image`, which checks size, format and pixel count
 from the header before decoding, and turns every decoder failure into an actionable
-:class:`~trellisbox.errors.InvalidInput`.
+:class:`~trellisbox._domain.errors.InvalidInput`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from trellisbox.errors import InvalidInput
+from trellisbox._domain.errors import InvalidInput
 
 # A truncated upload must be an error, not a silently grey bottom half.
 ImageFile.LOAD_TRUNCATED_IMAGES = False

@@ -12,7 +12,7 @@ from typing import TypeVar
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from trellisbox.imaging import ImageLimits
+from trellisbox._domain.imaging import ImageLimits
 
 
 class ServiceSettings(BaseSettings):

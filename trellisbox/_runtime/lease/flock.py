@@ -28,8 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trellisbox.lease.base import AcquireCancelled, GpuLease, LeaseError, LeaseTimeout
-from trellisbox.lease.records import LeaseRecorder
+from trellisbox._runtime.lease.base import AcquireCancelled, GpuLease, LeaseError, LeaseTimeout
+from trellisbox._runtime.lease.records import LeaseRecorder
 
 _log = logging.getLogger(__name__)
 

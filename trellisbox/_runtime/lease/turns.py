@@ -1,4 +1,4 @@
-"""GPU turns: the guard a model service's :class:`~trellisbox.worker.ModelWorker` enters around every
+"""GPU turns: the guard a model service's :class:`~trellisbox._runtime.worker.ModelWorker` enters around every
 job (``ModelWorker(gpu_turn=turns)``).
 
 A *turn* is one hold of the GPU lease. On entering a job without the lease the guard waits politely
@@ -16,7 +16,7 @@ take its turn (``wait_for_peer``), so a service that just yielded does not re-gr
 therefore waits at most about ``max_hold_s`` plus one job.
 
 A lost lease (Kubernetes backend) cancels the job in flight (it stops at its next step, and fails
-with :class:`~trellisbox.lease.LeaseLost`, gRPC ``UNAVAILABLE``; a job that finishes without reaching
+with :class:`~trellisbox._runtime.lease.LeaseLost`, gRPC ``UNAVAILABLE``; a job that finishes without reaching
 another step returns its result), parks the model and refuses new GPU work until the lease is
 re-acquired by a later job.
 """
@@ -34,9 +34,9 @@ from typing import Protocol
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from trellisbox.errors import Cancelled, DeadlineExceeded, Unavailable
-from trellisbox.lease.base import AcquireCancelled, GpuLease, LeaseLost, LeaseTimeout
-from trellisbox.lease.config import Residency
+from trellisbox._domain.errors import Cancelled, DeadlineExceeded, Unavailable
+from trellisbox._runtime.lease.base import AcquireCancelled, GpuLease, LeaseLost, LeaseTimeout
+from trellisbox._runtime.lease.config import Residency
 
 _log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ LEASE_LOST = Counter("trellisbox_gpu_lease_lost_total", "GPU leases lost while h
 
 
 class TurnJob(Protocol):
-    """What the guard needs from a job (``trellisbox.worker.JobContext`` satisfies it)."""
+    """What the guard needs from a job (``trellisbox._runtime.worker.JobContext`` satisfies it)."""
 
     @property
     def deadline(self) -> float | None: ...  # time.monotonic() seconds

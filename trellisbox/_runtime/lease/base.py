@@ -13,8 +13,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from types import TracebackType
 
-from trellisbox.errors import Unavailable
-from trellisbox.lease.records import LeaseRecorder
+from trellisbox._domain.errors import Unavailable
+from trellisbox._runtime.lease.records import LeaseRecorder
 
 _log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """``make demo`` / ``make run``: the three services on this machine, and one image through them.
 
-    python -m trellisbox.demo --out out          # start, refine + generate the bundled example, stop
-    python -m trellisbox.demo --serve            # start and keep serving until Ctrl-C
+    python -m tools.demo --out out          # start, refine + generate the bundled example, stop
+    python -m tools.demo --serve            # start and keep serving until Ctrl-C
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+import trellisbox
+from tools.stack import LocalStack
 from trellisbox.cli import StageBars, print_summary, write_outputs
 from trellisbox.client import TrellisBoxClient
-from trellisbox.stack import LocalStack
-from trellisbox.webui import WebUI
+from webui.app import WebUI
 
-EXAMPLE_IMAGE = Path(__file__).parent / "assets" / "example.png"
+EXAMPLE_IMAGE = Path(trellisbox.__file__).parent / "assets" / "example.png"
 _console = Console(stderr=True)
 
 

@@ -10,7 +10,7 @@ import secrets
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from trellisbox.errors import InvalidInput
+from trellisbox._domain.errors import InvalidInput
 
 DEFAULT_PROMPT = "high quality, detailed, sharp"
 DEFAULT_NEGATIVE_PROMPT = "blurry, low quality, distorted"

@@ -18,14 +18,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from trellisbox.lease.base import AcquireCancelled, GpuLease, LeaseError, LeaseLost, LeaseTimeout
-from trellisbox.lease.config import LeaseBackend, LeaseSettings, Placement, Residency
-from trellisbox.lease.flock import FlockLease
-from trellisbox.lease.records import LeaseRecorder, read_records
-from trellisbox.lease.turns import GpuTurns, ResidencyHooks, TurnJob, TurnStats, residency_hooks
+from trellisbox._runtime.lease.base import AcquireCancelled, GpuLease, LeaseError, LeaseLost, LeaseTimeout
+from trellisbox._runtime.lease.config import LeaseBackend, LeaseSettings, Placement, Residency
+from trellisbox._runtime.lease.flock import FlockLease
+from trellisbox._runtime.lease.records import LeaseRecorder, read_records
+from trellisbox._runtime.lease.turns import GpuTurns, ResidencyHooks, TurnJob, TurnStats, residency_hooks
 
 if TYPE_CHECKING:
-    from trellisbox.lease.kube import KubernetesLease
+    from trellisbox._runtime.lease.kube import KubernetesLease
 
 __all__ = [
     "AcquireCancelled", "FlockLease", "GpuLease", "GpuTurns", "KubernetesLease", "LeaseBackend",
@@ -38,7 +38,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # The kubernetes client is imported only by services that use that backend.
     if name == "KubernetesLease":
-        from trellisbox.lease.kube import KubernetesLease
+        from trellisbox._runtime.lease.kube import KubernetesLease
 
         return KubernetesLease
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -60,7 +60,7 @@ def make_lease(settings: LeaseSettings, service: str, *, kube_api: Any = None) -
     if settings.lease_backend == "flock":
         return FlockLease(settings.lease_name, settings.lease_holder, settings.lease_dir, service=service,
                           recorder=recorder)
-    from trellisbox.lease.kube import KubernetesLease
+    from trellisbox._runtime.lease.kube import KubernetesLease
 
     return KubernetesLease(
         settings.lease_name, settings.lease_holder, namespace=settings.lease_namespace, api=kube_api,

@@ -21,9 +21,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
 
-from trellisbox.config import ServiceSettings
-from trellisbox.errors import ServiceError
-from trellisbox.observability import configure_logging, start_metrics_server
+from trellisbox._domain.errors import ServiceError
+from trellisbox._runtime.config import ServiceSettings
+from trellisbox._runtime.observability import configure_logging, start_metrics_server
 
 _log = logging.getLogger(__name__)
 

@@ -44,8 +44,8 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
-from trellisbox.lease.base import AcquireCancelled, GpuLease, LeaseError, LeaseTimeout
-from trellisbox.lease.records import LeaseRecorder
+from trellisbox._runtime.lease.base import AcquireCancelled, GpuLease, LeaseError, LeaseTimeout
+from trellisbox._runtime.lease.records import LeaseRecorder
 
 _log = logging.getLogger(__name__)
 

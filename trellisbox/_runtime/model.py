@@ -18,9 +18,9 @@ from typing import Protocol, TypeVar
 
 from prometheus_client import Gauge, Info
 
-from trellisbox.devices import gpu_memory_bytes
-from trellisbox.lease import GpuTurns, LeaseSettings, make_gpu_turns, residency_hooks
-from trellisbox.worker import ModelWorker
+from trellisbox._runtime.devices import gpu_memory_bytes
+from trellisbox._runtime.lease import GpuTurns, LeaseSettings, make_gpu_turns, residency_hooks
+from trellisbox._runtime.worker import ModelWorker
 
 _log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -8,9 +8,9 @@ from typing import TypeVar
 from google.protobuf.message import Message
 from PIL import Image
 
-from trellisbox.errors import InvalidInput
-from trellisbox.imaging import ImageLimits, decode_image
-from trellisbox.params import GenerationParams, MultiImageMode, RefineParams, SamplerParams
+from trellisbox._domain.errors import InvalidInput
+from trellisbox._domain.imaging import ImageLimits, decode_image
+from trellisbox._domain.params import GenerationParams, MultiImageMode, RefineParams, SamplerParams
 from trellisbox.v1 import common_pb2
 
 _T = TypeVar("_T")

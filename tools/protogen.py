@@ -1,6 +1,6 @@
 """Generate the Python stubs of ``proto/trellisbox/v1`` (``make proto``; also used by the drift test).
 
-    python -m trellisbox.protogen OUT_DIR
+    python -m tools.protogen OUT_DIR
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from trellisbox.errors import Cancelled, DeadlineExceeded, QueueFull
-from trellisbox.observability import IN_FLIGHT, QUEUE_DEPTH
+from trellisbox._domain.errors import Cancelled, DeadlineExceeded, QueueFull
+from trellisbox._runtime.observability import IN_FLIGHT, QUEUE_DEPTH
 from trellisbox.v1 import common_pb2
 
 _log = logging.getLogger(__name__)
