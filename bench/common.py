@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
 from tools.stack import ServiceProcess, health_status, start_service
+from trellisbox._domain.imaging import synthetic_object
 
 REPO = Path(__file__).resolve().parents[1]
 SERVING = 1  # grpc.health.v1 HealthCheckResponse.SERVING
@@ -98,18 +98,7 @@ def object_image(side: int = 256, seed: int = 0, noisy: bool = False) -> Image.I
     Noise makes the preview backend's baked texture incompressible, which is how the transport benchmark
     gets a large GLB out of the real TRELLIS service.
     """
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:side, 0:side]
-    inside = np.hypot(xx - side / 2, yy - side / 2) < side * 0.45
-    rgba = np.zeros((side, side, 4), np.uint8)
-    if noisy:
-        rgba[..., :3] = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
-    else:
-        rgba[..., 0] = 200
-        rgba[..., 1] = (60 + 150 * xx / side).astype(np.uint8)
-        rgba[..., 2] = (60 + 150 * yy / side).astype(np.uint8)
-    rgba[..., 3] = np.where(inside, 255, 0)
-    return Image.fromarray(rgba, "RGBA")
+    return synthetic_object(side, seed if noisy else None, noisy=noisy)
 
 
 def png(image: Image.Image) -> bytes:

@@ -18,11 +18,12 @@ import time
 from typing import Any
 
 from bench.common import object_image, png, summarize
+from trellis_service.exporters import encode_asset
 from trellisbox._domain.imaging import decode_image
+from trellisbox._domain.kinds import ArtifactKind
 from trellisbox._domain.params import GenerationParams, RefineParams
 from trellisbox._runtime.worker import JobContext
 from trellisbox.client import TrellisBoxClient
-from trellisbox.v1 import common_pb2
 
 IMAGE_SIDE = 256
 REFINE = {"seed": 1}  # service defaults otherwise: strength 0.3, 20 steps (6 UNet steps), guidance 7.5
@@ -57,9 +58,10 @@ class InProcess:
             images = self.refiner.refine(images, params, [REFINE["seed"]], self.ctx)
         t1 = time.perf_counter()
         result = self.preview.generate(images, GenerationParams(**GENERATION),  # type: ignore[arg-type]
-                                       {common_pb2.ARTIFACT_KIND_GLB}, self.ctx)
+                                       {ArtifactKind.GLB}, self.ctx)
+        glb = encode_asset(result)[0].data
         t2 = time.perf_counter()
-        return result.artifacts[0].data, {"REFINE": t1 - t0, "3D": t2 - t1}
+        return glb, {"REFINE": t1 - t0, "3D": t2 - t1}
 
 
 def run(gateway_target: str, quick: bool, repeats: int) -> dict[str, Any]:

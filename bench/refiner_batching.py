@@ -151,11 +151,16 @@ def measure_tolerance(backend: SDXLBackend, work: Workload, outputs: dict[int, l
 
 async def _service_path(backend: SDXLBackend, work: Workload, requests: int, batching: bool,
                         window_s: float, max_images: int) -> dict[str, Any]:
+    from refiner_service.backends import RefinerBackend
     from refiner_service.batching import DynamicBatcher
-    from trellisbox._runtime.worker import Finished, JobContext, ModelWorker
+    from trellisbox._runtime.lease import LeaseSettings
+    from trellisbox._runtime.model import ModelHost
+    from trellisbox._runtime.worker import Finished, JobContext
 
-    worker = ModelWorker("bench-refiner", max_queue=requests + 1)
-    batcher = DynamicBatcher(backend, worker, service="bench-refiner", window_s=window_s, max_images=max_images)
+    host: ModelHost[RefinerBackend] = ModelHost("bench-refiner", requests + 1, LeaseSettings())
+    host.start(lambda: backend)  # already loaded: this is its warm-up
+    worker = host.worker
+    batcher = DynamicBatcher(host, window_s=window_s, max_images=max_images)
     calls: list[int] = []
     original = backend.refine_batch
 

@@ -135,7 +135,7 @@ def run(stack: LocalStack, procs: Processes, quick: bool, repeats: int) -> dict[
     with tempfile.TemporaryDirectory(prefix="bench-transport-") as tmp:
         files = []
         for artifact in result.artifacts:
-            path = Path(tmp) / f"{artifact.kind_name}.bin"
+            path = Path(tmp) / f"{getattr(artifact.kind, 'name', artifact.kind)}.bin"
             path.write_bytes(artifact.data)
             files.append(path)
         bare = bare_rate(procs, files, 2**20, max(repeats, 5))
@@ -143,7 +143,7 @@ def run(stack: LocalStack, procs: Processes, quick: bool, repeats: int) -> dict[
     ratio = served_row["mib_s"]["median"] / bare_row["mib_s"]["median"]
     return {
         "method": "client-side first chunk -> last chunk; bytes after the first chunk / that time",
-        "artifacts": [{"kind": a.kind_name, "bytes": len(a.data)} for a in result.artifacts],
+        "artifacts": [{"kind": str(getattr(a.kind, "name", a.kind)), "bytes": len(a.data)} for a in result.artifacts],
         "chunk_bytes": 2**20,
         "served": served_row,
         "bare": bare_row,

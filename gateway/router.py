@@ -21,17 +21,18 @@ from gateway.admission import Admission
 from gateway.relay import CHUNK, DONE, Outgoing, StageEvent
 from gateway.stages import StageClients
 from trellisbox._domain.artifacts import ArtifactAssembler, ArtifactProtocolError
-from trellisbox._domain.convert import generation_params_to_proto, refine_params_to_proto
+from trellisbox._domain.convert import kinds_to_proto, params_to_proto, progress_to_proto, timings_to_proto
 from trellisbox._domain.errors import StageFailed
+from trellisbox._domain.kinds import ArtifactKind, Stage, known_stage
 from trellisbox._domain.params import GenerationParams, RefineParams
-from trellisbox._runtime.observability import observe_stage
+from trellisbox._runtime.observability import observe_stages
 from trellisbox.v1 import common_pb2, gateway_pb2, refiner_pb2, trellis_pb2
 
 _log = logging.getLogger(__name__)
 
 _Event = TypeVar("_Event", StageEvent[refiner_pb2.RefineResponse], StageEvent[trellis_pb2.ImageTo3DResponse])
 
-GENERATED_KINDS = frozenset({common_pb2.ARTIFACT_KIND_GLB, common_pb2.ARTIFACT_KIND_GAUSSIAN_PLY})
+GENERATED_KINDS = frozenset({ArtifactKind.GLB, ArtifactKind.GAUSSIAN_PLY})
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class GenerateJob:
     images: Sequence[common_pb2.Image]
     refine: RefineParams | None
     generation: GenerationParams
-    formats: frozenset[int]
+    formats: frozenset[ArtifactKind]
     deadline: float
 
     def remaining(self) -> float:
@@ -69,12 +70,13 @@ class Router:
         self._admission = admission
 
     async def generate(self, job: GenerateJob) -> AsyncIterator[Outgoing]:
-        timings: list[common_pb2.StageTiming] = []
+        timings: dict[Stage, float] = {}
         started = time.monotonic()
         if self._admission.would_wait():
-            yield _progress(common_pb2.STAGE_QUEUED, 0, self._admission.waiting + 1, "waiting for a gateway slot")
+            yield gateway_pb2.GenerateResponse(progress=progress_to_proto(
+                Stage.QUEUED, 0, self._admission.waiting + 1, "waiting for a gateway slot"))
         async with self._admission.slot():
-            timings.append(_timing(common_pb2.STAGE_QUEUED, time.monotonic() - started))
+            timings[Stage.QUEUED] = time.monotonic() - started
             images: Sequence[common_pb2.Image] = job.images
             refine_done = refiner_pb2.RefineDone()
             if job.refine is not None:
@@ -85,7 +87,7 @@ class Router:
                         refine_done = event.message.done
                     elif event.field:
                         yield event.relay()
-                timings.append(_timing(common_pb2.STAGE_REFINE, time.monotonic() - refine_started))
+                timings[Stage.REFINE] = time.monotonic() - refine_started
                 images = [common_pb2.Image(data=refined[i], media_type="image/png") for i in range(len(images))]
             generate_done = trellis_pb2.ImageTo3DDone()
             async for stage_event in self._image_to_3d(job, images):
@@ -93,12 +95,14 @@ class Router:
                     generate_done = stage_event.message.done
                 elif stage_event.field:
                     yield stage_event.relay()
-            timings.extend(t for t in generate_done.timings if t.stage != common_pb2.STAGE_QUEUED)
-            for timing in timings:
-                observe_stage("gateway", timing.stage, timing.seconds)
+            for timing in generate_done.timings:
+                stage = known_stage(timing.stage)
+                if stage is not None and stage is not Stage.QUEUED:  # the gateway's own queueing counts here
+                    timings[stage] = timing.seconds
+            observe_stages("gateway", timings)
             yield gateway_pb2.GenerateResponse(done=gateway_pb2.GenerateDone(
                 request_id=job.request_id,
-                timings=timings,
+                timings=timings_to_proto(timings),
                 refine_seeds=refine_done.seeds,
                 generation_seed=generate_done.seed,
                 refiner_backend=refine_done.backend,
@@ -108,11 +112,10 @@ class Router:
 
     async def _refine(self, job: GenerateJob, params: RefineParams,
                       refined: dict[int, bytes]) -> AsyncIterator[StageEvent[refiner_pb2.RefineResponse]]:
-        request = refiner_pb2.RefineRequest(
-            request_id=job.request_id, images=job.images, parameters=refine_params_to_proto(params)
-        )
+        request = refiner_pb2.RefineRequest(request_id=job.request_id, images=job.images)
+        params_to_proto(params, request.parameters)
         assembler = ArtifactAssembler()
-        forward_chunks = common_pb2.ARTIFACT_KIND_REFINED_IMAGE in job.formats
+        forward_chunks = ArtifactKind.REFINED_IMAGE in job.formats
         async for event in self._stream("refiner", self._stages.refine(request, timeout=job.remaining())):
             if event.field == CHUNK:
                 artifact = assembler.feed(event.message.chunk)
@@ -123,17 +126,13 @@ class Router:
             yield event
         missing = set(range(len(job.images))) - set(refined)
         if missing:
-            raise StageFailed("refiner", grpc.StatusCode.INTERNAL,
-                              f"returned no refined image for images {sorted(missing)}")
+            raise StageFailed("refiner", "INTERNAL", f"returned no refined image for images {sorted(missing)}")
 
     async def _image_to_3d(self, job: GenerateJob, images: Sequence[common_pb2.Image]
                            ) -> AsyncIterator[StageEvent[trellis_pb2.ImageTo3DResponse]]:
-        request = trellis_pb2.ImageTo3DRequest(
-            request_id=job.request_id,
-            images=images,
-            parameters=generation_params_to_proto(job.generation),
-            formats=[common_pb2.ArtifactKind.ValueType(k) for k in sorted(job.formats & GENERATED_KINDS)],
-        )
+        request = trellis_pb2.ImageTo3DRequest(request_id=job.request_id, images=images,
+                                               formats=kinds_to_proto(job.formats & GENERATED_KINDS))
+        params_to_proto(job.generation, request.parameters)
         async for event in self._stream("trellis", self._stages.image_to_3d(request, timeout=job.remaining())):
             yield event
 
@@ -143,18 +142,8 @@ class Router:
             async for event in call:
                 yield event
         except grpc.aio.AioRpcError as exc:
-            raise StageFailed(stage, exc.code(), exc.details() or exc.code().name) from exc
+            raise StageFailed(stage, exc.code().name, exc.details() or exc.code().name) from exc
         except ArtifactProtocolError as exc:
-            raise StageFailed(stage, grpc.StatusCode.INTERNAL, str(exc)) from exc
+            raise StageFailed(stage, "INTERNAL", str(exc)) from exc
         finally:
             call.cancel()  # no-op when finished; stops the stage when we leave early
-
-
-def _progress(stage: int, step: int, total: int, message: str) -> gateway_pb2.GenerateResponse:
-    return gateway_pb2.GenerateResponse(
-        progress=common_pb2.Progress(stage=stage, step=step, total=total, message=message)  # type: ignore[arg-type]
-    )
-
-
-def _timing(stage: int, seconds: float) -> common_pb2.StageTiming:
-    return common_pb2.StageTiming(stage=stage, seconds=seconds)  # type: ignore[arg-type]

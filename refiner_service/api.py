@@ -1,4 +1,4 @@
-"""``ImageRefiner``: the seed's Python API (TRELLIS-BOX ``library.image_refiner``), kept as it was.
+"""``ImageRefiner``: the Python API of the original TRELLIS-BOX feature (``library.image_refiner``), kept as it was.
 
     from refiner_service import ImageRefiner
 
@@ -20,13 +20,13 @@ from types import TracebackType
 from PIL import Image
 
 from refiner_service.backends import RefinerBackend, create_backend, seeds_for
-from refiner_service.config import DEFAULT_MODEL, BackendName
+from refiner_service.config import DEFAULT_MODEL, BackendName, RefinerBackendConfig
 from trellisbox._domain.errors import Cancelled, DeadlineExceeded, InvalidInput
 from trellisbox._domain.imaging import normalize_mode
-from trellisbox._domain.params import RefineParams, random_seed
+from trellisbox._domain.params import RefineParams, build, random_seed
 
 _log = logging.getLogger(__name__)
-_DEFAULTS = RefineParams()  # the seed's defaults live in one place: trellisbox._domain.params
+_DEFAULTS = RefineParams()  # the defaults live in one place: the parameter definitions
 
 
 class ImageRefiner:
@@ -42,7 +42,7 @@ class ImageRefiner:
         use_fp16: Load fp16 weights and compute in fp16 on CUDA (ignored on CPU).
         backend: ``"sdxl"`` (diffusers), ``"classic"`` (CPU restoration without weights) or ``"auto"``
             (``sdxl`` when a GPU and local weights are present, else ``classic``; logged loudly).
-        enable_attention_slicing: Compute attention in slices to lower peak memory.
+        enable_attention_slicing: On CUDA, compute attention in slices to lower peak memory (ignored on CPU).
         enable_cpu_offload: On CUDA, keep sub-models in host RAM and move each to the GPU only while it
             runs (ignored on CPU).
         fall_back_to_input: When refinement fails (model cannot load, out of memory, ...), log a warning
@@ -61,10 +61,10 @@ class ImageRefiner:
         fall_back_to_input: bool = True,
     ) -> None:
         self.fall_back_to_input = fall_back_to_input
-        self.backend: RefinerBackend = create_backend(
-            backend, model, device, use_fp16=use_fp16, attention_slicing=enable_attention_slicing,
-            cpu_offload=enable_cpu_offload,
-        )
+        self.backend: RefinerBackend = create_backend(RefinerBackendConfig(
+            backend=backend, model=model, device=device, use_fp16=use_fp16,
+            attention_slicing=enable_attention_slicing, cpu_offload=enable_cpu_offload,
+        ))
         self.last_seeds: list[int] = []  # seeds used by the latest call, to reproduce a result
         self._lock = threading.Lock()
 
@@ -132,11 +132,11 @@ class ImageRefiner:
 
         Arguments are those of :meth:`refine`. A failure falls back (or raises) per image.
         """
-        params = RefineParams(
+        params = build(RefineParams, dict(
             strength=strength, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
             prompt=prompt, negative_prompt=negative_prompt, seed=seed, aesthetic_score=aesthetic_score,
             negative_aesthetic_score=negative_aesthetic_score,
-        ).validate()
+        ))
         seeds = seeds_for(random_seed() if seed is None else seed, len(images))
         inputs = [normalize_mode(image) for image in images]
         with self._lock:

@@ -1,5 +1,9 @@
 """Dynamic batching: concurrent compatible refine requests share one pipeline call on the model worker.
 
+Every refine request goes through the batcher; with batching off (a zero window, one image per call, or a
+backend that cannot share a call) each request is a group of one: one job on the model worker, exactly as
+unbatched.
+
 How a batch forms (all bookkeeping on the event loop, except the seal on the model thread):
 
 - A request whose images the backend can batch (``batch_key`` not None, at most ``max_images`` images)
@@ -35,8 +39,9 @@ from prometheus_client import Histogram
 from refiner_service.backends.base import BatchMember, RefinerBackend, stop_reason
 from trellisbox._domain.errors import Cancelled, DeadlineExceeded, ServiceError
 from trellisbox._domain.params import RefineParams
+from trellisbox._runtime.model import ModelHost
 from trellisbox._runtime.observability import REQUEST_ID
-from trellisbox._runtime.worker import Finished, JobContext, ModelWorker, ProgressEvent
+from trellisbox._runtime.worker import Finished, JobContext, ProgressEvent
 
 _log = logging.getLogger(__name__)
 
@@ -95,25 +100,23 @@ class _Group:
 
 
 class DynamicBatcher:
-    """Groups compatible refine requests into shared model calls on one :class:`ModelWorker`.
+    """Groups compatible refine requests into shared model calls on the service's model thread.
 
     Args:
-        backend: The refiner backend (``supports_batching`` decides whether requests are ever grouped).
-        worker: The one model worker every job runs on.
-        service: Metric and log label.
-        window_s: How long a new group waits for company while the worker is idle.
-        max_images: Most images in one call; a request with more runs alone.
+        host: The model thread and the backend (``supports_batching`` decides whether requests are ever grouped).
+        window_s: How long a new group waits for company while the worker is idle; 0 turns batching off.
+        max_images: Most images in one call; a request with more runs alone; 1 turns batching off.
     """
 
-    def __init__(self, backend: RefinerBackend, worker: ModelWorker, *, service: str, window_s: float,
-                 max_images: int) -> None:
+    def __init__(self, host: ModelHost[RefinerBackend], *, window_s: float, max_images: int) -> None:
         if window_s < 0 or max_images < 1:
             raise ValueError(f"window_s must be >= 0 and max_images >= 1, got {window_s}, {max_images}")
-        self._backend = backend
-        self._worker = worker
-        self._service = service
+        self._host = host
+        self._worker = host.worker
+        self._service = host.service
         self._window_s = window_s
         self._max_images = max_images
+        self._enabled = window_s > 0 and max_images > 1
         self._open: dict[Hashable, list[_Group]] = {}  # groups that may still take joiners, per key
         self._tasks: set[asyncio.Task[None]] = set()  # strong references: the loop keeps only weak ones
 
@@ -139,7 +142,9 @@ class DynamicBatcher:
 
         member = _Member(images, seeds, params, JobContext(request_id, deadline, report), events, loop,
                          time.monotonic())
-        key = self._backend.batch_key(images, params) if self._backend.supports_batching else None
+        backend = self._host.require()
+        shares = self._enabled and backend.supports_batching
+        key = backend.batch_key(images, params) if shares else None
         group = self._place(member, None if len(images) > self._max_images else key)
         received_final = False
         try:
@@ -183,7 +188,7 @@ class DynamicBatcher:
             self._dispatch(group)  # alone by nature, or already full
             return group
         self._open.setdefault(key, []).append(group)
-        if self._window_s == 0 or self._worker.in_flight or self._worker.queue_depth:
+        if self._worker.in_flight or self._worker.queue_depth:
             self._dispatch(group)  # busy worker: it waits (and takes joiners) in the queue anyway
         else:
             group.timer = asyncio.get_running_loop().call_later(self._window_s, self._dispatch, group)
@@ -240,7 +245,8 @@ class DynamicBatcher:
     async def _drive_job(self, group: _Group, first: str) -> None:
         try:
             outcome: Finished[dict[int, Images | ServiceError]] | None = None
-            async for event in self._worker.run(lambda ctx: self._job(group), request_id=first):
+            async for event in self._worker.run(lambda ctx: self._job(group), request_id=first,
+                                                deadline=self._latest_deadline(group)):
                 if isinstance(event, Finished):
                     outcome = event
                 else:
@@ -263,6 +269,11 @@ class DynamicBatcher:
             else:
                 queued = max(0.0, group.started - member.submitted)
                 self._end(member, Finished(result, queued_s=queued, run_s=group.run_s))
+
+    def _latest_deadline(self, group: _Group) -> float | None:
+        """The group's job may wait (queue, GPU lease) until its last member's deadline; None if one has none."""
+        deadlines = [member.ctx.deadline for member in self._snapshot(group)]
+        return None if not deadlines or None in deadlines else max(d for d in deadlines if d is not None)
 
     @staticmethod
     def _snapshot(group: _Group) -> list[_Member]:
@@ -308,7 +319,7 @@ class DynamicBatcher:
         for _ in member.images:
             BATCH_IMAGES.labels(self._service).observe(1)
         try:
-            return {index: self._backend.refine(member.images, member.params, member.seeds, member.ctx)}
+            return {index: self._host.require().refine(member.images, member.params, member.seeds, member.ctx)}
         except (Cancelled, DeadlineExceeded) as exc:
             _log.info("refine stopped after %.2f s: %s", time.monotonic() - started, exc)
             return {index: exc}
@@ -330,5 +341,5 @@ class DynamicBatcher:
 
         batch = [BatchMember(members[i].images, members[i].seeds, members[i].params, members[i].ctx,
                              on_stop=notifier(members[i])) for i in live]
-        results = self._backend.refine_batch(batch)
+        results = self._host.require().refine_batch(batch)
         return dict(zip(live, results, strict=True))

@@ -4,22 +4,14 @@ from __future__ import annotations
 
 import io
 
-import numpy as np
 from PIL import Image
+
+from trellisbox._domain.imaging import synthetic_object
 
 
 def rgba_object(size: int = 128, seed: int = 0) -> Image.Image:
-    """A shaded disc on a transparent background."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size]
-    r = np.hypot(xx - size / 2, yy - size / 2)
-    inside = r < size * 0.35
-    rgba = np.zeros((size, size, 4), np.uint8)
-    rgba[..., 0] = 200
-    rgba[..., 1] = (80 + 100 * xx / size).astype(np.uint8)
-    rgba[..., 2] = rng.integers(40, 60, (size, size))
-    rgba[..., 3] = np.where(inside, 255, 0)
-    return Image.fromarray(rgba, "RGBA")
+    """A shaded disc on a transparent background, distinct per seed."""
+    return synthetic_object(size, seed)
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **kwargs: object) -> bytes:

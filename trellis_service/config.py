@@ -1,25 +1,29 @@
-"""TRELLIS service settings: flags ``--backend preview``, env ``TRELLISBOX_TRELLIS_BACKEND=preview``."""
+"""TRELLIS service settings: flags ``--backend preview``, env ``TRELLISBOX_TRELLIS_BACKEND=preview``.
+
+:class:`TrellisBackendConfig` is the part the backends see (which model, where, how TRELLIS is set up);
+:class:`TrellisSettings` adds the server's and the GPU placement's settings.
+"""
 
 from __future__ import annotations
 
 import os
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from trellisbox._runtime.config import ServiceSettings
 from trellisbox._runtime.devices import validate_device
-from trellisbox._runtime.lease import LeaseSettings, Residency
+from trellisbox._runtime.lease import Residency
+from trellisbox._runtime.model import ModelSettings
+
+BackendName = Literal["auto", "trellis", "preview"]
+_TRUTHY = {"1", "true", "yes", "on"}
 
 
-class TrellisSettings(ServiceSettings, LeaseSettings):
-    """Settings of the TRELLIS service (environment prefix ``TRELLISBOX_TRELLIS_``)."""
+class TrellisBackendConfig(BaseModel):
+    """What the image-to-3D backends are built from."""
 
-    model_config = SettingsConfigDict(env_prefix="TRELLISBOX_TRELLIS_")  # merged with the base config
-
-    port: int = Field(50053, ge=0, le=65535, description="gRPC port (0 picks a free one).")
-    backend: Literal["auto", "trellis", "preview"] = Field(
+    backend: BackendName = Field(
         "auto",
         description="trellis: upstream TRELLIS on CUDA; preview: CPU silhouette inflation, no weights; "
         "auto: trellis when a GPU, the trellis package and the weights are present, else preview.",
@@ -30,11 +34,6 @@ class TrellisSettings(ServiceSettings, LeaseSettings):
         "pipeline.json and ckpts/.",
     )
     device: str = Field("auto", description="auto, cuda or cuda:N (TRELLIS has no CPU path).")
-    residency: Residency = Field(
-        "resident",
-        description="Where the model waits between GPU turns in shared placement: resident (default here: "
-        "TRELLIS is the main tenant and the refiner is offloaded), offload (host RAM), unload (freed).",
-    )
     offline: bool = Field(
         False,
         description="Never download weights (sets HF_HUB_OFFLINE=1); missing weights fail the preflight. "
@@ -59,9 +58,12 @@ class TrellisSettings(ServiceSettings, LeaseSettings):
     def _check_device(cls, value: str) -> str:
         return validate_device(value)
 
-    @property
-    def is_offline(self) -> bool:
-        return self.offline or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    @model_validator(mode="after")
+    def _offline_from_environment(self) -> TrellisBackendConfig:
+        # The one place HF_HUB_OFFLINE is read: the hub library honours it anyway, so the preflight must too.
+        if not self.offline and os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUTHY:
+            self.offline = True
+        return self
 
     def trellis_environment(self) -> dict[str, str]:
         """The environment variables TRELLIS reads at import time, as configured here."""
@@ -75,3 +77,16 @@ class TrellisSettings(ServiceSettings, LeaseSettings):
         if self.offline:
             result["HF_HUB_OFFLINE"] = "1"
         return result
+
+
+class TrellisSettings(ModelSettings, TrellisBackendConfig):
+    """Settings of the TRELLIS service (environment prefix ``TRELLISBOX_TRELLIS_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="TRELLISBOX_TRELLIS_")  # merged with the base config
+
+    port: int = Field(50053, ge=0, le=65535, description="gRPC port (0 picks a free one).")
+    residency: Residency = Field(
+        "resident",
+        description="Where the model waits between GPU turns in shared placement: resident (default here: "
+        "TRELLIS is the main tenant and the refiner is offloaded), offload (host RAM), unload (freed).",
+    )

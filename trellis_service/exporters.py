@@ -1,5 +1,6 @@
 """The one way to write 3D files: GLB from a textured trimesh, Gaussian-splat PLY from arrays or from
-an upstream ``Gaussian.save_ply``. Both backends go through here.
+an upstream ``Gaussian.save_ply``. Backends build the CPU-side objects; :func:`encode_asset` (called by the
+servicer, off the model thread) turns them into artifacts.
 """
 
 from __future__ import annotations
@@ -7,12 +8,16 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 import trimesh
 
+from trellis_service.domain import GeneratedAsset
+from trellisbox._domain.artifacts import Artifact
 from trellisbox._domain.errors import ServiceError
+from trellisbox._domain.kinds import ArtifactKind
 
 #: DC term of degree-0 spherical harmonics: colour = 0.5 + SH_C0 * f_dc (3DGS convention).
 SH_C0 = 0.28209479177387814
@@ -43,9 +48,9 @@ def glb_bytes(mesh: trimesh.Trimesh | trimesh.Scene) -> bytes:
     return bytes(data)
 
 
-def splat_ply_bytes(xyz: FloatArray, normals: FloatArray, f_dc: FloatArray, opacity: FloatArray,
-                    scale: FloatArray, rotation: FloatArray) -> bytes:
-    """A binary little-endian PLY in the 3D-Gaussian-splatting layout (``SPLAT_PROPERTIES``).
+@dataclass(frozen=True)
+class SplatArrays:
+    """Gaussian splats as arrays (degree-0 spherical harmonics), written in the 3DGS PLY layout.
 
     Args:
         xyz: (N, 3) centres.
@@ -55,21 +60,42 @@ def splat_ply_bytes(xyz: FloatArray, normals: FloatArray, f_dc: FloatArray, opac
         scale: (N, 3) log of the per-axis standard deviations.
         rotation: (N, 4) quaternions (w, x, y, z).
     """
-    count = len(xyz)
-    columns = [xyz, normals, f_dc, np.reshape(opacity, (count, 1)), scale, rotation]
-    table = np.concatenate([np.asarray(c, dtype=np.float32).reshape(count, -1) for c in columns], axis=1)
-    if table.shape != (count, len(SPLAT_PROPERTIES)):
-        raise ExportError(f"splat table has shape {table.shape}, expected ({count}, {len(SPLAT_PROPERTIES)})")
-    header = "\n".join(
-        ["ply", "format binary_little_endian 1.0", f"element vertex {count}"]
-        + [f"property float {name}" for name in SPLAT_PROPERTIES]
-        + ["end_header", ""]
-    )
-    return header.encode("ascii") + table.astype("<f4").tobytes()
+
+    xyz: FloatArray
+    normals: FloatArray
+    f_dc: FloatArray
+    opacity: FloatArray
+    scale: FloatArray
+    rotation: FloatArray
+
+    def ply_bytes(self) -> bytes:
+        """A binary little-endian PLY with the ``SPLAT_PROPERTIES`` columns."""
+        count = len(self.xyz)
+        columns = [self.xyz, self.normals, self.f_dc, np.reshape(self.opacity, (count, 1)), self.scale, self.rotation]
+        table = np.concatenate([np.asarray(c, dtype=np.float32).reshape(count, -1) for c in columns], axis=1)
+        if table.shape != (count, len(SPLAT_PROPERTIES)):
+            raise ExportError(f"splat table has shape {table.shape}, expected ({count}, {len(SPLAT_PROPERTIES)})")
+        header = "\n".join(
+            ["ply", "format binary_little_endian 1.0", f"element vertex {count}"]
+            + [f"property float {name}" for name in SPLAT_PROPERTIES]
+            + ["end_header", ""]
+        )
+        return header.encode("ascii") + table.astype("<f4").tobytes()
 
 
-def ply_bytes_from(save_ply: Callable[[str], object]) -> bytes:
-    """Bytes of a PLY written by a path-taking writer such as upstream ``Gaussian.save_ply``."""
+@dataclass(frozen=True)
+class PlyDocument:
+    """Splats already written as a PLY by upstream's own writer (``Gaussian.save_ply``): its tensors live on
+    the GPU, so it must run inside the job's GPU turn, not later in the servicer."""
+
+    data: bytes
+
+    def ply_bytes(self) -> bytes:
+        return self.data
+
+
+def written_ply(save_ply: Callable[[str], object]) -> PlyDocument:
+    """The PLY a path-taking writer such as upstream ``Gaussian.save_ply`` writes."""
     with tempfile.TemporaryDirectory(prefix="trellisbox-ply-") as folder:
         path = os.path.join(folder, "gaussian.ply")
         save_ply(path)
@@ -80,4 +106,14 @@ def ply_bytes_from(save_ply: Callable[[str], object]) -> bytes:
             raise ExportError("save_ply wrote no file") from None
     if not data.startswith(b"ply"):
         raise ExportError("save_ply wrote something that is not a PLY file")
-    return data
+    return PlyDocument(data)
+
+
+def encode_asset(asset: GeneratedAsset) -> list[Artifact]:
+    """The asset's artifacts: the GLB (when it has a mesh), then the Gaussian PLY (when it has splats)."""
+    artifacts: list[Artifact] = []
+    if asset.mesh is not None:
+        artifacts.append(Artifact(ArtifactKind.GLB, glb_bytes(asset.mesh)))
+    if asset.splats is not None:
+        artifacts.append(Artifact(ArtifactKind.GAUSSIAN_PLY, asset.splats.ply_bytes()))
+    return artifacts

@@ -1,122 +1,89 @@
-"""The gRPC face of the TRELLIS service: protobuf in, domain calls on the model worker, a stream out.
+"""The gRPC face of the TRELLIS service: protobuf in, domain calls on the model thread, a stream out.
 
-The servicer holds no model logic: it validates and converts the request, queues one job on the
-single :class:`~trellisbox._runtime.worker.ModelWorker`, relays progress, then streams each artifact in chunks
-and a final ``ImageTo3DDone``. Errors become status codes in :func:`trellisbox._domain.errors.error_boundary`.
+The servicer holds no model logic: it validates and converts the request, queues one job on the service's
+model thread (:class:`~trellisbox._runtime.model.ModelHost`), relays progress, encodes the generated asset
+into GLB and PLY off the model thread, then streams each artifact in chunks and a final ``ImageTo3DDone``.
+Errors become status codes in the server's interceptor.
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
-import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import grpc
 
 from trellis_service.backends.base import ImageTo3DBackend
 from trellis_service.config import TrellisSettings
-from trellis_service.domain import GenerationResult
-from trellisbox._domain.convert import decode_images, generation_params_from_proto
-from trellisbox._domain.errors import InvalidInput, Unavailable, error_boundary
-from trellisbox._runtime.observability import REQUEST_ID, observe_stage
-from trellisbox._runtime.worker import Finished, JobContext, ModelWorker
-from trellisbox.v1 import common_pb2, trellis_pb2, trellis_pb2_grpc
+from trellis_service.domain import GeneratedAsset
+from trellis_service.exporters import encode_asset
+from trellisbox._domain.convert import kinds_from_proto, params_from_proto, progress_to_proto, timings_to_proto
+from trellisbox._domain.kinds import ArtifactKind, Stage
+from trellisbox._domain.params import GenerationParams
+from trellisbox._runtime.model import ModelHost
+from trellisbox._runtime.observability import observe_stages
+from trellisbox._runtime.servicing import (
+    JobEvents,
+    bind_request_id,
+    deadline_of,
+    decode_request_images,
+    encode_off_thread,
+)
+from trellisbox._runtime.worker import JobContext
+from trellisbox.v1 import trellis_pb2, trellis_pb2_grpc
 
-SERVICE_LABEL = "trellis"
-_SUPPORTED_FORMATS = (common_pb2.ARTIFACT_KIND_GLB, common_pb2.ARTIFACT_KIND_GAUSSIAN_PLY)
-
-
-def formats_from_proto(kinds: Sequence[int]) -> frozenset[int]:
-    """The requested artifact kinds; empty means GLB. REFINED_IMAGE and unknown kinds are refused."""
-    if not kinds:
-        return frozenset({common_pb2.ARTIFACT_KIND_GLB})
-    result: set[int] = set()
-    for kind in kinds:
-        if kind == common_pb2.ARTIFACT_KIND_REFINED_IMAGE:
-            raise InvalidInput(
-                "formats: ARTIFACT_KIND_REFINED_IMAGE comes from the refiner stage (ask the gateway for it); "
-                "TrellisService produces ARTIFACT_KIND_GLB and ARTIFACT_KIND_GAUSSIAN_PLY"
-            )
-        if kind not in _SUPPORTED_FORMATS:
-            known = kind in common_pb2.ArtifactKind.values()
-            name = common_pb2.ArtifactKind.Name(kind) if known else str(kind)  # type: ignore[arg-type]
-            raise InvalidInput(
-                f"formats: {name} is not an artifact TrellisService can produce; "
-                "use ARTIFACT_KIND_GLB and/or ARTIFACT_KIND_GAUSSIAN_PLY"
-            )
-        result.add(kind)
-    return frozenset(result)
+#: What TrellisService produces; the refined image comes from the refiner (ask the gateway for it).
+PRODUCED = (ArtifactKind.GLB, ArtifactKind.GAUSSIAN_PLY)
 
 
-class BackendSlot:
-    """The backend the service runs, set once warm-up has chosen and loaded it."""
-
-    def __init__(self) -> None:
-        self.backend: ImageTo3DBackend | None = None
-
-    def require(self) -> ImageTo3DBackend:
-        if self.backend is None:
-            raise Unavailable("the TRELLIS service is not ready: its model is still loading or failed to load "
-                              "(see its readiness and log)")
-        return self.backend
+def requested_formats(kinds: Iterable[int]) -> frozenset[ArtifactKind]:
+    """The artifact kinds to produce; none requested means the GLB."""
+    hints = {ArtifactKind.REFINED_IMAGE: "it comes from the refiner stage (ask the gateway for it)"}
+    return kinds_from_proto(kinds, PRODUCED, hints=hints) or frozenset({ArtifactKind.GLB})
 
 
 class TrellisServicer(trellis_pb2_grpc.TrellisServiceServicer):
     """``trellisbox.v1.TrellisService``.
 
     Args:
-        settings: Limits (images, chunk size) and the service configuration.
-        worker: The single model worker every job runs on.
-        slot: Where warm-up puts the loaded backend.
+        host: The model thread and, once warm-up has loaded it, the backend.
+        settings: Limits (images, bytes, pixels) and the artifact chunk size.
     """
 
-    def __init__(self, settings: TrellisSettings, worker: ModelWorker, slot: BackendSlot) -> None:
+    def __init__(self, host: ModelHost[ImageTo3DBackend], settings: TrellisSettings) -> None:
+        self._host = host
         self._settings = settings
-        self._worker = worker
-        self._slot = slot
 
-    @error_boundary
     async def ImageTo3D(  # the gRPC method name
         self, request: trellis_pb2.ImageTo3DRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[trellis_pb2.ImageTo3DResponse]:
-        request_id = request.request_id or uuid.uuid4().hex[:16]
-        REQUEST_ID.set(request_id)
-        formats = formats_from_proto(list(request.formats))
-        params = generation_params_from_proto(request.parameters)
-        # Decoding up to max_images large images is CPU work: keep it off the event loop.
-        images = await asyncio.to_thread(
-            decode_images, request.images, self._settings.image_limits, self._settings.max_images
-        )
-        backend = self._slot.require()
-        remaining = context.time_remaining()
-        deadline = time.monotonic() + remaining if remaining is not None else None
+        request_id = bind_request_id(request.request_id)
+        formats = requested_formats(request.formats)
+        params = params_from_proto(GenerationParams, request.parameters, "parameters")
+        images = await decode_request_images(request.images, self._settings)
+        backend = self._host.require()
 
-        def job(ctx: JobContext) -> GenerationResult:
+        def generate(ctx: JobContext) -> GeneratedAsset:
             return backend.generate(images, params, formats, ctx)
 
-        finished: Finished[GenerationResult] | None = None
-        async for item in self._worker.run(job, request_id=request_id, deadline=deadline):
-            if isinstance(item, Finished):
-                finished = item
-            else:
-                yield trellis_pb2.ImageTo3DResponse(progress=item.to_proto())
-        if finished is None:  # the worker always ends with Finished or raises
-            raise Unavailable("the model worker ended without a result")
-        result = finished.value
-        timings = {common_pb2.STAGE_QUEUED: finished.queued_s, **result.timings}
-        for stage, seconds in timings.items():
-            observe_stage(SERVICE_LABEL, stage, seconds)
-        for artifact in result.artifacts:
+        job = JobEvents(self._host.worker.run(generate, request_id=request_id, deadline=deadline_of(context)))
+        async for progress in job.progress():
+            yield trellis_pb2.ImageTo3DResponse(progress=progress)
+        finished = job.finished
+        asset = finished.value
+        yield trellis_pb2.ImageTo3DResponse(progress=progress_to_proto(
+            Stage.EXPORT, 0, 1, "writing " + " and ".join(kind.name for kind in sorted(formats))))
+        artifacts, encode_s = await encode_off_thread(lambda: encode_asset(asset))
+        timings = {Stage.QUEUED: finished.queued_s, **asset.timings}
+        timings[Stage.EXPORT] = timings.get(Stage.EXPORT, 0.0) + encode_s
+        observe_stages(self._host.service, timings)
+        for artifact in artifacts:
             for chunk in artifact.chunks(self._settings.chunk_bytes):
                 yield trellis_pb2.ImageTo3DResponse(chunk=chunk)
         yield trellis_pb2.ImageTo3DResponse(done=trellis_pb2.ImageTo3DDone(
-            seed=result.seed,
-            timings=[common_pb2.StageTiming(stage=stage, seconds=seconds)  # type: ignore[arg-type]
-                     for stage, seconds in timings.items()],
+            seed=asset.seed,
+            timings=timings_to_proto(timings),
             backend=backend.name,
             device=backend.device,
-            notes=result.notes,
+            notes=asset.notes,
         ))
-

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,33 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from trellisbox._domain.params import (
+    GenerationParams,
+    ParamModel,
+    RefineParams,
+    cli_stem,
+    default_at,
+    describe,
+    full_doc,
+    scalar_type,
+    walk,
+)
 from trellisbox.client import GenerationResult, ProgressUpdate, TrellisBoxClient
 
 _console = Console(stderr=True)
+
+
+def _add_parameters(group: argparse._ArgumentGroup, cls: type[ParamModel], dest: str) -> None:
+    """One flag per parameter of ``cls``, derived from its definition (name, type, range, default, doc)."""
+    for path, info in walk(cls):
+        kind = scalar_type(info)
+        default = default_at(cls, path)
+        shown = "random" if default is None else repr(default.value if isinstance(default, Enum) else default)
+        text = f"{full_doc(cls, path)} {describe(info).capitalize()}; server default {shown}."
+        choices = [member.value for member in kind] if issubclass(kind, Enum) else None
+        group.add_argument(f"--{cli_stem(cls, path)}", dest=f"{dest}.{'.'.join(path)}", metavar=None if choices
+                           else kind.__name__.upper(), type=str if choices else kind, choices=choices,
+                           help=text.replace("%", "%%"))
 
 
 def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -30,37 +55,25 @@ def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--request-id", default="", help="id for logs and metrics")
     r = p.add_argument_group("refinement (SDXL refiner)")
     r.add_argument("--refine", action="store_true", help="refine the image(s) before generation")
-    r.add_argument("--strength", type=float, help="0-1, lower is more faithful (server default 0.3)")
-    r.add_argument("--guidance", dest="guidance_scale", type=float, help="guidance scale (default 7.5)")
-    r.add_argument("--steps", dest="num_inference_steps", type=int, help="inference steps (default 20)")
-    r.add_argument("--prompt", help='default "high quality, detailed, sharp"')
-    r.add_argument("--negative-prompt", help='default "blurry, low quality, distorted"')
-    r.add_argument("--refine-seed", type=int, help="refiner seed (random when omitted)")
     r.add_argument("--refined-png", type=Path, help="also write the refined image(s) here")
+    _add_parameters(r, RefineParams, "refine")
     g = p.add_argument_group("generation (TRELLIS)")
-    g.add_argument("--seed", type=int, help="generation seed (random when omitted; printed for reruns)")
-    g.add_argument("--ss-steps", type=int, help="sparse-structure sampler steps (default 12)")
-    g.add_argument("--ss-cfg", type=float, help="sparse-structure guidance (default 7.5)")
-    g.add_argument("--slat-steps", type=int, help="SLat sampler steps (default 12)")
-    g.add_argument("--slat-cfg", type=float, help="SLat guidance (default 3.0)")
-    g.add_argument("--multi-image-mode", choices=("stochastic", "multidiffusion"))
-    g.add_argument("--simplify", dest="mesh_simplify", type=float, help="mesh simplification (default 0.95)")
-    g.add_argument("--texture-size", type=int, help="texture edge in pixels (default 1024)")
     g.add_argument("--ply", type=Path, help="also write the Gaussian splats (PLY) here")
+    _add_parameters(g, GenerationParams, "generation")
 
 
-def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-
-
-def generation_options(args: argparse.Namespace) -> dict[str, Any]:
-    generation = _given(args, "seed", "mesh_simplify", "texture_size", "multi_image_mode")
-    stages = (("sparse_structure", args.ss_steps, args.ss_cfg), ("slat", args.slat_steps, args.slat_cfg))
-    for stage, steps, cfg in stages:
-        sampler = {k: v for k, v in (("steps", steps), ("cfg_strength", cfg)) if v is not None}
-        if sampler:
-            generation[stage] = sampler
-    return generation
+def given_parameters(args: argparse.Namespace, dest: str) -> dict[str, Any]:
+    """The parameters given on the command line under ``dest``, nested as the client takes them."""
+    given: dict[str, Any] = {}
+    for key, value in vars(args).items():
+        if value is None or not key.startswith(dest + "."):
+            continue
+        *parents, name = key.split(".")[1:]
+        target = given
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[name] = value
+    return given
 
 
 class StageBars:
@@ -120,9 +133,8 @@ def run_generate(args: argparse.Namespace) -> int:
     formats = ["glb"] + (["refined"] if args.refined_png else []) + (["ply"] if args.ply else [])
     options: dict[str, Any] = dict(
         refine=args.refine,
-        refine_params=_given(args, "strength", "guidance_scale", "num_inference_steps", "prompt",
-                             "negative_prompt") | ({"seed": args.refine_seed} if args.refine_seed is not None else {}),
-        generation=generation_options(args),
+        refine_params=given_parameters(args, "refine"),
+        generation=given_parameters(args, "generation"),
         formats=formats,
         request_id=args.request_id,
     )

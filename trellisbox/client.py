@@ -1,10 +1,13 @@
-"""Python client for the gateway.
+"""Python client for the gateway (public API).
 
-    from trellisbox.client import TrellisBoxClient
+    from trellisbox import TrellisBoxClient
 
     with TrellisBoxClient("127.0.0.1:50051") as client:
         result = client.generate(["chair.png"], refine=True, refine_params={"strength": 0.3})
         Path("chair.glb").write_bytes(result.glb)
+
+The keys of ``refine_params`` and ``generation`` are the request parameters' names (``docs/parameters.md``);
+anything left out takes the server's default.
 """
 
 from __future__ import annotations
@@ -19,19 +22,19 @@ import grpc
 from PIL import Image
 
 from trellisbox._domain.artifacts import Artifact, ArtifactAssembler
+from trellisbox._domain.convert import kinds_to_proto, params_message, stage_name
 from trellisbox._domain.imaging import encode_png
+from trellisbox._domain.kinds import ArtifactKind
+from trellisbox._domain.params import GenerationParams, RefineParams
 from trellisbox.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 ImageInput = bytes | str | Path | Image.Image
 
-FORMATS: dict[str, int] = {
-    "glb": common_pb2.ARTIFACT_KIND_GLB,
-    "ply": common_pb2.ARTIFACT_KIND_GAUSSIAN_PLY,
-    "refined": common_pb2.ARTIFACT_KIND_REFINED_IMAGE,
-}
-MULTI_IMAGE_MODES: dict[str, int] = {
-    "stochastic": common_pb2.MULTI_IMAGE_MODE_STOCHASTIC,
-    "multidiffusion": common_pb2.MULTI_IMAGE_MODE_MULTIDIFFUSION,
+#: The ``formats`` names the client takes.
+FORMATS: dict[str, ArtifactKind] = {
+    "glb": ArtifactKind.GLB,
+    "ply": ArtifactKind.GAUSSIAN_PLY,
+    "refined": ArtifactKind.REFINED_IMAGE,
 }
 
 
@@ -58,20 +61,20 @@ class GenerationResult:
     generator_backend: str = ""
     notes: list[str] = field(default_factory=list)
 
-    def _first(self, kind: int) -> bytes | None:
+    def _first(self, kind: ArtifactKind) -> bytes | None:
         return next((a.data for a in self.artifacts if a.kind == kind), None)
 
     @property
     def glb(self) -> bytes | None:
-        return self._first(common_pb2.ARTIFACT_KIND_GLB)
+        return self._first(ArtifactKind.GLB)
 
     @property
     def gaussian_ply(self) -> bytes | None:
-        return self._first(common_pb2.ARTIFACT_KIND_GAUSSIAN_PLY)
+        return self._first(ArtifactKind.GAUSSIAN_PLY)
 
     @property
     def refined_images(self) -> list[bytes]:
-        refined = [a for a in self.artifacts if a.kind == common_pb2.ARTIFACT_KIND_REFINED_IMAGE]
+        refined = [a for a in self.artifacts if a.kind == ArtifactKind.REFINED_IMAGE]
         return [a.data for a in sorted(refined, key=lambda a: a.index)]
 
 
@@ -93,25 +96,28 @@ def build_request(images: Sequence[ImageInput], *, refine: bool = False,
     Args:
         images: Paths, encoded bytes or PIL images; several images are views of one object.
         refine: Run the refiner first.
-        refine_params: Any of strength, guidance_scale, num_inference_steps, prompt, negative_prompt,
-            seed, aesthetic_score, negative_aesthetic_score.
-        generation: Any of seed, mesh_simplify, texture_size, multi_image_mode ("stochastic" |
-            "multidiffusion"), sparse_structure / slat (mappings of steps, cfg_strength).
+        refine_params: Any parameter of ``RefineParams`` by name: strength, guidance_scale,
+            num_inference_steps, prompt, negative_prompt, seed, aesthetic_score, negative_aesthetic_score.
+        generation: Any parameter of ``GenerationParams`` by name: seed, mesh_simplify, texture_size,
+            multi_image_mode ("stochastic" | "multidiffusion"), sparse_structure / slat (mappings of steps,
+            cfg_strength).
         formats: Any of "glb", "ply", "refined"; empty for the server default.
-        request_id: Optional id for logs and metrics.
+        request_id: Optional id for logs and metrics (letters, digits, ``. _ : -``; at most 128).
+
+    Raises:
+        ValueError: an unknown parameter name, enum value or format (ranges are checked by the server).
     """
-    generation = dict(generation or {})
-    mode = generation.pop("multi_image_mode", None)
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ValueError(f"unknown formats {unknown}; use {', '.join(FORMATS)}")
     message = gateway_pb2.GenerateRequest(
         images=[to_image_message(i) for i in images],
         refine=refine,
-        refine_parameters=common_pb2.RefineParameters(**(refine_params or {})),
-        generation=common_pb2.GenerationParameters(**generation),
-        formats=[FORMATS[f] for f in formats],  # type: ignore[misc]
+        formats=kinds_to_proto(FORMATS[f] for f in formats),
         request_id=request_id,
     )
-    if mode is not None:
-        message.generation.multi_image_mode = MULTI_IMAGE_MODES[mode]  # type: ignore[assignment]
+    params_message(RefineParams, message.refine_parameters, refine_params or {}, "refine_params")
+    params_message(GenerationParams, message.generation, generation or {}, "generation")
     return message
 
 
@@ -171,8 +177,7 @@ class TrellisBoxClient:
             event = response.WhichOneof("event")
             if event == "progress" and on_progress is not None:
                 p = response.progress
-                on_progress(ProgressUpdate(common_pb2.Stage.Name(p.stage).removeprefix("STAGE_"),
-                                           p.step, p.total, p.message))
+                on_progress(ProgressUpdate(stage_name(p.stage), p.step, p.total, p.message))
             elif event == "chunk":
                 artifact = assembler.feed(response.chunk)
                 if artifact is not None:
@@ -180,8 +185,7 @@ class TrellisBoxClient:
             elif event == "done":
                 done = response.done
                 result.request_id = done.request_id
-                result.timings = {common_pb2.Stage.Name(t.stage).removeprefix("STAGE_"): t.seconds
-                                  for t in done.timings}
+                result.timings = {stage_name(t.stage): t.seconds for t in done.timings}
                 result.refine_seeds = list(done.refine_seeds)
                 result.generation_seed = done.generation_seed
                 result.refiner_backend = done.refiner_backend

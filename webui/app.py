@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import html
 import json
 import logging
 import re
@@ -32,6 +33,7 @@ from typing import Any
 
 import grpc
 
+from trellisbox._domain.params import GenerationParams, ParamModel, RefineParams, bounds, default_at, from_text
 from trellisbox.client import ProgressUpdate, TrellisBoxClient
 
 _log = logging.getLogger(__name__)
@@ -39,27 +41,10 @@ _log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 96 * 2**20  # base64 of the gateway's 64 MiB request limit
 _RESULT_PATH = re.compile(r"^/results/([0-9a-f]{32})/(model\.glb|model\.ply|refined-\d+\.png)$")
 _CONTENT_TYPES = {".glb": "model/gltf-binary", ".ply": "application/x-ply", ".png": "image/png"}
-_REFINE_FIELDS = {"strength": float, "guidance_scale": float, "num_inference_steps": int, "prompt": str,
-                  "negative_prompt": str, "seed": int}
-_GENERATION_FIELDS = {"seed": int, "texture_size": int, "mesh_simplify": float, "multi_image_mode": str}
 
 
 class BadForm(ValueError):
     """The posted form cannot be turned into a request."""
-
-
-def _typed(values: Mapping[str, Any], fields: Mapping[str, type], where: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, value in values.items():
-        if name not in fields:
-            raise BadForm(f"{where}.{name} is not a known field; use {', '.join(sorted(fields))}")
-        if value is None or value == "":
-            continue  # left empty: the server default
-        try:
-            out[name] = fields[name](value)
-        except (TypeError, ValueError):
-            raise BadForm(f"{where}.{name} must be a {fields[name].__name__}, got {value!r}") from None
-    return out
 
 
 def parse_form(body: bytes) -> dict[str, Any]:
@@ -75,11 +60,16 @@ def parse_form(body: bytes) -> dict[str, Any]:
     except (binascii.Error, TypeError):
         raise BadForm("images must be a list of base64 strings") from None
     refine = bool(form.get("refine", False))
+    try:
+        refine_params = from_text(RefineParams, form.get("refine_params") or {}, "refine_params") if refine else {}
+        generation = from_text(GenerationParams, form.get("generation") or {}, "generation")
+    except ValueError as exc:
+        raise BadForm(str(exc)) from None
     return {
         "images": images,
         "refine": refine,
-        "refine_params": _typed(form.get("refine_params") or {}, _REFINE_FIELDS, "refine_params") if refine else {},
-        "generation": _typed(form.get("generation") or {}, _GENERATION_FIELDS, "generation"),
+        "refine_params": refine_params,
+        "generation": generation,
         "formats": ["glb", "ply"] + (["refined"] if refine else []),
     }
 
@@ -200,7 +190,7 @@ def _event(payload: Mapping[str, Any]) -> bytes:
     return json.dumps(payload).encode() + b"\n"
 
 
-PAGE = """<!doctype html>
+_TEMPLATE = """<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -227,17 +217,17 @@ PAGE = """<!doctype html>
     <fieldset>
       <legend>Refinement</legend>
       <label><input id="refine" type="checkbox"> Image Refinement (SD-XL)</label>
-      <label>Refinement strength <output id="strength-value">0.30</output>
-        <input id="strength" type="range" min="0.05" max="1" step="0.05" value="0.3"></label>
-      <label>Prompt <input id="prompt" type="text" placeholder="high quality, detailed, sharp"></label>
+      <label>Refinement strength <output id="strength-value">@@refine.strength.value@@</output>
+        <input id="strength" type="range" @@refine.strength.range:0.05@@></label>
+      <label>Prompt <input id="prompt" type="text" placeholder="@@refine.prompt.value@@"></label>
       <label>Negative prompt
-        <input id="negative-prompt" type="text" placeholder="blurry, low quality, distorted"></label>
+        <input id="negative-prompt" type="text" placeholder="@@refine.negative_prompt.value@@"></label>
     </fieldset>
     <fieldset>
       <legend>3D generation</legend>
-      <label>Seed (empty: random) <input id="seed" type="number" min="0"></label>
-      <label>Texture size <input id="texture-size" type="number" min="256" max="4096" step="256" value="1024"></label>
-      <label>Mesh simplification <input id="simplify" type="number" min="0" max="0.99" step="0.01" value="0.95"></label>
+      <label>Seed (empty: random) <input id="seed" type="number" @@generation.seed.range:1@@></label>
+      <label>Texture size <input id="texture-size" type="number" @@generation.texture_size.range:256@@></label>
+      <label>Mesh simplification <input id="simplify" type="number" @@generation.mesh_simplify.range:0.01@@></label>
     </fieldset>
   </details>
   <button id="generate" type="submit">Generate 3D Model</button>
@@ -316,6 +306,29 @@ $("form").onsubmit = async (event) => {
 </body>
 </html>
 """
+
+
+_MODELS: dict[str, type[ParamModel]] = {"refine": RefineParams, "generation": GenerationParams}
+
+
+def _field_markup(match: re.Match[str]) -> str:
+    """``@@refine.strength.value@@`` → the default; ``@@generation.texture_size.range:256@@`` → min/max/step/value
+    attributes of an input, all from the parameter's definition."""
+    model, name, what, step = match.group(1), match.group(2), match.group(3), match.group(4)
+    cls = _MODELS[model]
+    path = tuple(name.split("/"))
+    default = default_at(cls, path)
+    if what == "value":
+        return html.escape(f"{default:.2f}" if isinstance(default, float) else str(default), quote=True)
+    info = cls.model_fields[path[0]]
+    low, low_open, high = bounds(info)
+    attrs = {"min": float(step) if low_open else low, "max": high, "step": float(step), "value": default}
+    return " ".join(f'{key}="{value if isinstance(value, int) else format(value, "g")}"'
+                    for key, value in attrs.items() if value is not None)
+
+
+#: The page; each parameter's range, default and placeholder come from its definition.
+PAGE = re.sub(r"@@(\w+)\.([\w/]+)\.(value|range)(?::([\d.]+))?@@", _field_markup, _TEMPLATE)
 
 
 def main(argv: list[str] | None = None) -> int:

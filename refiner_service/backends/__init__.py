@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 from refiner_service.backends.base import RefinerBackend, seeds_for
-from refiner_service.config import DEFAULT_MODEL
+from refiner_service.config import DEFAULT_MODEL, RefinerBackendConfig
 from refiner_service.tiny import TINY_MODEL
 from trellisbox._runtime.devices import cuda_available, validate_device
 
@@ -66,30 +66,30 @@ def resolve_backend(backend: str, model: str = DEFAULT_MODEL, device: str = "aut
     return "sdxl", f"a CUDA GPU is visible and {why}"
 
 
-def create_backend(backend: str = "auto", model: str = DEFAULT_MODEL, device: str = "auto",
-                   use_fp16: bool = True, attention_slicing: bool = True,
-                   cpu_offload: bool = True, fixed_latency_ms: float | None = None) -> RefinerBackend:
-    """Build (not load) the backend named by configuration; ``auto`` is resolved and logged loudly.
+def create_backend(config: RefinerBackendConfig, *, show_progress_bars: bool = True) -> RefinerBackend:
+    """Build (not load) the backend ``config`` names; ``auto`` is resolved and logged loudly.
 
-    ``fixed_latency_ms`` is for ``fixed-latency`` only; None reads ``TRELLISBOX_REFINER_FIXED_LATENCY_MS``.
+    Args:
+        config: Backend, model, device and how to load it.
+        show_progress_bars: diffusers' loading and denoising bars (for a terminal; a service's log turns them off).
     """
-    name, reason = resolve_backend(backend, model, device)
+    name, reason = resolve_backend(config.backend, config.model, config.device)
     if name == "sdxl":
         from refiner_service.backends.sdxl import SDXLBackend
 
-        _log.warning("refiner backend: sdxl (model %s, device %s): %s", model, device, reason)
-        return SDXLBackend(model, device, use_fp16=use_fp16, attention_slicing=attention_slicing,
-                           cpu_offload=cpu_offload)
+        _log.warning("refiner backend: sdxl (model %s, device %s): %s", config.model, config.device, reason)
+        return SDXLBackend(config.model, config.device, use_fp16=config.use_fp16,
+                           attention_slicing=config.attention_slicing, cpu_offload=config.cpu_offload,
+                           show_progress_bars=show_progress_bars)
     if name == "classic":
         from refiner_service.backends.classic import ClassicBackend
 
         _log.warning("refiner backend: classic (CPU restoration, no diffusion model): %s", reason)
         return ClassicBackend()
     if name == "fixed-latency":
-        from refiner_service.backends.fixed_latency import FixedLatencyBackend, latency_from_environment
+        from refiner_service.backends.fixed_latency import FixedLatencyBackend
 
-        latency = latency_from_environment() if fixed_latency_ms is None else fixed_latency_ms
         _log.warning("refiner backend: fixed-latency (%g ms per image, returns its input; load testing only)",
-                     latency)
-        return FixedLatencyBackend(latency)
-    raise ValueError(f"unknown refiner backend {backend!r}: use auto, sdxl, classic or fixed-latency")
+                     config.fixed_latency_ms)
+        return FixedLatencyBackend(config.fixed_latency_ms)
+    raise ValueError(f"unknown refiner backend {config.backend!r}: use auto, sdxl, classic or fixed-latency")

@@ -1,8 +1,8 @@
-"""The interface every refiner backend implements. Backends see domain objects, never protobuf."""
+"""The interface every refiner backend implements: :class:`ModelBackend` plus refining, alone or batched."""
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -11,7 +11,12 @@ from PIL import Image
 
 from trellisbox._domain.errors import Cancelled, DeadlineExceeded, ServiceError
 from trellisbox._domain.params import MAX_SEED, RefineParams
+from trellisbox._runtime.model import ModelBackend
 from trellisbox._runtime.worker import JobContext
+
+# Small and short (2 UNet steps), yet it runs every sub-model once: kernels and allocator are warm.
+_WARM_UP_IMAGE_SIZE = (128, 128)
+_WARM_UP_PARAMS = RefineParams(strength=0.5, num_inference_steps=4)
 
 
 def seeds_for(first: int, count: int) -> list[int]:
@@ -53,30 +58,15 @@ class BatchMember:
 MemberOutcome = list[Image.Image] | ServiceError
 
 
-class RefinerBackend(ABC):
-    """Refines images with one model (or none). Not thread-safe: call from one thread (the model worker).
+class RefinerBackend(ModelBackend):
+    """Refines images with one model (or none), on the service's one model thread.
 
     Implementations load lazily or in :meth:`load`, report progress through ``ctx`` and stop at the next
     step boundary once ``ctx.should_stop`` (raising ``Cancelled`` or ``DeadlineExceeded``).
     """
 
-    name: ClassVar[str]
     # True when refine_batch() shares one model call between requests (dynamic batching in the service).
     supports_batching: ClassVar[bool] = False
-
-    @property
-    @abstractmethod
-    def device(self) -> str:
-        """Where it runs: ``cpu`` or ``cuda:N`` once loaded (the configured spec before)."""
-
-    @property
-    @abstractmethod
-    def loaded(self) -> bool:
-        """True while the model is in memory."""
-
-    @abstractmethod
-    def load(self) -> None:
-        """Load the model (idempotent). Raises ``ModelUnavailable`` when it cannot run here."""
 
     def check(self, params: RefineParams) -> None:
         """Raise ``InvalidInput`` for parameters this backend cannot run (called before queueing)."""
@@ -96,6 +86,10 @@ class RefinerBackend(ABC):
         Returns:
             One image per input, same size and mode as the input.
         """
+
+    def warm_up(self) -> None:
+        """Refine one small grey image in two UNet steps."""
+        self.refine([Image.new("RGB", _WARM_UP_IMAGE_SIZE, (127, 127, 127))], _WARM_UP_PARAMS, [0])
 
     def batch_key(self, images: Sequence[Image.Image], params: RefineParams) -> Hashable | None:
         """Requests with equal keys may share one :meth:`refine_batch` call; None: this one never shares."""
@@ -120,18 +114,3 @@ class RefinerBackend(ABC):
             except (Cancelled, DeadlineExceeded) as exc:
                 outcomes.append(exc)
         return outcomes
-
-    @abstractmethod
-    def unload(self) -> None:
-        """Free the model and its device memory (idempotent); the next refine loads again."""
-
-    def to_gpu(self) -> None:
-        """Move a loaded model onto its GPU (idempotent); a shared GPU's turn starts with this."""
-        return None  # CPU backends have nothing to move
-
-    def to_host(self) -> None:
-        """Park a loaded model in host RAM and free its VRAM; a shared GPU's turn ends with this."""
-        return None
-
-    def describe(self) -> str:
-        return f"backend={self.name} device={self.device}"

@@ -23,9 +23,9 @@ from PIL import Image
 
 from refiner_service.backends.base import RefinerBackend
 from trellisbox._domain.imaging import reapply_alpha, split_alpha
+from trellisbox._domain.kinds import Stage
 from trellisbox._domain.params import RefineParams
 from trellisbox._runtime.worker import JobContext
-from trellisbox.v1 import common_pb2
 
 _log = logging.getLogger(__name__)
 
@@ -172,6 +172,6 @@ class ClassicBackend(RefinerBackend):
                 ctx.raise_if_stopped()
             a = apply(a)
             if ctx is not None:
-                ctx.report(common_pb2.STAGE_REFINE, step, len(passes), f"image {index + 1}/{count}: {label}")
+                ctx.report(Stage.REFINE, step, len(passes), f"image {index + 1}/{count}: {label}")
         out = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="RGB")
         return reapply_alpha(out, alpha)

@@ -6,7 +6,7 @@ known time per image while the CPU stays free. Benchmarks use it to measure the 
 routing, ``dns:///`` + round_robin over replicas, queueing) without the host's cores being what is
 measured. Never use it to serve users: it does not refine anything.
 
-The wait is ``--fixed-latency-ms`` (``TRELLISBOX_REFINER_FIXED_LATENCY_MS``) per image, split into as many
+The wait is the ``fixed_latency_ms`` setting (``--fixed-latency-ms``) per image, split into as many
 slices as the SDXL refiner would run denoising steps (``int(num_inference_steps × strength)``, at least
 one), with one progress event per slice and a cancellation check between slices, so the progress stream
 and cancellation behave like the real backend's.
@@ -15,32 +15,19 @@ and cancellation behave like the real backend's.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Sequence
 
 from PIL import Image
 
 from refiner_service.backends.base import RefinerBackend
+from trellisbox._domain.kinds import Stage
 from trellisbox._domain.params import RefineParams
 from trellisbox._runtime.worker import JobContext
-from trellisbox.v1 import common_pb2
 
 _log = logging.getLogger(__name__)
 
 DEFAULT_LATENCY_MS = 200.0
-LATENCY_ENV = "TRELLISBOX_REFINER_FIXED_LATENCY_MS"
-
-
-def latency_from_environment() -> float:
-    """``TRELLISBOX_REFINER_FIXED_LATENCY_MS`` (the setting's environment variable), else the default."""
-    value = os.environ.get(LATENCY_ENV, "").strip()
-    if not value:
-        return DEFAULT_LATENCY_MS
-    latency = float(value)
-    if latency < 0:
-        raise ValueError(f"{LATENCY_ENV} must be >= 0, got {value}")
-    return latency
 
 
 class FixedLatencyBackend(RefinerBackend):
@@ -88,6 +75,6 @@ class FixedLatencyBackend(RefinerBackend):
                     ctx.raise_if_stopped()
                 time.sleep(pause)
                 if ctx is not None:
-                    ctx.report(common_pb2.STAGE_REFINE, step + 1, slices, label)
+                    ctx.report(Stage.REFINE, step + 1, slices, label)
             out.append(image)
         return out

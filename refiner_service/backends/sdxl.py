@@ -22,10 +22,10 @@ from refiner_service.config import DEFAULT_MODEL
 from refiner_service.tiny import TINY_MODEL, tiny_refiner_path
 from trellisbox._domain.errors import InvalidInput, ModelUnavailable, ServiceError
 from trellisbox._domain.imaging import reapply_alpha, split_alpha
+from trellisbox._domain.kinds import Stage
 from trellisbox._domain.params import RefineParams
 from trellisbox._runtime.devices import resolve_device, validate_device
 from trellisbox._runtime.worker import JobContext
-from trellisbox.v1 import common_pb2
 
 if TYPE_CHECKING:
     import torch
@@ -73,26 +73,29 @@ class SDXLBackend(RefinerBackend):
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; resolved at load.
         use_fp16: On CUDA, load fp16 weights (``variant="fp16"`` when the model has them) and compute in
             fp16. Ignored on CPU, where fp16 is slow or unsupported.
-        attention_slicing: Compute attention in slices: lower peak memory; sums run in another order, so a
-            pixel may differ by one grey level from unsliced attention.
+        attention_slicing: On CUDA, compute attention in slices: lower peak memory; sums run in another order, so
+            a pixel may differ by one grey level from unsliced attention. Ignored on CPU, where it saves nothing
+            and would only make results differ from a plain diffusers call.
         cpu_offload: On CUDA, keep sub-models in host RAM and move each to the GPU only while it runs
             (``enable_model_cpu_offload``). Ignored on CPU, where diffusers refuses it.
+        show_progress_bars: diffusers' loading and denoising bars (a service turns them off: they garble its log).
     """
 
     name = "sdxl"
     supports_batching = True
 
     def __init__(self, model: str = DEFAULT_MODEL, device: str = "auto", use_fp16: bool = True,
-                 attention_slicing: bool = True, cpu_offload: bool = True) -> None:
+                 attention_slicing: bool = True, cpu_offload: bool = True, show_progress_bars: bool = True) -> None:
         self.model = model
         self._device_spec = validate_device(device)
         self.use_fp16 = use_fp16
         self.attention_slicing = attention_slicing
         self.cpu_offload = cpu_offload
-        self.show_progress_bars = True  # the service turns the tqdm bars off: they garble its log
+        self.show_progress_bars = show_progress_bars
         self._pipe: Any = None  # StableDiffusionXLImg2ImgPipeline; diffusers ships no type information
         self._device: str | None = None
         self._offloaded = False
+        self._sliced = False
 
     @classmethod
     def from_pipeline(cls, pipe: Any, device: str, *, offloaded: bool = False) -> SDXLBackend:
@@ -103,8 +106,8 @@ class SDXLBackend(RefinerBackend):
             device: Where it runs, ``cpu`` or ``cuda:N``.
             offloaded: True when ``enable_model_cpu_offload`` was called on it.
         """
-        backend = cls("<in-memory pipeline>", device, attention_slicing=False, cpu_offload=offloaded)
-        backend.show_progress_bars = False
+        backend = cls("<in-memory pipeline>", device, attention_slicing=False, cpu_offload=offloaded,
+                      show_progress_bars=False)
         pipe.set_progress_bar_config(disable=True)
         backend._pipe, backend._device, backend._offloaded = pipe, device, offloaded
         return backend
@@ -120,7 +123,8 @@ class SDXLBackend(RefinerBackend):
     def describe(self) -> str:
         dtype = "fp16" if self._pipe is not None and str(self._pipe.unet.dtype) == "torch.float16" else "fp32"
         offload = ", model CPU offload" if self._offloaded else ""
-        return f"backend=sdxl device={self.device} model={self.model} ({dtype}{offload})"
+        sliced = ", attention slicing" if self._pipe is not None and self._sliced else ""
+        return f"backend=sdxl device={self.device} model={self.model} ({dtype}{offload}{sliced})"
 
     def _source(self) -> str:
         if self.model == TINY_MODEL:
@@ -148,7 +152,8 @@ class SDXLBackend(RefinerBackend):
         _log.info("loading SDXL refiner %s on %s (%s)", source, device, "fp16" if fp16 else "fp32")
         pipe = self._from_pretrained(source, torch.float16 if fp16 else torch.float32, fp16)
         pipe.set_progress_bar_config(disable=not self.show_progress_bars)  # the denoising bar
-        if self.attention_slicing:
+        self._sliced = self.attention_slicing and cuda
+        if self._sliced:
             pipe.enable_attention_slicing()
         if cuda and self.cpu_offload:
             # Only on CUDA: without an accelerator diffusers raises "requires accelerator".
@@ -277,7 +282,7 @@ class SDXLBackend(RefinerBackend):
                     if member.on_stop is not None:
                         member.on_stop(error)
                 else:
-                    member.ctx.report(common_pb2.STAGE_REFINE, step + 1, total, label)
+                    member.ctx.report(Stage.REFINE, step + 1, total, label)
             if not running:
                 pipe._interrupt = True
                 _log.info("stopping the denoising loop after step %d of %d: every request of the batch stopped",
@@ -325,7 +330,7 @@ class SDXLBackend(RefinerBackend):
         def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             if ctx is not None:
                 # num_timesteps is int(steps × strength) for Euler and always matches the callback count.
-                ctx.report(common_pb2.STAGE_REFINE, step + 1, int(pipe.num_timesteps), label)
+                ctx.report(Stage.REFINE, step + 1, int(pipe.num_timesteps), label)
                 if ctx.should_stop:
                     pipe._interrupt = True  # diffusers' own stop flag, in case the raise below is caught
                     _log.info("stopping the denoising loop after step %d of %d (%s)",
@@ -364,7 +369,7 @@ class SDXLBackend(RefinerBackend):
         torch.cuda.empty_cache()
 
     def unload(self) -> None:
-        """Free the pipeline and empty the CUDA cache (the seed's ``unload``); the next refine reloads."""
+        """Free the pipeline and empty the CUDA cache (the original feature's ``unload``); the next refine reloads."""
         pipe, self._pipe = self._pipe, None
         if pipe is None:
             return
@@ -380,5 +385,5 @@ class SDXLBackend(RefinerBackend):
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        self._device, self._offloaded = None, False
+        self._device, self._offloaded, self._sliced = None, False, False
         _log.info("SDXL refiner unloaded")

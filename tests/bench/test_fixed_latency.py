@@ -6,9 +6,11 @@ import pytest
 from PIL import Image
 
 from refiner_service.backends import create_backend
-from refiner_service.backends.fixed_latency import LATENCY_ENV, FixedLatencyBackend
+from refiner_service.backends.fixed_latency import FixedLatencyBackend
+from refiner_service.config import RefinerBackendConfig, RefinerSettings
 from trellisbox._domain.errors import Cancelled
 from trellisbox._domain.params import RefineParams
+from trellisbox._runtime.config import load_settings
 from trellisbox._runtime.worker import JobContext, ProgressEvent
 
 
@@ -33,10 +35,11 @@ def test_a_cancelled_job_stops_before_the_next_slice() -> None:
 
 
 def test_created_by_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
-    backend = create_backend("fixed-latency", fixed_latency_ms=5)
+    backend = create_backend(RefinerBackendConfig(backend="fixed-latency", fixed_latency_ms=5))
     assert isinstance(backend, FixedLatencyBackend) and backend.latency_ms == 5
-    monkeypatch.setenv(LATENCY_ENV, "75")
-    backend = create_backend("fixed-latency")
+    # The setting's environment variable is read by the settings class, like every other setting.
+    monkeypatch.setenv("TRELLISBOX_REFINER_FIXED_LATENCY_MS", "75")
+    backend = create_backend(load_settings(RefinerSettings, ["--backend", "fixed-latency"]))
     assert isinstance(backend, FixedLatencyBackend) and backend.latency_ms == 75
     with pytest.raises(ValueError):
         FixedLatencyBackend(-1)

@@ -1,4 +1,5 @@
-"""``ImageRefiner`` (the seed's Python API) and the ``sdxl`` backend, with the tiny model on the CPU."""
+"""``ImageRefiner`` (the Python API of the original TRELLIS-BOX feature) and the ``sdxl`` backend, with the tiny
+model on the CPU."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from refiner_service import ImageRefiner
 from refiner_service.backends.sdxl import SDXLBackend
 from tests.refiner.refiner_helpers import pixels, scene, with_alpha
 from trellisbox._domain.errors import Cancelled, DeadlineExceeded, InvalidInput, ModelUnavailable
+from trellisbox._domain.kinds import Stage
 from trellisbox._domain.params import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, MAX_SEED, RefineParams
 from trellisbox._runtime.worker import JobContext, ProgressEvent
-from trellisbox.v1 import common_pb2
 
 FAST: dict[str, Any] = {"num_inference_steps": 4, "strength": 0.5}  # two UNet steps: enough to prove the plumbing
 
@@ -61,7 +62,7 @@ def test_lazy_load_and_default_refine(refiner: ImageRefiner) -> None:
     refiner.unload()
     assert not refiner.loaded
     image = scene(64)
-    out = refiner.refine(image, seed=3)  # the seed's defaults: 20 steps × 0.3
+    out = refiner.refine(image, seed=3)  # the original defaults: 20 steps × 0.3
     assert refiner.loaded and refiner.device == "cpu"
     assert out.mode == "RGB" and out.size == image.size
     assert refiner.last_seeds == [3]
@@ -158,7 +159,7 @@ def test_sdxl_progress_counts_effective_steps(cache_home: Path) -> None:
     events: list[ProgressEvent] = []
     params = RefineParams(num_inference_steps=10, strength=0.7)
     backend.refine([scene(32), scene(32, seed=1)], params, [1, 2], JobContext("t", None, events.append))
-    assert [(e.stage, e.step, e.total) for e in events] == [(common_pb2.STAGE_REFINE, s, 7) for s in range(1, 8)] * 2
+    assert [(e.stage, e.step, e.total) for e in events] == [(Stage.REFINE, s, 7) for s in range(1, 8)] * 2
     assert events[0].message == "image 1/2" and events[-1].message == "image 2/2"
     backend.unload()
 

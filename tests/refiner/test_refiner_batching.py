@@ -21,17 +21,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from refiner_service.backends.base import BatchMember, MemberOutcome
+from refiner_service.backends.base import BatchMember, MemberOutcome, RefinerBackend
 from refiner_service.backends.classic import ClassicBackend
 from refiner_service.backends.sdxl import SDXLBackend
 from refiner_service.batching import BATCH_IMAGES, BATCH_REQUESTS, DynamicBatcher
 from refiner_service.config import RefinerSettings
-from refiner_service.servicer import SERVICE_LABEL, RefinerServicer
 from tests.refiner.refiner_helpers import png_bytes, scene, with_alpha
 from tools.stack import free_port, start_service
 from trellisbox._domain.errors import Cancelled, DeadlineExceeded, QueueFull
+from trellisbox._domain.kinds import Stage
 from trellisbox._domain.params import RefineParams
-from trellisbox._runtime.worker import Finished, ModelWorker, ProgressEvent
+from trellisbox._runtime.lease import LeaseSettings
+from trellisbox._runtime.model import ModelHost
+from trellisbox._runtime.worker import Finished, JobContext, ModelWorker, ProgressEvent
 from trellisbox.v1 import common_pb2, refiner_pb2, refiner_pb2_grpc
 
 # A batched image may differ from the same image refined alone by this many grey levels (of 255) per
@@ -107,10 +109,12 @@ async def consume(stream: AsyncIterator[ProgressEvent | Finished[list[Image.Imag
     raise AssertionError("stream ended without a result")
 
 
-def make_batcher(backend: SDXLBackend, window_s: float = 0.3, max_images: int = 4,
+def make_batcher(backend: RefinerBackend, window_s: float = 0.3, max_images: int = 4,
                  max_queue: int = 8) -> tuple[DynamicBatcher, ModelWorker]:
-    worker = ModelWorker("batch-test", max_queue)
-    return DynamicBatcher(backend, worker, service="batch-test", window_s=window_s, max_images=max_images), worker
+    """A batcher over a host that has loaded and warmed up ``backend`` (spy on it only after this)."""
+    host: ModelHost[RefinerBackend] = ModelHost("batch-test", max_queue, LeaseSettings())
+    host.start(lambda: backend)
+    return DynamicBatcher(host, window_s=window_s, max_images=max_images), host.worker
 
 
 def request(batcher: DynamicBatcher, images: list[Image.Image], params: RefineParams, seeds: list[int],
@@ -188,8 +192,8 @@ def test_batch_key_separates_incompatible_requests(backend: SDXLBackend) -> None
 
 
 def test_concurrent_requests_share_one_call(backend: SDXLBackend, monkeypatch: pytest.MonkeyPatch) -> None:
-    spy = Spy(backend, monkeypatch)
     batcher, worker = make_batcher(backend)
+    spy = Spy(backend, monkeypatch)
     inputs = [scene(64, seed=1), with_alpha(scene(64, seed=2)), scene(64, seed=3)]
     params = [RefineParams(prompt=p, **FAST) for p in ("a vase", "a chair", "a lamp")]
     images_before = metric_count(BATCH_IMAGES, "batch-test")
@@ -208,7 +212,7 @@ def test_concurrent_requests_share_one_call(backend: SDXLBackend, monkeypatch: p
     assert metric_count(BATCH_REQUESTS, "batch-test") == requests_before + 1
     for i, (progress, finished) in enumerate(results):
         assert isinstance(finished, Finished), finished
-        assert [(e.stage, e.step, e.total) for e in progress] == [(common_pb2.STAGE_REFINE, s, 5) for s in range(1, 6)]
+        assert [(e.stage, e.step, e.total) for e in progress] == [(Stage.REFINE, s, 5) for s in range(1, 6)]
         assert "batch of 3 images" in progress[0].message
         assert finished.queued_s >= 0 and finished.run_s > 0
         expected = backend.refine([inputs[i]], params[i], [40 + i])[0]
@@ -220,8 +224,8 @@ def test_a_request_alone_takes_the_unbatched_path_bit_for_bit(backend: SDXLBacke
     inputs = [scene(64, seed=6), scene(64, seed=7)]
     params = RefineParams(prompt="a teapot", **FAST)
     expected = backend.refine(inputs, params, [3, 4])
-    spy = Spy(backend, monkeypatch)
     batcher, worker = make_batcher(backend, window_s=0.01)
+    spy = Spy(backend, monkeypatch)
     progress, finished = asyncio.run(consume(request(batcher, inputs, params, [3, 4], "alone")))
     worker.shutdown()
     assert spy.calls == [("alone", [2])]
@@ -233,8 +237,8 @@ def test_a_request_alone_takes_the_unbatched_path_bit_for_bit(backend: SDXLBacke
 
 
 def test_incompatible_requests_run_in_separate_calls(backend: SDXLBackend, monkeypatch: pytest.MonkeyPatch) -> None:
-    spy = Spy(backend, monkeypatch)
     batcher, worker = make_batcher(backend)
+    spy = Spy(backend, monkeypatch)
     jobs = [
         ([scene(64)], RefineParams(**FAST)),
         ([scene(64, seed=1)], RefineParams(prompt="compatible with the first", **FAST)),
@@ -254,8 +258,8 @@ def test_incompatible_requests_run_in_separate_calls(backend: SDXLBackend, monke
 
 
 def test_multi_image_requests_count_toward_the_limit(backend: SDXLBackend, monkeypatch: pytest.MonkeyPatch) -> None:
-    spy = Spy(backend, monkeypatch)
     batcher, worker = make_batcher(backend, max_images=4)
+    spy = Spy(backend, monkeypatch)
     params = RefineParams(**FAST)
     sizes = [2, 2, 2, 5]  # two pairs fill one call; the third pair waits for the next; five never fit
 
@@ -273,8 +277,8 @@ def test_multi_image_requests_count_toward_the_limit(backend: SDXLBackend, monke
 
 def test_requests_arriving_while_the_model_is_busy_ride_in_the_next_call(
         backend: SDXLBackend, monkeypatch: pytest.MonkeyPatch) -> None:
-    spy = Spy(backend, monkeypatch)
     batcher, worker = make_batcher(backend, window_s=0.001)  # the window alone would batch nothing here
+    spy = Spy(backend, monkeypatch)
     params = RefineParams(**FAST)
     release = threading.Event()
 
@@ -306,8 +310,8 @@ async def _drain(stream: AsyncIterator[Any]) -> list[Any]:
 def test_one_cancelled_member_does_not_stop_the_others(backend: SDXLBackend, monkeypatch: pytest.MonkeyPatch,
                                                        caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level("INFO", logger="refiner_service")
-    spy = Spy(backend, monkeypatch)
     batcher, worker = make_batcher(backend)
+    spy = Spy(backend, monkeypatch)
     params = RefineParams(num_inference_steps=40, strength=1.0)
     inputs = [scene(64, seed=i) for i in range(3)]
 
@@ -332,8 +336,8 @@ def test_one_cancelled_member_does_not_stop_the_others(backend: SDXLBackend, mon
 def test_the_loop_stops_when_every_member_stopped(backend: SDXLBackend, monkeypatch: pytest.MonkeyPatch,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level("INFO", logger="refiner_service")
-    spy = Spy(backend, monkeypatch)
     batcher, worker = make_batcher(backend)
+    spy = Spy(backend, monkeypatch)
     params = RefineParams(num_inference_steps=200, strength=1.0)
 
     async def main() -> list[tuple[list[ProgressEvent], Any]]:
@@ -356,9 +360,10 @@ def test_the_loop_stops_when_every_member_stopped(backend: SDXLBackend, monkeypa
 
 def test_a_member_past_its_deadline_fails_alone_and_at_once(backend: SDXLBackend,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    spy = Spy(backend, monkeypatch)
     batcher, worker = make_batcher(backend, window_s=0.05)
-    params = RefineParams(num_inference_steps=300, strength=1.0)
+    spy = Spy(backend, monkeypatch)
+    # Past the API's limit of 200 steps (built unvalidated): a call that surely outlasts the deadline.
+    params = RefineParams.model_construct(num_inference_steps=300, strength=1.0)
     ended: dict[str, float] = {}
 
     async def timed(name: str, deadline: float | None) -> tuple[list[ProgressEvent], Any]:
@@ -412,11 +417,43 @@ def test_batching_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not RefinerSettings().batching
 
 
-def test_classic_backend_does_not_batch() -> None:
-    worker = ModelWorker("classic-test", 1)
-    servicer = RefinerServicer(ClassicBackend(), worker, RefinerSettings(backend="classic"))
-    assert servicer._batcher is None  # classic refines one request at a time: nothing to share
+class _OneAtATime(ClassicBackend):
+    """Classic restoration that records each call: it cannot share one, so it must never be asked to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[int] = []
+
+    def refine(self, images: Sequence[Image.Image], params: RefineParams, seeds: Sequence[int],
+               ctx: JobContext | None = None) -> list[Image.Image]:
+        self.calls.append(len(images))
+        return super().refine(images, params, seeds, ctx)
+
+    def refine_batch(self, members: Sequence[BatchMember]) -> list[MemberOutcome]:
+        raise AssertionError("a backend without batching support was given a batch")
+
+
+@pytest.mark.parametrize(("backend_name", "window_s"), [("classic", 0.3), ("sdxl", 0.0)])
+def test_requests_run_alone_without_batching(backend_name: str, window_s: float, backend: SDXLBackend) -> None:
+    # Every request goes through the batcher; a backend that cannot share a call (classic), or a zero window,
+    # makes each request its own job, exactly as unbatched.
+    chosen: RefinerBackend = _OneAtATime() if backend_name == "classic" else backend
+    batcher, worker = make_batcher(chosen, window_s=window_s)
+    if isinstance(chosen, _OneAtATime):
+        chosen.calls.clear()  # the warm-up's call
+    params = RefineParams(strength=0.5, num_inference_steps=4)
+    jobs_before = BATCH_REQUESTS.labels("batch-test")._sum.get()
+
+    async def both() -> list[tuple[list[ProgressEvent], Any]]:
+        return list(await asyncio.gather(*(
+            consume(request(batcher, [scene(64, seed=i)], params, [i], f"alone-{i}")) for i in range(2))))
+
+    results = asyncio.run(both())
     worker.shutdown()
+    assert all(isinstance(result, Finished) for _, result in results)
+    if isinstance(chosen, _OneAtATime):
+        assert chosen.calls == [1, 1]
+    assert BATCH_REQUESTS.labels("batch-test")._sum.get() - jobs_before == 2  # two jobs of one request each
 
 
 @pytest.mark.integration
@@ -458,8 +495,8 @@ def test_service_batches_concurrent_requests(tmp_path: Path, cache_home: Path) -
         assert re.search(r"batched 3 requests \(3 images\) into one pipeline call", log), log
         assert "dynamic batching on: window 1000 ms, up to 4 images per call" in log
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-        assert f'trellisbox_batch_images_count{{service="{SERVICE_LABEL}"}} 1.0' in metrics, metrics
-        assert f'trellisbox_batch_images_sum{{service="{SERVICE_LABEL}"}} 3.0' in metrics
-        assert f'trellisbox_batch_images_bucket{{le="2.0",service="{SERVICE_LABEL}"}} 0.0' in metrics
+        assert f'trellisbox_batch_images_count{{service="{"refiner"}"}} 1.0' in metrics, metrics
+        assert f'trellisbox_batch_images_sum{{service="{"refiner"}"}} 3.0' in metrics
+        assert f'trellisbox_batch_images_bucket{{le="2.0",service="{"refiner"}"}} 0.0' in metrics
     finally:
         process.stop()

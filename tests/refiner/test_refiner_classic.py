@@ -8,9 +8,9 @@ import pytest
 from refiner_service.backends.classic import ClassicBackend
 from tests.refiner.refiner_helpers import blockiness, jpeg_degraded, pixels, scene, with_alpha
 from trellisbox._domain.errors import Cancelled
+from trellisbox._domain.kinds import Stage
 from trellisbox._domain.params import RefineParams
 from trellisbox._runtime.worker import JobContext, ProgressEvent
-from trellisbox.v1 import common_pb2
 
 
 def refine(image, strength: float = 0.3):  # type: ignore[no-untyped-def]
@@ -48,14 +48,14 @@ def test_reduces_jpeg_blockiness() -> None:
     degraded = jpeg_degraded(clean, quality=10)
     before = blockiness(degraded)
     assert before > 2 * blockiness(clean)  # the test image really is blocky
-    after_default = blockiness(refine(degraded))  # the seed's default strength 0.3
+    after_default = blockiness(refine(degraded))  # the default strength 0.3 of the original feature
     after_strong = blockiness(refine(degraded, 1.0))
     assert after_default < 0.7 * before, (before, after_default)
     assert after_strong < after_default
 
 
 def test_default_strength_is_subtle() -> None:
-    # The seed's promise: the default strength does not change the content, only cleans it up.
+    # The original feature's promise: the default strength does not change the content, only cleans it up.
     clean = scene(128)
     assert np.abs(pixels(refine(clean)) - pixels(clean)).mean() < 5.0
 
@@ -66,7 +66,7 @@ def test_reports_each_pass_and_stops_when_cancelled() -> None:
     images = [scene(32), scene(32, seed=1)]
     out = ClassicBackend().refine(images, RefineParams(), [0, 1], ctx)
     assert len(out) == 2
-    assert [(e.stage, e.step, e.total) for e in events] == [(common_pb2.STAGE_REFINE, s, 4) for s in (1, 2, 3, 4)] * 2
+    assert [(e.stage, e.step, e.total) for e in events] == [(Stage.REFINE, s, 4) for s in (1, 2, 3, 4)] * 2
     assert events[-1].message.startswith("image 2/2")
 
     def cancel_after_first(event: ProgressEvent) -> None:

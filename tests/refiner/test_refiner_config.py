@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from refiner_service import backends
 from refiner_service.backends import create_backend, resolve_backend, weights_available
-from refiner_service.config import DEFAULT_MODEL, RefinerSettings
+from refiner_service.config import DEFAULT_MODEL, RefinerBackendConfig, RefinerSettings
 from trellisbox._runtime.config import load_settings
 
 
@@ -66,7 +66,7 @@ def test_auto_with_gpu_needs_local_weights(monkeypatch: pytest.MonkeyPatch, tmp_
 def test_the_choice_is_logged_loudly(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(backends, "cuda_available", lambda: False)
     with caplog.at_level(logging.WARNING):
-        backend = create_backend("auto", DEFAULT_MODEL, "auto")
+        backend = create_backend(RefinerBackendConfig())
     assert backend.name == "classic"
     assert any(r.levelno == logging.WARNING and "refiner backend: classic" in r.getMessage()
                and "no CUDA GPU" in r.getMessage() for r in caplog.records)

@@ -146,9 +146,8 @@ def direct_diffusers(folder: Path, image: Image.Image, seed: int, **kwargs: Any)
 
     pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
-    # The service slices attention by default (the seed's memory optimisation). Sliced attention sums in
-    # another order and moves a pixel or two by one grey level, so the reference slices too.
-    pipe.enable_attention_slicing()
+    # A plain diffusers call, as the README says to reproduce one: the service slices attention on CUDA only,
+    # so on a CPU nothing differs, not even by a grey level.
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
@@ -177,7 +176,8 @@ def test_refine_matches_diffusers_pixel_for_pixel(stub: refiner_pb2_grpc.Refiner
     assert list(done.seeds) == [1234, 1235]
     assert done.backend == "sdxl" and done.device == "cpu"
     assert [t.stage for t in done.timings] == [common_pb2.STAGE_QUEUED, common_pb2.STAGE_REFINE]
-    assert all(t.seconds >= 0 for t in done.timings)
+    queued, refined = (t.seconds for t in done.timings)
+    assert queued >= 0 and refined > 0
 
     for index, (image, seed) in enumerate(zip(inputs, [1234, 1235], strict=True)):
         expected = direct_diffusers(
@@ -252,7 +252,7 @@ def test_missing_weights_keep_readiness_off(tmp_path: Path, cache_home: Path) ->
     process = _start(tmp_path, ["--backend", "sdxl", "--model", str(empty), "--device", "cpu"], cache_home)
     try:
         deadline = time.monotonic() + 120
-        while "warm-up failed" not in process.log_tail(200):
+        while "cannot start its model" not in process.log_tail(200):
             assert process.process.poll() is None, process.log_tail()
             assert time.monotonic() < deadline, process.log_tail()
             time.sleep(0.1)

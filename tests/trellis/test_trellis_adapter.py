@@ -12,17 +12,18 @@ from PIL import Image
 
 from tests.trellis.trellis_helpers import load_glb, object_image
 from tests.trellis.trellis_standin import MODELS, write_model_folder, write_standin
-from trellis_service.backends import select_backend
+from trellis_service.backends import choose_backend
 from trellis_service.backends.preview import PreviewBackend
 from trellis_service.backends.trellis import TrellisBackend
 from trellis_service.config import TrellisSettings
+from trellis_service.exporters import encode_asset
 from trellisbox._domain.errors import Cancelled, ModelUnavailable
+from trellisbox._domain.kinds import ArtifactKind, Stage
 from trellisbox._domain.params import GenerationParams, MultiImageMode, SamplerParams
 from trellisbox._runtime.worker import JobContext, ProgressEvent
-from trellisbox.v1 import common_pb2
 
-GLB = common_pb2.ARTIFACT_KIND_GLB
-PLY = common_pb2.ARTIFACT_KIND_GAUSSIAN_PLY
+GLB = ArtifactKind.GLB
+PLY = ArtifactKind.GAUSSIAN_PLY
 
 
 def calls(module: str = "trellis.pipelines.trellis_image_to_3d") -> list[tuple[str, dict[str, Any]]]:
@@ -60,13 +61,14 @@ def backend_for(model: Path | str, **kwargs: Any) -> TrellisBackend:
 
 
 def generate(backend: TrellisBackend, images: list[Image.Image], params: GenerationParams,
-             formats: set[int]) -> tuple[Any, list[ProgressEvent]]:
+             formats: set[ArtifactKind]) -> tuple[Any, list[ProgressEvent]]:
     events: list[ProgressEvent] = []
     result = backend.generate(images, params, formats, JobContext("test", None, events.append))
     return result, events
 
 
-PARAMS = GenerationParams(seed=7, sparse_structure=SamplerParams(6, 6.5), slat=SamplerParams(4, 2.5),
+PARAMS = GenerationParams(seed=7, sparse_structure=SamplerParams(steps=6, cfg_strength=6.5),
+                          slat=SamplerParams(steps=4, cfg_strength=2.5),
                           mesh_simplify=0.9, texture_size=512)
 
 
@@ -99,8 +101,8 @@ def test_single_image_calls_run_with_exact_parameters(standin_root: Path, model_
     assert type(to_glb["app_rep"]).__name__ == "Gaussian"
     assert type(to_glb["mesh"]).__name__ == "MeshExtractResult"
 
-    artifacts = {a.kind: a.data for a in result.artifacts}
-    assert [a.kind for a in result.artifacts] == [GLB, PLY]
+    artifacts = {a.kind: a.data for a in encode_asset(result)}
+    assert [a.kind for a in encode_asset(result)] == [GLB, PLY]
     assert load_glb(artifacts[GLB]).visual.material.baseColorTexture.size == (512, 512)
     expected_ply = sys.modules["trellis.representations"].expected_ply_bytes()
     assert artifacts[PLY] == expected_ply
@@ -108,14 +110,14 @@ def test_single_image_calls_run_with_exact_parameters(standin_root: Path, model_
 
     steps = [(e.stage, e.step, e.total) for e in events]
     for i in range(1, 7):
-        assert (common_pb2.STAGE_SPARSE_STRUCTURE, i, 6) in steps
+        assert (Stage.SPARSE_STRUCTURE, i, 6) in steps
     for i in range(1, 5):
-        assert (common_pb2.STAGE_SLAT, i, 4) in steps
+        assert (Stage.SLAT, i, 4) in steps
     order = [e.stage for e in events]
-    assert order.index(common_pb2.STAGE_PREPROCESS) < order.index(common_pb2.STAGE_SPARSE_STRUCTURE) \
-        < order.index(common_pb2.STAGE_SLAT) < order.index(common_pb2.STAGE_EXPORT)
-    assert set(result.timings) == {common_pb2.STAGE_PREPROCESS, common_pb2.STAGE_SPARSE_STRUCTURE,
-                                   common_pb2.STAGE_SLAT, common_pb2.STAGE_EXPORT}
+    assert order.index(Stage.PREPROCESS) < order.index(Stage.SPARSE_STRUCTURE) \
+        < order.index(Stage.SLAT) < order.index(Stage.EXPORT)
+    assert set(result.timings) == {Stage.PREPROCESS, Stage.SPARSE_STRUCTURE,
+                                   Stage.SLAT, Stage.EXPORT}
     # The stage wrappers are gone afterwards: the pipeline is as upstream left it.
     pipeline = backend._pipeline
     assert "sample_slat" not in vars(pipeline) and "sample_once" not in vars(pipeline.slat_sampler)
@@ -136,9 +138,9 @@ def test_several_images_call_run_multi_image(standin_root: Path, model_dir: Path
     assert call["sparse_structure_sampler_params"] == {"steps": 12, "cfg_strength": 7.5}
     assert call["slat_sampler_params"] == {"steps": 12, "cfg_strength": 3.0}
     assert len(named("preprocess_image")) == 3
-    assert [a.kind for a in result.artifacts] == [GLB]
+    assert [a.kind for a in encode_asset(result)] == [GLB]
     assert any(f"mode={mode.value!r}" in note for note in result.notes)
-    assert (common_pb2.STAGE_PREPROCESS, 2, 3) in [(e.stage, e.step, e.total) for e in events]
+    assert (Stage.PREPROCESS, 2, 3) in [(e.stage, e.step, e.total) for e in events]
 
 
 def test_cancel_inside_multi_image_sampling_leaves_the_pipeline_usable(standin_root: Path, model_dir: Path,
@@ -149,7 +151,7 @@ def test_cancel_inside_multi_image_sampling_leaves_the_pipeline_usable(standin_r
     images = [object_image(alpha=True)] * 2
 
     def report(event: ProgressEvent) -> None:
-        if event.stage == common_pb2.STAGE_SPARSE_STRUCTURE and event.step == 2:
+        if event.stage == Stage.SPARSE_STRUCTURE and event.step == 2:
             ctx.cancel()
 
     ctx = JobContext("cancel", None, report)
@@ -161,9 +163,9 @@ def test_cancel_inside_multi_image_sampling_leaves_the_pipeline_usable(standin_r
     # Upstream leaves the stochastic patch in place after an exception; the adapter undid it, so the
     # next runs work (a leftover patch would pop from an exhausted index list).
     result, _ = generate(backend, images, GenerationParams(seed=2), {GLB})
-    assert result.artifacts
+    assert encode_asset(result)
     result, _ = generate(backend, [images[0]], GenerationParams(seed=2), {GLB})
-    assert result.artifacts
+    assert encode_asset(result)
 
 
 def test_device_moves_and_unload(standin_root: Path, model_dir: Path, torch_home: Path) -> None:
@@ -183,7 +185,7 @@ def test_random_seed_when_unset(standin_root: Path, model_dir: Path, torch_home:
     result, _ = generate(backend_for(model_dir), [object_image(alpha=True)], GenerationParams(), {PLY})
     (run,) = named("run")
     assert run["seed"] == result.seed and 0 <= result.seed < 2**32
-    assert [a.kind for a in result.artifacts] == [PLY]
+    assert [a.kind for a in encode_asset(result)] == [PLY]
     assert not named("to_glb", "trellis.utils.postprocessing_utils")
 
 
@@ -310,7 +312,7 @@ def test_offline_without_u2net_refuses_images_without_alpha(standin_root: Path, 
     with pytest.raises(ModelUnavailable, match="no alpha channel"):
         generate(backend, [object_image()], GenerationParams(seed=1), {GLB})
     result, _ = generate(backend, [object_image(alpha=True)], GenerationParams(seed=1), {GLB})
-    assert result.artifacts
+    assert encode_asset(result)
 
 
 # -- backend selection -------------------------------------------------------------------------------------
@@ -320,7 +322,7 @@ def test_auto_falls_back_to_preview_and_says_why(standin_root: Path, model_dir: 
     write_standin(standin_root)
     settings = TrellisSettings(backend="auto", model=str(model_dir))
     with caplog.at_level(logging.WARNING):
-        backend, _ = select_backend(settings, cuda_check=lambda: False)
+        backend = choose_backend(settings, cuda_check=lambda: False)
     assert isinstance(backend, PreviewBackend)
     assert any("running PREVIEW" in r.message and "no CUDA GPU" in r.message for r in caplog.records)
 
@@ -330,7 +332,7 @@ def test_auto_picks_trellis_when_everything_is_there(standin_root: Path, model_d
     write_standin(standin_root)
     settings = TrellisSettings(backend="auto", model=str(model_dir), device="auto")
     with caplog.at_level(logging.WARNING):
-        backend, _ = select_backend(settings, cuda_check=lambda: True)
+        backend = choose_backend(settings, cuda_check=lambda: True)
     assert isinstance(backend, TrellisBackend) and backend.device == "cuda:0"
     assert any("running TRELLIS" in r.message for r in caplog.records)
 
@@ -338,4 +340,4 @@ def test_auto_picks_trellis_when_everything_is_there(standin_root: Path, model_d
 def test_configured_trellis_raises_instead_of_falling_back(model_dir: Path) -> None:
     settings = TrellisSettings(backend="trellis", model=str(model_dir))
     with pytest.raises(ModelUnavailable, match="no CUDA GPU"):
-        select_backend(settings, cuda_check=lambda: False)
+        choose_backend(settings, cuda_check=lambda: False)

@@ -17,21 +17,22 @@ from trellis_service.backends.preview import (
     inflate,
     remove_pinches,
 )
-from trellis_service.exporters import SPLAT_PROPERTIES
+from trellis_service.exporters import SPLAT_PROPERTIES, encode_asset
+from trellisbox._domain.kinds import ArtifactKind, Stage
 from trellisbox._domain.params import GenerationParams
 from trellisbox._runtime.worker import JobContext, ProgressEvent
-from trellisbox.v1 import common_pb2
 
-GLB = common_pb2.ARTIFACT_KIND_GLB
-PLY = common_pb2.ARTIFACT_KIND_GAUSSIAN_PLY
+GLB = ArtifactKind.GLB
+PLY = ArtifactKind.GAUSSIAN_PLY
 
 
 def run_preview(images: list[Image.Image], params: GenerationParams | None = None,
-                formats: set[int] | None = None) -> tuple[dict[int, bytes], list[str], int, list[ProgressEvent]]:
+                formats: set[ArtifactKind] | None = None
+                ) -> tuple[dict[int, bytes], list[str], int, list[ProgressEvent]]:
     events: list[ProgressEvent] = []
     result = PreviewBackend().generate(images, params or GenerationParams(seed=5), formats or {GLB},
                                        JobContext("test", None, events.append))
-    return {a.kind: a.data for a in result.artifacts}, result.notes, result.seed, events
+    return {a.kind: a.data for a in encode_asset(result)}, result.notes, result.seed, events
 
 
 def assert_closed(mesh: trimesh.Trimesh) -> None:
@@ -49,7 +50,7 @@ def test_glb_is_watertight_and_textured() -> None:
     assert material.baseColorTexture.size == (512, 512)
     assert mesh.visual.uv.shape == (len(mesh.vertices), 2)
     stages = {event.stage for event in events}
-    assert {common_pb2.STAGE_PREPROCESS, common_pb2.STAGE_EXPORT} <= stages
+    assert {Stage.PREPROCESS, Stage.EXPORT} <= stages
 
 
 def test_khronos_validator_reports_no_errors(tmp_path: Path) -> None:

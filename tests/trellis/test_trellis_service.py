@@ -13,10 +13,11 @@ from grpc_health.v1 import health_pb2
 
 from tests.trellis.trellis_helpers import REPO_ROOT, load_glb, object_image, parse_ply, png_bytes, validate_glb
 from tools.stack import ServiceProcess, health_status, start_service
-from trellis_service.servicer import formats_from_proto
+from trellis_service.servicer import requested_formats
 from trellisbox._domain.artifacts import Artifact, ArtifactAssembler
 from trellisbox._domain.contract import TRELLIS_SERVICE
 from trellisbox._domain.errors import InvalidInput
+from trellisbox._domain.kinds import ArtifactKind
 from trellisbox.v1 import common_pb2, trellis_pb2, trellis_pb2_grpc
 
 pytestmark = pytest.mark.integration
@@ -97,9 +98,10 @@ def test_image_to_3d_streams_progress_artifacts_and_done(stub: trellis_pb2_grpc.
 
     assert done.seed == 42
     assert done.backend == "preview" and done.device == "cpu"
-    timed = {t.stage for t in done.timings}
-    assert {common_pb2.STAGE_PREPROCESS, common_pb2.STAGE_EXPORT} <= timed
-    assert all(t.seconds >= 0 for t in done.timings)
+    timed = {t.stage: t.seconds for t in done.timings}
+    assert {common_pb2.STAGE_QUEUED, common_pb2.STAGE_PREPROCESS, common_pb2.STAGE_EXPORT} == set(timed)
+    assert timed[common_pb2.STAGE_QUEUED] >= 0
+    assert timed[common_pb2.STAGE_PREPROCESS] > 0 and timed[common_pb2.STAGE_EXPORT] > 0
     assert any("not TRELLIS" in note for note in done.notes)
 
 
@@ -143,10 +145,10 @@ def test_bad_input_is_invalid_argument_and_service_stays_serving(
 
 
 def test_formats_conversion() -> None:
-    assert formats_from_proto([]) == {GLB}
-    assert formats_from_proto([PLY, GLB, PLY]) == {GLB, PLY}
+    assert requested_formats([]) == {ArtifactKind.GLB}
+    assert requested_formats([PLY, GLB, PLY]) == {ArtifactKind.GLB, ArtifactKind.GAUSSIAN_PLY}
     with pytest.raises(InvalidInput, match="99"):
-        formats_from_proto([99])
+        requested_formats([99])
 
 
 def test_failed_preflight_keeps_readiness_not_serving(tmp_path: Path) -> None:
@@ -160,7 +162,7 @@ def test_failed_preflight_keeps_readiness_not_serving(tmp_path: Path) -> None:
             assert process.process.poll() is None, process.log_tail()
             time.sleep(0.2)
         log = process.log_tail()
-        assert "TRELLIS service cannot start its model:" in log, log
+        assert f"{TRELLIS_SERVICE} cannot start its model and stays NOT_SERVING:" in log, log
         # The actionable cause, not upstream's "Repository Not Found".
         assert "no CUDA GPU is visible" in log or "not importable" in log or "does not exist" in log, log
         assert health_status(process.target, "") == health_pb2.HealthCheckResponse.SERVING

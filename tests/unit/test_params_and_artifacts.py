@@ -5,18 +5,22 @@ import hashlib
 import pytest
 
 from trellisbox._domain.artifacts import Artifact, ArtifactAssembler, ArtifactProtocolError
-from trellisbox._domain.convert import (
-    generation_params_from_proto,
-    generation_params_to_proto,
-    refine_params_from_proto,
-    refine_params_to_proto,
-)
+from trellisbox._domain.convert import params_from_proto, params_to_proto
 from trellisbox._domain.errors import InvalidInput
+from trellisbox._domain.kinds import ArtifactKind
 from trellisbox._domain.params import GenerationParams, MultiImageMode, RefineParams
 from trellisbox.v1 import common_pb2
 
 
-def test_unset_refine_parameters_take_the_seed_defaults() -> None:
+def refine_params_from_proto(message: common_pb2.RefineParameters) -> RefineParams:
+    return params_from_proto(RefineParams, message, "refine_parameters")
+
+
+def generation_params_from_proto(message: common_pb2.GenerationParameters) -> GenerationParams:
+    return params_from_proto(GenerationParams, message, "generation")
+
+
+def test_unset_refine_parameters_take_the_trellis_box_defaults() -> None:
     params = refine_params_from_proto(common_pb2.RefineParameters())
     assert (params.strength, params.guidance_scale, params.num_inference_steps) == (0.3, 7.5, 20)
     assert params.prompt == "high quality, detailed, sharp"
@@ -37,7 +41,10 @@ def test_explicit_zero_is_not_unset() -> None:
         ({"strength": 0}, "strength must be in (0.0, 1.0]"),
         ({"num_inference_steps": 0}, "num_inference_steps must be in [1, 200]"),
         ({"guidance_scale": 100}, "guidance_scale must be in [0.0, 30.0]"),
-        ({"seed": 2**40}, "refine seed must be in"),
+        ({"seed": 2**40}, "refine_parameters.seed must be in [0, 4294967295]"),
+        ({"strength": float("nan")}, "refine_parameters.strength must be in (0.0, 1.0], got nan"),
+        ({"guidance_scale": float("inf")}, "refine_parameters.guidance_scale must be in [0.0, 30.0], got inf"),
+        ({"aesthetic_score": float("-inf")}, "refine_parameters.aesthetic_score must be in [0.0, 10.0], got -inf"),
         ({"prompt": "x" * 5000}, "prompt is 5000 characters"),
     ],
 )
@@ -53,9 +60,9 @@ def test_generation_defaults_and_round_trip() -> None:
     assert (params.sparse_structure.steps, params.sparse_structure.cfg_strength) == (12, 7.5)
     assert (params.slat.steps, params.slat.cfg_strength) == (12, 3.0)
     custom = GenerationParams(seed=5, multi_image_mode=MultiImageMode.MULTIDIFFUSION, texture_size=512)
-    assert generation_params_from_proto(generation_params_to_proto(custom)) == custom
+    assert generation_params_from_proto(params_to_proto(custom, common_pb2.GenerationParameters())) == custom
     refine = RefineParams(strength=0.5, seed=9, prompt="a chair")
-    assert refine_params_from_proto(refine_params_to_proto(refine)) == refine
+    assert refine_params_from_proto(params_to_proto(refine, common_pb2.RefineParameters())) == refine
 
 
 @pytest.mark.parametrize(
@@ -63,7 +70,11 @@ def test_generation_defaults_and_round_trip() -> None:
     [
         ({"texture_size": 10}, "texture_size must be in [256, 4096]"),
         ({"mesh_simplify": 1.5}, "mesh_simplify must be in [0.0, 0.99]"),
-        ({"slat": common_pb2.SamplerParameters(steps=0)}, "slat.steps must be in [1, 100]"),
+        ({"slat": common_pb2.SamplerParameters(steps=0)}, "generation.slat.steps must be in [1, 100]"),
+        ({"mesh_simplify": float("nan")}, "generation.mesh_simplify must be in [0.0, 0.99], got nan"),
+        ({"sparse_structure": common_pb2.SamplerParameters(cfg_strength=float("inf"))},
+         "generation.sparse_structure.cfg_strength must be in [0.0, 30.0], got inf"),
+        ({"multi_image_mode": 7}, "generation.multi_image_mode 7 is not a known MultiImageMode"),
     ],
 )
 def test_out_of_range_generation_parameters(fields: dict[str, object], message: str) -> None:
@@ -75,7 +86,7 @@ def test_out_of_range_generation_parameters(fields: dict[str, object], message: 
 @pytest.mark.parametrize("size", [0, 1, 1000, 2**20, 2**20 + 1, 3 * 2**20 + 17])
 def test_chunking_round_trip(size: int) -> None:
     data = bytes(range(256)) * (size // 256) + bytes(size % 256)
-    artifact = Artifact(common_pb2.ARTIFACT_KIND_GLB, data, index=2)
+    artifact = Artifact(ArtifactKind.GLB, data, index=2)
     chunks = list(artifact.chunks())
     assert all(len(c.data) <= 2**20 for c in chunks)
     assert [c.sha256 != "" for c in chunks] == [False] * (len(chunks) - 1) + [True]
@@ -90,7 +101,7 @@ def test_chunking_round_trip(size: int) -> None:
 
 
 def test_assembler_rejects_gaps_and_bad_checksums() -> None:
-    chunks = list(Artifact(common_pb2.ARTIFACT_KIND_GLB, b"x" * 3000).chunks(chunk_bytes=1000))
+    chunks = list(Artifact(ArtifactKind.GLB, b"x" * 3000).chunks(chunk_bytes=1000))
     with pytest.raises(ArtifactProtocolError, match="offset"):
         ArtifactAssembler().feed(chunks[1])
     assembler = ArtifactAssembler()

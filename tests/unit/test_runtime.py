@@ -1,25 +1,44 @@
+"""The model-service skeleton's host: placement, the GPU turns around every job, the late-chosen backend."""
+
 from __future__ import annotations
 
 import asyncio
 import json
 from pathlib import Path
 
+import pytest
+
+from trellisbox._domain.errors import Unavailable
 from trellisbox._runtime.lease import LeaseSettings
-from trellisbox._runtime.model import NO_MODEL, build_model_runtime
+from trellisbox._runtime.model import ModelBackend, ModelHost
 from trellisbox._runtime.worker import Finished, JobContext
 
 
-class FakeModel:
-    device = "cpu"
+class FakeModel(ModelBackend):
+    name = "fake"
 
     def __init__(self) -> None:
         self.calls: list[str] = []
+        self._loaded = False
+
+    @property
+    def device(self) -> str:
+        return "cpu"
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded
 
     def load(self) -> None:
+        self._loaded = True
         self.calls.append("load")
 
     def unload(self) -> None:
+        self._loaded = False
         self.calls.append("unload")
+
+    def warm_up(self) -> None:
+        self.calls.append("warm_up")
 
     def to_gpu(self) -> None:
         self.calls.append("to_gpu")
@@ -28,58 +47,50 @@ class FakeModel:
         self.calls.append("to_host")
 
 
-def _run_one(runtime, model: FakeModel) -> None:  # type: ignore[no-untyped-def]
+def _run_one(host: ModelHost[FakeModel], model: FakeModel) -> None:
     def job(ctx: JobContext) -> str:
         model.calls.append("compute")
         return "ok"
 
     async def main() -> list[object]:
-        return [item async for item in runtime.worker.run(job, request_id="r")]
+        return [item async for item in host.worker.run(job, request_id="r")]
 
     items = asyncio.run(main())
     assert isinstance(items[-1], Finished) and items[-1].value == "ok"
 
 
+def _shared(tmp_path: Path) -> LeaseSettings:
+    return LeaseSettings(placement="shared", lease_dir=tmp_path / "lease", lease_record=tmp_path / "lease.jsonl",
+                         residency="offload", max_hold_s=0)
+
+
 def test_dedicated_placement_has_no_lease_and_never_moves_the_model() -> None:
     model = FakeModel()
-    runtime = build_model_runtime("svc", 4, LeaseSettings(), lambda: model)
-    assert runtime.turns is None
-    _run_one(runtime, model)
-    assert model.calls == ["compute"]
-    runtime.close()
+    host: ModelHost[FakeModel] = ModelHost("svc", 4, LeaseSettings())
+    assert host.turns is None
+    assert host.start(lambda: model) is model and host.require() is model
+    _run_one(host, model)
+    assert model.calls == ["load", "warm_up", "compute"]
+    host.close()
+    assert model.calls[-1] == "unload"  # idle at shutdown: freed on its own thread
 
 
 def test_shared_placement_computes_only_inside_a_recorded_turn(tmp_path: Path) -> None:
     model = FakeModel()
-    record = tmp_path / "lease.jsonl"
-    settings = LeaseSettings(placement="shared", lease_dir=tmp_path / "lease", lease_record=record,
-                             residency="offload", max_hold_s=0)
-    runtime = build_model_runtime("svc", 4, settings, lambda: model)
-    assert runtime.turns is not None
-    assert runtime.run_in_turn(lambda: "warm") == "warm"
-    _run_one(runtime, model)
-    runtime.close()
-    # offload: each turn moves the model in, computes, and parks it again.
-    assert model.calls == ["to_gpu", "to_host", "to_gpu", "compute", "to_host"]
-    events = [json.loads(line)["event"] for line in record.read_text().splitlines()]
+    host: ModelHost[FakeModel] = ModelHost("svc", 4, _shared(tmp_path))
+    assert host.turns is not None
+    host.start(lambda: model)
+    _run_one(host, model)
+    host.close()
+    # The first turn chose, loaded and warmed the backend, then parked it; offload: each later turn moves the
+    # model in, computes, and parks it again.
+    assert model.calls == ["load", "warm_up", "to_host", "to_gpu", "compute", "to_host", "unload"]
+    events = [json.loads(line)["event"] for line in (tmp_path / "lease.jsonl").read_text().splitlines()]
     assert events == ["acquire", "release", "acquire", "release"]
 
 
-def test_a_backend_chosen_during_warm_up_is_moved_from_the_next_turn_on(tmp_path: Path) -> None:
-    # The TRELLIS service picks its backend inside the first turn; until then NO_MODEL stands in.
-    model = FakeModel()
-    slot: list[FakeModel] = []
-    settings = LeaseSettings(placement="shared", lease_dir=tmp_path / "lease", lease_record=tmp_path / "lease.jsonl",
-                             residency="offload", max_hold_s=0)
-    runtime = build_model_runtime("svc", 4, settings, lambda: slot[0] if slot else NO_MODEL)
-
-    def choose_backend() -> str:
-        slot.append(model)
-        return model.device
-
-    assert runtime.run_in_turn(choose_backend) == "cpu"
-    # The turn began with the placeholder: nothing was moved in, but the chosen model is parked at its end.
-    assert model.calls == ["to_host"]
-    _run_one(runtime, model)
-    runtime.close()
-    assert model.calls == ["to_host", "to_gpu", "compute", "to_host"]
+def test_requests_before_the_backend_is_ready_are_unavailable() -> None:
+    host: ModelHost[FakeModel] = ModelHost("svc", 4, LeaseSettings())
+    with pytest.raises(Unavailable, match="svc service is not ready"):
+        host.require()
+    host.close()

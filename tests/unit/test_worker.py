@@ -8,8 +8,8 @@ from collections.abc import AsyncGenerator
 import pytest
 
 from trellisbox._domain.errors import Cancelled, QueueFull
+from trellisbox._domain.kinds import Stage
 from trellisbox._runtime.worker import Finished, JobContext, ModelWorker, ProgressEvent
-from trellisbox.v1 import common_pb2
 
 
 def _stepper(steps: int, delay: float, seen: list[int] | None = None):  # type: ignore[no-untyped-def]
@@ -19,7 +19,7 @@ def _stepper(steps: int, delay: float, seen: list[int] | None = None):  # type: 
             time.sleep(delay)
             if seen is not None:
                 seen.append(i)
-            ctx.report(common_pb2.STAGE_REFINE, i + 1, steps)
+            ctx.report(Stage.REFINE, i + 1, steps)
         return threading.current_thread().name
 
     return job

@@ -6,18 +6,18 @@ import logging
 from collections.abc import Callable
 
 from trellis_service.backends.base import ImageTo3DBackend
-from trellis_service.config import TrellisSettings
+from trellis_service.config import TrellisBackendConfig
 from trellisbox._domain.errors import ModelUnavailable
 from trellisbox._runtime.devices import cuda_available
 
-__all__ = ["ImageTo3DBackend", "select_backend"]
+__all__ = ["ImageTo3DBackend", "choose_backend"]
 
 _log = logging.getLogger(__name__)
 
 
-def select_backend(settings: TrellisSettings, cuda_check: Callable[[], bool] = cuda_available
-                   ) -> tuple[ImageTo3DBackend, list[str]]:
-    """The backend to run and the preflight's warnings. Says loudly (WARNING) which one and why.
+def choose_backend(settings: TrellisBackendConfig, cuda_check: Callable[[], bool] = cuda_available
+                   ) -> ImageTo3DBackend:
+    """The backend to run, its preflight's warnings logged. Says loudly (WARNING) which one and why.
 
     ``trellis`` raises :class:`ModelUnavailable` when it cannot run (readiness stays NOT_SERVING);
     ``auto`` falls back to ``preview`` instead, naming the reason.
@@ -27,25 +27,31 @@ def select_backend(settings: TrellisSettings, cuda_check: Callable[[], bool] = c
 
     if settings.backend == "preview":
         _log.warning("backend preview (configured): CPU silhouette inflation, NOT TRELLIS")
-        return PreviewBackend(), []
+        return PreviewBackend()
     trellis = TrellisBackend(
         settings.model, settings.device, environment=settings.trellis_environment(),
-        offline=settings.is_offline, cuda_check=cuda_check,
+        offline=settings.offline, cuda_check=cuda_check,
     )
     if settings.backend == "trellis":
-        warnings = trellis.preflight()
+        _log_warnings(trellis.preflight())
         _log.warning("backend trellis (configured): TRELLIS %s on %s", settings.model, trellis.device)
-        return trellis, warnings
+        return trellis
     try:
         warnings = trellis.preflight()
     except ModelUnavailable as exc:
         _log.warning("backend auto: running PREVIEW (CPU silhouette inflation, NOT TRELLIS) because TRELLIS "
                      "cannot run here: %s", exc)
-        return PreviewBackend(), []
+        return PreviewBackend()
     if not trellis.weights_present:
         _log.warning("backend auto: running PREVIEW (CPU silhouette inflation, NOT TRELLIS) because the weights of "
                      "%s are not on this machine; set --backend trellis to download them at load", settings.model)
-        return PreviewBackend(), []
+        return PreviewBackend()
+    _log_warnings(warnings)
     _log.warning("backend auto: running TRELLIS %s on %s (GPU, trellis package and weights found)",
                  settings.model, trellis.device)
-    return trellis, warnings
+    return trellis
+
+
+def _log_warnings(warnings: list[str]) -> None:
+    for warning in warnings:
+        _log.warning("preflight: %s", warning)

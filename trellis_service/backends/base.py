@@ -1,4 +1,4 @@
-"""The interface every image-to-3D backend implements. Backends never see protobuf."""
+"""The interface every image-to-3D backend implements: :class:`ModelBackend` plus :meth:`generate`."""
 
 from __future__ import annotations
 
@@ -7,62 +7,38 @@ from collections.abc import Set
 
 from PIL import Image
 
-from trellis_service.domain import GenerationResult
-from trellisbox._domain.params import GenerationParams
+from trellis_service.domain import GeneratedAsset
+from trellisbox._domain.imaging import synthetic_object
+from trellisbox._domain.kinds import ArtifactKind
+from trellisbox._domain.params import GenerationParams, SamplerParams
+from trellisbox._runtime.model import ModelBackend
 from trellisbox._runtime.worker import JobContext
 
+#: Warm-up: the whole path (preprocess, both samplers, decode, bake) at the smallest settings.
+WARM_UP_PARAMS = GenerationParams(seed=0, sparse_structure=SamplerParams(steps=2, cfg_strength=7.5),
+                                  slat=SamplerParams(steps=2, cfg_strength=3.0), texture_size=256)
 
-class ImageTo3DBackend(abc.ABC):
-    """One image-to-3D model. Every method is called on the service's single model thread.
 
-    Upstream pipelines are not thread-safe, so a backend instance is only ever driven by one
-    :class:`~trellisbox._runtime.worker.ModelWorker`; implementations need no locking of their own.
-    """
-
-    #: Short name reported to callers ("trellis", "preview").
-    name: str = ""
-
-    @property
-    @abc.abstractmethod
-    def device(self) -> str:
-        """Where the model runs ("cuda:0", "cpu")."""
-
-    def preflight(self) -> list[str]:
-        """Check that the backend can load here, before loading anything heavy.
-
-        Returns:
-            Warnings worth logging (the backend can still run).
-
-        Raises:
-            ModelUnavailable: it cannot run here; the message names the cause and the fix.
-        """
-        return []
+class ImageTo3DBackend(ModelBackend):
+    """One image-to-3D model. Upstream pipelines are not thread-safe: the service's one model thread drives
+    an instance, so implementations need no locking of their own."""
 
     @abc.abstractmethod
-    def load(self) -> None:
-        """Load the model (idempotent)."""
-
-    @abc.abstractmethod
-    def generate(self, images: list[Image.Image], params: GenerationParams, formats: Set[int],
-                 ctx: JobContext) -> GenerationResult:
+    def generate(self, images: list[Image.Image], params: GenerationParams, formats: Set[ArtifactKind],
+                 ctx: JobContext) -> GeneratedAsset:
         """Generate one asset from one image or several views of one object.
 
         Args:
             images: Decoded RGB or RGBA images (at least one).
             params: Validated generation parameters.
-            formats: ``ArtifactKind`` values to produce (GLB and/or GAUSSIAN_PLY).
+            formats: What to produce: a mesh for ``GLB``, splats for ``GAUSSIAN_PLY``.
             ctx: Progress reporting and cancellation of this job.
+
+        Returns:
+            The asset with the CPU-side mesh and splats asked for; the servicer encodes them.
         """
 
-    def unload(self) -> None:  # noqa: B027 - optional hook, nothing to free by default
-        """Free the model (GPU memory)."""
-
-    def to_gpu(self) -> None:  # noqa: B027 - CPU backends have nothing to move
-        """Move a loaded model onto its GPU (idempotent); a shared GPU's turn starts with this."""
-
-    def to_host(self) -> None:  # noqa: B027
-        """Park a loaded model in host RAM and free its VRAM; a shared GPU's turn ends with this."""
-
-    def describe(self) -> str:
-        """One line for the log: backend, device and what it runs."""
-        return f"backend={self.name} device={self.device}"
+    def warm_up(self) -> None:
+        """One small generation with a real alpha channel (so warm-up never needs background removal)."""
+        self.generate([synthetic_object(96)], WARM_UP_PARAMS, {ArtifactKind.GLB}, JobContext("warm-up", None,
+                                                                                           lambda _: None))

@@ -21,12 +21,12 @@ from PIL import Image
 from scipy import ndimage
 
 from trellis_service.backends.base import ImageTo3DBackend
-from trellis_service.domain import GenerationResult, StageClock
-from trellis_service.exporters import SH_C0, glb_bytes, splat_ply_bytes
-from trellisbox._domain.artifacts import Artifact
+from trellis_service.domain import GeneratedAsset, StageClock
+from trellis_service.exporters import SH_C0, SplatArrays
+from trellisbox._domain.imaging import has_real_alpha
+from trellisbox._domain.kinds import ArtifactKind, Stage
 from trellisbox._domain.params import GenerationParams, random_seed
 from trellisbox._runtime.worker import JobContext
-from trellisbox.v1 import common_pb2
 
 _log = logging.getLogger(__name__)
 
@@ -91,11 +91,6 @@ def splat_count(mesh_simplify: float) -> int:
     return int(np.clip(round(400_000 * (1.0 - mesh_simplify)), 4_000, 200_000))
 
 
-def _has_real_alpha(image: Image.Image) -> bool:
-    # The same test upstream's preprocess_image uses: an alpha channel that is not all opaque.
-    return image.mode == "RGBA" and int(np.asarray(image.getchannel("A")).min()) < 255
-
-
 def largest_component(mask: BoolArray) -> BoolArray:
     """The largest 4-connected foreground component with its holes filled."""
     labels, count = ndimage.label(mask)
@@ -137,7 +132,7 @@ def extract_silhouette(image: Image.Image, work_side: int = WORK_SIDE) -> Silhou
     # Per axis: rounding makes the two factors differ slightly, and boxes must stay inside the mask.
     sx, sy = work_size[0] / width, work_size[1] / height
     notes: list[str] = []
-    if _has_real_alpha(image):
+    if has_real_alpha(image):
         raw = np.asarray(small.getchannel("A")) >= 128
         source = "alpha"
         notes.append("silhouette from the alpha channel")
@@ -286,8 +281,8 @@ def textured_trimesh(mesh: InflatedMesh, texture: Image.Image) -> trimesh.Trimes
     return result
 
 
-def sample_splats(mesh: InflatedMesh, texture: Image.Image, count: int, seed: int) -> bytes:
-    """Gaussian-splat PLY: ``count`` flat splats on the surface, coloured from the texture."""
+def sample_splats(mesh: InflatedMesh, texture: Image.Image, count: int, seed: int) -> SplatArrays:
+    """``count`` flat Gaussian splats on the surface, coloured from the texture."""
     rng = np.random.default_rng(seed)
     triangles = mesh.vertices[mesh.faces]
     cross = np.cross(triangles[:, 1] - triangles[:, 0], triangles[:, 2] - triangles[:, 0])
@@ -314,8 +309,8 @@ def sample_splats(mesh: InflatedMesh, texture: Image.Image, count: int, seed: in
     rotation /= np.linalg.norm(rotation, axis=1, keepdims=True)
     opacity = np.full(count, math.log(0.9 / 0.1))  # logit(0.9)
     f32 = np.float32
-    return splat_ply_bytes(xyz.astype(f32), normals.astype(f32), f_dc.astype(f32), opacity.astype(f32),
-                           scale.astype(f32), rotation.astype(f32))
+    return SplatArrays(xyz.astype(f32), normals.astype(f32), f_dc.astype(f32), opacity.astype(f32),
+                       scale.astype(f32), rotation.astype(f32))
 
 
 class PreviewBackend(ImageTo3DBackend):
@@ -330,14 +325,21 @@ class PreviewBackend(ImageTo3DBackend):
     def device(self) -> str:
         return "cpu"
 
+    @property
+    def loaded(self) -> bool:
+        return self._loaded
+
     def load(self) -> None:
-        self._loaded = True
+        self._loaded = True  # nothing to load; kept so the service's warm-up is uniform
+
+    def unload(self) -> None:
+        self._loaded = False
 
     def describe(self) -> str:
         return "backend=preview device=cpu (silhouette inflation, not TRELLIS)"
 
-    def generate(self, images: list[Image.Image], params: GenerationParams, formats: Set[int],
-                 ctx: JobContext) -> GenerationResult:
+    def generate(self, images: list[Image.Image], params: GenerationParams, formats: Set[ArtifactKind],
+                 ctx: JobContext) -> GeneratedAsset:
         seed = params.seed if params.seed is not None else random_seed()
         clock = StageClock()
         notes = ["preview backend: silhouette inflation on the CPU, not TRELLIS; "
@@ -345,38 +347,38 @@ class PreviewBackend(ImageTo3DBackend):
         if len(images) > 1:
             notes.append(f"preview uses the first of {len(images)} images for shape and texture; "
                          "the others are ignored")
-        want_glb = common_pb2.ARTIFACT_KIND_GLB in formats
-        want_ply = common_pb2.ARTIFACT_KIND_GAUSSIAN_PLY in formats
+        want_glb = ArtifactKind.GLB in formats
+        want_ply = ArtifactKind.GAUSSIAN_PLY in formats
         steps = 2 + int(want_glb) + int(want_ply)
-        with clock.stage(common_pb2.STAGE_PREPROCESS):
-            ctx.report(common_pb2.STAGE_PREPROCESS, 0, 1, "finding the object's silhouette")
+        with clock.stage(Stage.PREPROCESS):
+            ctx.report(Stage.PREPROCESS, 0, 1, "finding the object's silhouette")
             image = images[0]
             silhouette = extract_silhouette(image)
             notes.extend(silhouette.notes)
-            ctx.report(common_pb2.STAGE_PREPROCESS, 1, 1, f"silhouette from {silhouette.source}")
+            ctx.report(Stage.PREPROCESS, 1, 1, f"silhouette from {silhouette.source}")
         ctx.raise_if_stopped()
-        artifacts: list[Artifact] = []
-        with clock.stage(common_pb2.STAGE_EXPORT):
-            ctx.report(common_pb2.STAGE_EXPORT, 0, steps, "inflating the silhouette")
+        mesh: trimesh.Trimesh | None = None
+        splats: SplatArrays | None = None
+        with clock.stage(Stage.EXPORT):
+            ctx.report(Stage.EXPORT, 0, steps, "inflating the silhouette")
             left, top, right, bottom = silhouette.box
             longest = max(right - left, bottom - top)
-            mesh = inflate(grid_mask(silhouette, grid_resolution(params.mesh_simplify)),
-                           (right - left) / longest, (bottom - top) / longest)
+            inflated = inflate(grid_mask(silhouette, grid_resolution(params.mesh_simplify)),
+                               (right - left) / longest, (bottom - top) / longest)
             ctx.raise_if_stopped()
-            ctx.report(common_pb2.STAGE_EXPORT, 1, steps, "projecting the texture")
+            ctx.report(Stage.EXPORT, 1, steps, "projecting the texture")
             texture = project_texture(image, silhouette, params.texture_size)
             ctx.raise_if_stopped()
             step = 2
             if want_glb:
-                ctx.report(common_pb2.STAGE_EXPORT, step, steps, "writing GLB")
-                artifacts.append(Artifact(common_pb2.ARTIFACT_KIND_GLB, glb_bytes(textured_trimesh(mesh, texture))))
+                ctx.report(Stage.EXPORT, step, steps, "texturing the mesh")
+                mesh = textured_trimesh(inflated, texture)
                 step += 1
                 ctx.raise_if_stopped()
             if want_ply:
-                ctx.report(common_pb2.STAGE_EXPORT, step, steps, "sampling Gaussian splats")
-                ply = sample_splats(mesh, texture, splat_count(params.mesh_simplify), seed)
-                artifacts.append(Artifact(common_pb2.ARTIFACT_KIND_GAUSSIAN_PLY, ply))
+                ctx.report(Stage.EXPORT, step, steps, "sampling Gaussian splats")
+                splats = sample_splats(inflated, texture, splat_count(params.mesh_simplify), seed)
                 step += 1
-            ctx.report(common_pb2.STAGE_EXPORT, steps, steps, "done")
-        _log.debug("preview mesh: %d vertices, %d faces", len(mesh.vertices), len(mesh.faces))
-        return GenerationResult(artifacts=artifacts, seed=seed, timings=clock.timings, notes=notes)
+            ctx.report(Stage.EXPORT, steps, steps, "done")
+        _log.debug("preview mesh: %d vertices, %d faces", len(inflated.vertices), len(inflated.faces))
+        return GeneratedAsset(seed=seed, mesh=mesh, splats=splats, timings=clock.timings, notes=notes)

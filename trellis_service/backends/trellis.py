@@ -33,18 +33,17 @@ from collections.abc import Callable, Iterator, Mapping, Set
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
 from trellis_service.backends.base import ImageTo3DBackend
-from trellis_service.domain import GenerationResult, StageClock
-from trellis_service.exporters import glb_bytes, ply_bytes_from
-from trellisbox._domain.artifacts import Artifact
+from trellis_service.domain import GeneratedAsset, StageClock
+from trellis_service.exporters import PlyDocument, written_ply
 from trellisbox._domain.errors import ModelUnavailable
+from trellisbox._domain.imaging import has_real_alpha
+from trellisbox._domain.kinds import ArtifactKind, Stage
 from trellisbox._domain.params import GenerationParams, MultiImageMode, random_seed
 from trellisbox._runtime.devices import cuda_available, resolve_device
 from trellisbox._runtime.worker import JobContext
-from trellisbox.v1 import common_pb2
 
 _log = logging.getLogger(__name__)
 
@@ -85,17 +84,11 @@ _COMPILED_MODULES: dict[str, str] = {
 }
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_TRUTHY = {"1", "true", "yes", "on"}
 
 
 def _module_hint(name: str) -> str:
     top = name.split(".")[0]
     return _MODULE_HINTS.get(top, "a dependency of TRELLIS")
-
-
-def _has_real_alpha(image: Image.Image) -> bool:
-    # Upstream's own test in preprocess_image: an alpha channel that is not all 255 skips rembg.
-    return image.mode == "RGBA" and int(np.asarray(image.getchannel("A")).min()) < 255
 
 
 class TrellisBackend(ImageTo3DBackend):
@@ -107,7 +100,8 @@ class TrellisBackend(ImageTo3DBackend):
         device: ``auto`` (the first visible GPU), ``cuda`` or ``cuda:N``.
         environment: Variables TRELLIS reads at import time (``ATTN_BACKEND``, ``SPARSE_BACKEND``, ...),
             put into ``os.environ`` before the first import.
-        offline: Never download; missing weights fail the preflight (also on with ``HF_HUB_OFFLINE``).
+        offline: Never download; missing weights fail the preflight (the service's settings turn it on when
+            ``HF_HUB_OFFLINE`` is set).
         cuda_check: Whether a CUDA device is visible; injectable so tests can drive the adapter
             on a CPU against a stand-in with the upstream interface.
         allow_cpu: Accept ``device="cpu"``. Only the stand-in can run like that; upstream hard-codes
@@ -141,8 +135,12 @@ class TrellisBackend(ImageTo3DBackend):
         return self._device or self._device_spec
 
     @property
+    def loaded(self) -> bool:
+        return self._pipeline is not None
+
+    @property
     def offline(self) -> bool:
-        return self._offline or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUTHY
+        return self._offline
 
     def describe(self) -> str:
         return f"backend=trellis device={self.device} model={self._model}"
@@ -405,14 +403,14 @@ class TrellisBackend(ImageTo3DBackend):
 
     # -- generation ----------------------------------------------------------------------------------
 
-    def generate(self, images: list[Image.Image], params: GenerationParams, formats: Set[int],
-                 ctx: JobContext) -> GenerationResult:
+    def generate(self, images: list[Image.Image], params: GenerationParams, formats: Set[ArtifactKind],
+                 ctx: JobContext) -> GeneratedAsset:
         if self._pipeline is None:
             self.load()
         pipeline = self._pipeline
         seed = params.seed if params.seed is not None else random_seed()
         notes: list[str] = []
-        if self.offline and not self._u2net_path().is_file() and not all(_has_real_alpha(i) for i in images):
+        if self.offline and not self._u2net_path().is_file() and not all(has_real_alpha(i) for i in images):
             raise ModelUnavailable(
                 f"an input image has no alpha channel, so TRELLIS must remove its background with rembg, but "
                 f"{self._u2net_path()} is missing and downloads are off. Send RGBA images with a cut-out, or "
@@ -440,37 +438,31 @@ class TrellisBackend(ImageTo3DBackend):
                     formats=["gaussian", "mesh"], preprocess_image=True, mode=mode,
                 )
         gaussian, mesh = outputs["gaussian"][0], outputs["mesh"][0]
-        artifacts: list[Artifact] = []
         total = self._export_steps(formats)
-        step = 1
-        with clock.stage(common_pb2.STAGE_EXPORT):
-            if common_pb2.ARTIFACT_KIND_GLB in formats:
+        glb_mesh: Any = None
+        splats: PlyDocument | None = None
+        with clock.stage(Stage.EXPORT):
+            if ArtifactKind.GLB in formats:
                 ctx.raise_if_stopped()
-                ctx.report(common_pb2.STAGE_EXPORT, step, total, "simplifying and baking the texture")
+                ctx.report(Stage.EXPORT, 1, total, "simplifying and baking the texture")
                 glb_mesh = self._postprocessing.to_glb(
                     gaussian, mesh, simplify=params.mesh_simplify, texture_size=params.texture_size,
                 )
-                step += 1
+            if ArtifactKind.GAUSSIAN_PLY in formats:
                 ctx.raise_if_stopped()
-                ctx.report(common_pb2.STAGE_EXPORT, step, total, "writing GLB")
-                artifacts.append(Artifact(common_pb2.ARTIFACT_KIND_GLB, glb_bytes(glb_mesh)))
-                step += 1
-            if common_pb2.ARTIFACT_KIND_GAUSSIAN_PLY in formats:
-                ctx.raise_if_stopped()
-                ctx.report(common_pb2.STAGE_EXPORT, step, total, "writing Gaussian PLY")
-                artifacts.append(Artifact(common_pb2.ARTIFACT_KIND_GAUSSIAN_PLY, ply_bytes_from(gaussian.save_ply)))
-            ctx.report(common_pb2.STAGE_EXPORT, total, total, "done")
-        return GenerationResult(artifacts=artifacts, seed=seed, timings=clock.timings, notes=notes)
+                ctx.report(Stage.EXPORT, total - 1, total, "copying the Gaussians off the GPU")
+                splats = written_ply(gaussian.save_ply)
+            ctx.report(Stage.EXPORT, total, total, "done")
+        return GeneratedAsset(seed=seed, mesh=glb_mesh, splats=splats, timings=clock.timings, notes=notes)
 
     @staticmethod
-    def _export_steps(formats: Set[int]) -> int:
-        # decode_slat, then bake + write for GLB, then one write for PLY
-        return 1 + 2 * int(common_pb2.ARTIFACT_KIND_GLB in formats) + int(
-            common_pb2.ARTIFACT_KIND_GAUSSIAN_PLY in formats)
+    def _export_steps(formats: Set[ArtifactKind]) -> int:
+        # decode_slat, then the bake for GLB, then the PLY copy
+        return 1 + int(ArtifactKind.GLB in formats) + int(ArtifactKind.GAUSSIAN_PLY in formats)
 
     @contextlib.contextmanager
     def _instrumented(self, pipeline: Any, ctx: JobContext, clock: StageClock, params: GenerationParams,
-                      n_images: int, formats: Set[int]) -> Iterator[None]:
+                      n_images: int, formats: Set[ArtifactKind]) -> Iterator[None]:
         """Wrap the pipeline's stage methods (instance attributes shadow the class's) for the duration of
         one call: progress and timing per stage, a cancellation check before each stage and sampler step."""
         patches: list[tuple[object, str, object]] = []  # (target, name, previous instance attribute)
@@ -482,7 +474,7 @@ class TrellisBackend(ImageTo3DBackend):
 
         preprocessed = [0]
 
-        def staged(stage: int, before: Callable[[], None]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        def staged(stage: Stage, before: Callable[[], None]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
             def make(original: Callable[..., Any]) -> Callable[..., Any]:
                 def wrapper(*args: Any, **kwargs: Any) -> Any:
                     ctx.raise_if_stopped()
@@ -492,7 +484,7 @@ class TrellisBackend(ImageTo3DBackend):
                 return wrapper
             return make
 
-        def sampler_steps(stage: int, total: int, message: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        def sampler_steps(stage: Stage, total: int, message: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
             done = [0]
 
             def make(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -506,26 +498,26 @@ class TrellisBackend(ImageTo3DBackend):
             return make
 
         def before_preprocess() -> None:
-            ctx.report(common_pb2.STAGE_PREPROCESS, preprocessed[0], n_images, "removing background and cropping")
+            ctx.report(Stage.PREPROCESS, preprocessed[0], n_images, "removing background and cropping")
             preprocessed[0] += 1
 
-        patch(pipeline, "preprocess_image", staged(common_pb2.STAGE_PREPROCESS, before_preprocess))
+        patch(pipeline, "preprocess_image", staged(Stage.PREPROCESS, before_preprocess))
         patch(pipeline, "get_cond", staged(
-            common_pb2.STAGE_PREPROCESS, lambda: ctx.report(
-                common_pb2.STAGE_PREPROCESS, n_images, n_images, "encoding the image with DINOv2")))
+            Stage.PREPROCESS, lambda: ctx.report(
+                Stage.PREPROCESS, n_images, n_images, "encoding the image with DINOv2")))
         patch(pipeline, "sample_sparse_structure", staged(
-            common_pb2.STAGE_SPARSE_STRUCTURE, lambda: ctx.report(
-                common_pb2.STAGE_SPARSE_STRUCTURE, 0, params.sparse_structure.steps, "sampling sparse structure")))
+            Stage.SPARSE_STRUCTURE, lambda: ctx.report(
+                Stage.SPARSE_STRUCTURE, 0, params.sparse_structure.steps, "sampling sparse structure")))
         patch(pipeline, "sample_slat", staged(
-            common_pb2.STAGE_SLAT, lambda: ctx.report(
-                common_pb2.STAGE_SLAT, 0, params.slat.steps, "sampling structured latent")))
+            Stage.SLAT, lambda: ctx.report(
+                Stage.SLAT, 0, params.slat.steps, "sampling structured latent")))
         patch(pipeline, "decode_slat", staged(
-            common_pb2.STAGE_EXPORT, lambda: ctx.report(
-                common_pb2.STAGE_EXPORT, 0, self._export_steps(formats), "decoding mesh and Gaussians")))
+            Stage.EXPORT, lambda: ctx.report(
+                Stage.EXPORT, 0, self._export_steps(formats), "decoding mesh and Gaussians")))
         samplers = [getattr(pipeline, name, None) for name in ("sparse_structure_sampler", "slat_sampler")]
         for sampler, stage, total, message in (
-            (samplers[0], common_pb2.STAGE_SPARSE_STRUCTURE, params.sparse_structure.steps, "sparse structure step"),
-            (samplers[1], common_pb2.STAGE_SLAT, params.slat.steps, "structured latent step"),
+            (samplers[0], Stage.SPARSE_STRUCTURE, params.sparse_structure.steps, "sparse structure step"),
+            (samplers[1], Stage.SLAT, params.slat.steps, "structured latent step"),
         ):
             if sampler is not None and hasattr(sampler, "sample_once"):
                 patch(sampler, "sample_once", sampler_steps(stage, total, message))

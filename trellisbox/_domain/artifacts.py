@@ -8,20 +8,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from trellisbox._domain.kinds import ArtifactKind, artifact_kind, kind_label
 from trellisbox.v1 import common_pb2
 
 CHUNK_BYTES = 1024 * 1024
-
-MEDIA_TYPES: dict[int, str] = {
-    common_pb2.ARTIFACT_KIND_GLB: "model/gltf-binary",
-    common_pb2.ARTIFACT_KIND_GAUSSIAN_PLY: "application/x-ply",
-    common_pb2.ARTIFACT_KIND_REFINED_IMAGE: "image/png",
-}
-FILE_SUFFIXES: dict[int, str] = {
-    common_pb2.ARTIFACT_KIND_GLB: ".glb",
-    common_pb2.ARTIFACT_KIND_GAUSSIAN_PLY: ".ply",
-    common_pb2.ARTIFACT_KIND_REFINED_IMAGE: ".png",
-}
 
 
 class ArtifactProtocolError(Exception):
@@ -33,13 +23,13 @@ class Artifact:
     """A complete artifact.
 
     Args:
-        kind: An ``ArtifactKind`` value.
+        kind: An :class:`ArtifactKind` (a plain number when a newer server sent a kind this client does not know).
         data: The artifact bytes.
         index: Which artifact of this kind (input image index for refined images).
         media_type: Defaults to the kind's media type.
     """
 
-    kind: int
+    kind: ArtifactKind | int
     data: bytes
     index: int = 0
     media_type: str = ""
@@ -48,10 +38,6 @@ class Artifact:
     def sha256(self) -> str:
         """Hex SHA-256 of ``data`` (computed once)."""
         return hashlib.sha256(self.data).hexdigest()
-
-    @property
-    def kind_name(self) -> str:
-        return common_pb2.ArtifactKind.Name(self.kind)  # type: ignore[arg-type]
 
     def chunks(self, chunk_bytes: int = CHUNK_BYTES) -> Iterator[common_pb2.ArtifactChunk]:
         """The artifact as ordered chunks; the last carries the SHA-256 of the whole.
@@ -62,7 +48,9 @@ class Artifact:
         """
         data = self.data
         total = len(data)
-        media_type = self.media_type or MEDIA_TYPES.get(self.kind, "application/octet-stream")
+        kind = artifact_kind(self.kind)
+        default_type = kind.media_type if isinstance(kind, ArtifactKind) else "application/octet-stream"
+        media_type = self.media_type or default_type
         digest = None if "sha256" in self.__dict__ else hashlib.sha256()
         offset = 0
         while True:
@@ -74,7 +62,7 @@ class Artifact:
                 if last:
                     self.__dict__["sha256"] = digest.hexdigest()  # fills the cached_property
             yield common_pb2.ArtifactChunk(
-                kind=self.kind,  # type: ignore[arg-type]
+                kind=common_pb2.ArtifactKind.ValueType(self.kind),
                 media_type=media_type,
                 index=self.index,
                 total_bytes=total,
@@ -134,9 +122,9 @@ class ArtifactAssembler:
         sha256 = partial.digest.hexdigest()
         if chunk.sha256 and chunk.sha256 != sha256:
             raise ArtifactProtocolError(
-                f"sha256 mismatch for {common_pb2.ArtifactKind.Name(chunk.kind)}[{chunk.index}]"  # type: ignore[arg-type]
+                f"sha256 mismatch for {kind_label(chunk.kind)}[{chunk.index}]"
             )
-        artifact = Artifact(kind=chunk.kind, data=partial.buffer.getvalue(), index=chunk.index,
+        artifact = Artifact(kind=artifact_kind(chunk.kind), data=partial.buffer.getvalue(), index=chunk.index,
                             media_type=chunk.media_type)
         artifact.__dict__["sha256"] = sha256  # already known: fills the cached_property
         return artifact

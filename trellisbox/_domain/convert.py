@@ -1,82 +1,188 @@
-"""Protobuf ↔ domain conversions shared by the servicers and the client. Backends never see protobuf."""
+"""Protobuf ↔ domain: the one place the two meet. Backends never see protobuf.
+
+Parameter conversions are derived from the parameter definitions (:mod:`trellisbox._domain.params`): a proto
+field and a domain field share their name; proto3 ``optional`` fields left unset take the definition's
+default; enums map by name (``MULTI_IMAGE_MODE_STOCHASTIC`` ↔ ``MultiImageMode.STOCHASTIC``, the
+``..._UNSPECIFIED`` zero value meaning "the default").
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TypeVar
+from collections.abc import Iterable, Mapping, Sequence
+from enum import Enum
+from typing import Any, TypeVar
 
+from google.protobuf.descriptor import EnumDescriptor
 from google.protobuf.message import Message
 from PIL import Image
 
 from trellisbox._domain.errors import InvalidInput
 from trellisbox._domain.imaging import ImageLimits, decode_image
-from trellisbox._domain.params import GenerationParams, MultiImageMode, RefineParams, SamplerParams
+from trellisbox._domain.kinds import ArtifactKind, Stage, artifact_kind, kind_label, known_stage
+from trellisbox._domain.params import ParamModel, build, model_type, scalar_type
 from trellisbox.v1 import common_pb2
 
-_T = TypeVar("_T")
-
-_MULTI_IMAGE_MODES = {
-    common_pb2.MULTI_IMAGE_MODE_UNSPECIFIED: MultiImageMode.STOCHASTIC,
-    common_pb2.MULTI_IMAGE_MODE_STOCHASTIC: MultiImageMode.STOCHASTIC,
-    common_pb2.MULTI_IMAGE_MODE_MULTIDIFFUSION: MultiImageMode.MULTIDIFFUSION,
-}
+P = TypeVar("P", bound=ParamModel)
+M = TypeVar("M", bound=Message)
 
 
-def _given(message: Message, name: str, default: _T) -> _T:
-    """The field's value when the caller set it, else ``default`` (proto3 ``optional`` semantics)."""
-    return getattr(message, name) if message.HasField(name) else default  # type: ignore[no-any-return]
+# -- parameters ---------------------------------------------------------------------------------------------
 
 
-def refine_params_from_proto(message: common_pb2.RefineParameters) -> RefineParams:
-    """Validated refine parameters; unset fields take the seed's defaults."""
-    d = RefineParams()
-    return RefineParams(
-        strength=_given(message, "strength", d.strength),
-        guidance_scale=_given(message, "guidance_scale", d.guidance_scale),
-        num_inference_steps=_given(message, "num_inference_steps", d.num_inference_steps),
-        prompt=_given(message, "prompt", d.prompt),
-        negative_prompt=_given(message, "negative_prompt", d.negative_prompt),
-        seed=_given(message, "seed", d.seed),
-        aesthetic_score=_given(message, "aesthetic_score", d.aesthetic_score),
-        negative_aesthetic_score=_given(message, "negative_aesthetic_score", d.negative_aesthetic_score),
-    ).validate()
+def params_from_proto(cls: type[P], message: Message, where: str) -> P:
+    """Validated ``cls`` from ``message``: set fields as given, unset ones at their default.
+
+    Args:
+        cls: ``RefineParams`` or ``GenerationParams``.
+        message: The matching proto message (``RefineParameters``, ``GenerationParameters``).
+        where: How the caller spells the message, for errors (``refine_parameters``).
+
+    Raises:
+        InvalidInput: a value is out of range, NaN or infinite, too long, or an unknown enum number.
+    """
+    return build(cls, _values(cls, message, cls(), where), where)
 
 
-def refine_params_to_proto(params: RefineParams) -> common_pb2.RefineParameters:
-    message = common_pb2.RefineParameters(
-        strength=params.strength,
-        guidance_scale=params.guidance_scale,
-        num_inference_steps=params.num_inference_steps,
-        prompt=params.prompt,
-        negative_prompt=params.negative_prompt,
-        aesthetic_score=params.aesthetic_score,
-        negative_aesthetic_score=params.negative_aesthetic_score,
-    )
-    if params.seed is not None:
-        message.seed = params.seed
+def _values(cls: type[ParamModel], message: Message, defaults: ParamModel, where: str) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name, info in cls.model_fields.items():
+        default = getattr(defaults, name)
+        nested = model_type(info)
+        enum = _enum_type(message, name)
+        if nested is not None:
+            given = message.HasField(name)
+            values[name] = _values(nested, getattr(message, name), default, f"{where}.{name}") if given else default
+        elif enum is not None:
+            values[name] = _enum_from_proto(enum, getattr(message, name), default, f"{where}.{name}")
+        elif message.HasField(name):
+            values[name] = getattr(message, name)
+        else:
+            values[name] = default
+    return values
+
+
+def _enum_type(message: Message, name: str) -> EnumDescriptor | None:
+    field = message.DESCRIPTOR.fields_by_name[name]
+    enum: EnumDescriptor | None = field.enum_type  # type: ignore[assignment]  # the C and Python twins
+    return enum  # None for a field that is not an enum
+
+
+def _enum_prefix(enum: EnumDescriptor) -> str:
+    """``MULTI_IMAGE_MODE_`` for ``MultiImageMode`` (buf style: values carry the type's name)."""
+    return str(enum.values_by_number[0].name).removesuffix("UNSPECIFIED")
+
+
+def _enum_from_proto(enum: EnumDescriptor, number: int, default: Enum, where: str) -> Any:
+    if number == 0:
+        return default
+    value = enum.values_by_number.get(number)
+    if value is None:
+        raise InvalidInput(f"{where} {number} is not a known {enum.name}")
+    return type(default)[str(value.name).removeprefix(_enum_prefix(enum))]
+
+
+def params_to_proto(params: ParamModel, message: M) -> M:
+    """Fill ``message`` with every field of ``params`` (the forwarded request is explicit, not defaulted)."""
+    for name in type(params).model_fields:
+        value = getattr(params, name)
+        if value is None:
+            continue  # an unset seed: the next service chooses one
+        enum = _enum_type(message, name)
+        if isinstance(value, ParamModel):
+            params_to_proto(value, getattr(message, name)).SetInParent()
+        elif isinstance(value, Enum) and enum is not None:
+            setattr(message, name, _enum_number(enum, value))
+        else:
+            setattr(message, name, value)
     return message
 
 
-def _sampler_from_proto(message: common_pb2.SamplerParameters, default: SamplerParams) -> SamplerParams:
-    return SamplerParams(
-        steps=_given(message, "steps", default.steps),
-        cfg_strength=_given(message, "cfg_strength", default.cfg_strength),
-    )
+def _enum_number(enum: EnumDescriptor, member: Enum) -> int:
+    return int(enum.values_by_name[_enum_prefix(enum) + member.name].number)
 
 
-def generation_params_from_proto(message: common_pb2.GenerationParameters) -> GenerationParams:
-    """Validated generation parameters; unset fields take the TRELLIS demo defaults."""
-    defaults = GenerationParams()
-    if message.multi_image_mode not in _MULTI_IMAGE_MODES:
-        raise InvalidInput(f"multi_image_mode {message.multi_image_mode} is not a known MultiImageMode")
-    return GenerationParams(
-        seed=_given(message, "seed", defaults.seed),
-        sparse_structure=_sampler_from_proto(message.sparse_structure, defaults.sparse_structure),
-        slat=_sampler_from_proto(message.slat, defaults.slat),
-        multi_image_mode=_MULTI_IMAGE_MODES[message.multi_image_mode],
-        mesh_simplify=_given(message, "mesh_simplify", defaults.mesh_simplify),
-        texture_size=_given(message, "texture_size", defaults.texture_size),
-    ).validate()
+def params_message(cls: type[ParamModel], message: M, values: Mapping[str, Any], where: str) -> M:
+    """``message`` with the fields named in ``values`` set (the rest left unset: the server's defaults).
+
+    For callers that build requests from keyword mappings (the Python client, the CLI, the web form).
+    Enum fields take the member or its value (``"stochastic"``); nested messages take a mapping.
+
+    Raises:
+        ValueError: a name that is not a parameter of ``cls``, or an unknown enum value.
+    """
+    for name, value in values.items():
+        info = cls.model_fields.get(name)
+        if info is None:
+            raise ValueError(f"{where}.{name} is not a parameter; known: {', '.join(cls.model_fields)}")
+        nested = model_type(info)
+        if nested is not None:
+            params_message(nested, getattr(message, name), value, f"{where}.{name}").SetInParent()
+            continue
+        kind = scalar_type(info)
+        enum = _enum_type(message, name)
+        if issubclass(kind, Enum) and enum is not None:
+            try:
+                member = value if isinstance(value, kind) else kind(value)
+            except ValueError:
+                raise ValueError(f"{where}.{name} must be one of {', '.join(str(m.value) for m in kind)}, "
+                                 f"got {value!r}") from None
+            setattr(message, name, _enum_number(enum, member))
+        else:
+            setattr(message, name, value)
+    return message
+
+
+# -- progress, timings and artifact kinds -------------------------------------------------------------------
+
+
+def stage_to_proto(stage: Stage) -> common_pb2.Stage.ValueType:
+    return common_pb2.Stage.ValueType(int(stage))
+
+
+def progress_to_proto(stage: Stage, step: int, total: int, message: str = "") -> common_pb2.Progress:
+    return common_pb2.Progress(stage=stage_to_proto(stage), step=step, total=total, message=message)
+
+
+def timings_to_proto(timings: Mapping[Stage, float]) -> list[common_pb2.StageTiming]:
+    return [common_pb2.StageTiming(stage=stage_to_proto(stage), seconds=seconds) for stage, seconds in timings.items()]
+
+
+def stage_name(number: int) -> str:
+    """``"SLAT"`` for a proto stage number (``str(number)`` for one this version does not know)."""
+    stage = known_stage(number)
+    return stage.name if stage is not None else str(number)
+
+
+def kinds_from_proto(kinds: Iterable[int], allowed: Iterable[ArtifactKind], where: str = "formats",
+                     hints: Mapping[ArtifactKind, str] | None = None) -> frozenset[ArtifactKind]:
+    """The requested artifact kinds, refusing unknown ones and those this service cannot make.
+
+    Args:
+        kinds: The request's ``ArtifactKind`` numbers.
+        allowed: What this service produces.
+        where: How the caller spells the field, for errors.
+        hints: Where to get a kind this service does not produce (added to its error).
+    """
+    allowed = frozenset(allowed)
+    use = " and/or ".join(kind_label(k) for k in sorted(allowed))
+    result: set[ArtifactKind] = set()
+    for number in kinds:
+        kind = artifact_kind(number)
+        if not isinstance(kind, ArtifactKind) or kind not in allowed:
+            known = number in common_pb2.ArtifactKind.values()
+            name = common_pb2.ArtifactKind.Name(common_pb2.ArtifactKind.ValueType(number)) if known else str(number)
+            hint = (hints or {}).get(kind) if isinstance(kind, ArtifactKind) else None
+            raise InvalidInput(f"{where}: {name} is not an artifact this service produces"
+                               + (f"; {hint}" if hint else "") + f"; use {use}")
+        result.add(kind)
+    return frozenset(result)
+
+
+def kinds_to_proto(kinds: Iterable[ArtifactKind]) -> list[common_pb2.ArtifactKind.ValueType]:
+    return [common_pb2.ArtifactKind.ValueType(int(kind)) for kind in sorted(kinds)]
+
+
+# -- images -------------------------------------------------------------------------------------------------
 
 
 def decode_images(images: Sequence[common_pb2.Image], limits: ImageLimits, max_count: int) -> list[Image.Image]:
@@ -89,24 +195,3 @@ def decode_images(images: Sequence[common_pb2.Image], limits: ImageLimits, max_c
         decode_image(image.data, image.media_type, limits, label=f"images[{i}]")
         for i, image in enumerate(images)
     ]
-
-
-_MULTI_IMAGE_MODE_PROTO = {
-    MultiImageMode.STOCHASTIC: common_pb2.MULTI_IMAGE_MODE_STOCHASTIC,
-    MultiImageMode.MULTIDIFFUSION: common_pb2.MULTI_IMAGE_MODE_MULTIDIFFUSION,
-}
-
-
-def generation_params_to_proto(params: GenerationParams) -> common_pb2.GenerationParameters:
-    message = common_pb2.GenerationParameters(
-        sparse_structure=common_pb2.SamplerParameters(
-            steps=params.sparse_structure.steps, cfg_strength=params.sparse_structure.cfg_strength
-        ),
-        slat=common_pb2.SamplerParameters(steps=params.slat.steps, cfg_strength=params.slat.cfg_strength),
-        multi_image_mode=_MULTI_IMAGE_MODE_PROTO[params.multi_image_mode],
-        mesh_simplify=params.mesh_simplify,
-        texture_size=params.texture_size,
-    )
-    if params.seed is not None:
-        message.seed = params.seed
-    return message

@@ -1,106 +1,66 @@
-"""Typed service errors and the one place where they become gRPC status codes.
+"""Typed errors: what went wrong, in words the caller can act on.
 
-Backends and domain code raise these; servicers never pick status codes themselves. The mapping is
-applied by :func:`error_boundary`, which every streaming handler in every service goes through.
+Backends, the domain and the servicers raise these; none of them picks a status code. Each class names
+its canonical status code (the gRPC code names, which HTTP gateways share), and the one server
+interceptor (:mod:`trellisbox._runtime.interceptor`) turns it into the gRPC status of the call.
 """
 
 from __future__ import annotations
-
-import logging
-from collections.abc import AsyncIterator, Callable
-from functools import wraps
-from typing import Any, ClassVar, TypeVar
-
-import grpc
-
-_log = logging.getLogger(__name__)
 
 
 class ServiceError(Exception):
     """Base class: an error whose message is safe and useful to show to the caller."""
 
-    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+    #: Canonical status code name, e.g. ``"INVALID_ARGUMENT"``.
+    code: str = "INTERNAL"
 
 
 class InvalidInput(ServiceError):
     """The request is wrong (bad image, out-of-range parameter); retrying it unchanged cannot help."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = "INVALID_ARGUMENT"
 
 
 class QueueFull(ServiceError):
     """Admission refused: the bounded queue is full. Retry later or on another replica."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = "RESOURCE_EXHAUSTED"
 
 
 class Unavailable(ServiceError):
     """The service is draining, still loading, or a downstream stage is unreachable."""
 
-    code = grpc.StatusCode.UNAVAILABLE
+    code = "UNAVAILABLE"
 
 
 class DeadlineExceeded(ServiceError):
     """The caller's deadline passed before the work finished."""
 
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    code = "DEADLINE_EXCEEDED"
 
 
 class Cancelled(ServiceError):
     """The caller cancelled; the work was stopped."""
 
-    code = grpc.StatusCode.CANCELLED
+    code = "CANCELLED"
 
 
 class ModelUnavailable(ServiceError):
     """The configured model cannot run here (missing weights, CUDA or extensions)."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = "FAILED_PRECONDITION"
 
 
 class StageFailed(ServiceError):
-    """A downstream stage failed; carries its status code through the gateway unchanged."""
+    """A downstream stage failed; the gateway passes its status code on unchanged, naming the stage.
 
-    def __init__(self, stage: str, code: grpc.StatusCode, details: str) -> None:
+    Args:
+        stage: ``"refiner"`` or ``"trellis"``.
+        code: The stage's status code name.
+        details: The stage's message.
+    """
+
+    def __init__(self, stage: str, code: str, details: str) -> None:
         super().__init__(f"{stage}: {details}")
         self.stage = stage
-        self.status_code = code
-
-
-def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and message a caller sees for ``exc``."""
-    if isinstance(exc, StageFailed):
-        return exc.status_code, str(exc)
-    if isinstance(exc, ServiceError):
-        return exc.code, str(exc)
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return exc.code(), exc.details() or exc.code().name
-    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the service log"
-
-
-_Req = TypeVar("_Req")
-_Resp = TypeVar("_Resp")
-_Handler = Callable[[Any, _Req, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[_Resp]]
-
-
-def error_boundary(handler: _Handler[_Req, _Resp]) -> _Handler[_Req, _Resp]:
-    """Wrap a server-streaming handler so that any exception ends the call with the mapped status."""
-
-    @wraps(handler)
-    async def wrapped(
-        self: Any, request: _Req, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[_Resp]:
-        try:
-            async for response in handler(self, request, context):
-                yield response
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:  # the one place where errors become statuses
-            code, message = status_for(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                _log.exception("unhandled error in %s", handler.__qualname__)
-            else:
-                _log.info("%s ended with %s: %s", handler.__qualname__, code.name, message)
-            await context.abort(code, message)
-
-    return wrapped
+        self.code = code

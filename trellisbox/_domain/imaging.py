@@ -11,6 +11,7 @@ import io
 import re
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from trellisbox._domain.errors import InvalidInput
@@ -109,6 +110,12 @@ def has_alpha(image: Image.Image) -> bool:
     return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
 
 
+def has_real_alpha(image: Image.Image) -> bool:
+    """True for an RGBA image whose alpha is not all opaque: a real cut-out. TRELLIS's ``preprocess_image``
+    uses the same test to skip background removal."""
+    return image.mode == "RGBA" and int(np.asarray(image.getchannel("A")).min()) < 255
+
+
 def normalize_mode(image: Image.Image) -> Image.Image:
     """RGBA when the image has transparency, else RGB (palette, grey and CMYK converted)."""
     target = "RGBA" if has_alpha(image) else "RGB"
@@ -138,3 +145,26 @@ def reapply_alpha(rgb: Image.Image, alpha: Image.Image | None) -> Image.Image:
     out = rgb.convert("RGBA")
     out.putalpha(alpha)
     return out
+
+
+def synthetic_object(side: int = 128, seed: int | None = None, *, noisy: bool = False) -> Image.Image:
+    """A shaded disc on a transparent background (RGBA): the warm-up input, and the tests' and benchmarks' object.
+
+    Args:
+        side: Width and height in pixels.
+        seed: None for smooth shading; a seed adds that seed's mild pixel noise (distinct images per seed).
+        noisy: Fill the disc with random pixels instead (an incompressible texture, for transport benchmarks).
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:side, 0:side]
+    inside = np.hypot(xx - side / 2, yy - side / 2) < side * 0.45
+    rgba = np.zeros((side, side, 4), np.uint8)
+    if noisy:
+        rgba[..., :3] = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+    else:
+        rgba[..., 0] = 200
+        rgba[..., 1] = (60 + 150 * xx / side).astype(np.uint8)
+        blue = 60 + 150 * yy / side + (rng.integers(0, 16, (side, side)) if seed is not None else 0)
+        rgba[..., 2] = np.clip(blue, 0, 255).astype(np.uint8)
+    rgba[..., 3] = np.where(inside, 255, 0)
+    return Image.fromarray(rgba, "RGBA")

@@ -1,25 +1,44 @@
-"""A model service's runtime: the one model worker and, in shared placement, its GPU turns.
+"""The model-service skeleton: the one way a service is built around one model.
 
-Both model services build theirs here, so placement, residency and the lease are wired one way:
+A model service (the refiner, the TRELLIS service) is one process per GPU: an asyncio gRPC front over a
+single :class:`~trellisbox._runtime.worker.ModelWorker` thread that owns the model, because upstream
+pipelines are not thread-safe. What the two share lives here:
 
-- ``dedicated``: the worker runs jobs back to back on the service's own GPU; no lease.
-- ``shared``: every job (and the warm-up) runs inside a GPU turn: the lease is held, the model is
-  made resident per the residency policy, and parked again when the turn ends. GPU memory is
-  reported before and after each move on CUDA.
+- :class:`ModelBackend`, the base class of every backend of every model service: load, unload, warm up,
+  and the moves a shared GPU needs. Backends see domain objects, never protobuf.
+- :class:`ModelHost`: the worker, the GPU turns in shared placement, and the backend once warm-up has chosen
+  and loaded it. Servicers run their jobs through it and ask it for the backend (``UNAVAILABLE`` until ready).
+- :class:`ModelService` and :func:`serve_model`: what a service declares (its proto service, settings,
+  backend choice, servicer) and the function that serves it: settings, logging, worker and lease, the
+  server bootstrap, warm-up (readiness turns SERVING after it), shutdown.
+
+Placement:
+
+- ``dedicated``: the worker runs jobs back to back on the service's own device; no lease.
+- ``shared``: every job, and the warm-up, runs inside a GPU *turn* that holds the lease; the backend is made
+  resident per the residency policy when a turn starts and parked when it ends, with GPU memory reported
+  before and after each move on CUDA.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
+import grpc
 from prometheus_client import Gauge, Info
 
+from trellisbox._domain.errors import Unavailable
+from trellisbox._runtime.config import ServiceSettings, load_settings
 from trellisbox._runtime.devices import gpu_memory_bytes
-from trellisbox._runtime.lease import GpuTurns, LeaseSettings, make_gpu_turns, residency_hooks
+from trellisbox._runtime.lease import LeaseSettings, make_gpu_turns, residency_hooks
+from trellisbox._runtime.observability import configure_logging
+from trellisbox._runtime.server import ServiceSpec, run
 from trellisbox._runtime.worker import ModelWorker
 
 _log = logging.getLogger(__name__)
@@ -31,51 +50,113 @@ GPU_MEMORY = Gauge("trellisbox_gpu_memory_bytes", "CUDA memory allocated by the 
                    ["service", "moment"])
 
 
-class GpuModel(Protocol):
-    """What residency policies move. Backends implement it; CPU backends make the moves no-ops."""
+class ModelBackend(ABC):
+    """One model (or a weight-free stand-in for it) that a model service runs.
 
-    @property
-    def device(self) -> str: ...
-
-    def load(self) -> None: ...
-
-    def unload(self) -> None: ...
-
-    def to_gpu(self) -> None: ...
-
-    def to_host(self) -> None: ...
-
-
-class _NoModel:
-    """Stands in until a late-chosen backend exists: nothing to move yet."""
-
-    device = "cpu"
-
-    def load(self) -> None:
-        return None
-
-    unload = to_gpu = to_host = load
-
-
-NO_MODEL: GpuModel = _NoModel()
-
-
-@dataclass
-class ModelRuntime:
-    """Args:
-        service: Service label ("refiner", "trellis").
-        worker: The single model worker every job runs on.
-        turns: The GPU turn guard in shared placement, else None.
-        lease: The lease part of the service's settings.
+    Every method is called on the service's one model thread, so implementations need no locking. A backend
+    is built cheaply from its configuration; :meth:`load` does the heavy work.
     """
 
-    service: str
-    worker: ModelWorker
-    turns: GpuTurns | None
-    lease: LeaseSettings
+    #: Short name reported to callers and in logs ("sdxl", "classic", "trellis", "preview").
+    name: ClassVar[str]
+
+    @property
+    @abstractmethod
+    def device(self) -> str:
+        """Where it runs: ``cpu`` or ``cuda:N`` once loaded (the configured device before)."""
+
+    @property
+    @abstractmethod
+    def loaded(self) -> bool:
+        """True while the model is in memory."""
+
+    @abstractmethod
+    def load(self) -> None:
+        """Load the model (idempotent). Raises ``ModelUnavailable`` when it cannot run here."""
+
+    @abstractmethod
+    def unload(self) -> None:
+        """Free the model and its device memory (idempotent); a later call loads it again."""
+
+    @abstractmethod
+    def warm_up(self) -> None:
+        """Run the model once on a small input, so the first request meets loaded weights and warm kernels."""
+
+    def to_gpu(self) -> None:  # noqa: B027 - CPU backends have nothing to move
+        """Move a loaded model onto its GPU (idempotent); a shared GPU's turn starts with this."""
+
+    def to_host(self) -> None:  # noqa: B027
+        """Park a loaded model in host RAM and free its VRAM; a shared GPU's turn ends with this."""
+
+    def describe(self) -> str:
+        """One line for the log: backend, device and what it runs."""
+        return f"backend={self.name} device={self.device}"
+
+
+B = TypeVar("B", bound=ModelBackend)
+
+
+class ModelSettings(ServiceSettings, LeaseSettings):
+    """Settings every model service shares: the server's and the GPU placement's."""
+
+
+S = TypeVar("S", bound=ModelSettings)
+
+
+class ModelHost(Generic[B]):
+    """The model thread of a service, its GPU turns in shared placement, and its backend once chosen.
+
+    Args:
+        service: Service label ("refiner", "trellis") for metrics, lease records and logs.
+        max_queue: Jobs that may wait for the model thread; one more is refused with ``QueueFull``.
+        lease: The placement and lease settings.
+    """
+
+    def __init__(self, service: str, max_queue: int, lease: LeaseSettings) -> None:
+        self.service = service
+        self.lease = lease
+        self._backend: B | None = None
+        hooks = residency_hooks(lease.residency, to_gpu=self._mover("to_gpu"), to_host=self._mover("to_host"),
+                                load=self._mover("load"), unload=self._mover("unload"))
+        self.turns = make_gpu_turns(lease, service, queue_depth=lambda: self.worker.queue_depth, hooks=hooks)
+        self.worker = ModelWorker(service, max_queue, gpu_turn=self.turns)
+
+    @property
+    def backend(self) -> B | None:
+        """The backend once :meth:`start` has loaded and warmed it up, else None."""
+        return self._backend
+
+    def require(self) -> B:
+        """The backend, or ``Unavailable`` while it is still loading (or failed to)."""
+        if self._backend is None:
+            raise Unavailable(f"the {self.service} service is not ready: its model is still loading or failed to "
+                              "load (see its readiness and log)")
+        return self._backend
+
+    def start(self, choose: Callable[[], B]) -> B:
+        """Choose the backend, load it and run it once; on the model thread, inside a GPU turn when shared.
+
+        Until it returns, turn edges have nothing to move; the first turn's end parks the new backend.
+
+        Raises:
+            ModelUnavailable: the configured model cannot run here (readiness stays NOT_SERVING).
+        """
+
+        def prepare() -> B:
+            backend = choose()
+            backend.load()
+            started = time.perf_counter()
+            backend.warm_up()
+            _log.info("warm-up of %s took %.2f s", backend.name, time.perf_counter() - started)
+            self._backend = backend
+            return backend
+
+        backend = self.run_in_turn(prepare)
+        self._publish_placement(backend.device)
+        return backend
 
     def run_in_turn(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on the model thread, inside a GPU turn when shared (startup load and warm-up)."""
+        """Run ``fn`` on the model thread, inside a GPU turn when shared, and wait for it."""
 
         def body() -> T:
             with self.turns(None) if self.turns is not None else contextlib.nullcontext():
@@ -83,61 +164,88 @@ class ModelRuntime:
 
         return self.worker.call_blocking(body)
 
-    def publish_placement(self, device: str) -> None:
-        """Say where the model runs: in the log and as the ``trellisbox_placement_info`` metric."""
-        PLACEMENT.labels(self.service).info({
-            "device": device, "placement": self.lease.placement,
-            "lease": self.lease.lease_backend if self.lease.shared else "none",
-            "lease_name": self.lease.lease_name if self.lease.shared else "",
-            "residency": self.lease.residency if self.lease.shared else "resident",
-        })
-        _log.info("%s on %s; %s", self.service, device, self.lease.lease_summary())
+    def describe(self) -> str:
+        backend = self._backend.describe() if self._backend is not None else "no model loaded"
+        return f"{backend} {self.lease.lease_summary()}"
 
-    def close(self, unload: Callable[[], None] | None = None) -> None:
-        """At shutdown, on the model thread: free the model, release the lease, stop the worker."""
+    def close(self) -> None:
+        """At shutdown, on the model thread: park the model and release the lease (the peer may go on at once),
+        then free the model (unless a job still runs: the process exit frees it), then stop the worker."""
+        idle = self.worker.in_flight == 0 and self.worker.queue_depth == 0
         try:
-            if unload is not None:
-                self.worker.call_blocking(unload)
             if self.turns is not None:
                 self.worker.call_blocking(self.turns.close)
+            if self._backend is not None and idle:
+                self.worker.call_blocking(self._backend.unload)
+        except Exception:
+            _log.exception("shutting down the %s model failed", self.service)
         finally:
             self.worker.shutdown()
 
+    def _publish_placement(self, device: str) -> None:
+        """Say where the model runs: in the log and as the ``trellisbox_placement_info`` metric."""
+        lease = self.lease
+        PLACEMENT.labels(self.service).info({
+            "device": device, "placement": lease.placement,
+            "lease": lease.lease_backend if lease.shared else "none",
+            "lease_name": lease.lease_name if lease.shared else "",
+            "residency": lease.residency if lease.shared else "resident",
+        })
+        _log.info("%s on %s; %s", self.service, device, lease.lease_summary())
 
-def _reported(service: str, what: str, model: Callable[[], GpuModel], move: Callable[[], None]) -> Callable[[], None]:
-    """``move`` with the GPU memory logged before and after it (CUDA only)."""
+    def _mover(self, what: str) -> Callable[[], None]:
+        """A residency hook: ``what`` (to_gpu, to_host, load, unload) on the backend, GPU memory logged around it
+        on CUDA; nothing before a backend exists."""
 
-    def run() -> None:
-        device = model().device
-        before = gpu_memory_bytes(device)
-        move()
-        after = gpu_memory_bytes(device)
-        if before is not None and after is not None:
-            GPU_MEMORY.labels(service, f"after_{what}").set(after[0])
-            _log.info("%s %s on %s: allocated %.0f → %.0f MiB, reserved %.0f → %.0f MiB", service, what, device,
-                      before[0] / 2**20, after[0] / 2**20, before[1] / 2**20, after[1] / 2**20)
+        def move() -> None:
+            backend = self._backend
+            if backend is None:
+                return
+            before = gpu_memory_bytes(backend.device)
+            getattr(backend, what)()
+            after = gpu_memory_bytes(backend.device)
+            if before is not None and after is not None:
+                GPU_MEMORY.labels(self.service, f"after_{what}").set(after[0])
+                _log.info("%s %s on %s: allocated %.0f → %.0f MiB, reserved %.0f → %.0f MiB", self.service, what,
+                          backend.device, before[0] / 2**20, after[0] / 2**20, before[1] / 2**20, after[1] / 2**20)
 
-    return run
+        return move
 
 
-def build_model_runtime(service: str, max_queue: int, lease: LeaseSettings,
-                        model: Callable[[], GpuModel]) -> ModelRuntime:
-    """The worker, and in shared placement the lease and the turns that move ``model()`` per residency.
+@dataclass(frozen=True)
+class ModelService(Generic[S, B]):
+    """What a model service declares; :func:`serve_model` does the rest.
 
     Args:
-        service: Service label for metrics, records and logs.
-        max_queue: Jobs that may wait for the worker.
-        lease: The placement and lease settings (the service's settings inherit them).
-        model: Returns the backend to move (called at each turn edge, so it may be chosen late).
+        name: Its full proto service name (:mod:`trellisbox._domain.contract`); also its readiness key.
+        label: Short name for logs, metrics and lease records ("refiner", "trellis").
+        settings: Its settings class (flags, environment, defaults).
+        choose_backend: Builds the configured backend (``auto`` resolved and logged); runs on the model thread
+            during warm-up, inside the first GPU turn when shared.
+        servicer: Builds the gRPC servicer over the host.
+        register: Adds the servicer to the server (the generated ``add_..._to_server``).
     """
-    worker: ModelWorker | None = None
-    hooks = residency_hooks(
-        lease.residency,
-        to_gpu=_reported(service, "to_gpu", model, lambda: model().to_gpu()),
-        to_host=_reported(service, "to_host", model, lambda: model().to_host()),
-        load=_reported(service, "load", model, lambda: model().load()),
-        unload=_reported(service, "unload", model, lambda: model().unload()),
+
+    name: str
+    label: str
+    settings: type[S]
+    choose_backend: Callable[[S], B]
+    servicer: Callable[[ModelHost[B], S], Any]
+    register: Callable[[Any, grpc.aio.Server], None]
+
+
+def serve_model(service: ModelService[S, B], argv: list[str]) -> None:
+    """Serve ``service`` until SIGTERM/SIGINT: settings from ``argv`` and the environment, then the bootstrap."""
+    settings = load_settings(service.settings, argv)
+    # Before the backend is chosen, so the WARNING that says which backend runs is formatted and kept.
+    configure_logging(service.label, settings.log_level)
+    host: ModelHost[B] = ModelHost(service.label, settings.max_queue, settings)
+    servicer = service.servicer(host, settings)
+    spec = ServiceSpec(
+        name=service.name,
+        register=lambda server: service.register(servicer, server),
+        warm_up=lambda: host.start(lambda: service.choose_backend(settings)),
+        describe=host.describe,
+        on_shutdown=host.close,
     )
-    turns = make_gpu_turns(lease, service, queue_depth=lambda: worker.queue_depth if worker else 0, hooks=hooks)
-    worker = ModelWorker(service, max_queue, gpu_turn=turns)
-    return ModelRuntime(service, worker, turns, lease)
+    run(settings, spec, service.label)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextvars
 import logging
 import sys
+from collections.abc import Mapping
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from trellisbox.v1 import common_pb2
+from trellisbox._domain.kinds import Stage
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
@@ -25,17 +26,10 @@ QUEUE_DEPTH = Gauge("trellisbox_queue_depth", "Requests waiting for the model wo
 IN_FLIGHT = Gauge("trellisbox_in_flight", "Requests the model worker is running now (0 or 1).", ["service"])
 
 
-def stage_label(stage: int) -> str:
-    """Metric label of a ``trellisbox.v1.Stage`` value, e.g. ``sparse_structure``."""
-    try:
-        return common_pb2.Stage.Name(stage).removeprefix("STAGE_").lower()  # type: ignore[arg-type]
-    except ValueError:
-        return str(stage)
-
-
-def observe_stage(service: str, stage: int, seconds: float) -> None:
-    """Record one stage's wall time in ``trellisbox_stage_seconds``."""
-    STAGE_SECONDS.labels(service, stage_label(stage)).observe(seconds)
+def observe_stages(service: str, timings: Mapping[Stage, float]) -> None:
+    """Record each stage's wall time in ``trellisbox_stage_seconds``."""
+    for stage, seconds in timings.items():
+        STAGE_SECONDS.labels(service, stage.label).observe(seconds)
 
 
 class _RequestIdFilter(logging.Filter):
@@ -56,7 +50,7 @@ def configure_logging(service: str, level: str = "INFO") -> None:
     root.setLevel(level.upper())
 
 
-def start_metrics_server(port: int, host: str = "0.0.0.0") -> None:
-    """Serve /metrics on ``port`` (no-op when 0)."""
+def start_metrics_server(port: int, host: str) -> None:
+    """Serve /metrics on ``host:port`` (the service's own bind address; no-op when the port is 0)."""
     if port:
-        start_http_server(port, addr=host)
+        start_http_server(port, addr=host.strip("[]"))  # "[::]" is how gRPC spells it; http.server wants "::"

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import inspect
 import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -23,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from trellisbox._domain.errors import ServiceError
 from trellisbox._runtime.config import ServiceSettings
+from trellisbox._runtime.interceptor import ErrorInterceptor
 from trellisbox._runtime.observability import configure_logging, start_metrics_server
 
 _log = logging.getLogger(__name__)
@@ -37,14 +39,15 @@ class ServiceSpec:
         register: Adds the servicer(s) to the server.
         warm_up: Blocking load + first inference; runs in a thread after the port is open.
         describe: One line for the log once ready (backend, device).
-        on_shutdown: Called after the server stopped (free the model, release leases).
+        on_shutdown: Called after the server stopped (free the model, release leases, close channels); may be
+            a coroutine function.
     """
 
     name: str
     register: Callable[[grpc.aio.Server], None]
-    warm_up: Callable[[], None] | None = None
+    warm_up: Callable[[], object] | None = None
     describe: Callable[[], str] = field(default=lambda: "")
-    on_shutdown: Callable[[], None] | None = None
+    on_shutdown: Callable[[], Awaitable[None] | None] | None = None
 
 
 def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
@@ -69,7 +72,8 @@ def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
 
 async def serve(settings: ServiceSettings, spec: ServiceSpec) -> None:
     """Serve until SIGTERM/SIGINT, then drain for ``settings.grace_s`` seconds."""
-    server = grpc.aio.server(options=server_options(settings))
+    # The interceptor maps every handler's errors to status codes (and counts calls): one place for all RPCs.
+    server = grpc.aio.server(options=server_options(settings), interceptors=[ErrorInterceptor()])
     spec.register(server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -81,7 +85,7 @@ async def serve(settings: ServiceSettings, spec: ServiceSpec) -> None:
     if port == 0:
         raise RuntimeError(f"cannot bind {address}")
     await server.start()
-    start_metrics_server(settings.metrics_port)
+    start_metrics_server(settings.metrics_port, settings.host)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(spec.name, health_pb2.HealthCheckResponse.NOT_SERVING)
     _log.info("listening on %s:%d (%s not ready yet)", settings.host, port, spec.name)
@@ -96,7 +100,7 @@ async def serve(settings: ServiceSettings, spec: ServiceSpec) -> None:
             if spec.warm_up is not None:
                 await asyncio.to_thread(spec.warm_up)
         except ServiceError as exc:  # an explained failure (e.g. missing weights): the message is the point
-            _log.error("warm-up failed, %s stays NOT_SERVING: %s", spec.name, exc)
+            _log.error("%s cannot start its model and stays NOT_SERVING: %s", spec.name, exc)
             return
         except Exception:
             _log.exception("warm-up failed: %s stays NOT_SERVING", spec.name)
@@ -111,7 +115,9 @@ async def serve(settings: ServiceSettings, spec: ServiceSpec) -> None:
     await server.stop(settings.grace_s)
     warm_task.cancel()
     if spec.on_shutdown is not None:
-        spec.on_shutdown()
+        done = spec.on_shutdown()
+        if inspect.isawaitable(done):
+            await done
     _log.info("stopped")
 
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from trellisbox._domain.errors import Cancelled, DeadlineExceeded, QueueFull
+from trellisbox._domain.kinds import Stage
 from trellisbox._runtime.observability import IN_FLIGHT, QUEUE_DEPTH
-from trellisbox.v1 import common_pb2
 
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -29,17 +29,12 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class ProgressEvent:
-    """``step`` of ``total`` in ``stage`` (a ``trellisbox.v1.Stage`` value)."""
+    """``step`` of ``total`` in ``stage``."""
 
-    stage: int
+    stage: Stage
     step: int
     total: int
     message: str = ""
-
-    def to_proto(self) -> common_pb2.Progress:
-        return common_pb2.Progress(
-            stage=self.stage, step=self.step, total=self.total, message=self.message  # type: ignore[arg-type]
-        )
 
 
 @dataclass(frozen=True)
@@ -67,7 +62,7 @@ class JobContext:
         self._report = report
         self._stop = threading.Event()
 
-    def report(self, stage: int, step: int, total: int, message: str = "") -> None:
+    def report(self, stage: Stage, step: int, total: int, message: str = "") -> None:
         """Send a progress event to the caller (thread-safe, never blocks)."""
         self._report(ProgressEvent(stage, step, total, message))
 
@@ -175,7 +170,7 @@ class ModelWorker:
         future.add_done_callback(finished)
         try:
             if position > 0:
-                yield ProgressEvent(common_pb2.STAGE_QUEUED, 0, position, f"{position} ahead in the queue")
+                yield ProgressEvent(Stage.QUEUED, 0, position, f"{position} ahead in the queue")
             while (event := await events.get()) is not None:
                 yield event
             value = future.result()

@@ -232,8 +232,9 @@ Global___StageTiming: _TypeAlias = StageTiming  # noqa: Y015
 class RefineParameters(_message.Message):
     """Real-valued parameters are doubles: in float32, 0.35 × 20 steps truncates to 6 denoising steps, not 7.
 
-    Refinement parameters. Unset fields take the service defaults (strength 0.3, guidance 7.5,
-    20 steps, the default prompts, a random seed that is echoed back).
+    Refinement parameters. Each field is defined once, with its range and default, in RefineParams
+    (trellisbox/_domain/params.py; docs/parameters.md); a test holds these comments to it. Unset fields take the
+    defaults of the original TRELLIS-BOX feature.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -247,20 +248,25 @@ class RefineParameters(_message.Message):
     AESTHETIC_SCORE_FIELD_NUMBER: _builtins.int
     NEGATIVE_AESTHETIC_SCORE_FIELD_NUMBER: _builtins.int
     strength: _builtins.float
-    """0 < strength <= 1; lower stays closer to the input. Default 0.3."""
+    """How far the image may move; lower stays closer to the input. In (0.0, 1.0]; default 0.3."""
     guidance_scale: _builtins.float
-    """Classifier-free guidance, 0 to 30. Default 7.5."""
+    """Classifier-free guidance. In [0.0, 30.0]; default 7.5."""
     num_inference_steps: _builtins.int
-    """1 to 200. Effective denoising steps are int(num_inference_steps * strength). Default 20."""
+    """Scheduler steps; the UNet runs int(num_inference_steps × strength) of them. In [1, 200]; default 20."""
     prompt: _builtins.str
-    """Default "high quality, detailed, sharp"."""
+    """What the refined image should look like. At most 2000 characters; default 'high quality, detailed,
+    sharp'.
+    """
     negative_prompt: _builtins.str
-    """Default "blurry, low quality, distorted"."""
+    """What it should not look like. At most 2000 characters; default 'blurry, low quality, distorted'."""
     seed: _builtins.int
-    """Random when unset; the seed used is echoed back in the done event."""
+    """Noise seed of the first image (image i uses seed + i); the seeds used are echoed back. In [0,
+    4294967295]; default random.
+    """
     aesthetic_score: _builtins.float
-    """SDXL-refiner aesthetic micro-conditioning. Defaults 6.0 and 2.5."""
+    """SDXL-refiner aesthetic conditioning of the positive branch. In [0.0, 10.0]; default 6.0."""
     negative_aesthetic_score: _builtins.float
+    """Aesthetic conditioning of the negative branch. In [0.0, 10.0]; default 2.5."""
     def __init__(
         self,
         *,
@@ -314,16 +320,16 @@ Global___RefineParameters: _TypeAlias = RefineParameters  # noqa: Y015
 
 @_typing.final
 class SamplerParameters(_message.Message):
-    """Sampler settings for one TRELLIS stage."""
+    """Sampler settings for one TRELLIS stage (SamplerParams); the defaults are the stage's."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     STEPS_FIELD_NUMBER: _builtins.int
     CFG_STRENGTH_FIELD_NUMBER: _builtins.int
     steps: _builtins.int
-    """1 to 100."""
+    """Sampling steps. In [1, 100]."""
     cfg_strength: _builtins.float
-    """Classifier-free guidance strength, 0 to 30."""
+    """Classifier-free guidance strength. In [0.0, 30.0]."""
     def __init__(
         self,
         *,
@@ -347,8 +353,8 @@ Global___SamplerParameters: _TypeAlias = SamplerParameters  # noqa: Y015
 
 @_typing.final
 class GenerationParameters(_message.Message):
-    """Image-to-3D parameters. Unset fields take the TRELLIS demo defaults (12 steps / cfg 7.5 for the
-    sparse structure, 12 steps / cfg 3.0 for SLat, simplify 0.95, texture 1024).
+    """Image-to-3D parameters, defined in GenerationParams (trellisbox/_domain/params.py; docs/parameters.md). Unset
+    fields take the defaults of the official TRELLIS demo.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -360,17 +366,21 @@ class GenerationParameters(_message.Message):
     MESH_SIMPLIFY_FIELD_NUMBER: _builtins.int
     TEXTURE_SIZE_FIELD_NUMBER: _builtins.int
     seed: _builtins.int
-    """Random when unset; the seed used is echoed back in the done event."""
+    """Generation seed; the seed used is echoed back. In [0, 4294967295]; default random."""
     multi_image_mode: Global___MultiImageMode.ValueType
-    """Used when more than one image is sent. Default stochastic."""
+    """How several views of one object are combined. One of stochastic, multidiffusion; default 'stochastic'."""
     mesh_simplify: _builtins.float
-    """Fraction of mesh faces removed, 0 to 0.99. Default 0.95."""
+    """Fraction of mesh faces removed before the texture bake. In [0.0, 0.99]; default 0.95."""
     texture_size: _builtins.int
-    """Baked texture edge in pixels, 256 to 4096. Default 1024."""
+    """Baked texture edge in pixels. In [256, 4096]; default 1024."""
     @_builtins.property
-    def sparse_structure(self) -> Global___SamplerParameters: ...
+    def sparse_structure(self) -> Global___SamplerParameters:
+        """Stage 1: sparse structure sampler. Default steps 12, cfg_strength 7.5."""
+
     @_builtins.property
-    def slat(self) -> Global___SamplerParameters: ...
+    def slat(self) -> Global___SamplerParameters:
+        """Stage 2: structured latent sampler. Default steps 12, cfg_strength 3.0."""
+
     def __init__(
         self,
         *,

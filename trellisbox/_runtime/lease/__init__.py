@@ -1,14 +1,8 @@
 """The GPU lease: lets the two model services time-share one GPU safely.
 
-Wiring in a model service (shared placement; dedicated placement returns None and needs nothing)::
-
-    worker: ModelWorker
-    turns = make_gpu_turns(settings, "refiner", queue_depth=lambda: worker.queue_depth,
-                           hooks=residency_hooks(settings.residency, to_gpu=..., to_host=..., ...))
-    worker = ModelWorker("refiner", settings.max_queue, gpu_turn=turns)
-    ...
-    if turns is not None:                      # on shutdown, on the model thread
-        worker.call_blocking(turns.close)
+A model service never wires this itself: :class:`~trellisbox._runtime.model.ModelHost` builds the lease and
+the :class:`GpuTurns` guard from the service's :class:`LeaseSettings` (dedicated placement: none), hands the
+guard to the model worker, and moves the backend per its residency policy at each turn's edges.
 
 See docs/lease.md.
 """

@@ -100,7 +100,7 @@ def residency_hooks(policy: Residency, *, to_gpu: Callable[[], None],
       PCIe bandwidth (≈ 0.3-1 s per direction for several GB), and host RAM for the parked model.
     - ``unload``: on_acquire = ``load`` then ``to_gpu``; on_release = ``unload`` (free it and empty the
       CUDA cache). Swap cost = reading and building the model from disk every turn (seconds to tens
-      of seconds); holds neither VRAM nor RAM between turns. The seed's original behaviour.
+      of seconds); holds neither VRAM nor RAM between turns. The original TRELLIS-BOX behaviour.
 
     Hand-off batching (``max_hold_s``) matters most for ``offload`` and ``unload``.
     """
@@ -202,11 +202,6 @@ class GpuTurns:
         """True while this service holds the GPU (between jobs too, when batching)."""
         with self._mutex:
             return self._holding
-
-    def raise_if_lost(self) -> None:
-        """For long jobs to call at step boundaries: stop at once if the lease was lost."""
-        if self.lease.lost:
-            raise LeaseLost(self._lost_message())
 
     # -- begin -------------------------------------------------------------------------------
 

@@ -1,0 +1,93 @@
+"""The one error mapping: a real aio server on loopback with the interceptor, and handlers that fail in every way."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
+
+from trellisbox._domain.errors import InvalidInput, ModelUnavailable, StageFailed
+from trellisbox._runtime.interceptor import ErrorInterceptor
+from trellisbox._runtime.observability import REQUESTS
+from trellisbox.v1 import common_pb2
+
+METHOD = "/test.Echo/Stream"
+
+
+async def stream(request: common_pb2.Image, context: grpc.aio.ServicerContext[Any, Any]
+                 ) -> AsyncIterator[common_pb2.Progress]:
+    yield common_pb2.Progress(step=1, message="started")
+    what = request.media_type
+    if what == "invalid":
+        raise InvalidInput("images[0] is not an image")
+    if what == "model":
+        raise ModelUnavailable("no weights here")
+    if what == "stage":
+        raise StageFailed("refiner", "UNAVAILABLE", "Stream removed")
+    if what == "bug":
+        raise RuntimeError("secret internals")
+    yield common_pb2.Progress(step=2, message="done")
+
+
+async def call(data: bytes) -> tuple[list[bytes], grpc.StatusCode, str]:
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+    handler = grpc.unary_stream_rpc_method_handler(
+        stream, request_deserializer=common_pb2.Image.FromString,
+        response_serializer=common_pb2.Progress.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Echo", {"Stream": handler}),))
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            # Raw bytes in and out: the request may be anything a client sends.
+            rpc = channel.unary_stream(METHOD, None, None)
+            received: list[bytes] = []
+            try:
+                async for message in rpc(data, timeout=10):
+                    received.append(message)
+            except grpc.aio.AioRpcError as exc:
+                return received, exc.code(), exc.details() or ""
+            # Health (a handler that writes with context.write) still works through the interceptor.
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            first = await watch.read()
+            watch.cancel()
+            assert first.status == health_pb2.HealthCheckResponse.SERVING
+            return received, grpc.StatusCode.OK, ""
+    finally:
+        await server.stop(None)
+
+
+def count(code: str) -> float:
+    return REQUESTS.labels("Echo", "Stream", code)._value.get()
+
+
+@pytest.mark.parametrize(("what", "code", "details"), [
+    ("invalid", grpc.StatusCode.INVALID_ARGUMENT, "images[0] is not an image"),
+    ("model", grpc.StatusCode.FAILED_PRECONDITION, "no weights here"),
+    ("stage", grpc.StatusCode.UNAVAILABLE, "refiner: Stream removed"),
+    ("bug", grpc.StatusCode.INTERNAL, "internal error (RuntimeError); see the service log"),
+    ("fine", grpc.StatusCode.OK, ""),
+])
+def test_typed_errors_become_their_status(what: str, code: grpc.StatusCode, details: str) -> None:
+    before = count(code.name)
+    received, got, message = asyncio.run(call(common_pb2.Image(media_type=what).SerializeToString()))
+    assert (got, message) == (code, details)
+    assert "secret" not in message
+    assert len(received) == (2 if code == grpc.StatusCode.OK else 1)  # what was sent before the error arrived
+    assert count(code.name) == before + 1
+
+
+@pytest.mark.parametrize("data", [b"\x0a\xff", b"\x12\x05ab", b"\xff\xff\xff", b"\x12\x02\xff\xfe"])
+def test_a_request_that_does_not_parse_is_invalid_argument(data: bytes) -> None:
+    before = count("INVALID_ARGUMENT")
+    received, code, details = asyncio.run(call(data))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and received == []
+    assert details.startswith("the request is not a valid trellisbox.v1.Image")
+    assert count("INVALID_ARGUMENT") == before + 1

@@ -1,0 +1,170 @@
+"""The one place where errors become gRPC status codes: a server interceptor around every RPC.
+
+As in text-generation-inference's ``ExceptionInterceptor``, the mapping wraps every method handler the
+server registers, so a new RPC cannot forget it:
+
+- a request that does not parse is ``INVALID_ARGUMENT`` naming the message type (gRPC's default would be
+  ``UNKNOWN`` "Unexpected DecodeError");
+- a :class:`~trellisbox._domain.errors.ServiceError` ends the call with its code and message;
+- a downstream ``AioRpcError`` keeps its code and details;
+- anything else is ``INTERNAL`` with a generic message (the traceback goes to the log, never to the caller).
+
+It also counts every finished call in ``trellisbox_requests_total{service,method,code}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from trellisbox._domain.errors import InvalidInput, ServiceError
+from trellisbox._runtime.observability import REQUESTS
+
+_log = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a caller sees for ``exc``."""
+    if isinstance(exc, ServiceError):
+        return grpc.StatusCode[exc.code], str(exc)
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code(), exc.details() or exc.code().name
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the service log"
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    """Stands in for a request whose bytes did not parse, so the handler can refuse it with a status."""
+
+    message_type: str
+    reason: str
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None, message_type: str) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except (DecodeError, UnicodeDecodeError, ValueError) as exc:
+            return _Undecodable(message_type, str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+
+    return deserialize
+
+
+class _Call:
+    """Bookkeeping of one call: its labels and how it ended."""
+
+    def __init__(self, method: str) -> None:
+        service, _, name = method.lstrip("/").partition("/")
+        self.service = service.rpartition(".")[2] or service
+        self.method = name
+
+    def count(self, code: grpc.StatusCode) -> None:
+        REQUESTS.labels(self.service, self.method, code.name).inc()
+
+    async def fail(self, exc: BaseException, context: Context) -> None:
+        code, message = status_for(exc)
+        if code == grpc.StatusCode.INTERNAL:
+            _log.error("unhandled error in %s/%s", self.service, self.method, exc_info=exc)
+        else:
+            _log.info("%s/%s ended with %s: %s", self.service, self.method, code.name, message)
+        self.count(code)
+        await context.abort(code, message)
+
+    async def refuse(self, request: _Undecodable, context: Context) -> None:
+        await self.fail(InvalidInput(
+            f"the request is not a valid {request.message_type}: {request.reason}"), context)
+
+
+if TYPE_CHECKING:  # generic in the stubs only
+    Handler = grpc.RpcMethodHandler[Any, Any]
+    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    Handler = grpc.RpcMethodHandler
+    _Interceptor = grpc.aio.ServerInterceptor
+
+
+class ErrorInterceptor(_Interceptor):
+    """Maps errors to status codes and counts calls, for every method of every service on the server."""
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming:
+            return handler  # unknown method (UNIMPLEMENTED), or a client stream: this project has none
+        call = _Call(handler_call_details.method)
+        deserializer = _tolerant(handler.request_deserializer, _request_type(handler))
+        # The concrete handlers are namedtuples; an aio server's behaviours are coroutine functions.
+        behaviours: Any = handler
+        if handler.response_streaming:
+            stream = behaviours.unary_stream
+            # Streaming handlers either yield (this project's servicers) or await context.write() (grpcio's own
+            # health Watch): keep each in its own style.
+            wrapped = _streaming(call, stream) if inspect.isasyncgenfunction(stream) else _unary(call, stream)
+            return behaviours._replace(  # type: ignore[no-any-return]
+                unary_stream=wrapped, request_deserializer=deserializer)
+        return behaviours._replace(  # type: ignore[no-any-return]
+            unary_unary=_unary(call, behaviours.unary_unary), request_deserializer=deserializer)
+
+
+def _request_type(handler: Handler) -> str:
+    owner = getattr(handler.request_deserializer, "__self__", None)  # Message.FromString is a classmethod
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    return str(getattr(descriptor, "full_name", "request message"))
+
+
+def _streaming(call: _Call, behavior: Callable[[Any, Context], AsyncIterator[Any]]
+               ) -> Callable[[Any, Context], AsyncIterator[Any]]:
+    async def wrapped(request: Any, context: Context) -> AsyncIterator[Any]:
+        if isinstance(request, _Undecodable):
+            await call.refuse(request, context)
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except grpc.aio.AbortError:
+            call.count(context.code() or grpc.StatusCode.UNKNOWN)
+            raise
+        except asyncio.CancelledError:
+            call.count(grpc.StatusCode.CANCELLED)
+            raise
+        except Exception as exc:
+            await call.fail(exc, context)
+        else:
+            call.count(grpc.StatusCode.OK)
+
+    return wrapped
+
+
+def _unary(call: _Call, behavior: Callable[[Any, Context], Awaitable[Any]]
+           ) -> Callable[[Any, Context], Awaitable[Any]]:
+    async def wrapped(request: Any, context: Context) -> Any:
+        if isinstance(request, _Undecodable):
+            await call.refuse(request, context)
+        try:
+            response = await behavior(request, context)
+        except grpc.aio.AbortError:
+            call.count(context.code() or grpc.StatusCode.UNKNOWN)
+            raise
+        except asyncio.CancelledError:
+            call.count(grpc.StatusCode.CANCELLED)
+            raise
+        except Exception as exc:
+            await call.fail(exc, context)
+            raise  # unreachable: abort raises
+        call.count(grpc.StatusCode.OK)
+        return response
+
+    return wrapped

@@ -1,0 +1,98 @@
+"""What every servicer does the same way: name the request, decode its images off the event loop, read its
+deadline, relay a job's progress, and encode its outputs off the event loop and off the model thread.
+
+Servicers convert protobuf to domain objects and back; nothing here chooses a status code (the
+interceptor does), and nothing here runs a model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Generic, TypeVar
+
+import grpc
+from PIL import Image
+
+from trellisbox._domain.artifacts import Artifact
+from trellisbox._domain.convert import decode_images, progress_to_proto
+from trellisbox._domain.errors import InvalidInput
+from trellisbox._runtime.config import ServiceSettings
+from trellisbox._runtime.observability import REQUEST_ID
+from trellisbox._runtime.worker import Finished, ProgressEvent
+from trellisbox.v1 import common_pb2
+
+T = TypeVar("T")
+
+MAX_REQUEST_ID_CHARS = 128
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]+$")
+
+
+def bind_request_id(given: str) -> str:
+    """The request's id (``given``, or a new one when empty), set for every log line of this call.
+
+    Raises:
+        InvalidInput: ``given`` is too long or has characters outside ``A-Z a-z 0-9 . _ : -`` (it is written
+            to logs and metrics, so it must not be able to forge or flood them).
+    """
+    if not given:
+        request_id = uuid.uuid4().hex[:16]
+    elif len(given) <= MAX_REQUEST_ID_CHARS and _REQUEST_ID.match(given):
+        request_id = given
+    else:
+        raise InvalidInput(f"request_id must be 1 to {MAX_REQUEST_ID_CHARS} characters from A-Z a-z 0-9 . _ : - "
+                           f"(got {len(given)} characters)")
+    REQUEST_ID.set(request_id)  # this RPC's task only: contextvars are per task
+    return request_id
+
+
+def deadline_of(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
+    """The caller's deadline as ``time.monotonic()`` seconds, or None when it set none."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+async def decode_request_images(images: Sequence[common_pb2.Image], settings: ServiceSettings) -> list[Image.Image]:
+    """Decode (and so validate) a request's images; CPU work, so off the event loop: other calls and health
+    checks stay responsive meanwhile."""
+    return await asyncio.to_thread(decode_images, images, settings.image_limits, settings.max_images)
+
+
+class JobEvents(Generic[T]):
+    """A job's stream (from the model worker or the refiner's batcher): progress as proto, then its result.
+
+    Usage::
+
+        job = JobEvents(host.worker.run(fn, request_id=..., deadline=...))
+        async for progress in job.progress():
+            yield Response(progress=progress)
+        finished = job.finished
+    """
+
+    def __init__(self, events: AsyncIterator[ProgressEvent | Finished[T]]) -> None:
+        self._events = events
+        self._finished: Finished[T] | None = None
+
+    async def progress(self) -> AsyncIterator[common_pb2.Progress]:
+        async for event in self._events:
+            if isinstance(event, Finished):
+                self._finished = event
+            else:
+                yield progress_to_proto(event.stage, event.step, event.total, event.message)
+
+    @property
+    def finished(self) -> Finished[T]:
+        if self._finished is None:  # the worker always ends with Finished or raises
+            raise RuntimeError("the model worker ended without a result")
+        return self._finished
+
+
+async def encode_off_thread(encode: Callable[[], list[Artifact]]) -> tuple[list[Artifact], float]:
+    """Run an output encoder (PNG, GLB, PLY) in a worker thread: neither the event loop nor the model thread
+    waits for it. Returns the artifacts and the seconds it took."""
+    started = time.perf_counter()
+    artifacts = await asyncio.to_thread(encode)
+    return artifacts, time.perf_counter() - started
