@@ -1,4 +1,5 @@
-"""The gateway and the client install and run without torch."""
+"""What each part installs and imports: the gateway and the client without torch, the services without the
+client apps and dev tools."""
 
 from __future__ import annotations
 
@@ -17,6 +18,27 @@ def test_gateway_and_client_import_no_model_library() -> None:
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
+
+
+def test_services_import_neither_the_client_apps_nor_the_dev_tools() -> None:
+    # The services' images install only the base dependencies and their own extra: rich (the CLI's) is not there.
+    code = (
+        "import sys, gateway.__main__, refiner_service.__main__, trellis_service.__main__\n"
+        "apps = sorted(m for m in sys.modules if m.split('.')[0] in ('rich', 'tools', 'webui', 'bench')\n"
+        "              or m in ('trellisbox.cli', 'trellisbox.client'))\n"
+        "assert not apps, apps\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
+
+
+def test_service_dependencies_leave_out_the_client_apps() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    for service in ("gateway", "refiner", "trellis"):
+        names = {d.split("=")[0].split(">")[0].split("<")[0].strip().lower()
+                 for d in project["dependencies"] + extras[service]}
+        assert "rich" not in names, service
+    assert any(d.startswith("rich") for d in extras["client"])
 
 
 def test_base_and_gateway_dependencies_pull_no_torch() -> None:

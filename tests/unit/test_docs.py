@@ -6,15 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_configuration_reference_matches_the_settings_classes() -> None:
-    rendered = subprocess.run([sys.executable, str(ROOT / "tools" / "configdoc.py")], capture_output=True,
+@pytest.mark.parametrize(("tool", "page"), [("configdoc.py", "configuration.md"), ("paramdoc.py", "parameters.md")])
+def test_generated_references_match_the_code(tool: str, page: str) -> None:
+    rendered = subprocess.run([sys.executable, str(ROOT / "tools" / tool)], capture_output=True,
                               text=True, check=True, timeout=120).stdout
-    assert rendered == (ROOT / "docs" / "configuration.md").read_text(), (
-        "docs/configuration.md is stale: python tools/configdoc.py > docs/configuration.md"
-    )
+    assert rendered == (ROOT / "docs" / page).read_text(), f"docs/{page} is stale: python tools/{tool} > docs/{page}"
 
 
 def test_readme_opens_with_the_two_commands() -> None:

@@ -19,7 +19,7 @@ from PIL import Image
 from trellisbox._domain.errors import InvalidInput
 from trellisbox._domain.imaging import ImageLimits, decode_image
 from trellisbox._domain.kinds import ArtifactKind, Stage, artifact_kind, kind_label, known_stage
-from trellisbox._domain.params import ParamModel, build, model_type, scalar_type
+from trellisbox._domain.params import ParamModel, build, field_named, model_type, scalar_type
 from trellisbox.v1 import common_pb2
 
 P = TypeVar("P", bound=ParamModel)
@@ -111,9 +111,7 @@ def params_message(cls: type[ParamModel], message: M, values: Mapping[str, Any],
         ValueError: a name that is not a parameter of ``cls``, or an unknown enum value.
     """
     for name, value in values.items():
-        info = cls.model_fields.get(name)
-        if info is None:
-            raise ValueError(f"{where}.{name} is not a parameter; known: {', '.join(cls.model_fields)}")
+        info = field_named(cls, name, where)
         nested = model_type(info)
         if nested is not None:
             params_message(nested, getattr(message, name), value, f"{where}.{name}").SetInParent()

@@ -137,9 +137,7 @@ def from_text(cls: type[ParamModel], values: Mapping[str, Any], where: str) -> d
     """
     typed: dict[str, Any] = {}
     for name, raw in values.items():
-        info = cls.model_fields.get(name)
-        if info is None:
-            raise ValueError(f"{where}.{name} is not a parameter; known: {', '.join(cls.model_fields)}")
+        info = field_named(cls, name, where)
         nested = model_type(info)
         if nested is not None:
             if not isinstance(raw, Mapping):
@@ -154,6 +152,14 @@ def from_text(cls: type[ParamModel], values: Mapping[str, Any], where: str) -> d
         except (TypeError, ValueError):
             raise ValueError(f"{where}.{name} must be {describe(info)}, got {raw!r}") from None
     return typed
+
+
+def field_named(cls: type[ParamModel], name: str, where: str) -> FieldInfo:
+    """The field ``name`` of ``cls``; ``ValueError`` naming the known ones for a name that is not a parameter."""
+    info = cls.model_fields.get(name)
+    if info is None:
+        raise ValueError(f"{where}.{name} is not a parameter; known: {', '.join(cls.model_fields)}")
+    return info
 
 
 def field_at(cls: type[ParamModel], path: list[str]) -> FieldInfo | None:

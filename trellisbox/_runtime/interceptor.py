@@ -15,6 +15,7 @@ It also counts every finished call in ``trellisbox_requests_total{service,method
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -82,9 +83,23 @@ class _Call:
         self.count(code)
         await context.abort(code, message)
 
-    async def refuse(self, request: _Undecodable, context: Context) -> None:
-        await self.fail(InvalidInput(
-            f"the request is not a valid {request.message_type}: {request.reason}"), context)
+    @contextlib.asynccontextmanager
+    async def outcome(self, request: Any, context: Context) -> AsyncIterator[None]:
+        """Around the handler: refuse an undecodable request, map what it raises, count how it ended."""
+        try:
+            if isinstance(request, _Undecodable):
+                raise InvalidInput(f"the request is not a valid {request.message_type}: {request.reason}")
+            yield
+        except grpc.aio.AbortError:  # the handler (or a library it calls) chose the status itself
+            self.count(context.code() or grpc.StatusCode.UNKNOWN)
+            raise
+        except asyncio.CancelledError:  # the caller went away
+            self.count(grpc.StatusCode.CANCELLED)
+            raise
+        except Exception as exc:
+            await self.fail(exc, context)
+        else:
+            self.count(grpc.StatusCode.OK)
 
 
 if TYPE_CHECKING:  # generic in the stubs only
@@ -129,21 +144,9 @@ def _request_type(handler: Handler) -> str:
 def _streaming(call: _Call, behavior: Callable[[Any, Context], AsyncIterator[Any]]
                ) -> Callable[[Any, Context], AsyncIterator[Any]]:
     async def wrapped(request: Any, context: Context) -> AsyncIterator[Any]:
-        if isinstance(request, _Undecodable):
-            await call.refuse(request, context)
-        try:
+        async with call.outcome(request, context):
             async for response in behavior(request, context):
                 yield response
-        except grpc.aio.AbortError:
-            call.count(context.code() or grpc.StatusCode.UNKNOWN)
-            raise
-        except asyncio.CancelledError:
-            call.count(grpc.StatusCode.CANCELLED)
-            raise
-        except Exception as exc:
-            await call.fail(exc, context)
-        else:
-            call.count(grpc.StatusCode.OK)
 
     return wrapped
 
@@ -151,20 +154,7 @@ def _streaming(call: _Call, behavior: Callable[[Any, Context], AsyncIterator[Any
 def _unary(call: _Call, behavior: Callable[[Any, Context], Awaitable[Any]]
            ) -> Callable[[Any, Context], Awaitable[Any]]:
     async def wrapped(request: Any, context: Context) -> Any:
-        if isinstance(request, _Undecodable):
-            await call.refuse(request, context)
-        try:
-            response = await behavior(request, context)
-        except grpc.aio.AbortError:
-            call.count(context.code() or grpc.StatusCode.UNKNOWN)
-            raise
-        except asyncio.CancelledError:
-            call.count(grpc.StatusCode.CANCELLED)
-            raise
-        except Exception as exc:
-            await call.fail(exc, context)
-            raise  # unreachable: abort raises
-        call.count(grpc.StatusCode.OK)
-        return response
+        async with call.outcome(request, context):
+            return await behavior(request, context)
 
     return wrapped
