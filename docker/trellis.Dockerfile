@@ -4,8 +4,9 @@
 # The project never carries or builds TRELLIS: this image starts FROM a base image that already holds
 # a working TRELLIS (its Python, torch, CUDA extensions: spconv, flash-attn or xformers, the Gaussian
 # rasterizer, nvdiffrast), named by the TRELLIS_BASE_IMAGE build argument, and installs the service
-# (`.[trellis]`) on top. A preflight runs at start (docker/trellis_preflight.py) and names what is
-# missing from that contract; `docker run --gpus all IMAGE preflight` runs it alone.
+# (`.[trellis]`) on top. At start the entrypoint runs the service's own preflight
+# (`python -m trellis_service.preflight`, the checks the service runs before loading), which names what
+# is missing from that contract; `docker run --gpus all IMAGE preflight` runs it alone.
 #   docker build -f docker/trellis.Dockerfile --build-arg TRELLIS_BASE_IMAGE=registry/trellis:tag \
 #     -t trellisbox/trellis:dev .
 #
@@ -52,7 +53,6 @@ RUN set -eu; \
     mkdir -p /opt/trellisbox /weights /var/cache/trellisbox; \
     chown 10001:10001 /var/cache/trellisbox
 COPY --chmod=0755 docker/trellis-entrypoint.sh /opt/trellisbox/entrypoint.sh
-COPY --chmod=0644 docker/trellis_preflight.py /opt/trellisbox/trellis_preflight.py
 ENV TRELLISBOX_PYTHON=${TRELLIS_PYTHON} \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

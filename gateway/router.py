@@ -33,6 +33,8 @@ _log = logging.getLogger(__name__)
 _Event = TypeVar("_Event", StageEvent[refiner_pb2.RefineResponse], StageEvent[trellis_pb2.ImageTo3DResponse])
 
 GENERATED_KINDS = frozenset({ArtifactKind.GLB, ArtifactKind.GAUSSIAN_PLY})
+#: The classic (CPU restoration) refiner has no diffusion model: say so rather than ignore the parameters silently.
+CLASSIC_NOTE = "classic refiner: only strength applies; prompts, guidance, steps and seed are ignored"
 
 
 @dataclass(frozen=True)
@@ -70,45 +72,53 @@ class Router:
         self._admission = admission
 
     async def generate(self, job: GenerateJob) -> AsyncIterator[Outgoing]:
-        timings: dict[Stage, float] = {}
         started = time.monotonic()
-        if self._admission.would_wait():
-            yield gateway_pb2.GenerateResponse(progress=progress_to_proto(
-                Stage.QUEUED, 0, self._admission.waiting + 1, "waiting for a gateway slot"))
-        async with self._admission.slot():
-            timings[Stage.QUEUED] = time.monotonic() - started
-            images: Sequence[common_pb2.Image] = job.images
-            refine_done = refiner_pb2.RefineDone()
-            if job.refine is not None:
-                refine_started = time.monotonic()
-                refined: dict[int, bytes] = {}
-                async for event in self._refine(job, job.refine, refined):
-                    if event.field == DONE:
-                        refine_done = event.message.done
-                    elif event.field:
-                        yield event.relay()
-                timings[Stage.REFINE] = time.monotonic() - refine_started
-                images = [common_pb2.Image(data=refined[i], media_type="image/png") for i in range(len(images))]
-            generate_done = trellis_pb2.ImageTo3DDone()
-            async for stage_event in self._image_to_3d(job, images):
-                if stage_event.field == DONE:
-                    generate_done = stage_event.message.done
-                elif stage_event.field:
-                    yield stage_event.relay()
-            for timing in generate_done.timings:
-                stage = known_stage(timing.stage)
-                if stage is not None and stage is not Stage.QUEUED:  # the gateway's own queueing counts here
-                    timings[stage] = timing.seconds
-            observe_stages("gateway", timings)
-            yield gateway_pb2.GenerateResponse(done=gateway_pb2.GenerateDone(
-                request_id=job.request_id,
-                timings=timings_to_proto(timings),
-                refine_seeds=refine_done.seeds,
-                generation_seed=generate_done.seed,
-                refiner_backend=refine_done.backend,
-                generator_backend=generate_done.backend,
-                notes=generate_done.notes,
-            ))
+        ticket = self._admission.enter()  # a refusal is raised here, before the caller has heard anything
+        try:
+            if ticket.waits:
+                yield gateway_pb2.GenerateResponse(progress=progress_to_proto(
+                    Stage.QUEUED, 0, ticket.ahead + 1, f"waiting for a gateway slot: {ticket.ahead} ahead"))
+            async with ticket.slot():
+                async for response in self._run(job, {Stage.QUEUED: time.monotonic() - started}):
+                    yield response
+        finally:
+            ticket.leave()  # the caller went away before it got a slot
+
+    async def _run(self, job: GenerateJob, timings: dict[Stage, float]) -> AsyncIterator[Outgoing]:
+        """The stages of an admitted request: refine (when asked), then image to 3D, then ``done``."""
+        images: Sequence[common_pb2.Image] = job.images
+        refine_done = refiner_pb2.RefineDone()
+        if job.refine is not None:
+            refine_started = time.monotonic()
+            refined: dict[int, bytes] = {}
+            async for event in self._refine(job, job.refine, refined):
+                if event.field == DONE:
+                    refine_done = event.message.done
+                elif event.field:
+                    yield event.relay()
+            timings[Stage.REFINE] = time.monotonic() - refine_started
+            images = [common_pb2.Image(data=refined[i], media_type="image/png") for i in range(len(images))]
+        generate_done = trellis_pb2.ImageTo3DDone()
+        async for stage_event in self._image_to_3d(job, images):
+            if stage_event.field == DONE:
+                generate_done = stage_event.message.done
+            elif stage_event.field:
+                yield stage_event.relay()
+        for timing in generate_done.timings:
+            stage = known_stage(timing.stage)
+            if stage is not None and stage is not Stage.QUEUED:  # the gateway's own queueing counts here
+                timings[stage] = timing.seconds
+        observe_stages("gateway", timings)
+        yield gateway_pb2.GenerateResponse(done=gateway_pb2.GenerateDone(
+            request_id=job.request_id,
+            timings=timings_to_proto(timings),
+            refine_seeds=refine_done.seeds,
+            generation_seed=generate_done.seed,
+            refiner_backend=refine_done.backend,
+            generator_backend=generate_done.backend,
+            notes=[*generate_done.notes, *([CLASSIC_NOTE] if refine_done.backend == "classic" else [])],
+        ))
+
 
     async def _refine(self, job: GenerateJob, params: RefineParams,
                       refined: dict[int, bytes]) -> AsyncIterator[StageEvent[refiner_pb2.RefineResponse]]:
@@ -142,7 +152,9 @@ class Router:
             async for event in call:
                 yield event
         except grpc.aio.AioRpcError as exc:
-            raise StageFailed(stage, exc.code().name, exc.details() or exc.code().name) from exc
+            retry_after_s = 1.0 if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else None  # a stage's full queue
+            raise StageFailed(stage, exc.code().name, exc.details() or exc.code().name,
+                              retry_after_s=retry_after_s) from exc
         except ArtifactProtocolError as exc:
             raise StageFailed(stage, "INTERNAL", str(exc)) from exc
         finally:

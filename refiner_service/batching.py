@@ -41,7 +41,7 @@ from trellisbox._domain.errors import Cancelled, DeadlineExceeded, ServiceError
 from trellisbox._domain.params import RefineParams
 from trellisbox._runtime.model import ModelHost
 from trellisbox._runtime.observability import REQUEST_ID
-from trellisbox._runtime.worker import Finished, JobContext, ProgressEvent
+from trellisbox._runtime.worker import Finished, JobContext, ProgressEvent, log_stop
 
 _log = logging.getLogger(__name__)
 
@@ -321,7 +321,7 @@ class DynamicBatcher:
         try:
             return {index: self._host.require().refine(member.images, member.params, member.seeds, member.ctx)}
         except (Cancelled, DeadlineExceeded) as exc:
-            _log.info("refine stopped after %.2f s: %s", time.monotonic() - started, exc)
+            log_stop(member.ctx, exc, started)
             return {index: exc}
 
     def _run_together(self, live: list[int], members: list[_Member]) -> dict[int, Images | ServiceError]:

@@ -3,8 +3,9 @@
 - Dockerfiles: multi-stage, non-root numeric USER, no weights copied or downloaded, offline Hub,
   caches on the weights volume or on writable emptyDirs, the right install extra, the TRELLIS base
   image as a required build argument.
-- docker/trellis_preflight.py: run against stub modules (a fake torch with or without a GPU, a fake
-  TRELLIS, fake extensions, a fake weights folder) and checked for what it names.
+- the TRELLIS preflight the entrypoint runs (``python -m trellis_service.preflight``): run against stub
+  modules (a fake torch with or without a GPU, a fake TRELLIS, fake extensions, a fake weights folder) and
+  checked for what it names.
 - docker/trellis-entrypoint.sh: preflight first, then exec the service with its flags.
 - k8s/weights/download_weights.py: run against a fake Hub and a fake torch.hub.
 """
@@ -28,6 +29,8 @@ from typing import Any
 import pytest
 
 from tests.k8s import k8sutil
+from tests.trellis.trellis_standin import run_preflight_module, write_fake_torch
+from trellis_service.preflight import EX_CONFIG, write_termination_message
 
 REPO = k8sutil.REPO
 DOCKER = REPO / "docker"
@@ -206,7 +209,8 @@ def test_trellis_starts_from_the_named_base_image() -> None:
         "installing the service must not upgrade what the TRELLIS base image holds"
     )
     copies = " ".join(a for k, a in groups[-1] if k == "COPY")
-    assert "docker/trellis-entrypoint.sh" in copies and "docker/trellis_preflight.py" in copies
+    assert "docker/trellis-entrypoint.sh" in copies
+    assert "preflight" not in copies, "the preflight is the installed trellis_service.preflight, not a copied script"
     assert not re.search(r"git clone|TRELLIS\.git|setup\.sh", dockerfile("trellis").read_text()), (
         "the project never builds TRELLIS"
     )
@@ -279,24 +283,14 @@ EXTENSION_STUBS = (
 )
 
 
-def fake_torch(root: Path, gpu: bool) -> None:
-    (root / "torch").mkdir(parents=True)
-    (root / "torch" / "__init__.py").write_text(
-        "import types\n"
-        "__version__ = '2.4.0+cu121'\n"
-        "version = types.SimpleNamespace(cuda='12.1')\n"
-        "class _Props:\n"
-        "    name = 'NVIDIA L4'; total_memory = 24 * 2**30; major = 8; minor = 9\n"
-        "cuda = types.SimpleNamespace(\n"
-        f"    is_available=lambda: {gpu}, device_count=lambda: {int(gpu)},\n"
-        "    get_device_properties=lambda i: _Props())\n"
-    )
-
-
 def fake_trellis(root: Path) -> None:
+    """The two modules the preflight imports (the pipeline and the GLB export's), and the extension stubs."""
     (root / "trellis" / "pipelines").mkdir(parents=True)
+    (root / "trellis" / "utils").mkdir()
     (root / "trellis" / "__init__.py").write_text("")
     (root / "trellis" / "pipelines" / "__init__.py").write_text("class TrellisImageTo3DPipeline: ...\n")
+    (root / "trellis" / "utils" / "__init__.py").write_text("")
+    (root / "trellis" / "utils" / "postprocessing_utils.py").write_text("def to_glb(*args, **kwargs): ...\n")
     for stub in EXTENSION_STUBS:
         (root / stub).parent.mkdir(parents=True, exist_ok=True)
         (root / stub).write_text("")
@@ -326,67 +320,55 @@ def fake_weights(root: Path) -> dict[str, str]:
     }
 
 
-def run_preflight(stubs: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("TRELLISBOX_", "ATTN_", "SPARSE_"))}
-    base.update(env)
-    base["PYTHONPATH"] = str(stubs)
-    return subprocess.run(
-        [sys.executable, str(DOCKER / "trellis_preflight.py"), *args],
-        env=base,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 def test_preflight_names_what_is_missing(tmp_path: Path) -> None:
-    stubs = tmp_path / "stubs"
-    fake_torch(stubs, gpu=False)
+    stubs = write_fake_torch(tmp_path / "stubs", gpus=0)
     env = {
         "TRELLISBOX_TRELLIS_BACKEND": "trellis",
         "TORCH_HOME": str(tmp_path / "t"),
         "U2NET_HOME": str(tmp_path / "u"),
     }
     env["TRELLISBOX_TRELLIS_MODEL"] = str(tmp_path / "nowhere")
-    proc = run_preflight(stubs, env)
-    assert proc.returncode == 78, proc.stderr
+    proc = run_preflight_module([stubs], env)
+    assert proc.returncode == EX_CONFIG, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     for missing in ("gpu", "trellis", "ext:spconv.pytorch", "ext:flash_attn", "ext:plyfile", "weights:model"):
         assert missing in last, f"{missing} not named in: {last}"
-    assert "no GPU visible" in proc.stderr and "import trellis" in proc.stderr
+    assert "weights:u2net" not in last, "u2net is only needed for images without alpha: a warning"
+    assert "no CUDA GPU is visible" in proc.stderr and "trellis package is not importable" in proc.stderr
+    assert "pip install plyfile" in proc.stderr, "each missing module comes with how to get it"
     # warn mode reports the same and lets the service start (it refuses readiness itself).
-    warned = run_preflight(stubs, env, "--mode", "warn")
+    warned = run_preflight_module([stubs], env, "--mode", "warn")
     assert warned.returncode == 0 and "missing" in warned.stderr
 
 
 def test_preflight_passes_when_the_contract_holds(tmp_path: Path) -> None:
-    stubs = tmp_path / "stubs"
-    fake_torch(stubs, gpu=True)
+    stubs = write_fake_torch(tmp_path / "stubs")
     fake_trellis(stubs)
     env = {"TRELLISBOX_TRELLIS_BACKEND": "trellis", **fake_weights(tmp_path / "weights")}
-    proc = run_preflight(stubs, env, "--json")
+    proc = run_preflight_module([stubs], env, "--json")
     assert proc.returncode == 0, proc.stderr
     assert "meets the contract" in proc.stderr and "NVIDIA L4" in proc.stderr
     checks = json.loads(proc.stdout)
     assert all(c["ok"] for c in checks)
+    assert {"gpu", "trellis", "ext:rembg", "weights:model", "weights:dinov2", "weights:u2net"} <= {
+        c["name"] for c in checks
+    }
 
 
 def test_preflight_follows_the_configured_attention_backend(tmp_path: Path) -> None:
-    stubs = tmp_path / "stubs"
-    fake_torch(stubs, gpu=True)
+    stubs = write_fake_torch(tmp_path / "stubs")
     fake_trellis(stubs)
     shutil.rmtree(stubs / "flash_attn")
     env = {"TRELLISBOX_TRELLIS_BACKEND": "trellis", **fake_weights(tmp_path / "weights")}
-    assert run_preflight(stubs, env).returncode == 78  # default flash_attn, not installed
+    assert run_preflight_module([stubs], env).returncode == EX_CONFIG  # default flash_attn, not installed
     env |= {"TRELLISBOX_TRELLIS_ATTN_BACKEND": "xformers", "TRELLISBOX_TRELLIS_SPARSE_ATTN_BACKEND": "xformers"}
-    proc = run_preflight(stubs, env)
+    proc = run_preflight_module([stubs], env)
     assert proc.returncode == 0, proc.stderr
     assert "ext:xformers.ops" in proc.stderr and "flash_attn" not in proc.stderr
 
 
 def test_preflight_is_off_for_the_preview_backend(tmp_path: Path) -> None:
-    proc = run_preflight(tmp_path, {"TRELLISBOX_TRELLIS_BACKEND": "preview"})
+    proc = run_preflight_module([tmp_path], {"TRELLISBOX_TRELLIS_BACKEND": "preview"})
     assert proc.returncode == 0 and "skipped" in proc.stderr
 
 
@@ -400,13 +382,12 @@ def load_script(path: Path, name: str) -> types.ModuleType:
 
 
 def test_preflight_termination_message_only_where_kubernetes_mounts_it(tmp_path: Path) -> None:
-    preflight = load_script(DOCKER / "trellis_preflight.py", "trellis_preflight_under_test")
     absent = tmp_path / "absent"
-    preflight._write_termination_message("x", str(absent))
+    write_termination_message("x", str(absent))
     assert not absent.exists()
     present = tmp_path / "termination-log"
     present.write_text("")
-    preflight._write_termination_message("missing gpu", str(present))
+    write_termination_message("missing gpu", str(present))
     assert present.read_text() == "missing gpu"
 
 
@@ -414,22 +395,20 @@ def test_entrypoint_runs_preflight_then_execs_the_service(tmp_path: Path) -> Non
     assert subprocess.run(["sh", "-n", str(DOCKER / "trellis-entrypoint.sh")], check=False).returncode == 0
     log = tmp_path / "calls"
     fake_python = tmp_path / "python"
-    fake_python.write_text(f'#!/bin/sh\necho "$*" >> {log}\ncase "$1" in *preflight*) exit "${{FAIL:-0}}";; esac\n')
+    fake_python.write_text(f'#!/bin/sh\necho "$*" >> {log}\ncase "$*" in *preflight*) exit "${{FAIL:-0}}";; esac\n')
     fake_python.chmod(0o755)
     env = {"PATH": os.environ["PATH"], "TRELLISBOX_PYTHON": str(fake_python)}
     entrypoint = str(DOCKER / "trellis-entrypoint.sh")
     proc = subprocess.run([entrypoint, "--port", "50053"], env=env, check=False, timeout=30)
     assert proc.returncode == 0
     calls = log.read_text().splitlines()
-    assert calls == ["/opt/trellisbox/trellis_preflight.py --mode auto", "-m trellis_service --port 50053"]
+    assert calls == ["-m trellis_service.preflight --mode auto", "-m trellis_service --port 50053"]
     log.unlink()
     proc = subprocess.run([entrypoint], env=env | {"FAIL": "78"}, check=False, timeout=30)
-    assert proc.returncode == 78 and log.read_text().splitlines() == [
-        "/opt/trellisbox/trellis_preflight.py --mode auto"
-    ]
+    assert proc.returncode == 78 and log.read_text().splitlines() == ["-m trellis_service.preflight --mode auto"]
     log.unlink()
     subprocess.run([entrypoint, "preflight", "--deep"], env=env, check=True, timeout=30)
-    assert log.read_text().splitlines() == ["/opt/trellisbox/trellis_preflight.py --deep"]
+    assert log.read_text().splitlines() == ["-m trellis_service.preflight --deep"]
 
 
 # ---- the weights download script -----------------------------------------------------------------

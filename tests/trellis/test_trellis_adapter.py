@@ -34,26 +34,6 @@ def named(name: str, module: str = "trellis.pipelines.trellis_image_to_3d") -> l
     return [kwargs for call, kwargs in calls(module) if call == name]
 
 
-@pytest.fixture
-def model_dir(tmp_path: Path) -> Path:
-    return write_model_folder(tmp_path / "TRELLIS-image-large")
-
-
-@pytest.fixture
-def torch_home(tmp_path: Path, clean_trellis_env: pytest.MonkeyPatch) -> Path:
-    """A TORCH_HOME with DINOv2 in place, and a U2NET_HOME with u2net.onnx."""
-    home = tmp_path / "torch"
-    (home / "hub" / "facebookresearch_dinov2_main").mkdir(parents=True)
-    (home / "hub" / "checkpoints").mkdir()
-    (home / "hub" / "checkpoints" / "dinov2_vitl14_reg4_pretrain.pth").write_bytes(b"")
-    u2net = tmp_path / "u2net"
-    u2net.mkdir()
-    (u2net / "u2net.onnx").write_bytes(b"")
-    clean_trellis_env.setenv("TORCH_HOME", str(home))
-    clean_trellis_env.setenv("U2NET_HOME", str(u2net))
-    return home
-
-
 def backend_for(model: Path | str, **kwargs: Any) -> TrellisBackend:
     options: dict[str, Any] = {"device": "cpu", "cuda_check": lambda: True, "allow_cpu": True}
     options.update(kwargs)
@@ -230,6 +210,8 @@ def test_preflight_without_the_trellis_package(standin_root: Path, model_dir: Pa
     ("plyfile", "pip install plyfile"),
     ("easydict", "easydict"),
     ("utils3d", "geometry utilities"),
+    ("xatlas", "UV unwrapping"),
+    ("rembg", "background removal"),
 ])
 def test_preflight_names_a_missing_module(standin_root: Path, model_dir: Path, missing: str, hint: str) -> None:
     write_standin(standin_root, missing={missing})
@@ -276,14 +258,28 @@ def test_upstream_load_error_is_explained(standin_root: Path, model_dir: Path, t
         backend.load()
 
 
+def test_preflight_records_what_loading_needs(standin_root: Path, model_dir: Path, torch_home: Path) -> None:
+    write_standin(standin_root)
+    backend = backend_for(model_dir)
+    assert backend.preflight_result is None and not backend.weights_present
+    backend.preflight()
+    result = backend.preflight_result
+    assert result is not None and backend.weights_present
+    assert result.device == backend.device == "cpu"
+    assert result.model_path == str(model_dir.resolve())
+    assert result.pipeline_args["models"] == MODELS
+
+
 def test_preflight_missing_folder(standin_root: Path, tmp_path: Path) -> None:
     write_standin(standin_root)
     message = preflight_error(backend_for(tmp_path / "nowhere"))
     assert "does not exist" in message
 
 
-def test_preflight_hub_id_not_cached_while_offline(standin_root: Path, torch_home: Path) -> None:
+def test_preflight_hub_id_not_cached_while_offline(standin_root: Path, torch_home: Path, tmp_path: Path,
+                                                   clean_trellis_env: pytest.MonkeyPatch) -> None:
     write_standin(standin_root)
+    clean_trellis_env.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
     message = preflight_error(backend_for("example-org/TRELLIS-not-cached", offline=True))
     assert "not in the local Hugging Face cache" in message and "huggingface-cli download" in message
     online = backend_for("example-org/TRELLIS-not-cached")

@@ -13,8 +13,11 @@ adapter relies on, written from the documented behaviour, not copied:
 - ``trellis.representations.Gaussian.save_ply(path)`` and a mesh result;
 - ``trellis.utils.postprocessing_utils.to_glb(app_rep, mesh, simplify, fill_holes, ..., texture_size)``
   returning a textured ``trimesh.Trimesh``;
-- the CUDA extension modules (spconv, flash_attn, nvdiffrast, ...) as empty stubs, so a test can leave
-  one out or make it fail to load.
+- the CUDA extension modules (spconv, flash_attn, nvdiffrast, ...) and the other modules TRELLIS imports
+  for background removal and the GLB export (rembg, utils3d, xatlas, pyvista, pymeshfix, igraph) as empty
+  stubs, imported where upstream imports them, so a test can leave one out or make it fail to load;
+- a fake CUDA build of ``torch`` with only what the preflight asks (:func:`write_fake_torch`), and
+  :func:`run_preflight_module`, the container's ``python -m trellis_service.preflight`` against these fakes.
 
 Every call is recorded in ``trellis.pipelines.trellis_image_to_3d.CALLS`` and
 ``trellis.utils.postprocessing_utils.CALLS``. Files are written under a temporary folder, never at a
@@ -24,14 +27,18 @@ tracked ``trellis/pipelines/`` path.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-#: Compiled modules TRELLIS imports, written as stubs.
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+#: Compiled and extra modules TRELLIS imports (and the preflight checks), written as stubs.
 EXTENSIONS: tuple[str, ...] = (
     "spconv", "torchsparse", "flash_attn", "xformers", "nvdiffrast", "diff_gaussian_rasterization", "plyfile",
-    "easydict", "utils3d",
+    "easydict", "utils3d", "xatlas", "pyvista", "pymeshfix", "igraph", "rembg",
 )
 #: Top-level module names the stand-in creates (for sys.modules cleanup).
 TOP_LEVEL: tuple[str, ...] = ("trellis", *EXTENSIONS)
@@ -132,6 +139,7 @@ import json
 import os
 from contextlib import contextmanager
 
+import rembg  # noqa: F401  (upstream imports it at module level for preprocess_image)
 from PIL import Image
 
 from ..modules import attention, sparse  # noqa: F401  (imports the configured extension modules)
@@ -270,7 +278,11 @@ class TrellisImageTo3DPipeline:
 
 _POSTPROCESSING = '''
 import diff_gaussian_rasterization  # noqa: F401
+import igraph  # noqa: F401
 import nvdiffrast.torch  # noqa: F401
+import pymeshfix  # noqa: F401
+import pyvista  # noqa: F401
+import xatlas  # noqa: F401
 import numpy as np
 import trimesh
 import trimesh.visual
@@ -375,6 +387,44 @@ def write_model_folder(folder: Path, *, models: Mapping[str, str] | None = None,
             if f"{name}{suffix}" not in skipped:
                 (folder / f"{name}{suffix}").write_text("{}")
     return folder
+
+
+def write_fake_torch(root: Path, *, gpus: int = 1, memory_gib: float = 24.0, capability: tuple[int, int] = (8, 9),
+                     cuda: str | None = "12.1") -> Path:
+    """A fake ``torch`` package under ``root`` with what the preflight asks of torch: ``__version__``,
+    ``version.cuda``, ``cuda.is_available``, ``cuda.device_count`` and ``cuda.get_device_properties``.
+
+    Args:
+        root: Folder to put on the path (its own, so it never shadows the real torch by accident).
+        gpus: Visible GPUs (0: ``is_available()`` is False).
+        memory_gib: Each GPU's total memory.
+        capability: Each GPU's compute capability (major, minor).
+        cuda: The CUDA version of the build; None for a CPU-only build.
+    """
+    (root / "torch").mkdir(parents=True, exist_ok=True)
+    (root / "torch" / "__init__.py").write_text(
+        "import types\n"
+        f"__version__ = '2.4.0+{'cu121' if cuda else 'cpu'}'\n"
+        f"version = types.SimpleNamespace(cuda={cuda!r})\n"
+        "class _Props:\n"
+        f"    name = 'NVIDIA L4'; total_memory = int({memory_gib} * 2**30); major = {capability[0]}; "
+        f"minor = {capability[1]}\n"
+        "cuda = types.SimpleNamespace(\n"
+        f"    is_available=lambda: {gpus > 0}, device_count=lambda: {gpus},\n"
+        "    get_device_properties=lambda i: _Props())\n"
+    )
+    return root
+
+
+def run_preflight_module(pythonpath: Iterable[Path], env: Mapping[str, str], *args: str
+                         ) -> subprocess.CompletedProcess[str]:
+    """``python -m trellis_service.preflight ARGS`` as the container entrypoint runs it, with ``pythonpath``
+    (fakes first) and the repository on PYTHONPATH, this environment without TRELLIS settings, plus ``env``."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("TRELLISBOX_", "ATTN_", "SPARSE_"))}
+    base.update(env)
+    base["PYTHONPATH"] = os.pathsep.join([*map(str, pythonpath), str(REPO_ROOT)])
+    return subprocess.run([sys.executable, "-m", "trellis_service.preflight", *args], env=base, capture_output=True,
+                          text=True, timeout=60, check=False)
 
 
 def purge_modules() -> None:

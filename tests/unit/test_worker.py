@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 from collections.abc import AsyncGenerator
 
 import pytest
 
-from trellisbox._domain.errors import Cancelled, QueueFull
+from trellisbox._domain.errors import Cancelled, DeadlineExceeded, QueueFull
 from trellisbox._domain.kinds import Stage
 from trellisbox._runtime.worker import Finished, JobContext, ModelWorker, ProgressEvent
 
@@ -98,3 +99,32 @@ def test_cancel_before_start_never_touches_the_model() -> None:
     ctx.cancel()
     with pytest.raises(Cancelled):
         ctx.raise_if_stopped()
+
+
+def test_a_deadline_that_passed_first_is_reported_as_the_deadline() -> None:
+    # gRPC cancels a call whose deadline passed: the job then sees both, and the deadline came first.
+    ctx = JobContext("r", time.monotonic() - 0.01, lambda _: None)
+    ctx.cancel()
+    with pytest.raises(DeadlineExceeded):
+        ctx.raise_if_stopped()
+    early = JobContext("r", time.monotonic() + 60, lambda _: None)
+    early.cancel()
+    with pytest.raises(Cancelled, match="cancelled by the caller"):
+        early.raise_if_stopped()
+
+
+def test_a_stopped_job_is_logged_with_its_reason_and_stop_latency(caplog: pytest.LogCaptureFixture) -> None:
+    worker = ModelWorker("test", max_queue=2)
+
+    async def main() -> None:
+        stream = worker.run(_stepper(200, 0.01), request_id="late-one", deadline=time.monotonic() + 0.2)
+        with pytest.raises(DeadlineExceeded):
+            async for _ in stream:
+                pass
+
+    with caplog.at_level("INFO", logger="trellisbox._runtime.worker"):
+        asyncio.run(main())
+    worker.shutdown()
+    line = next(r.getMessage() for r in caplog.records if "late-one stopped" in r.getMessage())
+    stopped = re.search(r"its deadline passed; it stopped ([\d.]+) s after it was asked", line)
+    assert stopped and float(stopped.group(1)) < 0.5, line

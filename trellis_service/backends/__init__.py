@@ -8,19 +8,19 @@ from collections.abc import Callable
 from trellis_service.backends.base import ImageTo3DBackend
 from trellis_service.config import TrellisBackendConfig
 from trellisbox._domain.errors import ModelUnavailable
-from trellisbox._runtime.devices import cuda_available
 
 __all__ = ["ImageTo3DBackend", "choose_backend"]
 
 _log = logging.getLogger(__name__)
 
 
-def choose_backend(settings: TrellisBackendConfig, cuda_check: Callable[[], bool] = cuda_available
+def choose_backend(settings: TrellisBackendConfig, cuda_check: Callable[[], bool] | None = None
                    ) -> ImageTo3DBackend:
     """The backend to run, its preflight's warnings logged. Says loudly (WARNING) which one and why.
 
     ``trellis`` raises :class:`ModelUnavailable` when it cannot run (readiness stays NOT_SERVING);
-    ``auto`` falls back to ``preview`` instead, naming the reason.
+    ``auto`` falls back to ``preview`` instead, naming the reason. ``cuda_check`` replaces the preflight's
+    GPU probe (tests on a CPU); None asks torch.
     """
     from trellis_service.backends.preview import PreviewBackend
     from trellis_service.backends.trellis import TrellisBackend
@@ -28,10 +28,7 @@ def choose_backend(settings: TrellisBackendConfig, cuda_check: Callable[[], bool
     if settings.backend == "preview":
         _log.warning("backend preview (configured): CPU silhouette inflation, NOT TRELLIS")
         return PreviewBackend()
-    trellis = TrellisBackend(
-        settings.model, settings.device, environment=settings.trellis_environment(),
-        offline=settings.offline, cuda_check=cuda_check,
-    )
+    trellis = TrellisBackend.from_settings(settings, cuda_check)
     if settings.backend == "trellis":
         _log_warnings(trellis.preflight())
         _log.warning("backend trellis (configured): TRELLIS %s on %s", settings.model, trellis.device)

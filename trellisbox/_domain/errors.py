@@ -9,10 +9,19 @@ from __future__ import annotations
 
 
 class ServiceError(Exception):
-    """Base class: an error whose message is safe and useful to show to the caller."""
+    """Base class: an error whose message is safe and useful to show to the caller.
+
+    Args:
+        message: What went wrong, in words the caller can act on.
+        retry_after_s: When retrying later can help: how long to wait (sent as gRPC's retry pushback).
+    """
 
     #: Canonical status code name, e.g. ``"INVALID_ARGUMENT"``.
     code: str = "INTERNAL"
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class InvalidInput(ServiceError):
@@ -60,7 +69,7 @@ class StageFailed(ServiceError):
         details: The stage's message.
     """
 
-    def __init__(self, stage: str, code: str, details: str) -> None:
-        super().__init__(f"{stage}: {details}")
+    def __init__(self, stage: str, code: str, details: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(f"{stage}: {details}", retry_after_s=retry_after_s)
         self.stage = stage
         self.code = code

@@ -8,6 +8,7 @@ from the header before decoding, and turns every decoder failure into an actiona
 from __future__ import annotations
 
 import io
+import math
 import re
 from dataclasses import dataclass
 
@@ -40,6 +41,12 @@ class ImageLimits:
 
 def _megapixels(pixels: int) -> str:
     return f"{pixels / 1e6:.1f} MP"
+
+
+def _pixel_limit(pixels: int) -> str:
+    """``16,777,216 (4096×4096)``: exact, with the square it allows when there is one."""
+    side = math.isqrt(pixels)
+    return f"{pixels:,}" + (f" ({side}×{side})" if side * side == pixels else "")
 
 
 def decode_image(data: bytes, media_type: str = "", limits: ImageLimits | None = None,
@@ -86,15 +93,16 @@ def decode_image(data: bytes, media_type: str = "", limits: ImageLimits | None =
     if declared:
         if declared not in _FORMATS_BY_MEDIA_TYPE:
             raise InvalidInput(
-                f"{label} has media type {media_type!r}; use image/png, image/jpeg or image/webp"
+                f"{label} has media type {media_type[:40]!r}{'...' if len(media_type) > 40 else ''}; use image/png, "
+                "image/jpeg or image/webp"
             )
         if _FORMATS_BY_MEDIA_TYPE[declared] != fmt:
             raise InvalidInput(f"{label} is declared {declared} but its bytes are {MEDIA_TYPES[fmt]}")
     width, height = image.size
     if width * height > limits.max_pixels:
         raise InvalidInput(
-            f"{label} is {width}×{height} ({_megapixels(width * height)}); the limit is "
-            f"{_megapixels(limits.max_pixels)} (e.g. 4096×4096). Downscale it."
+            f"{label} is {width}×{height} = {width * height:,} pixels; the limit is {_pixel_limit(limits.max_pixels)}. "
+            "Downscale it."
         )
     if min(width, height) < limits.min_side:
         raise InvalidInput(f"{label} is {width}×{height}; each side must be at least {limits.min_side} px")

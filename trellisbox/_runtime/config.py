@@ -31,9 +31,14 @@ class ServiceSettings(BaseSettings):
     max_queue: int = Field(16, ge=0, description="Requests that may wait; more get RESOURCE_EXHAUSTED.")
     chunk_bytes: int = Field(2**20, ge=16 * 1024, le=3 * 2**20, description="Artifact chunk size.")
     max_connection_age_s: float = Field(
-        300.0, ge=0, description="Close client connections after this long so clients re-resolve DNS."
+        300.0, ge=0, description="Close client connections after this long so clients re-resolve DNS (and find new "
+        "replicas); calls in flight on a closing connection go on, up to longest_call_s."
     )
-    grace_s: float = Field(10.0, ge=0, description="How long a draining server lets calls finish.")
+    longest_call_s: float = Field(
+        3600.0, gt=0, description="The longest call this server lets run on a connection that is closing because of "
+        "max_connection_age_s (gRPC's connection age grace): new calls go to a new connection, long jobs are not cut."
+    )
+    grace_s: float = Field(10.0, ge=0, description="How long a draining server (SIGTERM) lets calls finish.")
 
     @property
     def image_limits(self) -> ImageLimits:

@@ -7,7 +7,8 @@ server registers, so a new RPC cannot forget it:
   ``UNKNOWN`` "Unexpected DecodeError");
 - a :class:`~trellisbox._domain.errors.ServiceError` ends the call with its code and message;
 - a downstream ``AioRpcError`` keeps its code and details;
-- anything else is ``INTERNAL`` with a generic message (the traceback goes to the log, never to the caller).
+- anything else is ``INTERNAL`` with a generic message (the traceback goes to the log, never to the caller);
+- an error that says when a retry can help (``retry_after_s``: a full queue) sends ``grpc-retry-pushback-ms``.
 
 It also counts every finished call in ``trellisbox_requests_total{service,method,code}``.
 """
@@ -29,6 +30,9 @@ from trellisbox._domain.errors import InvalidInput, ServiceError
 from trellisbox._runtime.observability import REQUESTS
 
 _log = logging.getLogger(__name__)
+
+#: Trailing metadata a server sends to tell a client's retry policy when to retry (gRPC's A6 design).
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -76,6 +80,9 @@ class _Call:
 
     async def fail(self, exc: BaseException, context: Context) -> None:
         code, message = status_for(exc)
+        retry_after_s = getattr(exc, "retry_after_s", None)
+        if retry_after_s is not None:  # gRPC clients with a retry policy wait this long, then retry by themselves
+            context.set_trailing_metadata(((PUSHBACK_KEY, str(round(retry_after_s * 1000))),))
         if code == grpc.StatusCode.INTERNAL:
             _log.error("unhandled error in %s/%s", self.service, self.method, exc_info=exc)
         else:

@@ -62,10 +62,11 @@ def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
     ]
     if settings.max_connection_age_s > 0:
-        # Bounded connection age makes dns:/// clients re-resolve and find new replicas.
+        # Bounded connection age makes dns:/// clients re-resolve and find new replicas; the grace lets the calls
+        # in flight on an aging connection finish (a generation can take minutes), new calls use a new one.
         options += [
             ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
-            ("grpc.max_connection_age_grace_ms", int(max(settings.grace_s, 60) * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(settings.longest_call_s * 1000)),
         ]
     return options
 

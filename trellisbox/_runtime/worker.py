@@ -61,12 +61,16 @@ class JobContext:
         self.deadline = deadline  # time.monotonic() seconds, or None
         self._report = report
         self._stop = threading.Event()
+        self._cancelled_at: float | None = None
 
     def report(self, stage: Stage, step: int, total: int, message: str = "") -> None:
         """Send a progress event to the caller (thread-safe, never blocks)."""
         self._report(ProgressEvent(stage, step, total, message))
 
     def cancel(self) -> None:
+        """The caller went away (or gRPC ended the call at its deadline): stop at the next step."""
+        if self._cancelled_at is None:
+            self._cancelled_at = time.monotonic()
         self._stop.set()
 
     @property
@@ -74,11 +78,32 @@ class JobContext:
         """True once the caller cancelled or the deadline passed: stop at the next step."""
         return self._stop.is_set() or (self.deadline is not None and time.monotonic() > self.deadline)
 
+    @property
+    def stop_asked_at(self) -> float | None:
+        """When the job was first asked to stop (``time.monotonic()``): the deadline or the cancel, whichever came
+        first; None while it need not stop."""
+        moments = [m for m in (self._cancelled_at, self.deadline) if m is not None and m <= time.monotonic()]
+        return min(moments) if moments else None
+
     def raise_if_stopped(self) -> None:
-        if self._stop.is_set():
-            raise Cancelled("cancelled by the caller")
-        if self.deadline is not None and time.monotonic() > self.deadline:
+        """Raise ``DeadlineExceeded`` or ``Cancelled``, whichever happened first, once the job should stop."""
+        asked = self.stop_asked_at
+        if asked is None:
+            return
+        if self.deadline is not None and self.deadline <= asked:
+            # gRPC also cancels a call whose deadline passed: that is still the deadline, not the caller.
             raise DeadlineExceeded("the deadline passed before the work finished")
+        raise Cancelled("cancelled by the caller")
+
+
+def log_stop(ctx: JobContext, error: Cancelled | DeadlineExceeded, started: float) -> None:
+    """Say, with the request id, that a job stopped, why, and how long stopping took after it was asked."""
+    now = time.monotonic()
+    asked = ctx.stop_asked_at
+    lag = f"{now - asked:.2f} s after it was asked" if asked is not None else "at once"
+    why = "its deadline passed" if isinstance(error, DeadlineExceeded) else "cancelled by the caller"
+    _log.info("request %s stopped: %s; it stopped %s, after %.2f s of work", ctx.request_id, why, lag,
+              now - started)
 
 
 class ModelWorker:
@@ -126,7 +151,7 @@ class ModelWorker:
         if self._admitted > self._max_queue:
             raise QueueFull(
                 f"{self._service} is busy: {self.queue_depth} requests waiting (limit {self._max_queue}); "
-                "retry later"
+                "retry later", retry_after_s=1.0,
             )
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[ProgressEvent | None] = asyncio.Queue()
@@ -144,14 +169,19 @@ class ModelWorker:
 
         def body() -> T:
             loop.call_soon_threadsafe(self._started)
-            ctx.raise_if_stopped()  # cancelled while it waited: do not touch the model
-            with self._gpu_turn(ctx) if self._gpu_turn else contextlib.nullcontext():
-                ctx.raise_if_stopped()
-                computing.append(time.monotonic())
-                try:
-                    return job(ctx)
-                finally:
+            started = time.monotonic()
+            try:
+                ctx.raise_if_stopped()  # cancelled while it waited: do not touch the model
+                with self._gpu_turn(ctx) if self._gpu_turn else contextlib.nullcontext():
+                    ctx.raise_if_stopped()
                     computing.append(time.monotonic())
+                    try:
+                        return job(ctx)
+                    finally:
+                        computing.append(time.monotonic())
+            except (Cancelled, DeadlineExceeded) as exc:
+                log_stop(ctx, exc, started)
+                raise
 
         # Copy the caller's context so log lines from the model thread carry its request id.
         future = loop.run_in_executor(self._executor, contextvars.copy_context().run, body)

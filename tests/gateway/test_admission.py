@@ -1,0 +1,82 @@
+"""Admission: a request is admitted or refused when it arrives, and a refused one hears nothing but the
+refusal, with a retry hint."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from gateway.admission import RETRY_AFTER_S, Admission
+from tests.images import png_bytes
+from tools.stack import LocalStack
+from trellisbox._domain.errors import QueueFull
+from trellisbox.client import build_request
+from trellisbox.v1 import gateway_pb2_grpc
+
+
+def test_refused_at_once_and_queue_places_given_back() -> None:
+    async def main() -> None:
+        admission = Admission(max_concurrent=1, max_queue=1)
+        first = admission.enter()
+        assert not first.waits
+        async with first.slot():
+            second = admission.enter()
+            assert second.waits and second.ahead == 0 and admission.waiting == 1
+            with pytest.raises(QueueFull) as refused:
+                admission.enter()
+            assert refused.value.retry_after_s == RETRY_AFTER_S
+            second.leave()  # its caller went away before it got the slot
+            assert admission.waiting == 0
+            third = admission.enter()
+            assert third.waits and third.ahead == 0 and admission.waiting == 1
+            third.leave()
+        first.leave()  # a no-op once it had its slot
+        assert admission.waiting == 0 and not admission._slots.locked()
+
+    asyncio.run(main())
+
+
+@pytest.fixture(scope="module")
+def one_slot_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """A gateway with one slot and no queue, in front of a refiner that takes 2 s per image."""
+    with LocalStack(
+        tmp_path_factory.mktemp("one-slot"),
+        refiner_args=["--backend", "fixed-latency", "--fixed-latency-ms", "2000"],
+        trellis_args=["--backend", "preview"],
+        gateway_args=["--max-concurrent", "1", "--max-queue", "0"],
+    ) as stack:
+        yield stack
+
+
+@pytest.mark.integration
+def test_a_refused_request_hears_only_the_refusal_with_a_retry_hint(one_slot_stack: LocalStack,
+                                                                    tmp_path: Path) -> None:
+    request = build_request([png_bytes(64)], refine=True, generation={"seed": 1})
+    with grpc.insecure_channel(one_slot_stack.gateway_target) as channel:
+        stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+        finished: list[str] = []
+
+        def busy() -> None:
+            finished.extend(r.WhichOneof("event") or "" for r in stub.Generate(request, timeout=60))
+
+        holder = threading.Thread(target=busy)
+        holder.start()
+        time.sleep(1.0)  # the first request holds the only slot for about 2 s
+        received = []
+        call = stub.Generate(request, timeout=30)
+        with pytest.raises(grpc.RpcError):
+            for response in call:
+                received.append(response)
+        holder.join(60)
+    assert received == [], "a refused request must hear nothing but the refusal"
+    assert call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "gateway is at capacity" in (call.details() or "")
+    trailing = dict(call.trailing_metadata() or ())
+    assert trailing.get("grpc-retry-pushback-ms") == str(round(RETRY_AFTER_S * 1000))
+    assert finished and finished[-1] == "done", "the admitted request still completes"
