@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import sys
+from collections.abc import AsyncIterator
 
 import grpc
 
@@ -15,6 +18,10 @@ from trellisbox._domain.contract import GATEWAY_SERVICE
 from trellisbox._runtime.config import load_settings
 from trellisbox._runtime.server import ServiceSpec, run
 
+_log = logging.getLogger("gateway")
+#: How often readiness looks at the stages' channels.
+STAGE_CHECK_S = 1.0
+
 
 def main(argv: list[str] | None = None) -> None:
     settings = load_settings(GatewaySettings, sys.argv[1:] if argv is None else argv)
@@ -24,18 +31,32 @@ def main(argv: list[str] | None = None) -> None:
         # Channels must be created inside the server's event loop.
         stages = StageClients(settings)
         channels.append(stages)
-        router = Router(stages, Admission(settings.max_concurrent, settings.max_queue))
+        router = Router(stages, Admission(settings.max_concurrent, settings.max_queue), settings.stage_retries)
         add_gateway_servicer(GatewayServicer(settings, router), server)
 
     async def close_channels() -> None:
         for stages in channels:
             await stages.close()
 
+    async def stages_reachable() -> AsyncIterator[bool]:
+        # Readiness says whether requests can be served: both stages must have a ready replica.
+        missing: list[str] | None = None
+        while True:
+            now = channels[0].unreachable()
+            if now != missing:
+                if now:
+                    _log.warning("no ready replica of %s (refiner %s, trellis %s)", " and ".join(now),
+                                 settings.refiner_target, settings.trellis_target)
+                missing = now
+            yield not now
+            await asyncio.sleep(STAGE_CHECK_S)
+
     spec = ServiceSpec(
         name=GATEWAY_SERVICE,
         register=register,
         describe=lambda: f"refiner={settings.refiner_target} trellis={settings.trellis_target}",
         on_shutdown=close_channels,
+        readiness=stages_reachable,
     )
     # The gateway only relays: its allocator is tuned for message-sized buffers (see tune_malloc).
     run(settings, spec, "gateway", streaming_malloc=True)

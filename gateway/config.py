@@ -2,10 +2,46 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+import ipaddress
+import re
+
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from trellisbox._runtime.config import ServiceSettings
+
+_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(:\d{1,5})?$")
+_ADDRESS_PORT = re.compile(r"^\[?([0-9A-Fa-f:.]+?)\]?:(\d{1,5})$")
+
+
+def check_target(target: str) -> str:
+    """A gRPC target this gateway can dial (gRPC's naming syntax), or ``ValueError`` saying how to write it.
+
+    Caught at start, not on every request: ``dns:///127.0.0.1:A,127.0.0.1:B`` would otherwise fail each call with
+    "Misformatted domain name".
+    """
+    scheme, colon, rest = target.partition(":")
+    if scheme == "dns" and colon:
+        endpoint = rest[2:].partition("/")[2] if rest.startswith("//") else rest
+        if _HOST_PORT.match(endpoint):
+            return target
+        raise ValueError(f"{target!r}: a dns: target names one host[:port], e.g. dns:///refiner.ns.svc:50052; "
+                         "for several fixed addresses use ipv4:10.0.0.1:50052,10.0.0.2:50052")
+    if scheme in ("ipv4", "ipv6") and colon:
+        for address in rest.split(","):
+            found = _ADDRESS_PORT.match(address)
+            try:
+                ipaddress.ip_address(found.group(1) if found else "")
+            except ValueError:
+                raise ValueError(f"{target!r}: {address!r} is not an {scheme} address:port "
+                                 f"(e.g. {'127.0.0.1:50052' if scheme == 'ipv4' else '[::1]:50052'})") from None
+        return target
+    if scheme in ("unix", "unix-abstract") and rest:
+        return target
+    if _HOST_PORT.match(target):
+        return target  # host:port, resolved by DNS
+    raise ValueError(f"{target!r} is not a gRPC target: use host:port, dns:///host:port, ipv4:addr:port[,addr:port] "
+                     "or unix:path")
 
 
 class GatewaySettings(ServiceSettings):
@@ -27,5 +63,12 @@ class GatewaySettings(ServiceSettings):
         900.0, gt=0, description="Deadline applied when the client sets none (refine + generation)."
     )
     stage_retries: int = Field(
-        3, ge=1, le=5, description="Attempts per stage call when a replica is UNAVAILABLE before any reply."
+        3, ge=1, le=5, description="Attempts per stage call when a replica is UNAVAILABLE: before any reply, and "
+        "also mid-stream (a replica that died), on another replica and within the caller's deadline, as long as no "
+        "artifact chunk of that stage was relayed yet (the refined images are held back until complete)."
     )
+
+    @field_validator("refiner_target", "trellis_target")
+    @classmethod
+    def _check_target(cls, value: str) -> str:
+        return check_target(value)

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import grpc
 
 from gateway.admission import Admission
-from gateway.relay import CHUNK, DONE, Outgoing, StageEvent
+from gateway.relay import CHUNK, DONE, PROGRESS, M, Outgoing, StageEvent
 from gateway.stages import StageClients
 from trellisbox._domain.artifacts import ArtifactAssembler, ArtifactProtocolError
 from trellisbox._domain.convert import kinds_to_proto, params_to_proto, progress_to_proto, timings_to_proto
@@ -65,11 +65,13 @@ class Router:
     """Args:
         stages: Stubs to the model services.
         admission: Bounds how many requests run and wait.
+        attempts: Calls per stage when a replica fails with UNAVAILABLE (also mid-stream).
     """
 
-    def __init__(self, stages: StageClients, admission: Admission) -> None:
+    def __init__(self, stages: StageClients, admission: Admission, attempts: int = 3) -> None:
         self._stages = stages
         self._admission = admission
+        self._attempts = attempts
 
     async def generate(self, job: GenerateJob) -> AsyncIterator[Outgoing]:
         started = time.monotonic()
@@ -122,29 +124,59 @@ class Router:
 
     async def _refine(self, job: GenerateJob, params: RefineParams,
                       refined: dict[int, bytes]) -> AsyncIterator[StageEvent[refiner_pb2.RefineResponse]]:
+        """The refiner's events; its refined images go into ``refined`` (and to the caller once complete)."""
         request = refiner_pb2.RefineRequest(request_id=job.request_id, images=job.images)
         params_to_proto(params, request.parameters)
-        assembler = ArtifactAssembler()
         forward_chunks = ArtifactKind.REFINED_IMAGE in job.formats
-        async for event in self._stream("refiner", self._stages.refine(request, timeout=job.remaining())):
-            if event.field == CHUNK:
-                artifact = assembler.feed(event.message.chunk)
-                if artifact is not None:
-                    refined[artifact.index] = artifact.data
-                if not forward_chunks:
-                    continue
-            yield event
+        for attempt in range(1, self._attempts + 1):
+            assembler = ArtifactAssembler()
+            refined.clear()
+            # Held back until the stage completed, so that a retry on another replica can start over cleanly.
+            chunks: list[StageEvent[refiner_pb2.RefineResponse]] = []
+            try:
+                async for event in self._stream("refiner", self._stages.refine(request, timeout=job.remaining())):
+                    if event.field != CHUNK:
+                        yield event
+                        continue
+                    artifact = assembler.feed(event.message.chunk)
+                    if artifact is not None:
+                        refined[artifact.index] = artifact.data
+                    if forward_chunks:
+                        chunks.append(event)
+                break
+            except StageFailed as failure:
+                if not self._retryable(failure, attempt, job):
+                    raise
+                yield _retrying(refiner_pb2.RefineResponse, Stage.REFINE, failure, attempt + 1, self._attempts)
+        for chunk in chunks:
+            yield chunk
         missing = set(range(len(job.images))) - set(refined)
         if missing:
             raise StageFailed("refiner", "INTERNAL", f"returned no refined image for images {sorted(missing)}")
 
     async def _image_to_3d(self, job: GenerateJob, images: Sequence[common_pb2.Image]
                            ) -> AsyncIterator[StageEvent[trellis_pb2.ImageTo3DResponse]]:
+        """TRELLIS's events; its artifact chunks are relayed as they come, so it is retried only before the first."""
         request = trellis_pb2.ImageTo3DRequest(request_id=job.request_id, images=images,
                                                formats=kinds_to_proto(job.formats & GENERATED_KINDS))
         params_to_proto(job.generation, request.parameters)
-        async for event in self._stream("trellis", self._stages.image_to_3d(request, timeout=job.remaining())):
-            yield event
+        for attempt in range(1, self._attempts + 1):
+            relayed_chunk = False
+            try:
+                async for event in self._stream("trellis", self._stages.image_to_3d(request,
+                                                                                     timeout=job.remaining())):
+                    relayed_chunk = relayed_chunk or event.field == CHUNK
+                    yield event
+                return
+            except StageFailed as failure:
+                if relayed_chunk or not self._retryable(failure, attempt, job):
+                    raise
+                yield _retrying(trellis_pb2.ImageTo3DResponse, Stage.QUEUED, failure, attempt + 1, self._attempts)
+
+    def _retryable(self, failure: StageFailed, attempt: int, job: GenerateJob) -> bool:
+        """A replica that went away (or is not ready) mid-call: another one may take the stage, within the deadline.
+        The stage gets the same request, seeds included, so it gives the same result."""
+        return failure.code == "UNAVAILABLE" and attempt < self._attempts and job.remaining() > 1.0
 
     async def _stream(self, stage: str, call: grpc.aio.UnaryStreamCall[Any, _Event]) -> AsyncIterator[_Event]:
         """Iterate a stage call; its failures become ``StageFailed`` with the stage's own status code."""
@@ -159,3 +191,10 @@ class Router:
             raise StageFailed(stage, "INTERNAL", str(exc)) from exc
         finally:
             call.cancel()  # no-op when finished; stops the stage when we leave early
+
+
+def _retrying(message_type: type[M], stage: Stage, failure: StageFailed, attempt: int, attempts: int
+              ) -> StageEvent[M]:
+    """The progress event that tells the caller a stage moves to another replica."""
+    note = f"{failure}; retrying on another replica (attempt {attempt} of {attempts})"
+    return StageEvent(message_type, PROGRESS, message=message_type(progress=progress_to_proto(stage, 0, 0, note)))

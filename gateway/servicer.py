@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -16,7 +16,7 @@ from trellisbox._domain.contract import GATEWAY_SERVICE
 from trellisbox._domain.convert import kinds_from_proto, params_from_proto
 from trellisbox._domain.errors import InvalidInput
 from trellisbox._domain.kinds import ArtifactKind
-from trellisbox._domain.params import GenerationParams, RefineParams
+from trellisbox._domain.params import GenerationParams, RefineParams, random_seed
 from trellisbox._runtime.servicing import bind_request_id, decode_request_images
 from trellisbox.v1 import gateway_pb2
 
@@ -34,6 +34,15 @@ def requested_formats(request: gateway_pb2.GenerateRequest) -> frozenset[Artifac
     if not formats & GENERATED_KINDS:
         formats |= {ArtifactKind.GLB}  # the 3D model is the point of the call
     return formats
+
+
+_Seeded = TypeVar("_Seeded", RefineParams, GenerationParams)
+
+
+def _seeded(params: _Seeded) -> _Seeded:
+    """``params`` with its seed chosen here when the caller left it unset: a stage retried on another replica then
+    gives the same result, and ``done`` echoes the seed either way."""
+    return params if params.seed is not None else params.model_copy(update={"seed": random_seed()})
 
 
 class GatewayServicer:
@@ -57,9 +66,9 @@ class GatewayServicer:
         job = GenerateJob(
             request_id=request_id,
             images=request.images,
-            refine=params_from_proto(RefineParams, request.refine_parameters, "refine_parameters")
+            refine=_seeded(params_from_proto(RefineParams, request.refine_parameters, "refine_parameters"))
             if request.refine else None,
-            generation=params_from_proto(GenerationParams, request.generation, "generation"),
+            generation=_seeded(params_from_proto(GenerationParams, request.generation, "generation")),
             formats=requested_formats(request),
             deadline=time.monotonic() + (context.time_remaining() or self._settings.default_timeout_s),
         )

@@ -95,6 +95,13 @@ class StageClients:
     def image_to_3d(self, request: trellis_pb2.ImageTo3DRequest, timeout: float) -> ImageTo3DCall:
         return self._image_to_3d(request, timeout=timeout)
 
+    def unreachable(self) -> list[str]:
+        """The stages with no ready replica now: the channel's round_robin counts only replicas whose readiness is
+        SERVING. Asks an idle channel to connect."""
+        channels = (("refiner", self._refiner_channel), ("trellis", self._trellis_channel))
+        return [stage for stage, channel in channels
+                if channel.get_state(try_to_connect=True) != grpc.ChannelConnectivity.READY]
+
     async def close(self) -> None:
         await self._refiner_channel.close(None)
         await self._trellis_channel.close(None)

@@ -8,7 +8,9 @@ Errors become status codes in the server's interceptor.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable
+from functools import partial
 from typing import Any
 
 import grpc
@@ -22,6 +24,7 @@ from trellisbox._domain.kinds import ArtifactKind, Stage
 from trellisbox._domain.params import GenerationParams
 from trellisbox._runtime.model import ModelHost
 from trellisbox._runtime.observability import observe_stages
+from trellisbox._runtime.server import release_memory
 from trellisbox._runtime.servicing import (
     JobEvents,
     bind_request_id,
@@ -73,17 +76,15 @@ class TrellisServicer(trellis_pb2_grpc.TrellisServiceServicer):
         asset = finished.value
         yield trellis_pb2.ImageTo3DResponse(progress=progress_to_proto(
             Stage.EXPORT, 0, 1, "writing " + " and ".join(kind.name for kind in sorted(formats))))
-        artifacts, encode_s = await encode_off_thread(lambda: encode_asset(asset))
+        artifacts, encode_s = await encode_off_thread(partial(encode_asset, asset))
         timings = {Stage.QUEUED: finished.queued_s, **asset.timings}
         timings[Stage.EXPORT] = timings.get(Stage.EXPORT, 0.0) + encode_s
+        done = trellis_pb2.ImageTo3DDone(seed=asset.seed, timings=timings_to_proto(timings), backend=backend.name,
+                                         device=backend.device, notes=asset.notes)
+        del job, finished, asset  # the mesh and splats: only the encoded artifacts are needed from here on
+        await asyncio.to_thread(release_memory)
         observe_stages(self._host.service, timings)
         for artifact in artifacts:
             for chunk in artifact.chunks(self._settings.chunk_bytes):
                 yield trellis_pb2.ImageTo3DResponse(chunk=chunk)
-        yield trellis_pb2.ImageTo3DResponse(done=trellis_pb2.ImageTo3DDone(
-            seed=asset.seed,
-            timings=timings_to_proto(timings),
-            backend=backend.name,
-            device=backend.device,
-            notes=asset.notes,
-        ))
+        yield trellis_pb2.ImageTo3DResponse(done=done)

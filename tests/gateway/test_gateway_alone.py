@@ -7,6 +7,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 
 from tests.images import huge_png_header, png_bytes, truncated_png
 from tools.stack import ServiceProcess, free_port, health_status, start_service
@@ -24,7 +25,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess
         tmp_path_factory.mktemp("gateway"),
     )
     try:
-        process.wait_ready(GATEWAY_SERVICE, 60)
+        process.wait_ready("", 60)  # alive; never ready: no stage can be reached
         yield process
     finally:
         process.stop()
@@ -64,7 +65,23 @@ def test_bad_input_is_invalid_argument_and_the_gateway_stays_up(
     error = _call(gateway.target, gateway_pb2.GenerateRequest(**request_fields))  # type: ignore[arg-type]
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
     assert message in (error.details() or "")  # type: ignore[attr-defined]
-    assert health_status(gateway.target, GATEWAY_SERVICE) == 1  # SERVING
+    assert health_status(gateway.target, "") == health_pb2.HealthCheckResponse.SERVING  # still up
+
+
+def test_readiness_says_the_stages_cannot_be_reached(gateway: ServiceProcess) -> None:
+    assert health_status(gateway.target, GATEWAY_SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert "no ready replica of refiner and trellis" in gateway.log_tail(200)
+
+
+def test_a_target_that_cannot_work_stops_the_gateway_at_start(tmp_path: Path) -> None:
+    process = start_service("gateway-misconfigured", "gateway",
+                            ["--refiner-target", "dns:///127.0.0.1:50052,127.0.0.1:50062"], tmp_path)
+    try:
+        assert process.process.wait(60) != 0
+        log = process.log_tail(40)
+        assert "refiner_target" in log and "for several fixed addresses use ipv4:" in log, log
+    finally:
+        process.stop()
 
 
 def test_unreachable_stage_is_unavailable_and_named(gateway: ServiceProcess) -> None:

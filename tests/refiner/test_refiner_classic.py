@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from refiner_service.backends import classic
 from refiner_service.backends.classic import ClassicBackend
 from tests.refiner.refiner_helpers import blockiness, jpeg_degraded, pixels, scene, with_alpha
 from trellisbox._domain.errors import Cancelled
@@ -78,3 +79,30 @@ def test_reports_each_pass_and_stops_when_cancelled() -> None:
     with pytest.raises(Cancelled):
         ClassicBackend().refine(images, RefineParams(), [0, 1], ctx)
     assert len(events) == 1
+
+
+@pytest.mark.parametrize("band_rows", [8, 24, 64])
+def test_band_by_band_is_the_same_as_the_whole_image(band_rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    image = jpeg_degraded(scene(203, seed=4), quality=15)  # 203 rows: bands that end off the block grid too
+    whole = ClassicBackend().refine([image], RefineParams(strength=0.7), [0])[0]
+    monkeypatch.setattr(classic, "BAND_ROWS", band_rows)
+    banded = ClassicBackend().refine([image], RefineParams(strength=0.7), [0])[0]
+    assert np.array_equal(pixels(whole), pixels(banded))
+
+
+def test_a_large_image_stops_within_a_band(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The caller cancels while the 3rd band computes; the job must stop at the end of that band.
+    checks: list[int] = []
+    ctx = JobContext("stop-test", None, lambda _: None)
+
+    def counting_check() -> None:
+        checks.append(len(checks))
+        JobContext.raise_if_stopped(ctx)
+        if len(checks) == 3:
+            ctx.cancel()
+
+    monkeypatch.setattr(ctx, "raise_if_stopped", counting_check)
+    monkeypatch.setattr(classic, "BAND_ROWS", 64)
+    with pytest.raises(Cancelled):
+        ClassicBackend().refine([scene(1024)], RefineParams(), [0], ctx)
+    assert len(checks) == 4  # the check after the one that asked to stop raised: one band, 64 of 1024 rows
