@@ -28,7 +28,7 @@ WORKDIR /src
 COPY . .
 RUN if [ -n "${TORCH_EXTRA_INDEX_URL}" ]; then export PIP_EXTRA_INDEX_URL="${TORCH_EXTRA_INDEX_URL}"; fi \
  && pip install '/src[refiner]' \
- && python -c 'import torch, diffusers, refiner_service; print("torch", torch.__version__, "cuda", torch.version.cuda)'
+ && python -c 'import torch, diffusers, kubernetes, refiner_service; print("torch", torch.__version__, "cuda", torch.version.cuda)'
 
 # ---- runtime: the venv on the same CUDA base, without pip caches or the source tree ------------------
 FROM ${CUDA_IMAGE} AS runtime

@@ -99,23 +99,37 @@ def trellis() -> dict[str, Any]:
 
 
 def dinov2() -> dict[str, Any]:
-    """The code and weights TRELLIS loads with torch.hub.load('facebookresearch/dinov2', ...)."""
+    """The code and weights TRELLIS loads with torch.hub.load('facebookresearch/dinov2', ...).
+
+    DINOV2_REF pins the hub code to a branch, tag or commit of facebookresearch/dinov2. TRELLIS names no
+    ref, so offline it reads `facebookresearch_dinov2_main`: a pinned ref's code is moved there, and the ref
+    is written next to it (`.trellisbox-ref`) so that a later run with another ref fetches again.
+    """
     import torch
 
     name = os.environ.get("DINOV2_MODEL", "dinov2_vitl14_reg")
+    ref = os.environ.get("DINOV2_REF", "main") or "main"
     hub = Path(torch.hub.get_dir())
     checkpoint = hub / "checkpoints" / DINOV2_CHECKPOINTS.get(name, f"{name}.pth")
     repo_dir = hub / "facebookresearch_dinov2_main"
-    if checkpoint.is_file() and (repo_dir / "hubconf.py").is_file() and not FORCE:
-        log(f"dinov2 {name}: present in {hub}")
+    ref_file = repo_dir / ".trellisbox-ref"
+    fetched_ref = ref_file.read_text().strip() if ref_file.is_file() else "main"
+    if checkpoint.is_file() and (repo_dir / "hubconf.py").is_file() and fetched_ref == ref and not FORCE:
+        log(f"dinov2 {name}@{ref}: present in {hub}")
     else:
-        log(f"dinov2 {name} -> {hub}")
+        log(f"dinov2 {name}@{ref} -> {hub}")
         # trust_repo=True records the repository in hub/trusted_list, so the offline load does not warn.
-        model = torch.hub.load("facebookresearch/dinov2", name, pretrained=True, trust_repo=True, force_reload=FORCE)
+        model = torch.hub.load(f"facebookresearch/dinov2:{ref}", name, pretrained=True, trust_repo=True,
+                               force_reload=True if ref != fetched_ref else FORCE)
         del model
+        fetched = hub / f"facebookresearch_dinov2_{ref.replace('/', '_')}"  # torch.hub's folder for that ref
+        if fetched != repo_dir:
+            shutil.rmtree(repo_dir, ignore_errors=True)
+            fetched.replace(repo_dir)
+        ref_file.write_text(ref + "\n")
     if not checkpoint.is_file():
         raise RuntimeError(f"{checkpoint} missing after torch.hub.load")
-    return {"model": name, "checkpoint": str(checkpoint), "repo": str(repo_dir)}
+    return {"model": name, "ref": ref, "checkpoint": str(checkpoint), "repo": str(repo_dir)}
 
 
 def _md5(path: Path) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -44,6 +45,13 @@ CRD_SCHEMAS = {
 }
 
 Obj = dict[str, Any]
+
+# A fully qualified reference to one of the project's images: registry host (a dot in it, or localhost),
+# optional port, the trellisbox/<image> path, a tag and/or a digest.
+IMAGE_REF = re.compile(
+    r"^(?P<registry>(?:[a-z0-9-]+\.)+[a-z0-9-]+(?::\d+)?|localhost(?::\d+)?)/(?:[a-z0-9._-]+/)*trellisbox/"
+    r"(?P<image>gateway|refiner|trellis)(?::(?P<tag>[\w][\w.-]{0,127}))?(?:@(?P<digest>sha256:[0-9a-f]{64}))?$"
+)
 
 
 class RenderError(RuntimeError):

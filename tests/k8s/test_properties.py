@@ -35,8 +35,9 @@ IANA_SVC_NAME = re.compile(r"^(?=.*[a-z])[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 
 def role(container: Obj) -> str:
     """gateway / refiner / trellis, from the image (trellisbox/<role>)."""
-    image = container["image"].split(":")[0]
-    return image.rsplit("/", 1)[-1]
+    match = re.search(r"trellisbox/(gateway|refiner|trellis)(?=[:@]|$)", container["image"])
+    assert match is not None, container["image"]
+    return match[1]
 
 
 def model_containers(objs: tuple[Obj, ...]) -> list[tuple[Obj, Obj]]:
@@ -102,10 +103,10 @@ def test_gateway_targets_the_headless_model_services(name: str) -> None:
     env = k8sutil.config_env(objs, k8sutil.containers(gateway)[0])
     for service_name, key in (("refiner", "REFINER_TARGET"), ("trellis", "TRELLIS_TARGET")):
         service = k8sutil.get(objs, "Service", service_name)
-        ns = service["metadata"]["namespace"]
         port = service["spec"]["ports"][0]["port"]
         assert service["spec"].get("clusterIP") == "None", f"{service_name} must be headless"
-        assert env["TRELLISBOX_GATEWAY_" + key] == f"dns:///{service_name}.{ns}.svc.cluster.local:{port}"
+        # A relative name: the resolver's search list completes it with the gateway's own namespace.
+        assert env["TRELLISBOX_GATEWAY_" + key] == f"dns:///{service_name}:{port}"
     assert env["TRELLISBOX_GATEWAY_REFINER_TARGET"].startswith("dns:///")
     gateway_service = k8sutil.get(objs, "Service", "gateway")
     assert gateway_service["spec"].get("clusterIP") != "None"
@@ -374,8 +375,8 @@ def test_references_resolve(name: str) -> None:
             for port in container.get("ports", []):
                 assert len(port["name"]) <= 15 and IANA_SVC_NAME.match(port["name"]), port["name"]
                 port_names.append(port["name"])
-            image = container["image"]
-            assert image.startswith("trellisbox/") and ":" in image and not image.endswith(":latest"), image
+            image = k8sutil.IMAGE_REF.match(container["image"])
+            assert image is not None and image["tag"] != "latest", container["image"]
         assert len(port_names) == len(set(port_names)), f"duplicate port names in {k8sutil.describe(workload)}"
     for obj in objs:
         assert DNS_1123_LABEL.match(obj["metadata"]["name"]) and len(obj["metadata"]["name"]) <= 63

@@ -11,11 +11,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers import as plain modules
 
 from tests.lease.fake_apiserver import FakeApiServer
+from tests.lease.lease_helpers import role_verbs
 
 
 @pytest.fixture
 def apiserver() -> Iterator[FakeApiServer]:
-    with FakeApiServer() as server:
+    """The fake API server with the namespaces the tests use, granting exactly what the overlay's Role grants."""
+    with FakeApiServer(namespaces=("default", "ml", "trellisbox"), verbs=role_verbs()) as server:
         yield server
 
 

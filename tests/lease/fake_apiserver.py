@@ -6,7 +6,13 @@ lease depends on:
 
 - create of an existing name → 409 ``AlreadyExists``;
 - replace without ``metadata.resourceVersion`` → 422 ``Invalid``; with a stale one → 409
-  ``Conflict``; of a missing object → 404 (Leases are not created on update);
+  ``Conflict``; of a missing object → it is created (201): Leases allow create-on-update;
+- names must be DNS-1123 subdomains → 422 ``Invalid`` on create and replace (a read of such a name is
+  simply 404, as upstream);
+- writes into a namespace the server does not know → 404 ``NotFound`` naming the namespace (the
+  NamespaceLifecycle admission plugin); reads there are plain 404s;
+- RBAC: a request whose verb (get, list, create, update, delete) the caller was not granted → 403
+  ``Forbidden``, worded as upstream (``verbs``; the lease tests grant what the overlay's Role grants);
 - every write that changes the object gets a new ``resourceVersion`` from one global counter
   (like etcd's revision); a no-op replace keeps it, as the real server does;
 - ``acquireTime``/``renewTime`` must be ``MicroTime`` (RFC 3339 with exactly six fractional
@@ -25,6 +31,7 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -35,6 +42,13 @@ from kubernetes import client as k8s
 _PATH = re.compile(r"^/apis/coordination\.k8s\.io/v1/namespaces/(?P<ns>[^/]+)/leases(?:/(?P<name>[^/]+))?/?$")
 _MICROTIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(Z|[+-]\d\d:\d\d)$")
 _GROUP = "coordination.k8s.io"
+# metadata.name of most objects, Leases included: a DNS-1123 subdomain.
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_REASONS = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 409: "Conflict",
+            422: "Invalid", 429: "TooManyRequests", 500: "InternalError", 503: "ServiceUnavailable",
+            504: "Timeout"}
+# The identity the fake's RBAC messages name (the shared pod's ServiceAccount).
+_USER = "system:serviceaccount:trellisbox:models"
 
 
 @dataclass
@@ -53,18 +67,32 @@ class _Reply(Exception):
         self.body = body
 
 
-def _status(code: int, reason: str, message: str, name: str | None = None) -> _Reply:
+def _status(code: int, reason: str, message: str, name: str | None = None, *, group: str = _GROUP,
+            kind: str = "leases") -> _Reply:
     body: dict[str, Any] = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                             "message": message, "reason": reason, "code": code}
     if name is not None:
-        body["details"] = {"name": name, "group": _GROUP, "kind": "leases"}
+        body["details"] = {"name": name, "group": group, "kind": kind}
     return _Reply(code, body)
 
 
-class FakeApiServer:
-    """Start with ``with FakeApiServer() as api:``; point clients at :meth:`configuration`."""
+def _verb(method: str, name: str | None) -> str:
+    if method == "GET":
+        return "get" if name is not None else "list"
+    return {"POST": "create", "PUT": "update", "DELETE": "delete", "PATCH": "patch"}.get(method, method.lower())
 
-    def __init__(self) -> None:
+
+class FakeApiServer:
+    """Start with ``with FakeApiServer() as api:``; point clients at :meth:`configuration`.
+
+    Args:
+        namespaces: The namespaces that exist.
+        verbs: The verbs on ``leases`` the caller is granted (None: all of them).
+    """
+
+    def __init__(self, *, namespaces: Iterable[str] = ("default",), verbs: Iterable[str] | None = None) -> None:
+        self.namespaces = set(namespaces)
+        self.verbs = None if verbs is None else frozenset(verbs)
         self._lock = threading.Lock()
         self._objects: dict[tuple[str, str], dict[str, Any]] = {}
         self._rv = 100
@@ -149,6 +177,11 @@ class FakeApiServer:
         name = meta.get("name")
         if not name:
             raise _status(422, "Invalid", "Lease.coordination.k8s.io is invalid: metadata.name: Required value")
+        if not isinstance(name, str) or len(name) > 253 or not _DNS1123_SUBDOMAIN.match(name):
+            raise _status(422, "Invalid", f'Lease.{_GROUP} "{name}" is invalid: metadata.name: Invalid value: '
+                                          f'"{name}": a lowercase RFC 1123 subdomain must consist of lower case '
+                                          "alphanumeric characters, '-' or '.', and must start and end with an "
+                                          "alphanumeric character", str(name))
         if name_in_url is not None and name != name_in_url:
             raise _status(400, "BadRequest", f"the name of the object ({name}) does not match the name on "
                                              f"the URL ({name_in_url})")
@@ -172,11 +205,29 @@ class FakeApiServer:
             raise _status(400, "BadRequest", "spec.holderIdentity must be a string")
         return body
 
+    def _create(self, ns: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Store a new object (call with the lock held); the namespace must exist (NamespaceLifecycle)."""
+        if ns not in self.namespaces:
+            raise _status(404, "NotFound", f'namespaces "{ns}" not found', ns, group="", kind="namespaces")
+        obj = copy.deepcopy(body)
+        meta = obj.setdefault("metadata", {})
+        meta.update(namespace=ns, uid=str(uuid.uuid4()), resourceVersion=self._next_rv(),
+                    creationTimestamp=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        obj["kind"], obj["apiVersion"] = "Lease", f"{_GROUP}/v1"
+        self._objects[(ns, meta["name"])] = obj
+        return copy.deepcopy(obj)
+
     def handle(self, method: str, path: str, body: Any) -> tuple[int, dict[str, Any]]:
         match = _PATH.match(path.split("?", 1)[0])
         if match is None:
             raise _status(404, "NotFound", "the server could not find the requested resource")
         ns, name = match["ns"], match["name"]
+        verb = _verb(method, name)
+        if self.verbs is not None and verb not in self.verbs:
+            target = f'leases.{_GROUP} "{name}"' if name else f"leases.{_GROUP}"
+            raise _status(403, "Forbidden", f'{target} is forbidden: User "{_USER}" cannot {verb} resource '
+                                            f'"leases" in API group "{_GROUP}" in the namespace "{ns}"',
+                          name or "")
         with self._lock:
             if method == "GET" and name is None:
                 items = [copy.deepcopy(o) for (n, _), o in sorted(self._objects.items()) if n == ns]
@@ -187,17 +238,13 @@ class FakeApiServer:
                 key = (ns, obj["metadata"]["name"])
                 if key in self._objects:
                     raise _status(409, "AlreadyExists", f'leases.{_GROUP} "{key[1]}" already exists', key[1])
-                obj = copy.deepcopy(obj)
-                meta = obj.setdefault("metadata", {})
-                meta.update(namespace=ns, uid=str(uuid.uuid4()), resourceVersion=self._next_rv(),
-                            creationTimestamp=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-                obj["kind"], obj["apiVersion"] = "Lease", f"{_GROUP}/v1"
-                self._objects[key] = obj
-                return 201, copy.deepcopy(obj)
+                return 201, self._create(ns, obj)
             if name is None:
                 raise _status(405, "MethodNotAllowed", f"{method} is not supported on the collection")
             key = (ns, name)
             current = self._objects.get(key)
+            if current is None and method == "PUT":  # Leases allow create-on-update (no resourceVersion check)
+                return 201, self._create(ns, self._validate(body, name))
             if current is None:
                 raise _status(404, "NotFound", f'leases.{_GROUP} "{name}" not found', name)
             if method == "GET":
@@ -271,7 +318,7 @@ class FakeApiServer:
                     time.sleep(fault.hang_s)
                 try:
                     if fault is not None:
-                        raise _status(fault.status, "InternalError", "injected failure")
+                        raise _status(fault.status, _REASONS.get(fault.status, "InternalError"), "injected failure")
                     try:
                         body = json.loads(raw) if raw else None
                     except ValueError:

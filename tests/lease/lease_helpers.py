@@ -13,6 +13,21 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
+RBAC = REPO / "k8s" / "overlays" / "shared-gpu-k8s-lease" / "rbac.yaml"
+
+
+def role_verbs() -> set[str]:
+    """The verbs on coordination.k8s.io leases that the shared-gpu-k8s-lease overlay's Role grants."""
+    import yaml
+
+    verbs: set[str] = set()
+    for doc in yaml.safe_load_all(RBAC.read_text()):
+        if doc and doc.get("kind") == "Role":
+            for rule in doc.get("rules", []):
+                if "coordination.k8s.io" in rule.get("apiGroups", []) and "leases" in rule.get("resources", []):
+                    verbs.update(rule.get("verbs", []))
+    assert verbs, f"no Role rule on leases in {RBAC}"
+    return verbs
 
 
 def child_env() -> dict[str, str]:

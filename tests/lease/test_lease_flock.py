@@ -104,7 +104,7 @@ def test_timeout_cancel_and_abandoned_waits_pass_the_lock_on(tmp_path: Path) -> 
     a, b, c = (FlockLease("gpu-0", h, tmp_path) for h in "abc")
     a.acquire()
     started = time.monotonic()
-    with pytest.raises(LeaseTimeout):
+    with pytest.raises(LeaseTimeout, match="held by another contender"):
         b.acquire(timeout=0.2)
     assert 0.15 < time.monotonic() - started < 1.0
     stop = threading.Event()
@@ -157,3 +157,15 @@ def test_records_bracket_the_hold(tmp_path: Path, record_path: Path) -> None:
     assert [(e["event"], e["service"], e["holder"], e["gpu"], e["token"]) for e in events] == [
         ("acquire", "refiner", "a", "gpu-0", 1), ("release", "refiner", "a", "gpu-0", 1)]
     assert events[0]["t_mono"] <= events[1]["t_mono"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_access_problem_names_an_unwritable_lock_directory(tmp_path: Path) -> None:
+    lease = FlockLease("gpu-0", "a", tmp_path)
+    assert lease.access_problem() is None
+    tmp_path.chmod(0o500)
+    try:
+        assert f"{tmp_path} is not writable" in (lease.access_problem() or "")
+    finally:
+        tmp_path.chmod(0o700)
+    lease.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
+import logging
 import random
 import threading
 import time
@@ -62,15 +63,112 @@ def test_fake_server_enforces_concurrency_rules(apiserver: FakeApiServer) -> Non
     with pytest.raises(ApiException) as exc:
         api.replace_namespaced_lease("gpu-0", "default", _body(holder_identity="no-rv"))
     assert exc.value.status == 422
-    with pytest.raises(ApiException) as exc:
-        api.replace_namespaced_lease("missing", "default", _body("missing", rv="1"))
-    assert exc.value.status == 404
     same = api.replace_namespaced_lease("gpu-0", "default", updated)  # no-op write keeps the version
     assert same.metadata.resource_version == rv2
-    api.delete_namespaced_lease("gpu-0", "default")
     with pytest.raises(ApiException) as exc:
-        api.read_namespaced_lease("gpu-0", "default")
+        api.read_namespaced_lease("missing", "default")
     assert exc.value.status == 404
+
+
+def _reason(exc: pytest.ExceptionInfo[ApiException]) -> tuple[int | None, str]:
+    return exc.value.status, json.loads(exc.value.body or "{}").get("reason", "")
+
+
+def _message(exc: pytest.ExceptionInfo[ApiException]) -> str:
+    return str(json.loads(exc.value.body or "{}").get("message", ""))
+
+
+def test_fake_server_creates_a_lease_on_update_as_upstream(apiserver: FakeApiServer) -> None:
+    api = coordination_api(apiserver.configuration())
+    created = api.replace_namespaced_lease("fresh", "default", _body("fresh", holder_identity="a"))
+    assert created.spec.holder_identity == "a" and created.metadata.resource_version
+    assert apiserver.get("default", "fresh")["spec"]["holderIdentity"] == "a"
+
+
+def test_fake_server_validates_names_and_namespaces(apiserver: FakeApiServer) -> None:
+    api = coordination_api(apiserver.configuration())
+    for bad in ("GPU_0", "gpu-0-", "-gpu", "a" * 254):
+        with pytest.raises(ApiException) as exc:
+            api.create_namespaced_lease("default", _body(bad, holder_identity="a"))
+        assert _reason(exc) == (422, "Invalid"), bad
+    api.create_namespaced_lease("default", _body("node-a.gpu-0", holder_identity="a"))  # dots are fine
+    for write in (lambda: api.create_namespaced_lease("nowhere", _body(holder_identity="a")),
+                  lambda: api.replace_namespaced_lease("gpu-0", "nowhere", _body(holder_identity="a"))):
+        with pytest.raises(ApiException) as exc:
+            write()
+        assert _reason(exc) == (404, "NotFound")
+        assert _message(exc) == 'namespaces "nowhere" not found'
+
+
+def test_fake_server_grants_only_the_roles_verbs(apiserver: FakeApiServer) -> None:
+    assert apiserver.verbs == frozenset({"get", "create", "update"})  # read from the overlay's Role
+    api = coordination_api(apiserver.configuration())
+    api.create_namespaced_lease("default", _body(holder_identity="a"))
+    for call in (lambda: api.delete_namespaced_lease("gpu-0", "default"),
+                 lambda: api.list_namespaced_lease("default")):
+        with pytest.raises(ApiException) as exc:
+            call()
+        assert _reason(exc) == (403, "Forbidden")
+        assert 'cannot' in _message(exc) and 'resource "leases" in API group "coordination.k8s.io"' in _message(exc)
+    # A Role without `create`: the first acquire (the Lease does not exist yet) is refused, and says so.
+    with FakeApiServer(verbs=("get",)) as read_only:
+        lease = _lease(read_only, "a")
+        with pytest.raises(LeaseTimeout, match=r'HTTP 403 Forbidden: .* cannot create resource "leases"'):
+            lease.acquire(timeout=0.3)
+        assert read_only.count("GET", 404) >= 1 and read_only.count("POST", 403) >= 1
+        lease.close()
+
+
+# -- failures say why ------------------------------------------------------------------------------
+
+
+def test_forbidden_acquire_is_logged_and_named_in_the_timeout(apiserver: FakeApiServer,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    apiserver.fail(status=403)
+    lease = _lease(apiserver, "a")
+    with caplog.at_level(logging.INFO, logger="trellisbox._runtime.lease.kube"), \
+            pytest.raises(LeaseTimeout, match=r"HTTP 403 Forbidden.*RBAC") as exc:
+        lease.acquire(timeout=0.5)
+    assert "last API error" in str(exc.value)
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]  # each cause once, not once per poll
+    assert "403 Forbidden" in warnings[0].getMessage() and "default/gpu-0" in warnings[0].getMessage()
+    assert lease.access_problem() is not None and "403" in (lease.access_problem() or "")
+    apiserver.heal()
+    assert lease.access_problem() is None  # readable again (the Lease does not exist yet: fine)
+    lease.acquire(timeout=2)
+    lease.close()
+
+
+def test_missing_namespace_and_invalid_name_say_so(apiserver: FakeApiServer) -> None:
+    elsewhere = KubernetesLease("gpu-0", "a", namespace="ml-typo", api=coordination_api(apiserver.configuration()),
+                                **FAST)
+    with pytest.raises(LeaseTimeout, match='namespaces "ml-typo" not found'):
+        elsewhere.acquire(timeout=0.3)
+    elsewhere.close()
+    invalid = KubernetesLease("GPU_0", "a", api=coordination_api(apiserver.configuration()), **FAST)
+    with pytest.raises(LeaseTimeout, match=r"HTTP 422.*DNS-1123"):
+        invalid.acquire(timeout=0.3)
+    invalid.close()
+
+
+def test_waiting_on_a_held_lease_names_the_holder(apiserver: FakeApiServer) -> None:
+    holder, waiter = _lease(apiserver, "a"), _lease(apiserver, "b")
+    holder.acquire(timeout=2)
+    with pytest.raises(LeaseTimeout, match="held by a"):
+        waiter.acquire(timeout=0.3)
+    holder.close()
+    waiter.close()
+
+
+def test_a_turn_that_cannot_reach_the_lease_fails_unavailable_with_the_cause(apiserver: FakeApiServer) -> None:
+    apiserver.fail(status=403)
+    lease = _lease(apiserver, "a")
+    turns = GpuTurns(lease, "refiner", lambda: 0, on_acquire=lambda: None, on_release=lambda: None, max_hold_s=1,
+                     wait_s=0.3)
+    with pytest.raises(Unavailable, match=r"no turn on GPU gpu-0 within 0\.3 s.*HTTP 403 Forbidden"), turns():
+        pass
+    turns.close()
 
 
 def test_microtime_is_written_with_six_digits(apiserver: FakeApiServer) -> None:

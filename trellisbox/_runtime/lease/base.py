@@ -116,6 +116,15 @@ class GpuLease(ABC):
         """Release if held and free resources (threads, file descriptors). Idempotent."""
         self.release()
 
+    def access_problem(self) -> str | None:
+        """Why this contender could not take a turn even if the peer gave the GPU up now, or None.
+
+        A readiness probe: None while the lease store can be read (and, as far as one can tell without
+        writing, written); otherwise one line naming the cause, e.g. missing RBAC on the Lease. It does not
+        say whether the peer holds the GPU: waiting for a turn is normal, an unreadable lease is not.
+        """
+        return None
+
     @property
     def lost_reason(self) -> str:
         """Why the lease was lost (empty when it was not)."""

@@ -170,7 +170,8 @@ class FlockLease(GpuLease):
                 if cancelled is not None and cancelled():
                     gave_up = AcquireCancelled(f"stopped waiting for GPU lease {self.name}")
                 elif deadline is not None and time.monotonic() >= deadline:
-                    gave_up = LeaseTimeout(f"GPU lease {self.name} not acquired within {timeout:.3g} s")
+                    gave_up = LeaseTimeout(f"GPU lease {self.name} not acquired within {timeout:.3g} s; "
+                                           "held by another contender")
                 if gave_up is not None:
                     with self._lock:
                         if not attempt.acquired:  # else it just succeeded: take it after all
@@ -275,6 +276,12 @@ class FlockLease(GpuLease):
         elif self._announce_fd is not None:
             os.close(self._announce_fd)
             self._announce_fd = None
+
+    def access_problem(self) -> str | None:
+        """None while the lock directory can be written (both contenders need that)."""
+        if not os.access(self.directory, os.W_OK | os.X_OK):
+            return f"GPU lease directory {self.directory} is not writable by uid {os.getuid()}"
+        return None
 
     def peer_waiting(self) -> bool:
         with self._probe_lock:

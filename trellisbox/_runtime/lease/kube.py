@@ -104,8 +104,19 @@ def describe_error(exc: BaseException) -> str:
         message = ""
         with contextlib.suppress(ValueError, AttributeError):
             message = json.loads(exc.body or "").get("message", "")
-        return f"HTTP {exc.status} {exc.reason}" + (f": {message}" if message else "")
+        hint = _HINTS.get(exc.status or 0, "")
+        return f"HTTP {exc.status} {exc.reason}" + (f": {message}" if message else "") + (f" ({hint})" if hint else "")
     return f"{type(exc).__name__}: {exc}"
+
+
+# What an operator checks first for the API errors that never heal by themselves.
+_HINTS = {
+    401: "the service account token is missing or invalid: automountServiceAccountToken",
+    403: "RBAC: the pod's ServiceAccount needs get, create and update on leases.coordination.k8s.io in the "
+         "lease namespace (Role/RoleBinding gpu-lease)",
+    404: "does the lease namespace exist?",
+    422: "the Lease name must be a DNS-1123 subdomain",
+}
 
 
 def _spec_key(lease: k8s.V1Lease) -> tuple[object, ...]:
@@ -170,6 +181,7 @@ class KubernetesLease(GpuLease):
         self._waiting_at = 0.0
         self._my_wait_written_at: float | None = None
         self._last_error = ""  # the most recent failed renewal, for the lost reason
+        self._acquire_cause = ""  # why the last acquisition attempt did not succeed, for LeaseTimeout
 
     # -- API helpers -------------------------------------------------------------------------
 
@@ -222,18 +234,29 @@ class KubernetesLease(GpuLease):
                 raise LeaseError(f"an acquire of lease {self.name} is already in progress")
             self._acquiring = True
         deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        warned = ""  # the API error last logged at WARNING: each new cause once, repeats at DEBUG
+        self._acquire_cause = ""
         try:
             while True:
                 try:
                     got = self._try_acquire()
                 except Exception as exc:  # API down, timeouts, bad responses: just try again later
-                    _log.debug("acquire %s/%s: %s", self.namespace, self.name, describe_error(exc))
+                    cause = describe_error(exc)
+                    self._acquire_cause = f"last API error: {cause}"
+                    if cause != warned:
+                        warned = cause
+                        _log.warning("GPU lease %s/%s: acquiring as %s failed: %s; retrying every %g s",
+                                     self.namespace, self.name, self.holder, cause, self.retry_period_s)
+                    else:
+                        _log.debug("acquire %s/%s: %s", self.namespace, self.name, cause)
                     got = None
                 if got is not None:
                     token, sent_at = got
                     self._start_holding(token, sent_at)
                     return token
-                wake = time.monotonic() + self.retry_period_s * random.uniform(1.0, 1.2)  # client-go jitter
+                # Jitter 1.0-1.2x: tighter than client-go's 1.0-2.2x (JitterFactor 1.2), since a waiter's poll
+                # is the whole hand-off latency; two waiters (one per GPU) cannot stampede the API server.
+                wake = time.monotonic() + self.retry_period_s * random.uniform(1.0, 1.2)
                 if deadline is not None:
                     wake = min(wake, deadline)
                 while (now := time.monotonic()) < wake:
@@ -244,7 +267,7 @@ class KubernetesLease(GpuLease):
                 if deadline is not None and time.monotonic() >= deadline:
                     self._withdraw_waiting()
                     raise LeaseTimeout(f"GPU lease {self.namespace}/{self.name} not acquired within "
-                                       f"{timeout:.3g} s")
+                                       f"{timeout:.3g} s; {self._acquire_cause or 'no answer from the API server'}")
         finally:
             with self._state:
                 self._acquiring = False
@@ -267,6 +290,7 @@ class KubernetesLease(GpuLease):
                                                             _request_timeout=self.request_timeout_s)
             except ApiException as exc:
                 if exc.status == 409:  # AlreadyExists: another contender created it first
+                    self._acquire_cause = "another contender created it first"
                     return None
                 raise
             self._observe(created, time.monotonic())
@@ -278,9 +302,12 @@ class KubernetesLease(GpuLease):
         with self._state:
             valid = bool(current) and self._obs_at + duration > seen_at
         if valid and current != self.holder:
+            self._acquire_cause = f"held by {current}"
             self._announce_waiting(lease)
             return None
-        token = (spec.lease_transitions or 0) + 1  # every acquisition is a change of holder
+        # Bumped on every acquisition, the same holder's re-acquisition after its own release included: it
+        # counts turns (not changes of holder), and is the fencing token.
+        token = (spec.lease_transitions or 0) + 1
         lease.spec = k8s.V1LeaseSpec(
             holder_identity=self.holder, lease_duration_seconds=self.lease_duration_s,
             acquire_time=now, renew_time=now, lease_transitions=token,
@@ -291,6 +318,7 @@ class KubernetesLease(GpuLease):
             updated = self._replace(lease)
         except ApiException as exc:
             if exc.status == 409:  # Conflict: someone wrote since we read
+                self._acquire_cause = "another contender wrote it first"
                 return None
             raise
         self._observe(updated, time.monotonic())
@@ -493,6 +521,14 @@ class KubernetesLease(GpuLease):
                 _log.warning("releasing GPU lease %s/%s failed (%s); it expires by itself within %d s",
                              self.namespace, self.name, describe_error(exc), self.lease_duration_s)
                 return
+
+    def access_problem(self) -> str | None:
+        """One read of the Lease: None when it answers (a missing Lease is fine: the first acquire creates it)."""
+        try:
+            self._get()
+        except Exception as exc:
+            return f"GPU lease {self.namespace}/{self.name} cannot be read: {describe_error(exc)}"
+        return None
 
     def abandon(self) -> None:
         """Stop renewing without releasing, as if the process had died (for tests and drills).

@@ -238,7 +238,7 @@ class GpuTurns:
                                        f"{self.lease.name}") from None
             if timed_out:
                 raise Unavailable(f"{self.service}: no turn on GPU {self.lease.name} within {self.wait_s:g} s "
-                                  f"(the other service holds it); retry later") from None
+                                  f"({exc}); retry later") from None
             if job is not None:
                 job.raise_if_stopped()
             raise Cancelled(f"stopped waiting for GPU {self.lease.name}") from None
