@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from trellisbox._domain.errors import Unavailable
+from trellisbox._runtime import model
 from trellisbox._runtime.lease import LeaseSettings
 from trellisbox._runtime.model import ModelBackend, ModelHost
 from trellisbox._runtime.worker import Finished, JobContext
@@ -93,4 +94,21 @@ def test_requests_before_the_backend_is_ready_are_unavailable() -> None:
     host: ModelHost[FakeModel] = ModelHost("svc", 4, LeaseSettings())
     with pytest.raises(Unavailable, match="svc service is not ready"):
         host.require()
+    host.close()
+
+
+def test_readiness_follows_whether_the_lease_can_be_reached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    host: ModelHost[FakeModel] = ModelHost("svc", 4, _shared(tmp_path))
+    assert host.turns is not None
+    answers = iter([None, "GPU lease ml/gpu-0 cannot be read: 403 Forbidden", None])
+    monkeypatch.setattr(host.turns.lease, "access_problem", lambda: next(answers))
+    monkeypatch.setattr(model, "LEASE_CHECK_S", 0)
+
+    async def first_three() -> list[bool]:
+        readiness = host.lease_readiness()
+        return [await anext(readiness) for _ in range(3)]
+
+    assert asyncio.run(first_three()) == [True, False, True]
+    assert "svc cannot take GPU turns: GPU lease ml/gpu-0 cannot be read: 403 Forbidden" in caplog.text
     host.close()

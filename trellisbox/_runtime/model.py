@@ -22,11 +22,12 @@ Placement:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -43,6 +44,8 @@ from trellisbox._runtime.worker import ModelWorker
 
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
+#: How often a model service in shared placement checks that its GPU lease can be reached.
+LEASE_CHECK_S = 10.0
 
 PLACEMENT = Info("trellisbox_placement", "Where a model service runs: device, placement, lease and residency.",
                  ["service"])
@@ -168,6 +171,20 @@ class ModelHost(Generic[B]):
         backend = self._backend.describe() if self._backend is not None else "no model loaded"
         return f"{backend} {self.lease.lease_summary()}"
 
+    async def lease_readiness(self) -> AsyncIterator[bool]:
+        """After warm-up, in shared placement: ready while the GPU lease can be reached (missing RBAC, a deleted
+        namespace or an unreachable API server would otherwise fail every job UNAVAILABLE after a long wait)."""
+        assert self.turns is not None
+        lease = self.turns.lease
+        problem: str | None = None
+        while True:
+            now = await asyncio.to_thread(lease.access_problem)
+            if now != problem and now is not None:
+                _log.warning("%s cannot take GPU turns: %s", self.service, now)
+            problem = now
+            yield now is None
+            await asyncio.sleep(LEASE_CHECK_S)
+
     def close(self) -> None:
         """At shutdown, on the model thread: park the model and release the lease (the peer may go on at once),
         then free the model (unless a job still runs: the process exit frees it), then stop the worker."""
@@ -247,5 +264,6 @@ def serve_model(service: ModelService[S, B], argv: list[str]) -> None:
         warm_up=lambda: host.start(lambda: service.choose_backend(settings)),
         describe=host.describe,
         on_shutdown=host.close,
+        readiness=host.lease_readiness if host.turns is not None else None,
     )
     run(settings, spec, service.label)
