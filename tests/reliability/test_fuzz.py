@@ -1,0 +1,184 @@
+"""Property-based fuzzing of the live services: whatever a caller sends, each call ends promptly with OK or a
+documented status (never UNKNOWN or INTERNAL), nothing dies, and a good request is served afterwards.
+
+Against the gateway and straight at the model services: raw and mutated bytes at the method level, and
+well-formed messages with lying or broken images and NaN, infinite, out-of-range and overlong values.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from tests.images import encode, huge_png_header, png_bytes, truncated_png
+from tools.stack import LocalStack
+from trellisbox._domain.contract import GATEWAY_SERVICE, REFINER_SERVICE, TRELLIS_SERVICE
+from trellisbox.v1 import common_pb2, gateway_pb2, refiner_pb2, trellis_pb2
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+#: What the README's status table documents; anything else (UNKNOWN, INTERNAL, ...) is a defect.
+DOCUMENTED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
+              grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.FAILED_PRECONDITION}
+METHODS = {
+    "gateway": f"/{GATEWAY_SERVICE}/Generate",
+    "refiner": f"/{REFINER_SERVICE}/Refine",
+    "trellis": f"/{TRELLIS_SERVICE}/ImageTo3D",
+}
+GOOD_PNG = png_bytes(48)
+IMAGES = [
+    common_pb2.Image(data=GOOD_PNG),
+    common_pb2.Image(data=GOOD_PNG, media_type="image/jpeg"),  # lying media type
+    common_pb2.Image(data=encode(Image.new("RGB", (40, 40), (9, 9, 9)), "JPEG"), media_type="image/jpeg"),
+    common_pb2.Image(data=truncated_png(48)),
+    common_pb2.Image(data=huge_png_header()),  # lying header: 30000×30000
+    common_pb2.Image(data=b""),
+    common_pb2.Image(data=b"GIF89a" + bytes(40)),
+    common_pb2.Image(data=GOOD_PNG, media_type="x" * 5000),
+]
+#: Statuses the fuzz cases got, to check the fuzzing reached the services at all.
+SEEN: Counter[grpc.StatusCode] = Counter()
+WEIRD_FLOATS = st.one_of(st.sampled_from([math.nan, math.inf, -math.inf, -0.0, 1e308, -1e-300]),
+                         st.floats(min_value=-50, max_value=50))
+WEIRD_INTS = st.sampled_from([0, 1, 2, 12, 100, 201, 2**31, 2**32 - 1])
+WEIRD_TEXT = st.one_of(st.text(max_size=40), st.just("p" * 2001), st.just("\x00\n\r\u202e" * 30))
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    with LocalStack(tmp_path_factory.mktemp("fuzz"), refiner_args=["--backend", "classic"],
+                    trellis_args=["--backend", "preview"], ready_timeout=180) as running:
+        yield running
+
+
+def call_raw(target: str, method: str, data: bytes) -> grpc.StatusCode:
+    """Send ``data`` as the request's bytes, read the whole stream; the call's final status."""
+    with grpc.insecure_channel(target) as channel:
+        rpc = channel.unary_stream(method, request_serializer=None, response_deserializer=None)
+        try:
+            for _ in rpc(data, timeout=60):
+                pass
+        except grpc.RpcError as exc:
+            code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
+            SEEN[code] += 1
+            return code
+    SEEN[grpc.StatusCode.OK] += 1
+    return grpc.StatusCode.OK
+
+
+def targets(stack: LocalStack) -> dict[str, str]:
+    return {"gateway": stack.gateway_target, "refiner": stack.processes["refiner"].target,
+            "trellis": stack.processes["trellis"].target}
+
+
+@st.composite
+def refine_parameters(draw: st.DrawFn) -> common_pb2.RefineParameters:
+    message = common_pb2.RefineParameters()
+    for name in ("strength", "guidance_scale", "aesthetic_score", "negative_aesthetic_score"):
+        if draw(st.booleans()):
+            setattr(message, name, draw(WEIRD_FLOATS))
+    if draw(st.booleans()):
+        message.num_inference_steps = draw(WEIRD_INTS)
+    if draw(st.booleans()):
+        message.seed = draw(st.sampled_from([0, 7, 2**32, 2**64 - 1]))
+    for name in ("prompt", "negative_prompt"):
+        if draw(st.booleans()):
+            setattr(message, name, draw(WEIRD_TEXT))
+    return message
+
+
+@st.composite
+def generation_parameters(draw: st.DrawFn) -> common_pb2.GenerationParameters:
+    message = common_pb2.GenerationParameters()
+    if draw(st.booleans()):
+        message.seed = draw(st.sampled_from([0, 3, 2**40]))
+    if draw(st.booleans()):
+        message.mesh_simplify = draw(WEIRD_FLOATS)
+    if draw(st.booleans()):
+        message.texture_size = draw(st.sampled_from([0, 255, 256, 512, 4097, 2**32 - 1]))
+    for stage in ("sparse_structure", "slat"):
+        if draw(st.booleans()):
+            getattr(message, stage).steps = draw(WEIRD_INTS)
+            getattr(message, stage).cfg_strength = draw(WEIRD_FLOATS)
+    message.multi_image_mode = draw(st.integers(min_value=0, max_value=4))  # type: ignore[assignment]
+    return message
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> tuple[str, bytes]:
+    # A third are nearly valid (good images, defaults, at most the formats or refine flag odd): they reach the
+    # models, so cancellation-free full runs are fuzzed too, not only validation.
+    nearly_valid = draw(st.integers(min_value=0, max_value=2)) == 0
+    if nearly_valid:
+        images = draw(st.lists(st.just(IMAGES[0]), min_size=1, max_size=2))
+        service = draw(st.sampled_from(sorted(METHODS)))
+        message_types = {"gateway": gateway_pb2.GenerateRequest, "refiner": refiner_pb2.RefineRequest,
+                         "trellis": trellis_pb2.ImageTo3DRequest}
+        nearly = message_types[service](images=images)
+        if service != "refiner":
+            nearly.formats.extend(draw(st.lists(st.integers(min_value=0, max_value=3), max_size=2)))  # type: ignore[union-attr]
+        if service == "gateway":
+            nearly.refine = draw(st.booleans())  # type: ignore[union-attr]
+        return service, nearly.SerializeToString()
+    images = draw(st.lists(st.sampled_from(IMAGES), max_size=3))
+    formats = draw(st.lists(st.integers(min_value=0, max_value=5), max_size=3))
+    request_id = draw(st.one_of(st.just(""), st.text(max_size=20), st.just("r" * 300), st.just("a\nb")))
+    service = draw(st.sampled_from(sorted(METHODS)))
+    message: gateway_pb2.GenerateRequest | refiner_pb2.RefineRequest | trellis_pb2.ImageTo3DRequest
+    if service == "gateway":
+        message = gateway_pb2.GenerateRequest(images=images, refine=draw(st.booleans()), request_id=request_id,
+                                              refine_parameters=draw(refine_parameters()),
+                                              generation=draw(generation_parameters()))
+        message.formats.extend(formats)  # type: ignore[arg-type]
+    elif service == "refiner":
+        message = refiner_pb2.RefineRequest(images=images, parameters=draw(refine_parameters()),
+                                            request_id=request_id)
+    else:
+        message = trellis_pb2.ImageTo3DRequest(images=images, parameters=draw(generation_parameters()),
+                                               request_id=request_id)
+        message.formats.extend(formats)  # type: ignore[arg-type]
+    data = message.SerializeToString()
+    if draw(st.booleans()):  # mutate the bytes: flip some, cut the end
+        mutable = bytearray(data)
+        for position in draw(st.lists(st.integers(min_value=0, max_value=max(len(mutable) - 1, 0)), max_size=4)):
+            if mutable:
+                mutable[position] ^= draw(st.integers(min_value=1, max_value=255))
+        data = bytes(mutable[: draw(st.integers(min_value=0, max_value=len(mutable)))])
+    return service, data
+
+
+FUZZ = settings(max_examples=120, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@FUZZ
+@given(case=requests())
+def test_well_formed_and_mutated_messages_get_documented_statuses(stack: LocalStack, case: tuple[str, bytes]) -> None:
+    service, data = case
+    code = call_raw(targets(stack)[service], METHODS[service], data)
+    assert code in DOCUMENTED, f"{service} answered {code.name} to {data[:120]!r}"
+
+
+@FUZZ
+@given(service=st.sampled_from(sorted(METHODS)), data=st.binary(max_size=300))
+def test_raw_bytes_get_documented_statuses(stack: LocalStack, service: str, data: bytes) -> None:
+    code = call_raw(targets(stack)[service], METHODS[service], data)
+    assert code in DOCUMENTED, f"{service} answered {code.name} to {data[:120]!r}"
+
+
+def test_every_service_still_serves_a_good_request(stack: LocalStack, tmp_path: Path) -> None:
+    assert SEEN[grpc.StatusCode.INVALID_ARGUMENT] >= 100, SEEN  # the cases reached the services' validation
+    assert SEEN[grpc.StatusCode.OK] >= 5, SEEN  # and some ran through the models
+    good = gateway_pb2.GenerateRequest(images=[common_pb2.Image(data=GOOD_PNG)], refine=True)
+    assert call_raw(stack.gateway_target, METHODS["gateway"], good.SerializeToString()) == grpc.StatusCode.OK
+    for name, process in stack.processes.items():
+        assert process.process.poll() is None, f"{name} died:\n{process.log_tail()}"
+        assert "Traceback" not in process.log_tail(5000), f"{name} logged a traceback:\n{process.log_tail(200)}"
