@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from gateway.admission import Admission
+from gateway.admission import Admission, ByteBudget
 from gateway.config import GatewaySettings
 from gateway.router import Router
 from gateway.servicer import GatewayServicer, add_gateway_servicer
@@ -32,23 +32,24 @@ def main(argv: list[str] | None = None) -> None:
         stages = StageClients(settings)
         channels.append(stages)
         router = Router(stages, Admission(settings.max_concurrent, settings.max_queue), settings.stage_retries)
-        add_gateway_servicer(GatewayServicer(settings, router), server)
+        add_gateway_servicer(GatewayServicer(settings, router, ByteBudget(settings.max_held_bytes)), server)
 
     async def close_channels() -> None:
         for stages in channels:
             await stages.close()
 
     async def stages_reachable() -> AsyncIterator[bool]:
-        # Readiness says whether requests can be served: both stages must have a ready replica.
+        # Readiness: every request needs the TRELLIS stage; without a ready refiner only refinement fails (each such
+        # request with UNAVAILABLE "refiner: ..."), so the gateway stays ready for the rest and says so in its log.
         missing: list[str] | None = None
         while True:
             now = channels[0].unreachable()
-            if now != missing:
-                if now:
-                    _log.warning("no ready replica of %s (refiner %s, trellis %s)", " and ".join(now),
-                                 settings.refiner_target, settings.trellis_target)
-                missing = now
-            yield not now
+            if now != missing and now:
+                _log.warning("no ready replica of %s (refiner %s, trellis %s)%s", " and ".join(now),
+                             settings.refiner_target, settings.trellis_target,
+                             "" if "trellis" in now else ": requests that ask for refinement fail until one is back")
+            missing = now
+            yield "trellis" not in now
             await asyncio.sleep(STAGE_CHECK_S)
 
     spec = ServiceSpec(

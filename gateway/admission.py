@@ -1,4 +1,5 @@
-"""Admission control: a bounded number of requests run, a bounded number wait, the rest are refused.
+"""Admission control: a bounded number of requests run, a bounded number wait, the rest are refused; and a
+bounded number of request bytes are held at all.
 
 A request is admitted or refused the moment it arrives (:meth:`Admission.enter`), before anything is sent
 back: a refused caller gets ``RESOURCE_EXHAUSTED`` as the call's only message, with a retry hint, so gRPC
@@ -8,11 +9,15 @@ clients can retry it transparently; an admitted one may then be told it waits.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+
+from prometheus_client import Gauge
 
 from trellisbox._domain.errors import QueueFull
 from trellisbox._runtime.observability import IN_FLIGHT, QUEUE_DEPTH
+
+HELD_BYTES = Gauge("trellisbox_gateway_held_request_bytes", "Bytes of requests the gateway holds past the transport.")
 
 #: What a refused caller is told to wait before retrying (``grpc-retry-pushback-ms``).
 RETRY_AFTER_S = 1.0
@@ -96,3 +101,47 @@ class Admission:
         self._running -= 1
         self._slots.release()
         self._publish()
+
+
+class ByteBudget:
+    """The bytes of requests the gateway holds past the transport: received messages being validated and routed.
+
+    A request that would go over the budget is refused (``RESOURCE_EXHAUSTED``, with a retry hint) before any of its
+    images is decoded, so many large uploads at once cannot take the gateway's memory. One request is always let
+    in when nothing is held, however large (the transport's ``max_request_bytes`` bounds it).
+
+    Args:
+        max_bytes: The budget.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        self._held = 0
+
+    @property
+    def held(self) -> int:
+        return self._held
+
+    @contextmanager
+    def hold(self, nbytes: int) -> Iterator[Callable[[int], None]]:
+        """Hold ``nbytes`` for the body; the body may change its hold (a temporary decode reservation).
+
+        Raises:
+            QueueFull: the budget is spent.
+        """
+        held = [0]
+
+        def resize(new: int) -> None:
+            if new > held[0] and self._held > held[0] and self._held - held[0] + new > self._max_bytes:
+                raise QueueFull(
+                    f"gateway is holding {self._held / 2**20:.0f} MiB of requests (limit "
+                    f"{self._max_bytes / 2**20:.0f} MiB); retry later", retry_after_s=RETRY_AFTER_S)
+            self._held += new - held[0]
+            held[0] = new
+            HELD_BYTES.set(self._held)
+
+        resize(nbytes)
+        try:
+            yield resize
+        finally:
+            resize(0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -9,6 +10,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from gateway.admission import ByteBudget
 from gateway.config import GatewaySettings
 from gateway.relay import Outgoing, serialize_response
 from gateway.router import GENERATED_KINDS, GenerateJob, Router
@@ -17,7 +19,8 @@ from trellisbox._domain.convert import kinds_from_proto, params_from_proto
 from trellisbox._domain.errors import InvalidInput
 from trellisbox._domain.kinds import ArtifactKind
 from trellisbox._domain.params import GenerationParams, RefineParams, random_seed
-from trellisbox._runtime.servicing import bind_request_id, decode_request_images
+from trellisbox._runtime.server import release_memory
+from trellisbox._runtime.servicing import bind_request_id, validate_request_images
 from trellisbox.v1 import gateway_pb2
 
 _log = logging.getLogger(__name__)
@@ -36,6 +39,9 @@ def requested_formats(request: gateway_pb2.GenerateRequest) -> frozenset[Artifac
     return formats
 
 
+#: Requests above this size leave enough freed memory behind to be worth returning it to the system.
+_LARGE_REQUEST = 8 * 2**20
+
 _Seeded = TypeVar("_Seeded", RefineParams, GenerationParams)
 
 
@@ -51,18 +57,36 @@ class GatewayServicer:
     Args:
         settings: Gateway settings (limits, default deadline).
         router: Runs the stages.
+        budget: Bounds the request bytes held at once (refusal before decoding).
     """
 
-    def __init__(self, settings: GatewaySettings, router: Router) -> None:
+    def __init__(self, settings: GatewaySettings, router: Router, budget: ByteBudget) -> None:
         self._settings = settings
         self._router = router
+        self._budget = budget
+        # Decoding one image holds its bytes (protobuf hands out a copy) and its pixels (RGBA at most).
+        self._decode_bytes = settings.max_image_bytes + 4 * settings.max_image_pixels
 
     async def Generate(self, request: gateway_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Outgoing]:
         request_id = bind_request_id(request.request_id)
-        # Decoding once here is the validation: format, size, pixel count, truncation (a 4096² PNG takes a few
-        # hundred ms, off the event loop). The stages get the caller's bytes, not a re-encoding.
-        await decode_request_images(request.images, self._settings)
+        size = request.ByteSize()
+        try:
+            with self._budget.hold(size + self._decode_bytes) as resize:  # refused here, before any decoding
+                # Decoding once here is the validation: format, size, pixel count, truncation (a 4096² PNG takes a
+                # few hundred ms, off the event loop). The stages get the caller's bytes, not a re-encoding.
+                await validate_request_images(request.images, self._settings)
+                resize(size)  # the decoded pixels are gone; the request is held until the call ends
+                async for response in self._route(request_id, request, context):
+                    yield response
+        finally:
+            if size > _LARGE_REQUEST and self._budget.held == 0:
+                # The last large request is done: give the heap's free pages back (uploads arrive in many small
+                # transport buffers, which glibc keeps otherwise).
+                await asyncio.to_thread(release_memory, collect=False)
+
+    async def _route(self, request_id: str, request: gateway_pb2.GenerateRequest,
+                     context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Outgoing]:
         job = GenerateJob(
             request_id=request_id,
             images=request.images,

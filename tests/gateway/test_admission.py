@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from gateway.admission import RETRY_AFTER_S, Admission
+from gateway.admission import RETRY_AFTER_S, Admission, ByteBudget
 from tests.images import png_bytes
 from tools.stack import LocalStack
 from trellisbox._domain.errors import QueueFull
@@ -80,3 +80,16 @@ def test_a_refused_request_hears_only_the_refusal_with_a_retry_hint(one_slot_sta
     trailing = dict(call.trailing_metadata() or ())
     assert trailing.get("grpc-retry-pushback-ms") == str(round(RETRY_AFTER_S * 1000))
     assert finished and finished[-1] == "done", "the admitted request still completes"
+
+
+def test_the_byte_budget_refuses_before_decoding_and_lets_one_large_request_in() -> None:
+    budget = ByteBudget(100)
+    with budget.hold(150) as resize:  # alone: let in, however large (the transport bounds it)
+        assert budget.held == 150
+        with pytest.raises(QueueFull, match="holding 0 MiB of requests") as refused, budget.hold(10):
+            pass
+        assert refused.value.retry_after_s == RETRY_AFTER_S
+        resize(40)  # its decode reservation is gone
+        with budget.hold(60):
+            assert budget.held == 100
+    assert budget.held == 0

@@ -8,7 +8,7 @@ default; enums map by name (``MULTI_IMAGE_MODE_STOCHASTIC`` ↔ ``MultiImageMode
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from enum import Enum
 from typing import Any, TypeVar
 
@@ -183,13 +183,23 @@ def kinds_to_proto(kinds: Iterable[ArtifactKind]) -> list[common_pb2.ArtifactKin
 # -- images -------------------------------------------------------------------------------------------------
 
 
-def decode_images(images: Sequence[common_pb2.Image], limits: ImageLimits, max_count: int) -> list[Image.Image]:
-    """Decode every image of a request, naming the offending one (``images[i]``) in errors."""
+def decoded_images(images: Sequence[common_pb2.Image], limits: ImageLimits, max_count: int
+                   ) -> Iterator[Image.Image]:
+    """Decode a request's images one by one, naming the offending one (``images[i]``) in errors."""
     if not images:
         raise InvalidInput("no images: send at least one PNG, JPEG or WebP image")
     if len(images) > max_count:
         raise InvalidInput(f"{len(images)} images sent; at most {max_count} per request")
-    return [
-        decode_image(image.data, image.media_type, limits, label=f"images[{i}]")
-        for i, image in enumerate(images)
-    ]
+    for i, image in enumerate(images):
+        yield decode_image(image.data, image.media_type, limits, label=f"images[{i}]")
+
+
+def decode_images(images: Sequence[common_pb2.Image], limits: ImageLimits, max_count: int) -> list[Image.Image]:
+    """Every image of a request, decoded."""
+    return list(decoded_images(images, limits, max_count))
+
+
+def validate_images(images: Sequence[common_pb2.Image], limits: ImageLimits, max_count: int) -> None:
+    """Decode each image to validate it, keeping none: at most one decoded image in memory at a time."""
+    for _ in decoded_images(images, limits, max_count):
+        pass

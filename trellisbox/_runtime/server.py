@@ -80,7 +80,8 @@ def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
 async def serve(settings: ServiceSettings, spec: ServiceSpec) -> None:
     """Serve until SIGTERM/SIGINT, then drain for ``settings.grace_s`` seconds."""
     # The interceptor maps every handler's errors to status codes (and counts calls): one place for all RPCs.
-    server = grpc.aio.server(options=server_options(settings), interceptors=[ErrorInterceptor()])
+    server = grpc.aio.server(options=server_options(settings), interceptors=[ErrorInterceptor()],
+                             maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
     spec.register(server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -184,12 +185,14 @@ def tune_malloc() -> str:
             f"trim threshold {MALLOC_TRIM_THRESHOLD // 2**20} MiB")
 
 
-def release_memory() -> None:
-    """Free what a finished job left behind: cyclic garbage now (trimesh's caches hold big arrays in reference
-    cycles, which the collector would otherwise reach only after many more allocations), then the heap's free
-    pages back to the system (glibc). Measured on the TRELLIS service: RSS stays flat over heavy jobs instead of
-    growing by the job's size each time (docs/reliability.md)."""
-    gc.collect()
+def release_memory(*, collect: bool = True) -> None:
+    """Free what a finished job left behind: cyclic garbage now (``collect``; trimesh's caches hold big arrays in
+    reference cycles, which the collector would otherwise reach only after many more allocations), then the heap's
+    free pages back to the system (glibc). Measured on the TRELLIS service: RSS stays flat over heavy jobs instead
+    of growing by the job's size each time; on the gateway, memory taken by a burst of large uploads is returned
+    once they are done (docs/reliability.md)."""
+    if collect:
+        gc.collect()
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None).malloc_trim(0)

@@ -18,7 +18,7 @@ import grpc
 from PIL import Image
 
 from trellisbox._domain.artifacts import Artifact
-from trellisbox._domain.convert import decode_images, progress_to_proto
+from trellisbox._domain.convert import decode_images, progress_to_proto, validate_images
 from trellisbox._domain.errors import InvalidInput
 from trellisbox._runtime.config import ServiceSettings
 from trellisbox._runtime.observability import REQUEST_ID
@@ -59,6 +59,12 @@ async def decode_request_images(images: Sequence[common_pb2.Image], settings: Se
     """Decode (and so validate) a request's images; CPU work, so off the event loop: other calls and health
     checks stay responsive meanwhile."""
     return await asyncio.to_thread(decode_images, images, settings.image_limits, settings.max_images)
+
+
+async def validate_request_images(images: Sequence[common_pb2.Image], settings: ServiceSettings) -> None:
+    """Validate a request's images by decoding each (off the event loop), keeping none: for a service that only
+    forwards the caller's bytes (the gateway)."""
+    await asyncio.to_thread(validate_images, images, settings.image_limits, settings.max_images)
 
 
 class JobEvents(Generic[T]):
