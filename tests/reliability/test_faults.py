@@ -6,8 +6,9 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -37,7 +38,8 @@ def rss_mib(pid: int) -> float:
 
 
 @pytest.mark.parametrize("refine", [False, True], ids=["3d-only", "refine-and-3d"])
-def test_a_burst_of_ten_times_capacity_loses_nothing_admitted(stack: LocalStack, refine: bool) -> None:
+def test_a_burst_of_ten_times_capacity_loses_nothing_admitted(stack: LocalStack, refine: bool,
+                                                             record: Callable[[str, Any], None]) -> None:
     burst = 10 * CAPACITY
     request = build_request([png_bytes(96)], refine=refine, generation={"seed": 1, "texture_size": 256})
     outcomes: Counter[str] = Counter()
@@ -65,14 +67,17 @@ def test_a_burst_of_ten_times_capacity_loses_nothing_admitted(stack: LocalStack,
     while any(thread.is_alive() for thread in threads):
         peak.append(rss_mib(gateway_pid))
         time.sleep(0.05)
+    record(f"burst {'refine and 3D' if refine else '3D only'}", {
+        "sent": burst, "capacity": CAPACITY, "completed": outcomes["done"], "refused": outcomes["RESOURCE_EXHAUSTED"],
+        "lost": burst - outcomes["done"] - outcomes["RESOURCE_EXHAUSTED"], "gateway_peak_rss_mib": round(max(peak))})
     assert set(outcomes) <= {"done", "RESOURCE_EXHAUSTED"}, outcomes
     assert outcomes["done"] >= CAPACITY and sum(outcomes.values()) == burst, outcomes
     assert max(peak) < 400, f"gateway RSS peaked at {max(peak):.0f} MiB"
     assert stack.processes["gateway"].process.poll() is None
 
 
-def test_a_trellis_service_killed_mid_job_fails_its_caller_cleanly(tmp_path_factory: pytest.TempPathFactory
-                                                                    ) -> None:
+def test_a_trellis_service_killed_mid_job_fails_its_caller_cleanly(tmp_path_factory: pytest.TempPathFactory,
+                                                                    record: Callable[[str, Any], None]) -> None:
     # Its own stack: the kill would take the module's TRELLIS service away from the other tests.
     with LocalStack(tmp_path_factory.mktemp("kill-trellis"), refiner_args=["--backend", "classic"],
                     trellis_args=["--backend", "preview"], gateway_args=["--stage-retries", "2"]) as stack:
@@ -91,3 +96,5 @@ def test_a_trellis_service_killed_mid_job_fails_its_caller_cleanly(tmp_path_fact
         assert (error.details() or "").startswith("trellis:")  # type: ignore[attr-defined]
         assert time.monotonic() - started < 60
         assert stack.processes["gateway"].process.poll() is None, "the gateway outlives its stage"
+        record("TRELLIS killed mid-job", {"status": error.code().name,  # type: ignore[attr-defined]
+                                          "seconds_to_fail": round(time.monotonic() - started, 1)})

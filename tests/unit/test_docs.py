@@ -21,3 +21,16 @@ def test_generated_references_match_the_code(tool: str, page: str) -> None:
 def test_readme_opens_with_the_two_commands() -> None:
     head = (ROOT / "README.md").read_text().split("\n## ")[0]
     assert "make demo" in head and "make test" in head
+
+
+def test_the_reliability_report_renders_every_recorded_scenario() -> None:
+    from tools.reliability_report import render
+
+    report = {"when": "now", "machine": "here", "passed": True, "facts": {
+        "burst 3D only": {"sent": 60, "capacity": 6, "completed": 6, "refused": 54, "lost": 0,
+                          "gateway_peak_rss_mib": 75},
+        "fuzz": {"cases": 240, "statuses": {"INVALID_ARGUMENT": 226, "OK": 14}, "undocumented": 0},
+    }}
+    page = render(report)
+    assert "| burst 3D only | 60 requests at once" in page and "INVALID_ARGUMENT 226, OK 14" in page
+    assert "Requests lost in all: 0." in page and "## Not covered yet" in page

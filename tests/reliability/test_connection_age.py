@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -23,7 +25,7 @@ def test_the_connection_age_grace_is_the_longest_call() -> None:
 
 
 @pytest.mark.integration
-def test_a_call_outlives_its_connection_age(tmp_path: Path) -> None:
+def test_a_call_outlives_its_connection_age(tmp_path: Path, record: Callable[[str, Any], None]) -> None:
     # 3 s per image, connections aged out after 1 s: the call runs three times the age.
     service = start_service("refiner", "refiner_service",
                             ["--backend", "fixed-latency", "--fixed-latency-ms", "3000",
@@ -42,5 +44,7 @@ def test_a_call_outlives_its_connection_age(tmp_path: Path) -> None:
             # The next call on the same channel goes over a new connection and works too.
             again = [r.WhichOneof("event") for r in stub.Refine(request, timeout=30)]
             assert again[-1] == "done"
+            record("call past its connection's age", {"connection_age_s": 1, "call_s": round(took, 1),
+                                                      "completed": True})
     finally:
         service.stop()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -21,7 +23,7 @@ def rss_mib(pid: int) -> float:
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * 4096 / 2**20
 
 
-def test_rss_stays_flat_over_heavy_jobs(tmp_path: Path) -> None:
+def test_rss_stays_flat_over_heavy_jobs(tmp_path: Path, record: Callable[[str, Any], None]) -> None:
     service = start_service("trellis", "trellis_service", ["--backend", "preview"], tmp_path)
     try:
         service.wait_ready(TRELLIS_SERVICE, 120)
@@ -40,6 +42,8 @@ def test_rss_stays_flat_over_heavy_jobs(tmp_path: Path) -> None:
         # The first jobs warm caches and the allocator; from then on a job must not leave memory behind (without
         # releasing it, each of these jobs added about 75 MiB: 309, 417, 504, 517, 615 MiB).
         growth = statistics.median(after[2:]) - min(after[:2])
+        record("TRELLIS memory over 5 heavy jobs", {"rss_mib_after_each": [round(x) for x in after],
+                                                    "growth_mib": round(growth)})
         assert growth < 100, f"RSS after each job (MiB): {[round(x) for x in after]}"
     finally:
         service.stop()
