@@ -91,3 +91,29 @@ def test_a_request_that_does_not_parse_is_invalid_argument(data: bytes) -> None:
     assert code == grpc.StatusCode.INVALID_ARGUMENT and received == []
     assert details.startswith("the request is not a valid trellisbox.v1.Image")
     assert count("INVALID_ARGUMENT") == before + 1
+
+
+@pytest.mark.parametrize("service", ["grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"])
+def test_reflection_answers_as_v1_and_v1alpha(service: str) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    from trellisbox._runtime.server import enable_reflection
+
+    async def main() -> list[str]:
+        server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+        enable_reflection(("trellisbox.v1.RefinerService",), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                rpc = channel.stream_stream(f"/{service}/ServerReflectionInfo",
+                                            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                                            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+                call = rpc(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+                response: Any = await call.read()
+                return [s.name for s in response.list_services_response.service]
+        finally:
+            await server.stop(None)
+
+    names = asyncio.run(main())
+    assert "trellisbox.v1.RefinerService" in names and "grpc.reflection.v1.ServerReflection" in names

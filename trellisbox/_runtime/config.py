@@ -30,8 +30,8 @@ class ServiceSettings(BaseSettings):
     max_images: int = Field(8, ge=1, le=64, description="Most images in one request.")
     max_queue: int = Field(16, ge=0, description="Requests that may wait; more get RESOURCE_EXHAUSTED.")
     max_concurrent_rpcs: int = Field(
-        128, ge=4, description="Calls this server handles at once (health checks included); one more is refused by gRPC "
-        "with RESOURCE_EXHAUSTED before its request is read, which bounds the memory uploads in flight can take."
+        128, ge=4, description="Calls this server handles at once (health checks included); one more is refused by "
+        "gRPC with RESOURCE_EXHAUSTED before its request is read, which bounds the memory uploads in flight can take."
     )
     chunk_bytes: int = Field(2**20, ge=16 * 1024, le=3 * 2**20, description="Artifact chunk size.")
     max_connection_age_s: float = Field(

@@ -16,13 +16,14 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import _async as reflection_aio  # the aio servicer (no public name in the stubs)
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from trellisbox._domain.errors import ServiceError
 from trellisbox._runtime.config import ServiceSettings
@@ -56,6 +57,23 @@ class ServiceSpec:
     readiness: Callable[[], AsyncIterator[bool]] | None = None
 
 
+#: Server reflection v1 (what current grpcurl and GUI clients ask for first). grpcio-reflection serves v1alpha only;
+#: v1's messages are the same on the wire, so the same servicer answers under both names.
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def enable_reflection(service_names: Sequence[str], server: grpc.aio.Server) -> None:
+    """Server reflection, v1 and v1alpha, listing ``service_names`` and both reflection services."""
+    names = (*service_names, reflection.SERVICE_NAME, REFLECTION_V1)
+    servicer = reflection_aio.ReflectionServicer(names)
+    for service in (reflection.SERVICE_NAME, REFLECTION_V1):
+        handlers = {"ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)}
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+
+
 def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
     """Channel arguments every service's server uses."""
     options = [
@@ -85,9 +103,7 @@ async def serve(settings: ServiceSettings, spec: ServiceSpec) -> None:
     spec.register(server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (spec.name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    enable_reflection((spec.name, health.SERVICE_NAME), server)
     address = f"{settings.host}:{settings.port}"
     port = server.add_insecure_port(address)
     if port == 0:
