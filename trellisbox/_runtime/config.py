@@ -13,6 +13,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from trellisbox._domain.imaging import ImageLimits
+from trellisbox._runtime.observability import LogFormat
 
 
 class ServiceSettings(BaseSettings):
@@ -24,6 +25,8 @@ class ServiceSettings(BaseSettings):
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one).")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port; 0 disables it.")
     log_level: str = Field("INFO", description="Python logging level.")
+    log_format: LogFormat = Field("plain", description="plain: one readable line per record (for a terminal); json: "
+                                  "one JSON object per line with time, level, service, request_id, logger, message.")
     max_request_bytes: int = Field(64 * 2**20, ge=2**20, description="Largest accepted request message.")
     max_image_bytes: int = Field(32 * 2**20, ge=1024, description="Largest accepted encoded image.")
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64, description="Largest accepted width × height.")

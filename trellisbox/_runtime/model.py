@@ -255,7 +255,7 @@ def serve_model(service: ModelService[S, B], argv: list[str]) -> None:
     """Serve ``service`` until SIGTERM/SIGINT: settings from ``argv`` and the environment, then the bootstrap."""
     settings = load_settings(service.settings, argv)
     # Before the backend is chosen, so the WARNING that says which backend runs is formatted and kept.
-    configure_logging(service.label, settings.log_level)
+    configure_logging(service.label, settings.log_level, settings.log_format)
     host: ModelHost[B] = ModelHost(service.label, settings.max_queue, settings)
     servicer = service.servicer(host, settings)
     spec = ServiceSpec(

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import contextvars
+import json
 import logging
 import sys
+import time
 from collections.abc import Mapping
+from typing import Literal
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from trellisbox._domain.kinds import Stage
+
+LogFormat = Literal["plain", "json"]
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
@@ -38,13 +43,40 @@ class _RequestIdFilter(logging.Filter):
         return True
 
 
-def configure_logging(service: str, level: str = "INFO") -> None:
-    """One log format for every service: time, service, level, request id, message."""
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log pipelines: time, level, service, request id, logger, message (and the
+    exception's traceback when there is one)."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self._service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "service": self._service,
+            "request_id": getattr(record, "request_id", "-"),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(service: str, level: str = "INFO", fmt: LogFormat = "plain") -> None:
+    """One log format for every service: ``plain`` (time, service, level, request id, message: for a terminal) or
+    ``json`` (one object per line)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_RequestIdFilter())
-    handler.setFormatter(
-        logging.Formatter(f"%(asctime)s {service} %(levelname)s [%(request_id)s] %(name)s: %(message)s")
-    )
+    if fmt == "json":
+        formatter: logging.Formatter = JsonFormatter(service)
+        formatter.converter = time.gmtime
+    else:
+        formatter = logging.Formatter(f"%(asctime)s {service} %(levelname)s [%(request_id)s] %(name)s: %(message)s")
+    handler.setFormatter(formatter)
+    logging.captureWarnings(True)  # Python warnings too, in the same format, not raw text on stderr
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

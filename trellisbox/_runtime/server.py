@@ -216,7 +216,7 @@ def release_memory(*, collect: bool = True) -> None:
 
 def run(settings: ServiceSettings, spec: ServiceSpec, service_label: str, *, streaming_malloc: bool = False) -> None:
     """Entry point for a service's ``__main__``; ``streaming_malloc`` applies :func:`tune_malloc` (the gateway)."""
-    configure_logging(service_label, settings.log_level)
+    configure_logging(service_label, settings.log_level, settings.log_format)
     if streaming_malloc:
         _log.info("%s", tune_malloc())
     asyncio.run(serve(settings, spec))
