@@ -23,7 +23,7 @@ from trellisbox._domain.imaging import encode_png
 from trellisbox._domain.kinds import ArtifactKind, Stage
 from trellisbox._domain.params import RefineParams, random_seed
 from trellisbox._runtime.model import ModelHost
-from trellisbox._runtime.observability import observe_stages
+from trellisbox._runtime.observability import observe_stages, outstanding
 from trellisbox._runtime.servicing import (
     JobEvents,
     bind_request_id,
@@ -69,22 +69,23 @@ class RefinerServicer(refiner_pb2_grpc.RefinerServiceServicer):
         seeds = seeds_for(random_seed() if params.seed is None else params.seed, len(images))
         _log.info("refine %d image(s) with %s, seeds %s", len(images), backend.name, seeds)
 
-        job = JobEvents(self._batcher.run(images, params, seeds, request_id=request_id,
-                                          deadline=deadline_of(context)))
-        async for progress in job.progress():
-            yield refiner_pb2.RefineResponse(progress=progress)
-        finished = job.finished
-        artifacts, encode_s = await encode_off_thread(lambda: encode_refined(finished.value))
-        timings = {Stage.QUEUED: finished.queued_s, Stage.REFINE: finished.run_s + encode_s}
-        observe_stages(self._host.service, timings)
-        for artifact in artifacts:
-            for chunk in artifact.chunks(self._settings.chunk_bytes):
-                yield refiner_pb2.RefineResponse(chunk=chunk)
-        yield refiner_pb2.RefineResponse(done=refiner_pb2.RefineDone(
-            seeds=seeds,
-            timings=timings_to_proto(timings),
-            backend=backend.name,
-            device=backend.device,
-        ))
+        with outstanding(self._host.service, len(images)):  # what autoscaling counts: requests, not jobs
+            job = JobEvents(self._batcher.run(images, params, seeds, request_id=request_id,
+                                              deadline=deadline_of(context)))
+            async for progress in job.progress():
+                yield refiner_pb2.RefineResponse(progress=progress)
+            finished = job.finished
+            artifacts, encode_s = await encode_off_thread(lambda: encode_refined(finished.value))
+            timings = {Stage.QUEUED: finished.queued_s, Stage.REFINE: finished.run_s + encode_s}
+            observe_stages(self._host.service, timings)
+            for artifact in artifacts:
+                for chunk in artifact.chunks(self._settings.chunk_bytes):
+                    yield refiner_pb2.RefineResponse(chunk=chunk)
+            yield refiner_pb2.RefineResponse(done=refiner_pb2.RefineDone(
+                seeds=seeds,
+                timings=timings_to_proto(timings),
+                backend=backend.name,
+                device=backend.device,
+            ))
         _log.info("refined %d image(s) in %.2f s (queued %.2f s)", len(images), timings[Stage.REFINE],
                   finished.queued_s)

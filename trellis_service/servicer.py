@@ -23,7 +23,7 @@ from trellisbox._domain.convert import kinds_from_proto, params_from_proto, prog
 from trellisbox._domain.kinds import ArtifactKind, Stage
 from trellisbox._domain.params import GenerationParams
 from trellisbox._runtime.model import ModelHost
-from trellisbox._runtime.observability import observe_stages
+from trellisbox._runtime.observability import observe_stages, outstanding
 from trellisbox._runtime.server import release_memory
 from trellisbox._runtime.servicing import (
     JobEvents,
@@ -69,22 +69,23 @@ class TrellisServicer(trellis_pb2_grpc.TrellisServiceServicer):
         def generate(ctx: JobContext) -> GeneratedAsset:
             return backend.generate(images, params, formats, ctx)
 
-        job = JobEvents(self._host.worker.run(generate, request_id=request_id, deadline=deadline_of(context)))
-        async for progress in job.progress():
-            yield trellis_pb2.ImageTo3DResponse(progress=progress)
-        finished = job.finished
-        asset = finished.value
-        yield trellis_pb2.ImageTo3DResponse(progress=progress_to_proto(
-            Stage.EXPORT, 0, 1, "writing " + " and ".join(kind.name for kind in sorted(formats))))
-        artifacts, encode_s = await encode_off_thread(partial(encode_asset, asset))
-        timings = {Stage.QUEUED: finished.queued_s, **asset.timings}
-        timings[Stage.EXPORT] = timings.get(Stage.EXPORT, 0.0) + encode_s
-        done = trellis_pb2.ImageTo3DDone(seed=asset.seed, timings=timings_to_proto(timings), backend=backend.name,
-                                         device=backend.device, notes=asset.notes)
-        del job, finished, asset  # the mesh and splats: only the encoded artifacts are needed from here on
-        await asyncio.to_thread(release_memory)
-        observe_stages(self._host.service, timings)
-        for artifact in artifacts:
-            for chunk in artifact.chunks(self._settings.chunk_bytes):
-                yield trellis_pb2.ImageTo3DResponse(chunk=chunk)
+        with outstanding(self._host.service, len(images)):  # what autoscaling counts: requests, not jobs
+            job = JobEvents(self._host.worker.run(generate, request_id=request_id, deadline=deadline_of(context)))
+            async for progress in job.progress():
+                yield trellis_pb2.ImageTo3DResponse(progress=progress)
+            finished = job.finished
+            asset = finished.value
+            yield trellis_pb2.ImageTo3DResponse(progress=progress_to_proto(
+                Stage.EXPORT, 0, 1, "writing " + " and ".join(kind.name for kind in sorted(formats))))
+            artifacts, encode_s = await encode_off_thread(partial(encode_asset, asset))
+            timings = {Stage.QUEUED: finished.queued_s, **asset.timings}
+            timings[Stage.EXPORT] = timings.get(Stage.EXPORT, 0.0) + encode_s
+            done = trellis_pb2.ImageTo3DDone(seed=asset.seed, timings=timings_to_proto(timings), backend=backend.name,
+                                             device=backend.device, notes=asset.notes)
+            del job, finished, asset  # the mesh and splats: only the encoded artifacts are needed from here on
+            await asyncio.to_thread(release_memory)
+            observe_stages(self._host.service, timings)
+            for artifact in artifacts:
+                for chunk in artifact.chunks(self._settings.chunk_bytes):
+                    yield trellis_pb2.ImageTo3DResponse(chunk=chunk)
         yield trellis_pb2.ImageTo3DResponse(done=done)

@@ -17,6 +17,7 @@ import yaml
 
 from tests.k8s import k8sutil
 from tests.k8s.k8sutil import Obj
+from trellisbox._runtime.observability import REQUESTS_OUTSTANDING
 
 OVERLAYS = k8sutil.OVERLAYS
 ALL = list(k8sutil.KUSTOMIZATIONS)
@@ -148,13 +149,18 @@ def test_hpa_scales_the_refiner_on_load_per_pod(name: str) -> None:
     assert metric["pods"]["target"]["type"] == "AverageValue"
     assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
     assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 600
-    # The adapter rule names the same metric and sums queue + in-flight of the refiner per pod.
+    # The adapter rule names the same metric: the refiner's outstanding requests per pod (a batch counts each
+    # request; the job gauges would read a fraction of the load).
     rules = yaml.safe_load((k8sutil.K8S / "components/refiner-hpa/prometheus-adapter-values.yaml").read_text())
     (rule,) = rules["rules"]["custom"]
     assert rule["name"]["as"] == "trellisbox_refiner_load"
     assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
-    assert "trellisbox_queue_depth" in rule["metricsQuery"] and "trellisbox_in_flight" in rule["metricsQuery"]
+    assert AUTOSCALING_SERIES in rule["metricsQuery"] and AUTOSCALING_SERIES in rule["seriesQuery"]
     assert 'service="refiner"' in rule["metricsQuery"]
+
+
+#: The series the autoscalers read, as the services export it.
+AUTOSCALING_SERIES = REQUESTS_OUTSTANDING._name
 
 
 def test_keda_alternative_replaces_the_hpa() -> None:
@@ -174,8 +180,7 @@ def test_keda_alternative_replaces_the_hpa() -> None:
     ns = scaled["metadata"]["namespace"]
     namespaces = set(re.findall(r'namespace="([^"]+)"', trigger["metadata"]["query"]))
     assert namespaces == {ns}, "the query must watch the overlay's namespace"
-    for series in ("trellisbox_queue_depth", "trellisbox_in_flight"):
-        assert series in trigger["metadata"]["query"]
+    assert AUTOSCALING_SERIES in trigger["metadata"]["query"]
 
 
 @pytest.mark.parametrize("name", OVERLAYS)

@@ -500,3 +500,41 @@ def test_service_batches_concurrent_requests(tmp_path: Path, cache_home: Path) -
         assert f'trellisbox_batch_images_bucket{{le="2.0",service="{"refiner"}"}} 0.0' in metrics
     finally:
         process.stop()
+
+
+def test_the_autoscaling_signal_counts_requests_not_batched_jobs(backend: SDXLBackend) -> None:
+    # 8 requests outstanding, shared by a couple of batched jobs: the signal must read 8, not the job count.
+    from refiner_service.servicer import RefinerServicer
+    from trellisbox._runtime.observability import IMAGES_OUTSTANDING, REQUESTS_OUTSTANDING
+
+    settings = RefinerSettings(batch_window_ms=300, max_batch_images=4, max_queue=8)
+    host: ModelHost[RefinerBackend] = ModelHost("autoscale-test", 8, settings)
+    host.start(lambda: backend)
+    servicer = RefinerServicer(host, settings)
+    request = refiner_pb2.RefineRequest(images=[common_pb2.Image(data=png_bytes(scene(64)))],
+                                        parameters=common_pb2.RefineParameters(seed=1, **FAST))
+
+    class Context:
+        def time_remaining(self) -> None:
+            return None
+
+    seen: list[tuple[float, float, float]] = []
+
+    async def main() -> None:
+        calls = [asyncio.ensure_future(_drain_call(servicer.Refine(request, Context()))) for _ in range(8)]  # type: ignore[arg-type]
+        await asyncio.sleep(0.2)  # all admitted; the first batch still in its window
+        seen.append((REQUESTS_OUTSTANDING.labels("autoscale-test")._value.get(),
+                     IMAGES_OUTSTANDING.labels("autoscale-test")._value.get(), float(host.worker.queue_depth
+                                                                                      + host.worker.in_flight)))
+        await asyncio.gather(*calls)
+
+    asyncio.run(main())
+    host.close()
+    requests, images, jobs = seen[0]
+    assert (requests, images) == (8, 8) and jobs <= 2, seen
+    assert REQUESTS_OUTSTANDING.labels("autoscale-test")._value.get() == 0
+
+
+async def _drain_call(stream: AsyncIterator[Any]) -> None:
+    async for _ in stream:
+        pass

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import logging
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Literal
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
@@ -27,8 +28,26 @@ STAGE_SECONDS = Histogram(
     ["service", "stage"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320),
 )
-QUEUE_DEPTH = Gauge("trellisbox_queue_depth", "Requests waiting for the model worker.", ["service"])
-IN_FLIGHT = Gauge("trellisbox_in_flight", "Requests the model worker is running now (0 or 1).", ["service"])
+QUEUE_DEPTH = Gauge("trellisbox_queue_depth", "Jobs waiting for the model worker (a dynamic batch is one job); at the "
+                    "gateway, requests waiting for a slot.", ["service"])
+REQUESTS_OUTSTANDING = Gauge(
+    "trellisbox_requests_outstanding", "Requests a model service has accepted and not finished (waiting or running; "
+    "each request of a dynamic batch counts): the autoscaling signal.", ["service"])
+IMAGES_OUTSTANDING = Gauge("trellisbox_images_outstanding", "Images of the outstanding requests.", ["service"])
+IN_FLIGHT = Gauge("trellisbox_in_flight", "Jobs the model worker runs now (0 or 1); at the gateway, requests being "
+                  "routed.", ["service"])
+
+
+@contextlib.contextmanager
+def outstanding(service: str, images: int) -> Iterator[None]:
+    """Count one request (and its images) as outstanding for the body: accepted, waiting or running."""
+    REQUESTS_OUTSTANDING.labels(service).inc()
+    IMAGES_OUTSTANDING.labels(service).inc(images)
+    try:
+        yield
+    finally:
+        REQUESTS_OUTSTANDING.labels(service).dec()
+        IMAGES_OUTSTANDING.labels(service).dec(images)
 
 
 def observe_stages(service: str, timings: Mapping[Stage, float]) -> None:
