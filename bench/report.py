@@ -107,6 +107,15 @@ def render(results: dict[str, Any]) -> str:
                 _med(row["throughput_rps"], " req/s", 2), _spread(row["throughput_rps"], "", 2),
                 str(row["throughput_rps"]["n"]),
             ]))
+    pickup = (s or {}).get("pickup")
+    if pickup:
+        added = pickup["added_to_first_request_s"]
+        lines.append(_row(["refiner tier, a replica added under load (default settings)",
+                           "seconds from DNS listing it to its first request",
+                           "not within 45 s" if added is None else f"{added:.1f} s", "", "1"]))
+        removed = pickup["removed_to_last_request_s"]
+        lines.append(_row(["refiner tier, a replica removed under load (default settings)",
+                           "seconds from DNS dropping it to its last request", f"{removed:.1f} s", "", "1"]))
     c = results.get("coldstart")
     if c:
         for name, stats in c["services"].items():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import socket
+import threading
 import time
 from typing import Any
 
@@ -48,9 +49,59 @@ def _free_port_on_all(addresses: list[str]) -> int:
     raise RuntimeError("no port free on every replica address")
 
 
+def _first_refine_after(process: ServiceProcess, since: float, timeout: float) -> float | None:
+    """Seconds from ``since`` (``time.monotonic()``) until ``process`` logs a new refinement; None on timeout."""
+    seen = _refined_count(process)
+    while time.monotonic() - since < timeout:
+        if _refined_count(process) > seen:
+            return time.monotonic() - since
+        time.sleep(0.05)
+    return None
+
+
+def _replica_changes(procs: Processes, dns: LoopbackDns, replicas: list[ServiceProcess], addresses: list[str],
+                     port: int, stub: ServiceProcess, request: bytes, quick: bool) -> dict[str, Any]:
+    """At default settings, under steady load: how long until a replica added to DNS gets its first request, and
+    how long a replica removed from DNS still gets requests (a removed pod drains, then terminates)."""
+    dns.set(NAME, addresses[:1])
+    gateway = procs.start("gateway-pickup", "gateway", ["--refiner-target", dns.target(NAME, port),
+                                                        "--trellis-target", stub.target],
+                          env={"GRPC_DNS_RESOLVER": "ares"})
+    load = threading.Thread(target=closed_loop, args=(gateway.target, request, 8, 0.0, 60.0 if quick else 90.0),
+                            daemon=True)
+    try:
+        wait_serving(gateway.target, GATEWAY_SERVICE, 60, gateway)
+        load.start()
+        time.sleep(2.0)  # steady state on the first replica
+        added_at = time.monotonic()
+        dns.set(NAME, addresses)
+        pickup_s = _first_refine_after(replicas[1], added_at, 45.0)
+        time.sleep(2.0)
+        dns.set(NAME, addresses[:1])
+        removed_at = time.monotonic()
+        last_served = removed_at
+        count = _refined_count(replicas[1])
+        while time.monotonic() - removed_at < 45.0:
+            now = _refined_count(replicas[1])
+            if now > count:
+                count, last_served = now, time.monotonic()
+            elif time.monotonic() - last_served > 15.0:
+                break
+            time.sleep(0.05)
+    finally:
+        procs.stop(gateway)
+    return {
+        "method": "8 closed-loop clients on the gateway; the replica is added to (then removed from) the DNS answer "
+                  "while it is ready; seconds until its first request / after removal until its last",
+        "settings": "defaults: model services' max_connection_age_s, the gateway's DNS re-resolution interval",
+        "added_to_first_request_s": None if pickup_s is None else round(pickup_s, 2),
+        "removed_to_last_request_s": round(last_served - removed_at, 2),
+    }
+
+
 def run(procs: Processes, quick: bool, repeats: int, latency_ms: float = 200.0, clients: int = 32,
         counts: tuple[int, ...] = (1, 2, 4)) -> dict[str, Any]:
-    addresses = [f"127.0.0.{i}" for i in range(1, max(counts) + 1)]
+    addresses = [f"127.0.0.{i}" for i in range(1, max(*counts, 2) + 1)]  # two at least: the pickup measurement
     port = _free_port_on_all(addresses)
     env = {"TRELLISBOX_REFINER_FIXED_LATENCY_MS": str(latency_ms)}
     replicas = [procs.start(f"refiner-{i + 1}", "refiner_service",
@@ -98,10 +149,13 @@ def run(procs: Processes, quick: bool, repeats: int, latency_ms: float = 200.0, 
     base = rows[0]["throughput_rps"]["median"]
     for row in rows:
         row["ratio_to_one"] = round(row["throughput_rps"]["median"] / base, 2) if base else None
+    with LoopbackDns() as dns:
+        pickup = _replica_changes(procs, dns, replicas[:2], addresses[:2], port, stub, request, quick)
     for replica in replicas:
         procs.stop(replica)
     procs.stop(stub)
     return {
+        "pickup": pickup,
         "method": "closed loop, concurrent clients on one channel; completions inside the window / window",
         "resolver": f"dns:/// via a loopback DNS server, GRPC_DNS_RESOLVER=ares, target {NAME}:{port}",
         "backend": f"fixed-latency {latency_ms:g} ms per image",

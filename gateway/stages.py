@@ -61,6 +61,9 @@ def channel_options(settings: GatewaySettings, service: str) -> list[tuple[str, 
         ("grpc.max_receive_message_length", settings.max_request_bytes),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
+        # A replica closing an aged connection makes the channel re-resolve; gRPC's default allows that once in
+        # 30 s, which would hide a new replica that long.
+        ("grpc.dns_min_time_between_resolutions_ms", 2_000),
     ]
 
 

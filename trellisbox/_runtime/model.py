@@ -33,6 +33,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import grpc
 from prometheus_client import Gauge, Info
+from pydantic import Field
 
 from trellisbox._domain.errors import Unavailable
 from trellisbox._runtime.config import ServiceSettings, load_settings
@@ -101,6 +102,12 @@ B = TypeVar("B", bound=ModelBackend)
 
 class ModelSettings(ServiceSettings, LeaseSettings):
     """Settings every model service shares: the server's and the GPU placement's."""
+
+    max_connection_age_s: float = Field(
+        10.0, ge=0, description="Close client connections after this long so the gateway re-resolves DNS and a "
+        "new replica gets traffic within seconds (make bench measures it); calls in flight on a closing connection "
+        "go on, up to longest_call_s."
+    )
 
 
 S = TypeVar("S", bound=ModelSettings)
