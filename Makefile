@@ -11,6 +11,8 @@ PROTOS := $(wildcard proto/trellisbox/v1/*.proto)
 GATEWAY_PORT ?= 50051
 REFINER_PORT ?= 50052
 TRELLIS_PORT ?= 50053
+# The web app of `make run` (0 = a free port, -1 = none).
+WEB_PORT ?= 8080
 # Backends: auto uses SDXL / TRELLIS when weights and a GPU are present, else classic / preview.
 REFINER_BACKEND ?= auto
 TRELLIS_BACKEND ?= auto
@@ -21,7 +23,7 @@ TRELLIS_MODEL ?=
 PLACEMENT ?= dedicated
 STACK_FLAGS = --placement $(PLACEMENT) $(if $(REFINER_MODEL),--refiner-model $(REFINER_MODEL)) $(if $(TRELLIS_MODEL),--trellis-model $(TRELLIS_MODEL))
 
-.PHONY: install proto run demo test lint bench device-wheels k8s-validate images clean
+.PHONY: install proto run demo test lint browser bench reliability device-wheels k8s-validate images clean
 
 install: $(INSTALLED) $(VALIDATOR)
 
@@ -43,14 +45,24 @@ proto: $(INSTALLED)
 
 run: install
 	$(PY) -m tools.demo --serve --gateway-port $(GATEWAY_PORT) --refiner-port $(REFINER_PORT) \
-	  --trellis-port $(TRELLIS_PORT) --refiner-backend $(REFINER_BACKEND) --trellis-backend $(TRELLIS_BACKEND) $(STACK_FLAGS)
+	  --trellis-port $(TRELLIS_PORT) --web-port $(WEB_PORT) --refiner-backend $(REFINER_BACKEND) --trellis-backend $(TRELLIS_BACKEND) $(STACK_FLAGS)
 
 demo: install
 	$(PY) -m tools.demo --out out --refiner-backend $(REFINER_BACKEND) --trellis-backend $(TRELLIS_BACKEND) $(STACK_FLAGS)
 	node tools/gltf-validator/validate.mjs out/*.glb
 
+# The browser test (tests/e2e/test_webui.py) drives Debian's Chromium through Playwright; never a browser
+# download. Installed from the Debian registry when missing; without root (or apt) the test says it skipped why.
+browser:
+	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's chromium for the browser test"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	    || echo "could not install chromium (see apt-get above): the browser test will skip"; \
+	else echo "chromium is missing and cannot be installed here (needs root and apt-get): the browser test will skip"; fi
+
 # The manifests are validated first (fast, and it names the broken object), then the whole suite.
-test: install
+test: install browser
 	K8S_VERSION=$(K8S_VERSION) $(PY) -m tests.k8s.validate
 	K8S_VERSION=$(K8S_VERSION) $(PY) -m pytest -q
 
@@ -65,6 +77,12 @@ bench: install
 	$(PY) -m bench.refiner_gpu $(if $(filter quick,$(REFINER_BENCH)),--quick)
 	$(PY) -m bench --out bench/results --docs docs/benchmarks.md
 
+# Reliability scenarios (tests/reliability: fuzz, burst, replica and service kills, long calls, memory) against
+# real services on loopback; they run in `make test` too. This writes what they measured into docs/reliability.md.
+reliability: install
+	TRELLISBOX_RELIABILITY_OUT=bench/results/reliability.json $(PY) -m pytest -q -p no:cacheprovider tests/reliability
+	$(PY) tools/reliability_report.py bench/results/reliability.json docs/reliability.md
+
 # Wheels the refiner benchmarks need on a lent GPU machine, which reaches no registry: into .whl/ (ignored),
 # carried with the working tree. docs/refiner-performance.md has the command to run there.
 device-wheels: install
@@ -72,7 +90,7 @@ device-wheels: install
 
 lint: install
 	$(PY) -m ruff check .
-	$(PY) -m mypy trellisbox refiner_service trellis_service gateway bench tools tests
+	$(PY) -m mypy trellisbox refiner_service trellis_service gateway webui bench tools tests
 
 clean:
 	rm -rf out build *.egg-info .pytest_cache .mypy_cache .ruff_cache
@@ -86,8 +104,8 @@ k8s-validate: install
 	K8S_VERSION=$(K8S_VERSION) $(PY) -m tests.k8s.validate
 	K8S_VERSION=$(K8S_VERSION) $(PY) -m pytest -q tests/k8s
 
-# Build the three images (needs a Docker engine with BuildKit). TRELLIS_BASE_IMAGE names an image that
-# already holds a working TRELLIS; without it the trellis image is the CPU preview flavour
+# Build the images: gateway, refiner, trellis, webui (needs a Docker engine with BuildKit). TRELLIS_BASE_IMAGE
+# names an image that already holds a working TRELLIS; without it the trellis image is the CPU preview flavour
 # (FROM python, tag $(IMAGE_TAG)-preview), which is what the cpu-preview overlay runs.
 IMAGE_REPO ?= trellisbox
 IMAGE_TAG ?= 0.1.0
@@ -96,6 +114,7 @@ DOCKER ?= docker
 images:
 	DOCKER_BUILDKIT=1 $(DOCKER) build -f docker/gateway.Dockerfile -t $(IMAGE_REPO)/gateway:$(IMAGE_TAG) .
 	DOCKER_BUILDKIT=1 $(DOCKER) build -f docker/refiner.Dockerfile -t $(IMAGE_REPO)/refiner:$(IMAGE_TAG) .
+	DOCKER_BUILDKIT=1 $(DOCKER) build -f docker/webui.Dockerfile -t $(IMAGE_REPO)/webui:$(IMAGE_TAG) .
 	@if [ -n "$(TRELLIS_BASE_IMAGE)" ]; then \
 	  echo "trellis image FROM $(TRELLIS_BASE_IMAGE)"; \
 	  DOCKER_BUILDKIT=1 $(DOCKER) build -f docker/trellis.Dockerfile --build-arg TRELLIS_BASE_IMAGE=$(TRELLIS_BASE_IMAGE) \

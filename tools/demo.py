@@ -15,13 +15,11 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import trellisbox
-from tools.stack import LocalStack
-from trellisbox.cli import StageBars, print_summary, write_outputs
+from tools.stack import LocalStack, check_ports
+from trellisbox.cli import StageBars, print_summary, stage_progress, write_outputs
 from trellisbox.client import TrellisBoxClient
-from webui.app import WebUI
 
 EXAMPLE_IMAGE = Path(trellisbox.__file__).parent / "assets" / "example.png"
 _console = Console(stderr=True)
@@ -47,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--placement", default="dedicated", choices=("dedicated", "shared"),
                         help="shared: both model services time-share one GPU under a flock lease")
     parser.add_argument("--serve", action="store_true", help="keep the stack running until Ctrl-C")
-    parser.add_argument("--web-port", type=int, default=8080, help="with --serve: the web form's port (0: off)")
+    parser.add_argument("--web-port", type=int, default=8080, help="with --serve: the web app's port (-1: off)")
     parser.add_argument("--gateway-port", type=int, default=0)
     parser.add_argument("--refiner-port", type=int, default=0)
     parser.add_argument("--trellis-port", type=int, default=0)
@@ -64,28 +62,37 @@ def main(argv: list[str] | None = None) -> int:
     ports = {name: port for name, port in (("gateway", args.gateway_port), ("refiner", args.refiner_port),
                                            ("trellis", args.trellis_port)) if port}
     log_dir = args.out / "logs"
-    _console.print(f"starting refiner, trellis and gateway (logs in {log_dir}/) ...")
     started = time.monotonic()
     try:
+        web_port = args.web_port if args.serve and args.web_port >= 0 else None
+        check_ports({**ports, **({"web": web_port} if web_port else {})},
+                    "; e.g. make run GATEWAY_PORT=50061 REFINER_PORT=50062 TRELLIS_PORT=50063 WEB_PORT=8081")
+        _console.print(f"starting refiner, trellis and gateway (logs in {log_dir}/) ...")
         with LocalStack(log_dir, refiner_args=refiner_args, trellis_args=trellis_args, ports=ports) as stack:
             _console.print(f"stack ready in {time.monotonic() - started:.1f} s; gateway at {stack.gateway_target}")
             if args.serve:
                 stop = threading.Event()
                 signal.signal(signal.SIGTERM, lambda *_: stop.set())
-                if args.web_port:
-                    web = WebUI(stack.gateway_target, args.out / "web").server("127.0.0.1", args.web_port)
-                    threading.Thread(target=web.serve_forever, daemon=True).start()
-                    _console.print(f"web form on http://127.0.0.1:{web.server_port}")
+                if web_port is not None:
+                    _console.print("starting the web app ...")
+                    from webui.app import WebApp  # Gradio: only when serving
+
+                    _, url = WebApp(stack.gateway_target, args.out / "web").launch("127.0.0.1", web_port, block=False)
+                    _console.print(f"web app on [bold]{url}[/bold]")
                 _console.print("serving; Ctrl-C to stop")
                 with contextlib.suppress(KeyboardInterrupt):
                     stop.wait()
+                _console.print("stopping ...")
                 return 0
-            with TrellisBoxClient(stack.gateway_target) as client, Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                console=_console,
-            ) as progress:
-                result = client.generate([args.image], refine=True, formats=["glb", "refined", "ply"],
-                                         on_progress=StageBars(progress))
+            with TrellisBoxClient(stack.gateway_target) as client, stage_progress(_console) as progress:
+                bars = StageBars(progress, f"sending {args.image.name}")
+                try:
+                    result = client.generate([args.image], refine=True, formats=["glb", "refined", "ply"],
+                                             on_progress=bars)
+                except BaseException:
+                    bars.finish(done=False)
+                    raise
+                bars.finish()
             stem = args.image.stem
             written = write_outputs(result, args.out / f"{stem}.glb", args.out / f"{stem}.refined.png",
                                     args.out / f"{stem}.ply")
@@ -93,8 +100,11 @@ def main(argv: list[str] | None = None) -> int:
             _explain_backends(result.refiner_backend, result.generator_backend,
                               (args.refiner_backend, args.trellis_backend))
     except (RuntimeError, TimeoutError) as exc:
-        _console.print(f"[red]demo failed: {exc}[/red]")
+        _console.print(f"{'make run' if args.serve else 'demo'} failed: {exc}", style="red", markup=False)
         return 1
+    except KeyboardInterrupt:
+        _console.print("stopped")
+        return 130
     return 0
 
 

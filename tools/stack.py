@@ -7,11 +7,14 @@ when the stack exits, also on failure.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +34,52 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """True when something listens on ``host:port`` (or on every address at that port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed connection in TIME_WAIT is no owner
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+        return False
+
+
+def port_owner(port: int) -> str | None:
+    """What listens on ``port`` (``pid 123: python -m gateway ...``), when this machine can tell (``ss``)."""
+    try:
+        listing = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True, timeout=5,
+                                 check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r'users:\(\("([^"]*)",pid=(\d+)', listing)
+    if found is None:
+        return None
+    name, pid = found.groups()
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        command = name
+    return f"pid {pid}: {command[:160] or name}"
+
+
+class PortTaken(RuntimeError):
+    """A port the stack was told to use is taken; the message says which, by what when known, and what to do."""
+
+    def __init__(self, name: str, port: int, hint: str = "") -> None:
+        owner = port_owner(port)
+        super().__init__(f"port {port} ({name}) is already in use" + (f" by {owner}" if owner else "")
+                         + "; stop that process (another `make run`?) or choose another port" + hint)
+        self.port = port
+
+
+def check_ports(ports: dict[str, int], hint: str = "") -> None:
+    """Raise :class:`PortTaken` for the first of ``ports`` (by name) that something already listens on."""
+    for name, port in ports.items():
+        if port and port_in_use(port):
+            raise PortTaken(name, port, hint)
+
+
 def health_status(target: str, service: str, timeout: float = 1.0) -> int:
     """The grpc.health.v1 status of ``service`` at ``target`` (UNKNOWN when unreachable)."""
     with grpc.insecure_channel(target) as channel:
@@ -40,6 +89,14 @@ def health_status(target: str, service: str, timeout: float = 1.0) -> int:
         except grpc.RpcError:
             return int(health_pb2.HealthCheckResponse.UNKNOWN)
         return int(response.status)
+
+
+class LogInUse(RuntimeError):
+    """Another running stack writes this log: starting here would truncate it."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"{path} belongs to a stack that is still running; stop it first (Ctrl-C in its terminal) "
+                         "or use another output folder (--out)")
 
 
 @dataclass
@@ -104,12 +161,23 @@ class ServiceProcess:
 
 
 def start_service(name: str, module: str, args: Sequence[str], log_dir: Path, *,
-                  port: int | None = None, env: dict[str, str] | None = None) -> ServiceProcess:
-    """Start ``python -m module --host 127.0.0.1 --port PORT *args`` in its own process group."""
+                  port: int | None = None, env: dict[str, str] | None = None,
+                  exclusive_log: bool = False) -> ServiceProcess:
+    """Start ``python -m module --host 127.0.0.1 --port PORT *args`` in its own process group.
+
+    With ``exclusive_log`` the log is locked (``flock``) for the process's life and a log that another running
+    process holds is left untouched: :class:`LogInUse` is raised instead of truncating it.
+    """
     port = port or free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
-    with open(log_path, "wb") as log:
+    with open(log_path, "ab") as log:
+        if exclusive_log:
+            try:
+                fcntl.flock(log, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by the child's stdout until it exits
+            except BlockingIOError:
+                raise LogInUse(log_path) from None
+        log.truncate(0)
         process = subprocess.Popen(
             [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port), *args],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -155,6 +223,9 @@ class LocalStack:
         self.stop()
 
     def start(self) -> None:
+        # Nothing is started (and no log opened) while a fixed port is taken: another stack would answer the
+        # health checks and then this one would fail to bind.
+        check_ports(self.ports)
         # Model services load in parallel; the gateway starts once both are ready.
         refiner = self._start("refiner", "refiner_service", self.refiner_args)
         trellis = self._start("trellis", "trellis_service", self.trellis_args)
@@ -167,7 +238,8 @@ class LocalStack:
         gateway.wait_ready(GATEWAY_SERVICE, self.ready_timeout)
 
     def _start(self, name: str, module: str, args: Sequence[str]) -> ServiceProcess:
-        process = start_service(name, module, args, self.log_dir, port=self.ports.get(name), env=self.env)
+        process = start_service(name, module, args, self.log_dir, port=self.ports.get(name), env=self.env,
+                                exclusive_log=True)
         self.processes[name] = process
         return process
 
@@ -176,8 +248,15 @@ class LocalStack:
         return self.processes["gateway"].target
 
     def stop(self) -> None:
-        for process in reversed(list(self.processes.values())):
-            process.stop()
+        # A second Ctrl-C while stopping must not leave services running: SIGINT waits until they are down.
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        try:
+            for process in reversed(list(self.processes.values())):
+                process.stop()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
 
     def logs(self) -> Iterator[tuple[str, str]]:
         for name, process in self.processes.items():

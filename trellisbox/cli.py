@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+import time
 from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
@@ -14,8 +16,9 @@ from typing import Any
 
 import grpc
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TaskID, TextColumn
 from rich.table import Table
+from rich.text import Text
 
 from trellisbox._domain.params import (
     GenerationParams,
@@ -62,6 +65,15 @@ def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     _add_parameters(g, GenerationParams, "generation")
 
 
+def name_images(message: str, names: Sequence[str]) -> str:
+    """A server message with ``images[i]`` replaced by the name the user knows (``chair.png``)."""
+    def name(match: re.Match[str]) -> str:
+        index = int(match.group(1))
+        return names[index] if index < len(names) else match.group(0)
+
+    return re.sub(r"images\[(\d+)\]", name, message)
+
+
 def given_parameters(args: argparse.Namespace, dest: str) -> dict[str, Any]:
     """The parameters given on the command line under ``dest``, nested as the client takes them."""
     given: dict[str, Any] = {}
@@ -76,18 +88,62 @@ def given_parameters(args: argparse.Namespace, dest: str) -> dict[str, Any]:
     return given
 
 
-class StageBars:
-    """One progress bar per stage, created when the stage first reports."""
+class StageTime(ProgressColumn):
+    """How long a stage took: from the end of the previous stage (the request's start for the first one) to its
+    own end, so the rows add up to the whole request and match the stage timings the server reports."""
 
-    def __init__(self, progress: Progress) -> None:
+    def render(self, task: Task) -> Text:
+        began = task.fields.get("began")
+        if began is None:
+            return Text("")
+        ended = task.fields.get("ended")
+        return Text(f"{(ended or time.monotonic()) - began:6.1f} s", style="progress.elapsed")
+
+
+def stage_progress(console: Console) -> Progress:
+    """The progress display :class:`StageBars` fills: stage, bar, step/total, seconds."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), StageTime(),
+                    console=console, transient=False)
+
+
+class StageBars:
+    """One progress bar per stage. The first row appears at once (``status``: what is being sent) and becomes
+    the first stage that reports; each later stage begins when the previous one ends."""
+
+    def __init__(self, progress: Progress, status: str = "sending the request") -> None:
         self._progress = progress
-        self._tasks: dict[str, TaskID] = {}
+        self._current: tuple[str, TaskID] = ("", progress.add_task(status, total=None, began=time.monotonic()))
 
     def __call__(self, update: ProgressUpdate) -> None:
-        if update.stage not in self._tasks:
-            self._tasks[update.stage] = self._progress.add_task(update.stage.lower(), total=update.total or None)
-        self._progress.update(self._tasks[update.stage], completed=update.step, total=update.total or None,
-                              description=f"{update.stage.lower():<16} {update.message}")
+        stage, task = self._current
+        if update.stage != stage:
+            if stage:
+                task = self._start_next()
+            self._current = (update.stage, task)
+        name = update.stage.lower().replace("_", " ")
+        if update.stage == "QUEUED":
+            self._progress.update(task, total=None, description=f"{name:<16} position {update.total} in the queue")
+            return
+        self._progress.update(task, completed=update.step, total=update.total or None,
+                              description=f"{name:<16} {update.message}")
+
+    def _start_next(self) -> TaskID:
+        now = self._end_current()
+        return self._progress.add_task("", total=None, began=now)
+
+    def _end_current(self, done: bool = True) -> float:
+        now = time.monotonic()
+        _, task = self._current
+        if done:
+            total = self._progress.tasks[task].total if task in self._progress.task_ids else None
+            self._progress.update(task, total=total or 1, completed=total or 1, ended=now)
+        else:
+            self._progress.update(task, ended=now)
+        return now
+
+    def finish(self, done: bool = True) -> None:
+        """End the last stage's row: its time stopped, its bar full unless the request failed (``done=False``)."""
+        self._end_current(done)
 
 
 def print_summary(result: GenerationResult, written: Sequence[Path]) -> None:
@@ -129,6 +185,23 @@ def write_outputs(result: GenerationResult, output: Path, refined_png: Path | No
     return written
 
 
+def _unreadable(paths: Sequence[Path]) -> str | None:
+    for path in paths:
+        if not path.is_file():
+            return f"{path}: no such file" if not path.exists() else f"{path} is not a file"
+    return None
+
+
+def _explain(exc: grpc.RpcError, names: Sequence[str], target: str) -> str:
+    code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
+    details = name_images(exc.details() or "", names)  # type: ignore[attr-defined]
+    if code == grpc.StatusCode.UNAVAILABLE and not details.startswith(("refiner:", "trellis:")):
+        return (f"cannot reach the gateway at {target} ({details}).\n"
+                "Start the stack (in a checkout of trellisbox-serving: `make run`), or point --target at a running "
+                "gateway.")
+    return f"{code.name}: {details}"
+
+
 def run_generate(args: argparse.Namespace) -> int:
     formats = ["glb"] + (["refined"] if args.refined_png else []) + (["ply"] if args.ply else [])
     options: dict[str, Any] = dict(
@@ -141,17 +214,31 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.refined_png and not args.refine:
         _console.print("error: --refined-png needs --refine")
         return 2
+    problem = _unreadable(args.images)
+    if problem:
+        _console.print(f"error: {problem}")
+        return 2
+    names = [path.name for path in args.images]
+    size = sum(path.stat().st_size for path in args.images)
+    status = (f"sending {', '.join(names) if len(names) <= 3 else f'{len(names)} images'} "
+              f"({size / 2**20:.1f} MB) to {args.target}")
     try:
-        with TrellisBoxClient(args.target, timeout=args.timeout) as client, Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=_console, transient=False,
-        ) as progress:
-            result = client.generate(args.images, on_progress=StageBars(progress), **options)
+        with TrellisBoxClient(args.target, timeout=args.timeout) as client, stage_progress(_console) as progress:
+            bars = StageBars(progress, status)
+            try:
+                result = client.generate(args.images, on_progress=bars, **options)
+            except BaseException:
+                bars.finish(done=False)
+                raise
+            bars.finish()
+    except KeyboardInterrupt:
+        _console.print("cancelled (the server stops the request)")
+        return 130
     except grpc.RpcError as exc:
-        _console.print(f"error: {exc.code().name}: {exc.details()}")  # type: ignore[attr-defined]
+        _console.print(f"error: {_explain(exc, names, args.target)}", markup=False, highlight=False)
         return 1
     except OSError as exc:
-        _console.print(f"error: {exc}")
+        _console.print(f"error: {exc}", markup=False)
         return 1
     print_summary(result, write_outputs(result, args.output, args.refined_png, args.ply))
     return 0

@@ -1,83 +1,113 @@
-"""``trellisbox web``: the TRELLIS-BOX web form in front of the gateway.
+"""``trellisbox web``: the TRELLIS-BOX Gradio app, a gRPC client of the gateway (no model, no torch).
 
-The form users knew: upload image(s), open "Generation Settings", tick "Image Refinement (SD-XL)"
-(with the refinement strength and prompts adjustable), click "Generate 3D Model". The page streams
-progress per stage and offers the GLB, the refined image and the Gaussian PLY.
-
-One small HTTP server (standard library), no state beyond a results folder:
-
-- ``GET /``: the form.
-- ``POST /api/generate``: JSON ``{"images": [base64, ...], "refine": bool, "refine_params": {...},
-  "generation": {...}}``; answers with newline-delimited JSON events: ``{"progress": ...}`` lines,
-  then ``{"done": ...}`` (with download links) or ``{"error": {"code", "message"}}``.
-- ``GET /results/<id>/<file>``: a result file.
+The app users knew: upload image(s) (several = views of one object), open "Generation Settings", tick
+"Image Refinement (SD-XL)", click "Generate 3D Model", look at the model in the 3D viewer. Every setting is
+one request parameter, its control derived from the parameter's definition (:mod:`webui.form`). Nothing is
+loaded from outside the machine: system fonts, no analytics.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
+import contextlib
 import html
-import json
 import logging
-import re
+import os
+import queue
 import shutil
+import socket
+import sys
 import tempfile
+import threading
 import uuid
-from collections.abc import Mapping
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import grpc
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from trellisbox._domain.params import GenerationParams, ParamModel, RefineParams, bounds, default_at, from_text
-from trellisbox.client import ProgressUpdate, TrellisBoxClient
+import gradio as gr
+
+import trellisbox
+from trellisbox.client import GenerationResult, ProgressUpdate, TrellisBoxClient
+from webui.form import (
+    Control,
+    ProgressPanel,
+    check_images,
+    controls,
+    explain_error,
+    prune_results,
+    request_options,
+)
 
 _log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 96 * 2**20  # base64 of the gateway's 64 MiB request limit
-_RESULT_PATH = re.compile(r"^/results/([0-9a-f]{32})/(model\.glb|model\.ply|refined-\d+\.png)$")
-_CONTENT_TYPES = {".glb": "model/gltf-binary", ".ply": "application/x-ply", ".png": "image/png"}
+EXAMPLE_IMAGE = Path(trellisbox.__file__).parent / "assets" / "example.png"
+#: Result folders older than this, or beyond the newest ``KEEP_RESULTS``, are removed at each generation.
+MAX_RESULT_AGE_S = 3600.0
+KEEP_RESULTS = 32
+#: Seconds between progress refreshes while a stage runs silently (the elapsed time keeps moving).
+TICK_S = 0.5
+
+#: System fonts only: Gradio's default theme would load Google Fonts.
+THEME = gr.themes.Base(
+    font=[gr.themes.Font("system-ui"), gr.themes.Font("sans-serif")],
+    font_mono=[gr.themes.Font("ui-monospace"), gr.themes.Font("monospace")],
+)
+CSS = """
+.tb-progress { max-width: 100%; overflow-wrap: anywhere; }
+.tb-stage { display: grid; grid-template-columns: minmax(5rem, 9rem) minmax(0, 1fr) auto; gap: .5rem;
+            align-items: center; }
+.tb-stage progress { width: 100%; min-width: 0; }
+.tb-error { color: #b00020; white-space: pre-wrap; overflow-wrap: anywhere; }
+"""
 
 
-class BadForm(ValueError):
-    """The posted form cannot be turned into a request."""
+def _component(control: Control) -> gr.components.Component:
+    """The Gradio input of one parameter, everything taken from ``control`` (i.e. from the definition)."""
+    common: dict[str, Any] = {"label": control.label, "info": control.info, "elem_id": control.elem_id}
+    if control.kind == "slider":
+        assert control.minimum is not None and control.maximum is not None
+        return gr.Slider(minimum=control.minimum, maximum=control.maximum, step=control.step, value=control.default,
+                         **common)
+    if control.kind == "number":
+        # A text box, not gr.Number: a number box shows (and sends) 0 where "empty: random" is meant.
+        return gr.Textbox(value="" if control.default is None else str(control.default), placeholder="random",
+                          **common)
+    if control.kind == "choice":
+        return gr.Dropdown(choices=list(control.choices), value=control.default, **common)
+    return gr.Textbox(value=control.default, max_length=control.max_length, **common)
 
 
-def parse_form(body: bytes) -> dict[str, Any]:
-    """The generate options of a posted form (images decoded from base64, fields typed)."""
-    try:
-        form = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadForm(f"the body is not JSON: {exc}") from None
-    if not isinstance(form, dict):
-        raise BadForm("the body must be a JSON object")
-    try:
-        images = [base64.b64decode(data, validate=True) for data in form.get("images", [])]
-    except (binascii.Error, TypeError):
-        raise BadForm("images must be a list of base64 strings") from None
-    refine = bool(form.get("refine", False))
-    try:
-        refine_params = from_text(RefineParams, form.get("refine_params") or {}, "refine_params") if refine else {}
-        generation = from_text(GenerationParams, form.get("generation") or {}, "generation")
-    except ValueError as exc:
-        raise BadForm(str(exc)) from None
-    return {
-        "images": images,
-        "refine": refine,
-        "refine_params": refine_params,
-        "generation": generation,
-        "formats": ["glb", "ply"] + (["refined"] if refine else []),
-    }
+def _paths(files: Sequence[Any] | None) -> list[Path]:
+    return [Path(f if isinstance(f, str) else getattr(f, "name", f)) for f in files or []]
 
 
-class WebUI:
+def _free_port(host: str) -> int:
+    """Gradio takes no port 0: a port that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_taken(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+        return False
+
+
+def _error_html(message: str) -> str:
+    return f'<div class="tb-error" role="alert">{html.escape(message)}</div>'
+
+
+class WebApp:
     """Args:
         gateway_target: The gateway's gRPC address.
-        results_dir: Where result files are kept for download.
+        results_dir: Where result files are written for the viewer and the downloads (pruned as it goes).
         timeout: Deadline of one generation in seconds.
     """
 
@@ -86,269 +116,192 @@ class WebUI:
         self.results_dir = results_dir
         self.timeout = timeout
         results_dir.mkdir(parents=True, exist_ok=True)
+        #: The parameter controls by key (``refine.strength``), filled by :meth:`build`.
+        self.inputs: dict[str, gr.components.Component] = {}
 
-    def server(self, host: str, port: int) -> ThreadingHTTPServer:
-        ui = self
+    # -- events ---------------------------------------------------------------------------------------------
 
-        class Handler(_Handler):
-            webui = ui
+    def preview(self, files: Sequence[Any] | None) -> tuple[Any, str]:
+        paths = _paths(files)
+        problem = check_images(paths)
+        if problem:
+            return gr.Gallery(value=[]), _error_html(problem)
+        # Opened on the first image: the whole image, with the other views as thumbnails below it.
+        return gr.Gallery(value=[(str(p), p.name) for p in paths], selected_index=0 if paths else None), ""
 
-        return ThreadingHTTPServer((host, port), Handler)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    webui: WebUI
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        _log.info("%s %s", self.address_string(), format % args)
-
-    def _send(self, status: HTTPStatus, content_type: str, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self) -> None:
-        if self.path in ("/", "/index.html"):
-            self._send(HTTPStatus.OK, "text/html; charset=utf-8", PAGE.encode())
+    def generate(self, files: Sequence[Any] | None, refine: bool, *values: Any) -> Iterator[tuple[str, Any]]:
+        """Stream (status, result) as the generation goes; ``result`` (the files to show) comes last, for
+        :meth:`present` (Gradio's 3D viewer draws nothing it is given by a streaming event)."""
+        skip = gr.skip()
+        paths = _paths(files)
+        names = [p.name for p in paths]
+        if not paths:
+            yield _error_html("Upload an image first (or click the example below)."), None
             return
-        match = _RESULT_PATH.match(self.path)
-        path = self.webui.results_dir / match.group(1) / match.group(2) if match else None
-        if path is None or not path.is_file():
-            self._send(HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8", b"not found\n")
-            return
-        self._send(HTTPStatus.OK, _CONTENT_TYPES[path.suffix], path.read_bytes())
-
-    def do_POST(self) -> None:
-        if self.path != "/api/generate":
-            self._send(HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8", b"not found\n")
-            return
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY_BYTES:
-            self._send(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "application/json",
-                       _event({"error": {"code": "INVALID_ARGUMENT", "message": "the upload is too large"}}))
-            return
+        problem = check_images(paths)
         try:
-            options = parse_form(self.rfile.read(length))
-        except BadForm as exc:
-            self._send(HTTPStatus.BAD_REQUEST, "application/json",
-                       _event({"error": {"code": "INVALID_ARGUMENT", "message": str(exc)}}))
+            options = request_options(dict(zip(self.inputs, values, strict=True)), refine)
+        except ValueError as exc:
+            problem = problem or explain_error(exc, names, self.gateway_target)
+        if problem:
+            yield _error_html(problem), None
             return
-        # Events are streamed as they come: chunked NDJSON.
-        self.send_response(HTTPStatus.OK)
-        self.send_header("Content-Type", "application/x-ndjson")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self._stream(options)
-        self.wfile.write(b"0\r\n\r\n")
+        size = sum(p.stat().st_size for p in paths)
+        panel = ProgressPanel(f"sending {len(paths)} image{'s' if len(paths) > 1 else ''} "
+                              f"({size / 2**20:.1f} MB) to the server")
+        yield panel.html(), None
+        events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        client = TrellisBoxClient(self.gateway_target, timeout=self.timeout)
+        formats = ["glb", "ply"] + (["refined"] if refine else [])
 
-    def _chunk(self, data: bytes) -> None:
-        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-        self.wfile.flush()
+        def run() -> None:
+            try:
+                result = client.generate([p.read_bytes() for p in paths], formats=formats,
+                                         on_progress=lambda update: events.put(("progress", update)), **options)
+            except Exception as exc:  # every failure goes back to the page, worded for a person
+                events.put(("error", exc))
+            else:
+                events.put(("done", result))
 
-    def _stream(self, options: dict[str, Any]) -> None:
-        def progress(update: ProgressUpdate) -> None:
-            self._chunk(_event({"progress": {"stage": update.stage, "step": update.step, "total": update.total,
-                                             "message": update.message}}))
-
+        worker = threading.Thread(target=run, name="generate", daemon=True)
+        worker.start()
         try:
-            with TrellisBoxClient(self.webui.gateway_target, timeout=self.webui.timeout) as client:
-                result = client.generate(options.pop("images"), on_progress=progress, **options)
-        except grpc.RpcError as exc:
-            self._chunk(_event({"error": {"code": exc.code().name, "message": exc.details()}}))  # type: ignore[attr-defined]
-            return
-        except (BrokenPipeError, ConnectionResetError):
-            return  # the browser left; leaving the client stream cancels the generation
-        result_id = uuid.uuid4().hex
-        folder = self.webui.results_dir / result_id
-        folder.mkdir()
-        files: dict[str, Any] = {}
+            while True:
+                try:
+                    kind, payload = events.get(timeout=TICK_S)
+                except queue.Empty:
+                    yield panel.html(), skip
+                    continue
+                if kind == "progress":
+                    update: ProgressUpdate = payload
+                    if update.stage == "QUEUED":
+                        panel.status = f"waiting in the server's queue (position {update.total})"
+                    else:
+                        panel.update(update.stage, update.step, update.total, update.message)
+                    yield panel.html(), skip
+                elif kind == "error":
+                    panel.finish("failed")
+                    _log.info("generation failed: %s", payload)
+                    yield panel.html() + _error_html(explain_error(payload, names, self.gateway_target)), None
+                    return
+                else:
+                    yield self._show(payload, panel, names)
+                    return
+        finally:
+            client.close()  # when the page leaves early this cancels the call; the server stops the stage
+
+    @staticmethod
+    def present(shown: dict[str, Any] | None) -> tuple[Any, ...]:
+        """(refined, glb, ply, downloads) of a finished generation; all empty before one."""
+        if not shown:
+            return None, None, None, None
+        refined = gr.Gallery(value=shown["refined"], selected_index=0) if shown["refined"] else None
+        return refined, shown["glb"], shown["ply"], shown["downloads"]
+
+    def _show(self, result: GenerationResult, panel: ProgressPanel, names: Sequence[str]) -> tuple[str, Any]:
+        prune_results(self.results_dir, MAX_RESULT_AGE_S, KEEP_RESULTS - 1)
+        folder = self.results_dir / uuid.uuid4().hex
+        folder.mkdir(parents=True)
+        stem = Path(names[0]).stem if names else "model"
+        downloads: list[str] = []
+        glb = ply = None
         if result.glb is not None:
-            (folder / "model.glb").write_bytes(result.glb)
-            files["glb"] = f"/results/{result_id}/model.glb"
+            glb = folder / f"{stem}.glb"
+            glb.write_bytes(result.glb)
+            downloads.append(str(glb))
         if result.gaussian_ply is not None:
-            (folder / "model.ply").write_bytes(result.gaussian_ply)
-            files["ply"] = f"/results/{result_id}/model.ply"
+            ply = folder / f"{stem}.ply"
+            ply.write_bytes(result.gaussian_ply)
+            downloads.append(str(ply))
         refined = []
         for i, data in enumerate(result.refined_images):
-            (folder / f"refined-{i}.png").write_bytes(data)
-            refined.append(f"/results/{result_id}/refined-{i}.png")
-        files["refined"] = refined
-        self._chunk(_event({"done": {
-            "request_id": result.request_id, "files": files, "timings": result.timings,
-            "refine_seeds": result.refine_seeds, "generation_seed": result.generation_seed,
-            "refiner_backend": result.refiner_backend, "generator_backend": result.generator_backend,
-            "notes": result.notes,
-        }}))
+            path = folder / f"{Path(names[i]).stem if i < len(names) else stem}.refined.png"
+            path.write_bytes(data)
+            downloads.append(str(path))
+            refined.append((str(path), f"{path.name}"))
+        timings = ", ".join(f"{stage.lower()} {seconds:.1f} s" for stage, seconds in result.timings.items())
+        panel.finish(f"done: refiner {result.refiner_backend or 'not used'}, generator {result.generator_backend}; "
+                     f"seed {result.generation_seed}"
+                     + (f", refine seeds {', '.join(map(str, result.refine_seeds))}" if result.refine_seeds else "")
+                     + f"; {timings}")
+        notes = "".join(f'<div class="tb-note">note: {html.escape(note)}</div>' for note in result.notes)
+        return panel.html() + notes, {"refined": refined, "glb": str(glb) if glb else None,
+                                      "ply": str(ply) if ply else None, "downloads": downloads}
 
+    # -- page -----------------------------------------------------------------------------------------------
 
-def _event(payload: Mapping[str, Any]) -> bytes:
-    return json.dumps(payload).encode() + b"\n"
+    def build(self) -> gr.Blocks:
+        with gr.Blocks(title="TRELLIS-BOX", analytics_enabled=False, delete_cache=(600, 3600)) as page:
+            gr.Markdown("# TRELLIS-BOX: image to 3D\nUpload one image, or several views of one object.")
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=1, min_width=300):
+                    files = gr.File(label="Input image(s): PNG, JPEG or WebP", file_count="multiple",
+                                    elem_id="images")
+                    previews = gr.Gallery(label="Input", columns=4, height=300, object_fit="contain",
+                                          preview=True, elem_id="input-previews", interactive=False)
+                    upload_error = gr.HTML(elem_id="upload-error")
+                    with gr.Accordion("Generation Settings", open=False, elem_id="settings"):
+                        refine = gr.Checkbox(label="Image Refinement (SD-XL)", value=False, elem_id="refine",
+                                             info="Refine the image(s) with the SD-XL refiner before 3D generation.")
+                        groups = {"refine": "Refinement (used when Image Refinement is ticked)",
+                                  "generation": "3D generation (TRELLIS)"}
+                        all_controls = controls()
+                        for group, title in groups.items():
+                            gr.Markdown(f"**{title}**")
+                            for control in (c for c in all_controls if c.group == group):
+                                self.inputs[control.key] = _component(control)
+                    button = gr.Button("Generate 3D Model", variant="primary", elem_id="generate")
+                    gr.Examples(examples=[[[str(EXAMPLE_IMAGE)]]], inputs=[files], label="Example")
+                with gr.Column(scale=1, min_width=300):
+                    status = gr.HTML(elem_id="progress")
+                    refined = gr.Gallery(label="Refined image(s)", columns=4, height=300, object_fit="contain",
+                                         preview=True, elem_id="refined", interactive=False)
+                    glb_view = gr.Model3D(label="3D model (GLB)", elem_id="glb-viewer", height=360)
+                    ply_view = gr.Model3D(label="Gaussian splats (PLY)", elem_id="ply-viewer", height=300)
+                    downloads = gr.File(label="Downloads (GLB, PLY, refined PNG)", file_count="multiple",
+                                        elem_id="downloads", interactive=False)
+            files.change(self.preview, inputs=[files], outputs=[previews, upload_error])
+            shown = gr.State(None)
+            results = [refined, glb_view, ply_view, downloads]
+            button.click(lambda: (None, *self.present(None)), outputs=[shown, *results], queue=False).then(
+                self.generate, inputs=[files, refine, *self.inputs.values()], outputs=[status, shown],
+                concurrency_limit=4,
+            ).then(self.present, inputs=[shown], outputs=results)
+        assert isinstance(page, gr.Blocks)
+        return page
 
-
-_TEMPLATE = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>TRELLIS-BOX</title>
-<style>
-  body { font-family: system-ui, sans-serif; max-width: 52rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
-  fieldset { border: 1px solid #ccc; border-radius: 6px; margin: 1rem 0; }
-  label { display: block; margin: .5rem 0; }
-  input[type=text], input[type=number] { width: 100%; box-sizing: border-box; }
-  button { font-size: 1.1rem; padding: .5rem 1.5rem; }
-  .stage { display: grid; grid-template-columns: 10rem 1fr 6rem; gap: .5rem; align-items: center; }
-  #error { color: #b00020; white-space: pre-wrap; }
-  img { max-width: 256px; border: 1px solid #ddd; }
-</style>
-</head>
-<body>
-<h1>TRELLIS-BOX: image to 3D</h1>
-<form id="form">
-  <label>Image(s) — one image, or several views of one object
-    <input id="images" type="file" accept="image/png,image/jpeg,image/webp" multiple required></label>
-  <details id="settings">
-    <summary>Generation Settings</summary>
-    <fieldset>
-      <legend>Refinement</legend>
-      <label><input id="refine" type="checkbox"> Image Refinement (SD-XL)</label>
-      <label>Refinement strength <output id="strength-value">@@refine.strength.value@@</output>
-        <input id="strength" type="range" @@refine.strength.range:0.05@@></label>
-      <label>Prompt <input id="prompt" type="text" placeholder="@@refine.prompt.value@@"></label>
-      <label>Negative prompt
-        <input id="negative-prompt" type="text" placeholder="@@refine.negative_prompt.value@@"></label>
-    </fieldset>
-    <fieldset>
-      <legend>3D generation</legend>
-      <label>Seed (empty: random) <input id="seed" type="number" @@generation.seed.range:1@@></label>
-      <label>Texture size <input id="texture-size" type="number" @@generation.texture_size.range:256@@></label>
-      <label>Mesh simplification <input id="simplify" type="number" @@generation.mesh_simplify.range:0.01@@></label>
-    </fieldset>
-  </details>
-  <button id="generate" type="submit">Generate 3D Model</button>
-</form>
-<div id="progress"></div>
-<div id="error"></div>
-<div id="result"></div>
-<script>
-const $ = (id) => document.getElementById(id);
-$("strength").oninput = () => { $("strength-value").textContent = Number($("strength").value).toFixed(2); };
-const toBase64 = (file) => new Promise((resolve, reject) => {
-  const reader = new FileReader();
-  reader.onload = () => resolve(reader.result.split(",")[1]);
-  reader.onerror = reject;
-  reader.readAsDataURL(file);
-});
-const bars = {};
-function showProgress(p) {
-  if (!bars[p.stage]) {
-    const row = document.createElement("div");
-    row.className = "stage";
-    row.innerHTML = `<span>${p.stage.toLowerCase()}</span><progress max="1" value="0"></progress><span></span>`;
-    $("progress").appendChild(row);
-    bars[p.stage] = row;
-  }
-  const [, bar, text] = bars[p.stage].children;
-  bar.max = p.total || 1; bar.value = p.total ? p.step : 1;
-  text.textContent = p.total ? `${p.step}/${p.total}` : "";
-}
-function showDone(d) {
-  const links = [`<a href="${d.files.glb}" download>model.glb</a>`];
-  if (d.files.ply) links.push(`<a href="${d.files.ply}" download>gaussians.ply</a>`);
-  const refined = d.files.refined.map((u) => `<a href="${u}" download><img src="${u}" alt="refined image"></a>`);
-  $("result").innerHTML = `<h2>Done</h2><p>${links.join(" · ")}</p>${refined.join("")}
-    <p>backends: ${d.refiner_backend || "no refinement"} → ${d.generator_backend};
-    seed ${d.generation_seed}${d.refine_seeds.length ? ", refine seeds " + d.refine_seeds.join(", ") : ""}</p>
-    <p>${d.notes.join("<br>")}</p>`;
-}
-$("form").onsubmit = async (event) => {
-  event.preventDefault();
-  $("generate").disabled = true; $("progress").innerHTML = ""; $("error").textContent = "";
-  $("result").innerHTML = ""; for (const k in bars) delete bars[k];
-  try {
-    const images = await Promise.all([...$("images").files].map(toBase64));
-    const body = {
-      images, refine: $("refine").checked,
-      refine_params: { strength: $("strength").value, prompt: $("prompt").value,
-                       negative_prompt: $("negative-prompt").value },
-      generation: { seed: $("seed").value, texture_size: $("texture-size").value, mesh_simplify: $("simplify").value },
-    };
-    const response = await fetch("/api/generate", { method: "POST", body: JSON.stringify(body),
-                                                    headers: { "Content-Type": "application/json" } });
-    const reader = response.body.getReader();
-    const decoder = new TextDecoder();
-    let buffered = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buffered += decoder.decode(value, { stream: true });
-      let newline;
-      while ((newline = buffered.indexOf("\\n")) >= 0) {
-        const event = JSON.parse(buffered.slice(0, newline));
-        buffered = buffered.slice(newline + 1);
-        if (event.progress) showProgress(event.progress);
-        if (event.done) showDone(event.done);
-        if (event.error) $("error").textContent = `${event.error.code}: ${event.error.message}`;
-      }
-    }
-  } catch (err) {
-    $("error").textContent = String(err);
-  } finally {
-    $("generate").disabled = false;
-  }
-};
-</script>
-</body>
-</html>
-"""
-
-
-_MODELS: dict[str, type[ParamModel]] = {"refine": RefineParams, "generation": GenerationParams}
-
-
-def _field_markup(match: re.Match[str]) -> str:
-    """``@@refine.strength.value@@`` → the default; ``@@generation.texture_size.range:256@@`` → min/max/step/value
-    attributes of an input, all from the parameter's definition."""
-    model, name, what, step = match.group(1), match.group(2), match.group(3), match.group(4)
-    cls = _MODELS[model]
-    path = tuple(name.split("/"))
-    default = default_at(cls, path)
-    if what == "value":
-        return html.escape(f"{default:.2f}" if isinstance(default, float) else str(default), quote=True)
-    info = cls.model_fields[path[0]]
-    low, low_open, high = bounds(info)
-    attrs = {"min": float(step) if low_open else low, "max": high, "step": float(step), "value": default}
-    return " ".join(f'{key}="{value if isinstance(value, int) else format(value, "g")}"'
-                    for key, value in attrs.items() if value is not None)
-
-
-#: The page; each parameter's range, default and placeholder come from its definition.
-PAGE = re.sub(r"@@(\w+)\.([\w/]+)\.(value|range)(?::([\d.]+))?@@", _field_markup, _TEMPLATE)
+    def launch(self, host: str, port: int, *, block: bool) -> tuple[gr.Blocks, str]:
+        """Serve on ``host:port``; returns the page and its URL (``block=False`` returns at once)."""
+        page = self.build()
+        port = port or _free_port(host)
+        page.queue(default_concurrency_limit=4)
+        _, url, _ = page.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=True,
+                                theme=THEME, css=CSS, allowed_paths=[str(EXAMPLE_IMAGE.parent)],
+                                show_error=True, footer_links=[], ssr_mode=False)
+        return page, str(url)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="trellisbox web", description="The TRELLIS-BOX web form.")
+    parser = argparse.ArgumentParser(prog="trellisbox web", description="The TRELLIS-BOX web app (Gradio).")
     parser.add_argument("--target", default="127.0.0.1:50051", help="gateway address (default %(default)s)")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default %(default)s)")
     parser.add_argument("--port", type=int, default=8080, help="port to serve on (default %(default)s)")
     parser.add_argument("--results", type=Path, default=None, help="folder for results (default: a temp dir)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s web %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up requests
+    if args.port and _port_taken(args.host, args.port):
+        print(f"port {args.port} is already in use on {args.host}: choose another with --port", file=sys.stderr)
+        return 1
     results = args.results or Path(tempfile.mkdtemp(prefix="trellisbox-web-"))
-    server = WebUI(args.target, results).server(args.host, args.port)
-    _log.info("web form on http://%s:%d (gateway %s, results in %s)", args.host, server.server_port, args.target,
-              results)
+    app = WebApp(args.target, results)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        page, url = app.launch(args.host, args.port, block=False)
+        print(f"web app on {url} (gateway {args.target})", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            threading.Event().wait()
+        page.close()
     finally:
-        server.server_close()
         if args.results is None:
             shutil.rmtree(results, ignore_errors=True)
     return 0

@@ -36,7 +36,7 @@ K8S_VERSION = os.environ.get("K8S_VERSION", DEFAULT_K8S_VERSION)
 OVERLAYS = ("dedicated-gpus", "dedicated-gpus-keda", "shared-gpu", "shared-gpu-k8s-lease", "cpu-preview")
 KUSTOMIZATIONS = {name: K8S / "overlays" / name for name in OVERLAYS} | {"weights": K8S / "weights"}
 # Optional components no overlay includes: rendered on top of this overlay to validate them.
-OPTIONAL_COMPONENTS = {"pod-monitor": "dedicated-gpus"}
+OPTIONAL_COMPONENTS = {"pod-monitor": "dedicated-gpus", "webui": "cpu-preview"}
 
 # apiVersion/kind -> structural schema file, for kinds whose CRDs kubernetes-validate does not carry.
 CRD_SCHEMAS = {
@@ -50,7 +50,7 @@ Obj = dict[str, Any]
 # optional port, the trellisbox/<image> path, a tag and/or a digest.
 IMAGE_REF = re.compile(
     r"^(?P<registry>(?:[a-z0-9-]+\.)+[a-z0-9-]+(?::\d+)?|localhost(?::\d+)?)/(?:[a-z0-9._-]+/)*trellisbox/"
-    r"(?P<image>gateway|refiner|trellis)(?::(?P<tag>[\w][\w.-]{0,127}))?(?:@(?P<digest>sha256:[0-9a-f]{64}))?$"
+    r"(?P<image>gateway|refiner|trellis|webui)(?::(?P<tag>[\w][\w.-]{0,127}))?(?:@(?P<digest>sha256:[0-9a-f]{64}))?$"
 )
 
 

@@ -1,0 +1,108 @@
+"""The `trellisbox` command and the launcher as a newcomer meets them: Ctrl-C, an unreachable gateway, a file
+that is not an image, a second `make run` while one is running."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tools.stack import LocalStack, LogInUse, free_port, start_service
+from trellisbox.cli import name_images
+from webui.app import EXAMPLE_IMAGE
+
+pytestmark = pytest.mark.integration
+
+CLI = [sys.executable, "-m", "trellisbox.cli"]
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """A port that accepts connections and never answers: a call to it hangs until cancelled."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        yield int(sock.getsockname()[1])
+
+
+def test_ctrl_c_says_cancelled_and_exits_130_without_a_traceback(silent_server: int, tmp_path: Path) -> None:
+    process = subprocess.Popen([*CLI, "generate", str(EXAMPLE_IMAGE), "-o", str(tmp_path / "x.glb"),
+                                "--target", f"127.0.0.1:{silent_server}"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)  # imported and waiting on the call
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130, stderr
+    assert "cancelled" in stderr and "Traceback" not in stderr
+
+
+def test_an_unreachable_gateway_says_how_to_start_one(tmp_path: Path) -> None:
+    target = f"127.0.0.1:{free_port()}"
+    completed = subprocess.run([*CLI, "generate", str(EXAMPLE_IMAGE), "-o", str(tmp_path / "x.glb"),
+                                "--target", target, "--timeout", "20"], capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 1
+    assert f"cannot reach the gateway at {target}" in completed.stderr
+    assert "make run" in completed.stderr and "--target" in completed.stderr
+
+
+def test_a_missing_file_is_named(tmp_path: Path) -> None:
+    completed = subprocess.run([*CLI, "generate", "chair.png", "-o", str(tmp_path / "x.glb")],
+                               capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 2 and "chair.png: no such file" in completed.stderr
+
+
+def test_messages_name_the_file_not_its_index() -> None:
+    assert name_images("images[1] is 4097×4097 = 16,785,409 pixels", ["a.png", "chair.png"]) == \
+        "chair.png is 4097×4097 = 16,785,409 pixels"
+    assert name_images("images[5] is empty", ["a.png"]) == "images[5] is empty"
+
+
+def test_a_taken_port_is_named_before_anything_starts_and_logs_are_left_alone(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "gateway.log").write_text("the running stack's log\n")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        completed = subprocess.run(
+            [sys.executable, "-m", "tools.demo", "--serve", "--out", str(tmp_path), "--gateway-port", str(port),
+             "--web-port", "-1"], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 1
+    assert f"port {port} (gateway) is already in use" in completed.stderr
+    assert "stack ready" not in completed.stderr
+    assert (logs / "gateway.log").read_text() == "the running stack's log\n"
+
+
+def test_a_second_stack_does_not_truncate_the_running_ones_log(tmp_path: Path) -> None:
+    args = ["--refiner-target", f"127.0.0.1:{free_port()}", "--trellis-target", f"127.0.0.1:{free_port()}"]
+    first = start_service("gateway", "gateway", args, tmp_path, exclusive_log=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not first.log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        written = first.log_path.read_text()
+        assert written
+        with pytest.raises(LogInUse, match="still running"):
+            start_service("gateway", "gateway", args, tmp_path, exclusive_log=True)
+        assert first.log_path.read_text().startswith(written)
+    finally:
+        first.stop()
+    start_service("gateway", "gateway", args, tmp_path, exclusive_log=True).stop()  # free again once it exits
+
+
+def test_the_classic_refiner_says_it_ignored_the_prompt(tmp_path: Path) -> None:
+    with LocalStack(tmp_path / "logs", refiner_args=["--backend", "classic"], trellis_args=["--backend", "preview"],
+                    ready_timeout=120) as stack:
+        completed = subprocess.run(
+            [*CLI, "generate", str(EXAMPLE_IMAGE), "-o", str(tmp_path / "mug.glb"), "--target", stack.gateway_target,
+             "--refine", "--prompt", "a ceramic mug"], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    assert "classic refiner: only strength applies; prompts, guidance, steps and seed are ignored" in \
+        " ".join(completed.stderr.split())
