@@ -187,4 +187,5 @@ def test_cli_reports_bad_input_readably(stack: LocalStack, tmp_path: Path) -> No
         capture_output=True, text=True, timeout=60,
     )
     assert completed.returncode == 1
-    assert "INVALID_ARGUMENT: images[0] is not a PNG, JPEG or WebP image" in completed.stderr
+    # The CLI names the caller's file, not the request's images[0].
+    assert "INVALID_ARGUMENT: notes.png is not a PNG, JPEG or WebP image" in completed.stderr
