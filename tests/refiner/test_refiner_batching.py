@@ -502,11 +502,16 @@ def test_service_batches_concurrent_requests(tmp_path: Path, cache_home: Path) -
         process.stop()
 
 
-def test_the_autoscaling_signal_counts_requests_not_batched_jobs(backend: SDXLBackend) -> None:
+def test_the_autoscaling_signal_counts_requests_not_batched_jobs(backend: SDXLBackend,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     # 8 requests outstanding, shared by a couple of batched jobs: the signal must read 8, not the job count.
     from refiner_service.servicer import RefinerServicer
     from trellisbox._runtime.observability import IMAGES_OUTSTANDING, REQUESTS_OUTSTANDING
 
+    # Hold every pipeline call until the signal is read, so no batch can finish first on a slow or fast machine.
+    release = threading.Event()
+    for name in ("refine", "refine_batch"):
+        monkeypatch.setattr(backend, name, _held_until(release, getattr(backend, name)))
     settings = RefinerSettings(batch_window_ms=300, max_batch_images=4, max_queue=8)
     host: ModelHost[RefinerBackend] = ModelHost("autoscale-test", 8, settings)
     host.start(lambda: backend)
@@ -522,10 +527,14 @@ def test_the_autoscaling_signal_counts_requests_not_batched_jobs(backend: SDXLBa
 
     async def main() -> None:
         calls = [asyncio.ensure_future(_drain_call(servicer.Refine(request, Context()))) for _ in range(8)]  # type: ignore[arg-type]
-        await asyncio.sleep(0.2)  # all admitted; the first batch still in its window
+        for _ in range(200):  # bounded wait until all 8 are admitted
+            if REQUESTS_OUTSTANDING.labels("autoscale-test")._value.get() == 8:
+                break
+            await asyncio.sleep(0.05)
         seen.append((REQUESTS_OUTSTANDING.labels("autoscale-test")._value.get(),
                      IMAGES_OUTSTANDING.labels("autoscale-test")._value.get(), float(host.worker.queue_depth
                                                                                       + host.worker.in_flight)))
+        release.set()
         await asyncio.gather(*calls)
 
     asyncio.run(main())
@@ -533,6 +542,13 @@ def test_the_autoscaling_signal_counts_requests_not_batched_jobs(backend: SDXLBa
     requests, images, jobs = seen[0]
     assert (requests, images) == (8, 8) and jobs <= 2, seen
     assert REQUESTS_OUTSTANDING.labels("autoscale-test")._value.get() == 0
+
+
+def _held_until(release: threading.Event, call: Any) -> Any:
+    def held(*args: Any, **kwargs: Any) -> Any:
+        release.wait(60)
+        return call(*args, **kwargs)
+    return held
 
 
 async def _drain_call(stream: AsyncIterator[Any]) -> None:
