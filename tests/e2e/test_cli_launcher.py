@@ -23,21 +23,29 @@ CLI = [sys.executable, "-m", "trellisbox.cli"]
 
 
 @pytest.fixture
-def silent_server() -> Iterator[int]:
-    """A port that accepts connections and never answers: a call to it hangs until cancelled."""
+def silent_server() -> Iterator[socket.socket]:
+    """A listening socket that never answers: a call to it hangs until cancelled."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         sock.listen(8)
-        yield int(sock.getsockname()[1])
+        yield sock
 
 
-def test_ctrl_c_says_cancelled_and_exits_130_without_a_traceback(silent_server: int, tmp_path: Path) -> None:
+def test_ctrl_c_says_cancelled_and_exits_130_without_a_traceback(silent_server: socket.socket,
+                                                                 tmp_path: Path) -> None:
+    port = int(silent_server.getsockname()[1])
     process = subprocess.Popen([*CLI, "generate", str(EXAMPLE_IMAGE), "-o", str(tmp_path / "x.glb"),
-                                "--target", f"127.0.0.1:{silent_server}"],
+                                "--target", f"127.0.0.1:{port}"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(3)  # imported and waiting on the call
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=30)
+    try:
+        silent_server.settimeout(60)
+        connection, _ = silent_server.accept()  # the CLI has started its call: past imports, waiting on the reply
+        with connection:
+            time.sleep(0.5)
+            process.send_signal(signal.SIGINT)
+            _, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
     assert process.returncode == 130, stderr
     assert "cancelled" in stderr and "Traceback" not in stderr
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,13 +60,16 @@ def test_a_refused_request_hears_only_the_refusal_with_a_retry_hint(one_slot_sta
     with grpc.insecure_channel(one_slot_stack.gateway_target) as channel:
         stub = gateway_pb2_grpc.GatewayServiceStub(channel)
         finished: list[str] = []
+        admitted = threading.Event()
 
         def busy() -> None:
-            finished.extend(r.WhichOneof("event") or "" for r in stub.Generate(request, timeout=60))
+            for response in stub.Generate(request, timeout=60):
+                finished.append(response.WhichOneof("event") or "")
+                admitted.set()  # its first event: it holds the only slot for about 2 s more
 
         holder = threading.Thread(target=busy)
         holder.start()
-        time.sleep(1.0)  # the first request holds the only slot for about 2 s
+        assert admitted.wait(30), "the first request was never admitted"
         received = []
         call = stub.Generate(request, timeout=30)
         with pytest.raises(grpc.RpcError):
