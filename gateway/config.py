@@ -61,8 +61,9 @@ class GatewaySettings(ServiceSettings):
     )
     max_held_bytes: int = Field(
         512 * 2**20, ge=2**20, description="Request bytes the gateway holds at once past the transport (being "
-        "validated, decoded one image at a time, or routed); a request over it is refused with RESOURCE_EXHAUSTED "
-        "before any decoding. Bounds the gateway's memory under many large uploads (docs/reliability.md)."
+        "validated, decoded one image at a time, or routed): each request counts its bytes plus its costliest decode, "
+        "read from the image headers. A request over it is refused with RESOURCE_EXHAUSTED before any decoding. "
+        "Bounds the gateway's memory under many large uploads (docs/reliability.md)."
     )
     default_timeout_s: float = Field(
         900.0, gt=0, description="Deadline applied when the client sets none (refine + generation)."

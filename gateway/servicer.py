@@ -17,6 +17,7 @@ from gateway.router import GENERATED_KINDS, GenerateJob, Router
 from trellisbox._domain.contract import GATEWAY_SERVICE
 from trellisbox._domain.convert import kinds_from_proto, params_from_proto
 from trellisbox._domain.errors import InvalidInput
+from trellisbox._domain.imaging import decode_cost
 from trellisbox._domain.kinds import ArtifactKind
 from trellisbox._domain.params import GenerationParams, RefineParams, random_seed
 from trellisbox._runtime.server import release_memory
@@ -64,15 +65,16 @@ class GatewayServicer:
         self._settings = settings
         self._router = router
         self._budget = budget
-        # Decoding one image holds its bytes (protobuf hands out a copy) and its pixels (RGBA at most).
-        self._decode_bytes = settings.max_image_bytes + 4 * settings.max_image_pixels
 
     async def Generate(self, request: gateway_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Outgoing]:
         request_id = bind_request_id(request.request_id)
         size = request.ByteSize()
         try:
-            with self._budget.hold(size + self._decode_bytes) as resize:  # refused here, before any decoding
+            # Images are decoded one at a time, so the peak is the request plus its costliest decode (from headers).
+            peak = size + max((decode_cost(image.data, self._settings.image_limits) for image in request.images),
+                              default=0)
+            with self._budget.hold(peak) as resize:  # refused here, before any decoding
                 # Decoding once here is the validation: format, size, pixel count, truncation (a 4096² PNG takes a
                 # few hundred ms, off the event loop). The stages get the caller's bytes, not a re-encoding.
                 await validate_request_images(request.images, self._settings)

@@ -4,17 +4,22 @@ refusal, with a retry hint."""
 from __future__ import annotations
 
 import asyncio
+import io
 import threading
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import grpc
 import pytest
+from PIL import Image
 
 from gateway.admission import RETRY_AFTER_S, Admission, ByteBudget
+from gateway.config import GatewaySettings
 from tests.images import png_bytes
 from tools.stack import LocalStack
 from trellisbox._domain.errors import QueueFull
+from trellisbox._domain.imaging import ImageLimits, decode_cost
 from trellisbox.client import build_request
 from trellisbox.v1 import gateway_pb2_grpc
 
@@ -95,3 +100,22 @@ def test_the_byte_budget_refuses_before_decoding_and_lets_one_large_request_in()
         with budget.hold(60):
             assert budget.held == 100
     assert budget.held == 0
+
+
+def test_the_decode_reservation_follows_each_image_header_not_the_worst_case() -> None:
+    limits = ImageLimits()
+    small = png_bytes(96)
+    assert decode_cost(small, limits) == len(small) + 4 * 96 * 96
+    # Many small requests validating at once fit the default budget (they were refused when each reserved the
+    # worst case).
+    budget = ByteBudget(GatewaySettings().max_held_bytes)
+    with ExitStack() as held:
+        for _ in range(64):
+            held.enter_context(budget.hold(len(small) + decode_cost(small, limits)))
+    # A small file whose header declares many pixels (a compression bomb) reserves what its decode would take.
+    buffer = io.BytesIO()
+    Image.new("RGB", (4096, 4096)).save(buffer, format="PNG")
+    bomb = buffer.getvalue()
+    assert len(bomb) < 2**20 and decode_cost(bomb, limits) == len(bomb) + 4 * 4096 * 4096
+    # A header beyond the pixel limit, or none at all, reserves the worst case the decoder would accept.
+    assert decode_cost(b"not an image" * 10, limits) == 120 + 4 * limits.max_pixels

@@ -49,6 +49,18 @@ def _pixel_limit(pixels: int) -> str:
     return f"{pixels:,}" + (f" ({side}×{side})" if side * side == pixels else "")
 
 
+def decode_cost(data: bytes, limits: ImageLimits) -> int:
+    """Bytes that decoding ``data`` holds at its peak: a copy of the encoded bytes and RGBA pixels, the pixel count
+    read from the header alone (cheap; nothing is decoded) and capped at what :func:`decode_image` would accept.
+    An unreadable header costs the worst case: the caller reserves before it knows the image is bad."""
+    try:
+        width, height = Image.open(io.BytesIO(data)).size
+        pixels = min(width * height, limits.max_pixels)
+    except Exception:
+        pixels = limits.max_pixels
+    return min(len(data), limits.max_bytes) + 4 * pixels
+
+
 def decode_image(data: bytes, media_type: str = "", limits: ImageLimits | None = None,
                  label: str = "image") -> Image.Image:
     """Decode untrusted bytes into an RGB or RGBA image.
