@@ -29,6 +29,7 @@ from refiner_service.backends.base import RefinerBackend
 from trellisbox._domain.imaging import reapply_alpha, split_alpha
 from trellisbox._domain.kinds import Stage
 from trellisbox._domain.params import RefineParams
+from trellisbox._runtime.model import WeightFreeBackend
 from trellisbox._runtime.worker import JobContext
 
 _log = logging.getLogger(__name__)
@@ -176,30 +177,13 @@ def normalize_colour(a: Array, alpha: Image.Image | None, strength: float, check
     return _by_bands(0, lambda band: (band + mix * ((band - offset) * gain - band)).astype(np.float32), check, a)
 
 
-class ClassicBackend(RefinerBackend):
+class ClassicBackend(WeightFreeBackend, RefinerBackend):
     """Weight-free restoration on the CPU: deblock, denoise, sharpen, normalise colour.
 
     ``strength`` scales every pass; the other parameters only matter to diffusion backends.
     """
 
     name = "classic"
-
-    def __init__(self) -> None:
-        self._loaded = False
-
-    @property
-    def device(self) -> str:
-        return "cpu"
-
-    @property
-    def loaded(self) -> bool:
-        return self._loaded
-
-    def load(self) -> None:
-        self._loaded = True  # nothing to load; kept so the service's warm-up is uniform
-
-    def unload(self) -> None:
-        self._loaded = False
 
     def refine(self, images: Sequence[Image.Image], params: RefineParams, seeds: Sequence[int],
                ctx: JobContext | None = None) -> list[Image.Image]:

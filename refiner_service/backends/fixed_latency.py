@@ -23,6 +23,7 @@ from PIL import Image
 from refiner_service.backends.base import RefinerBackend
 from trellisbox._domain.kinds import Stage
 from trellisbox._domain.params import RefineParams
+from trellisbox._runtime.model import WeightFreeBackend
 from trellisbox._runtime.worker import JobContext
 
 _log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ _log = logging.getLogger(__name__)
 DEFAULT_LATENCY_MS = 200.0
 
 
-class FixedLatencyBackend(RefinerBackend):
+class FixedLatencyBackend(WeightFreeBackend, RefinerBackend):
     """Args:
         latency_ms: Wall time per image, spent sleeping on the model thread.
     """
@@ -41,21 +42,10 @@ class FixedLatencyBackend(RefinerBackend):
         if latency_ms < 0:
             raise ValueError(f"latency_ms must be >= 0, got {latency_ms}")
         self.latency_ms = float(latency_ms)
-        self._loaded = False
 
     @property
     def device(self) -> str:
         return "none"
-
-    @property
-    def loaded(self) -> bool:
-        return self._loaded
-
-    def load(self) -> None:
-        self._loaded = True
-
-    def unload(self) -> None:
-        self._loaded = False
 
     def describe(self) -> str:
         return f"backend=fixed-latency ({self.latency_ms:g} ms per image, no model: load testing only)"

@@ -11,31 +11,22 @@ import pytest
 from trellisbox._domain.errors import Unavailable
 from trellisbox._runtime import model
 from trellisbox._runtime.lease import LeaseSettings
-from trellisbox._runtime.model import ModelBackend, ModelHost
+from trellisbox._runtime.model import ModelHost, WeightFreeBackend
 from trellisbox._runtime.worker import Finished, JobContext
 
 
-class FakeModel(ModelBackend):
+class FakeModel(WeightFreeBackend):
     name = "fake"
 
     def __init__(self) -> None:
         self.calls: list[str] = []
-        self._loaded = False
-
-    @property
-    def device(self) -> str:
-        return "cpu"
-
-    @property
-    def loaded(self) -> bool:
-        return self._loaded
 
     def load(self) -> None:
-        self._loaded = True
+        super().load()
         self.calls.append("load")
 
     def unload(self) -> None:
-        self._loaded = False
+        super().unload()
         self.calls.append("unload")
 
     def warm_up(self) -> None:

@@ -26,6 +26,7 @@ from trellis_service.exporters import SH_C0, SplatArrays
 from trellisbox._domain.imaging import has_real_alpha
 from trellisbox._domain.kinds import ArtifactKind, Stage
 from trellisbox._domain.params import GenerationParams, random_seed
+from trellisbox._runtime.model import WeightFreeBackend
 from trellisbox._runtime.worker import JobContext
 
 _log = logging.getLogger(__name__)
@@ -313,27 +314,10 @@ def sample_splats(mesh: InflatedMesh, texture: Image.Image, count: int, seed: in
                        scale.astype(f32), rotation.astype(f32))
 
 
-class PreviewBackend(ImageTo3DBackend):
+class PreviewBackend(WeightFreeBackend, ImageTo3DBackend):
     """CPU silhouette inflation: no weights, well under two seconds for a 512×512 image."""
 
     name = "preview"
-
-    def __init__(self) -> None:
-        self._loaded = False
-
-    @property
-    def device(self) -> str:
-        return "cpu"
-
-    @property
-    def loaded(self) -> bool:
-        return self._loaded
-
-    def load(self) -> None:
-        self._loaded = True  # nothing to load; kept so the service's warm-up is uniform
-
-    def unload(self) -> None:
-        self._loaded = False
 
     def describe(self) -> str:
         return "backend=preview device=cpu (silhouette inflation, not TRELLIS)"

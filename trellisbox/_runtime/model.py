@@ -97,6 +97,27 @@ class ModelBackend(ABC):
         return f"backend={self.name} device={self.device}"
 
 
+class WeightFreeBackend(ModelBackend):
+    """The lifecycle of a backend with no weights (the CPU stand-ins): loading only flips a flag, so the service's
+    warm-up and lease hooks stay uniform."""
+
+    _loaded: bool = False
+
+    @property
+    def device(self) -> str:
+        return "cpu"
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded
+
+    def load(self) -> None:
+        self._loaded = True
+
+    def unload(self) -> None:
+        self._loaded = False
+
+
 B = TypeVar("B", bound=ModelBackend)
 
 
