@@ -21,6 +21,8 @@ REFINER_MODEL ?=
 TRELLIS_MODEL ?=
 # dedicated: each model service on its own device; shared: both on one GPU under a flock lease.
 PLACEMENT ?= dedicated
+# `make demo GAUSSIAN_REFINEMENT=60`: also fit the generated Gaussians to the image (step budget; 0 = off).
+GAUSSIAN_REFINEMENT ?= 0
 STACK_FLAGS = --placement $(PLACEMENT) $(if $(REFINER_MODEL),--refiner-model $(REFINER_MODEL)) $(if $(TRELLIS_MODEL),--trellis-model $(TRELLIS_MODEL))
 
 .PHONY: install proto run demo test lint browser bench reliability device-wheels k8s-validate images clean
@@ -48,7 +50,8 @@ run: install
 	  --trellis-port $(TRELLIS_PORT) --web-port $(WEB_PORT) --refiner-backend $(REFINER_BACKEND) --trellis-backend $(TRELLIS_BACKEND) $(STACK_FLAGS)
 
 demo: install
-	$(PY) -m tools.demo --out out --refiner-backend $(REFINER_BACKEND) --trellis-backend $(TRELLIS_BACKEND) $(STACK_FLAGS)
+	$(PY) -m tools.demo --out out --refiner-backend $(REFINER_BACKEND) --trellis-backend $(TRELLIS_BACKEND) $(STACK_FLAGS) \
+	  --gaussian-refinement $(GAUSSIAN_REFINEMENT)
 	node tools/gltf-validator/validate.mjs out/*.glb
 
 # The browser test (tests/e2e/test_webui.py) drives Debian's Chromium through Playwright; never a browser
@@ -75,6 +78,7 @@ bench: install
 	$(PY) bench/lease_bench.py --out bench/results/lease.json
 	$(PY) -m bench.refiner_batching $(if $(filter quick,$(REFINER_BENCH)),--quick)
 	$(PY) -m bench.refiner_gpu $(if $(filter quick,$(REFINER_BENCH)),--quick)
+	$(PY) -m bench.gaussian_refinement $(if $(filter quick,$(REFINER_BENCH)),--quick)
 	$(PY) -m bench --out bench/results --docs docs/benchmarks.md
 
 # Reliability scenarios (tests/reliability: fuzz, burst, replica and service kills, long calls, memory) against

@@ -119,6 +119,8 @@ class Router:
             refiner_backend=refine_done.backend,
             generator_backend=generate_done.backend,
             notes=[*generate_done.notes, *([CLASSIC_NOTE] if refine_done.backend == "classic" else [])],
+            gaussian_refinement=(generate_done.gaussian_refinement
+                                 if generate_done.HasField("gaussian_refinement") else None),
         ))
 
 

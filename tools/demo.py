@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trellis-model", default=None, help="TRELLIS model id or local folder")
     parser.add_argument("--placement", default="dedicated", choices=("dedicated", "shared"),
                         help="shared: both model services time-share one GPU under a flock lease")
+    parser.add_argument("--gaussian-refinement", type=int, default=0, metavar="STEPS",
+                        help="also fit the generated Gaussians to the image with this step budget "
+                             "(docs/gaussian-refinement.md; 0: off, the default)")
     parser.add_argument("--serve", action="store_true", help="keep the stack running until Ctrl-C")
     parser.add_argument("--web-port", type=int, default=8080, help="with --serve: the web app's port (-1: off)")
     parser.add_argument("--gateway-port", type=int, default=0)
@@ -87,8 +90,10 @@ def main(argv: list[str] | None = None) -> int:
             with TrellisBoxClient(stack.gateway_target) as client, stage_progress(_console) as progress:
                 bars = StageBars(progress, f"sending {args.image.name}")
                 try:
+                    refinement = ({"gaussian_refinement": {"enabled": True, "steps": args.gaussian_refinement}}
+                                  if args.gaussian_refinement else {})
                     result = client.generate([args.image], refine=True, formats=["glb", "refined", "ply"],
-                                             on_progress=bars)
+                                             generation=refinement, on_progress=bars)
                 except BaseException:
                     bars.finish(done=False)
                     raise

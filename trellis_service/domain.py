@@ -12,11 +12,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import trimesh
 
 from trellisbox._domain.kinds import Stage
+
+if TYPE_CHECKING:
+    from trellis_service.gaussian_refinement import RefinementReport
 
 
 class Splats(Protocol):
@@ -35,6 +38,7 @@ class GeneratedAsset:
         splats: The Gaussians for the PLY; None when no PLY was asked for.
         timings: Seconds per stage, in the order the stages ran.
         notes: Things the caller should know (e.g. which input the preview used).
+        refinement: What the Gaussian refinement did, when the request asked for it.
     """
 
     seed: int
@@ -42,6 +46,7 @@ class GeneratedAsset:
     splats: Splats | None = None
     timings: dict[Stage, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    refinement: RefinementReport | None = None
 
 
 class StageClock:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -33,7 +33,10 @@ from trellisbox._runtime.servicing import (
     encode_off_thread,
 )
 from trellisbox._runtime.worker import JobContext
-from trellisbox.v1 import trellis_pb2, trellis_pb2_grpc
+from trellisbox.v1 import common_pb2, trellis_pb2, trellis_pb2_grpc
+
+if TYPE_CHECKING:
+    from trellis_service.gaussian_refinement import RefinementReport
 
 #: What TrellisService produces; the refined image comes from the refiner (ask the gateway for it).
 PRODUCED = (ArtifactKind.GLB, ArtifactKind.GAUSSIAN_PLY)
@@ -43,6 +46,21 @@ def requested_formats(kinds: Iterable[int]) -> frozenset[ArtifactKind]:
     """The artifact kinds to produce; none requested means the GLB."""
     hints = {ArtifactKind.REFINED_IMAGE: "it comes from the refiner stage (ask the gateway for it)"}
     return kinds_from_proto(kinds, PRODUCED, hints=hints) or frozenset({ArtifactKind.GLB})
+
+
+def refinement_to_proto(report: RefinementReport) -> common_pb2.GaussianRefinementReport:
+    """The refinement's figures as the done message carries them."""
+    return common_pb2.GaussianRefinementReport(
+        views=[common_pb2.GaussianRefinementView(
+            image_index=view.image_index, yaw_degrees=view.pose.yaw_degrees, pitch_degrees=view.pose.pitch_degrees,
+            distance=view.pose.distance, silhouette_iou=view.silhouette_iou, psnr_before=view.before.psnr,
+            psnr_after=view.after.psnr, ssim_before=view.before.ssim, ssim_after=view.after.ssim,
+        ) for view in report.views],
+        held_out=[common_pb2.HeldOutView(yaw_degrees=view.yaw_degrees, pitch_degrees=view.pitch_degrees,
+                                         psnr=view.scores.psnr, ssim=view.scores.ssim) for view in report.held_out],
+        steps=report.steps, stopped_early=report.stopped_early, gaussians=report.gaussians,
+        resolution=report.resolution, rasterizer=report.rasterizer,
+    )
 
 
 class TrellisServicer(trellis_pb2_grpc.TrellisServiceServicer):
@@ -82,6 +100,8 @@ class TrellisServicer(trellis_pb2_grpc.TrellisServiceServicer):
             timings[Stage.EXPORT] = timings.get(Stage.EXPORT, 0.0) + encode_s
             done = trellis_pb2.ImageTo3DDone(seed=asset.seed, timings=timings_to_proto(timings), backend=backend.name,
                                              device=backend.device, notes=asset.notes)
+            if asset.refinement is not None:
+                done.gaussian_refinement.CopyFrom(refinement_to_proto(asset.refinement))
             del job, finished, asset  # the mesh and splats: only the encoded artifacts are needed from here on
             await asyncio.to_thread(release_memory)
             observe_stages(self._host.service, timings)

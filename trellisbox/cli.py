@@ -1,6 +1,7 @@
 """``trellisbox`` console command.
 
     trellisbox generate chair.png -o chair.glb --refine --strength 0.3 --prompt "a wooden chair"
+    trellisbox generate chair.png -o chair.glb --ply chair.ply --gs-enabled --gs-steps 100
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from trellisbox._domain.params import (
     scalar_type,
     walk,
 )
-from trellisbox.client import GenerationResult, ProgressUpdate, TrellisBoxClient
+from trellisbox.client import GenerationResult, ProgressUpdate, TrellisBoxClient, refinement_lines
 
 _console = Console(stderr=True)
 
@@ -43,6 +44,10 @@ def _add_parameters(group: argparse._ArgumentGroup, cls: type[ParamModel], dest:
         default = default_at(cls, path)
         shown = "random" if default is None else repr(default.value if isinstance(default, Enum) else default)
         text = f"{full_doc(cls, path)} {describe(info).capitalize()}; server default {shown}."
+        if kind is bool:  # --gs-enabled / --no-gs-enabled; neither: the server's default
+            group.add_argument(f"--{cli_stem(cls, path)}", dest=f"{dest}.{'.'.join(path)}",
+                               action=argparse.BooleanOptionalAction, default=None, help=text.replace("%", "%%"))
+            continue
         choices = [member.value for member in kind] if issubclass(kind, Enum) else None
         group.add_argument(f"--{cli_stem(cls, path)}", dest=f"{dest}.{'.'.join(path)}", metavar=None if choices
                            else kind.__name__.upper(), type=str if choices else kind, choices=choices,
@@ -158,6 +163,8 @@ def print_summary(result: GenerationResult, written: Sequence[Path]) -> None:
     if result.refine_seeds:
         seeds += f", refine seeds={result.refine_seeds}"
     _console.print(seeds)
+    for line in refinement_lines(result.gaussian_refinement):
+        _console.print(line, markup=False, highlight=False)
     for note in result.notes:
         _console.print(f"note: {note}")
     for path in written:

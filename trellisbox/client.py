@@ -60,6 +60,8 @@ class GenerationResult:
     refiner_backend: str = ""
     generator_backend: str = ""
     notes: list[str] = field(default_factory=list)
+    #: What the Gaussian refinement did (recovered cameras, PSNR/SSIM before and after), when it was asked for.
+    gaussian_refinement: common_pb2.GaussianRefinementReport | None = None
 
     def _first(self, kind: ArtifactKind) -> bytes | None:
         return next((a.data for a in self.artifacts if a.kind == kind), None)
@@ -100,7 +102,8 @@ def build_request(images: Sequence[ImageInput], *, refine: bool = False,
             num_inference_steps, prompt, negative_prompt, seed, aesthetic_score, negative_aesthetic_score.
         generation: Any parameter of ``GenerationParams`` by name: seed, mesh_simplify, texture_size,
             multi_image_mode ("stochastic" | "multidiffusion"), sparse_structure / slat (mappings of steps,
-            cfg_strength).
+            cfg_strength), gaussian_refinement (a mapping: enabled, steps, colours, opacities, positions,
+            scales, regularisation, resolution, novel_views, novel_view_strength).
         formats: Any of "glb", "ply", "refined"; empty for the server default.
         request_id: Optional id for logs and metrics (letters, digits, ``. _ : -``; at most 128).
 
@@ -191,4 +194,23 @@ class TrellisBoxClient:
                 result.refiner_backend = done.refiner_backend
                 result.generator_backend = done.generator_backend
                 result.notes = list(done.notes)
+                if done.HasField("gaussian_refinement"):
+                    result.gaussian_refinement = done.gaussian_refinement
         return result
+
+
+def refinement_lines(report: common_pb2.GaussianRefinementReport | None) -> list[str]:
+    """The Gaussian refinement's figures as lines for a person (empty when there was none)."""
+    if report is None:
+        return []
+    lines = [f"gaussian refinement: {report.steps} steps{' (stopped early)' if report.stopped_early else ''}, "
+             f"{report.gaussians} Gaussians at {report.resolution} px, rasteriser {report.rasterizer}"]
+    for view in report.views:
+        lines.append(f"  image {view.image_index}: camera yaw {view.yaw_degrees:.1f}° pitch {view.pitch_degrees:.1f}° "
+                     f"distance {view.distance:.2f}, silhouette IoU {view.silhouette_iou:.3f}; "
+                     f"PSNR {view.psnr_before:.2f} → {view.psnr_after:.2f} dB, "
+                     f"SSIM {view.ssim_before:.3f} → {view.ssim_after:.3f}")
+    for held in report.held_out:
+        lines.append(f"  held-out view yaw {held.yaw_degrees:.0f}° pitch {held.pitch_degrees:.0f}°: "
+                     f"{held.psnr:.2f} dB PSNR, SSIM {held.ssim:.3f} against the unrefined render")
+    return lines

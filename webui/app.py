@@ -29,7 +29,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr
 
 import trellisbox
-from trellisbox.client import GenerationResult, ProgressUpdate, TrellisBoxClient
+from trellisbox.client import GenerationResult, ProgressUpdate, TrellisBoxClient, refinement_lines
 from webui.form import (
     Control,
     ProgressPanel,
@@ -76,6 +76,8 @@ def _component(control: Control) -> gr.components.Component:
                           **common)
     if control.kind == "choice":
         return gr.Dropdown(choices=list(control.choices), value=control.default, **common)
+    if control.kind == "checkbox":
+        return gr.Checkbox(value=control.default, **common)
     return gr.Textbox(value=control.default, max_length=control.max_length, **common)
 
 
@@ -224,7 +226,9 @@ class WebApp:
                      f"seed {result.generation_seed}"
                      + (f", refine seeds {', '.join(map(str, result.refine_seeds))}" if result.refine_seeds else "")
                      + f"; {timings}")
-        notes = "".join(f'<div class="tb-note">note: {html.escape(note)}</div>' for note in result.notes)
+        notes = "".join(f'<div class="tb-refinement">{html.escape(line)}</div>'
+                        for line in refinement_lines(result.gaussian_refinement))
+        notes += "".join(f'<div class="tb-note">note: {html.escape(note)}</div>' for note in result.notes)
         return panel.html() + notes, {"refined": refined, "glb": str(glb) if glb else None,
                                       "ply": str(ply) if ply else None, "downloads": downloads}
 

@@ -42,8 +42,8 @@ _MESSAGE_PREFIXES = {"refine": ("refine_parameters", "refine_params", "refine"),
 class Control:
     """One request parameter as a form control: every value here comes from the parameter's definition.
 
-    ``kind`` is ``"slider"`` (bounded number), ``"number"`` (a seed: empty means random), ``"text"`` or
-    ``"choice"``.
+    ``kind`` is ``"slider"`` (bounded number), ``"number"`` (a seed: empty means random), ``"text"``,
+    ``"choice"`` or ``"checkbox"``.
     """
 
     group: str
@@ -90,6 +90,8 @@ def control_for(group: str, cls: type[ParamModel], path: tuple[str, ...]) -> Con
     shown = default_text(default).strip("'")
     text = f"{full_doc(cls, path)} {describe(info)[:1].upper()}{describe(info)[1:]}; default {shown}."
     common: dict[str, Any] = {"group": group, "path": path, "label": _label(path), "info": text}
+    if kind is bool:
+        return Control(kind="checkbox", default=default, **common)
     if issubclass(kind, StrEnum):
         return Control(kind="choice", default=default.value, choices=tuple(m.value for m in kind), **common)
     if kind is str:

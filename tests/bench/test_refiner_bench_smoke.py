@@ -89,3 +89,20 @@ def test_the_gpu_host_recipe_names_real_variants_and_pins_what_the_tests_ran_aga
     assert {"diffusers", "pydantic-settings", "grpcio-health-checking", "protobuf"} <= set(MISSING_ON_DEVICE)
     with pytest.raises(SystemExit, match="not installed"):
         pinned(("no-such-distribution-here",))
+
+
+def test_gaussian_refinement_bench_quick(tmp_path: Path) -> None:
+    out = tmp_path / "gaussian_refinement.json"
+    done = subprocess.run([sys.executable, "-m", "bench.gaussian_refinement", "--quick", "--device", "cpu",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "| Gaussians | render px |" in done.stdout
+    data: dict[str, Any] = json.loads(out.read_text())
+    assert data["rasterizer"] == "torch" and data["agreement"] is None  # no GPU: nothing to compare with
+    (row,) = data["fit"]
+    assert row["gaussians"] == 2000 and row["size"] == 48
+    assert all(_positive(row[key]) for key in ("pose_s", "step_s", "iou"))
+    (transfer,) = data["ply_transfer"]
+    table = 2000 * 17 * 4  # 17 float columns per Gaussian
+    assert table < transfer["ply_bytes"] < table + 1024, "the table plus a header"
+    assert _positive(transfer["encode_s"]) and _positive(transfer["decode_s"])

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -17,9 +18,10 @@ from trellis_service.backends.preview import PreviewBackend
 from trellis_service.backends.trellis import TrellisBackend
 from trellis_service.config import TrellisSettings
 from trellis_service.exporters import encode_asset
+from trellis_service.gaussian_refinement.gaussians import read_splat_ply
 from trellisbox._domain.errors import Cancelled, ModelUnavailable
 from trellisbox._domain.kinds import ArtifactKind, Stage
-from trellisbox._domain.params import GenerationParams, MultiImageMode, SamplerParams
+from trellisbox._domain.params import GaussianRefinementParams, GenerationParams, MultiImageMode, SamplerParams
 from trellisbox._runtime.worker import JobContext, ProgressEvent
 
 GLB = ArtifactKind.GLB
@@ -337,3 +339,34 @@ def test_configured_trellis_raises_instead_of_falling_back(model_dir: Path) -> N
     settings = TrellisSettings(backend="trellis", model=str(model_dir))
     with pytest.raises(ModelUnavailable, match="no CUDA GPU"):
         choose_backend(settings, cuda_check=lambda: False)
+
+
+def test_gaussian_refinement_refines_the_gaussians_and_bakes_the_glb_from_them(
+        standin_root: Path, model_dir: Path, torch_home: Path) -> None:
+    """With refinement asked for, upstream's Gaussian is written (save_ply), fitted to the image, read back
+    (load_ply) and only then baked (to_glb): the GLB and the PLY both come from the refined Gaussians."""
+    write_standin(standin_root)
+    backend = backend_for(model_dir)
+    backend.load()
+    refinement = {"enabled": True, "steps": 4, "resolution": 32}
+    params = PARAMS.model_copy(update={"gaussian_refinement": GaussianRefinementParams(**refinement)})
+    result, events = generate(backend, [object_image(alpha=True)], params, {GLB, PLY})
+
+    (to_glb,) = named("to_glb", "trellis.utils.postprocessing_utils")
+    gaussian = to_glb["app_rep"]
+    ply = {a.kind: a.data for a in encode_asset(result)}[PLY]
+    assert gaussian.loaded == [ply], "the bake saw the refined Gaussians, the same ones the PLY carries"
+    original = sys.modules["trellis.representations"].expected_ply_bytes()
+    assert ply != original and len(ply) == len(original)
+    refined = read_splat_ply(ply)
+    assert not np.array_equal(refined.f_dc, read_splat_ply(original).f_dc), "colours moved"
+    np.testing.assert_array_equal(refined.xyz, read_splat_ply(original).xyz)  # positions were not asked for
+
+    report = result.refinement
+    assert report is not None and report.steps == 4 and report.gaussians == 256
+    assert report.rasterizer == "torch" and len(report.views) == 1
+    assert 0.0 < report.views[0].silhouette_iou <= 1.0
+    stages = [e.stage for e in events]
+    assert stages.index(Stage.SLAT) < stages.index(Stage.GAUSSIAN_REFINEMENT) < len(stages) - 1
+    assert stages.index(Stage.GAUSSIAN_REFINEMENT) < max(i for i, s in enumerate(stages) if s is Stage.EXPORT)
+    assert Stage.GAUSSIAN_REFINEMENT in result.timings

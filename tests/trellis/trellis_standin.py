@@ -10,7 +10,7 @@ adapter relies on, written from the documented behaviour, not copied:
   ``sample_sparse_structure``, ``sample_slat``, ``decode_slat``, ``run``, ``run_multi_image`` (which, like
   upstream, patches the samplers and restores them only when sampling succeeds);
 - samplers whose ``sample`` calls ``sample_once`` per step, which calls ``_inference_model``;
-- ``trellis.representations.Gaussian.save_ply(path)`` and a mesh result;
+- ``trellis.representations.Gaussian.save_ply(path)`` / ``load_ply(path)`` and a mesh result;
 - ``trellis.utils.postprocessing_utils.to_glb(app_rep, mesh, simplify, fill_holes, ..., texture_size)``
   returning a textured ``trimesh.Trimesh``;
 - the CUDA extension modules (spconv, flash_attn, nvdiffrast, ...) and the other modules TRELLIS imports
@@ -80,22 +80,44 @@ PLY_PROPERTIES = ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2",
                   "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
 
 
-def expected_ply_bytes(count=8):
+def expected_ply_bytes(count=256):
+    """A small ball of Gaussians in save_ply's y-up frame: valid rotations, log scales, opacity logits and
+    colours that change around the ball (so that a refinement has something to see)."""
+    golden = np.pi * (3.0 - np.sqrt(5.0))
+    k = np.arange(count)
+    y = 1.0 - 2.0 * (k + 0.5) / count
+    ring = np.sqrt(1.0 - y * y)
+    xyz = 0.4 * np.stack([ring * np.cos(golden * k), y, ring * np.sin(golden * k)], axis=1)
+    columns = {
+        "x": xyz[:, 0], "y": xyz[:, 1], "z": xyz[:, 2],
+        "nx": np.zeros(count), "ny": np.zeros(count), "nz": np.zeros(count),
+        "f_dc_0": xyz[:, 0] * 3.0, "f_dc_1": xyz[:, 1] * 3.0, "f_dc_2": -xyz[:, 2] * 3.0,
+        "opacity": np.full(count, 2.0),
+        "scale_0": np.full(count, -2.6), "scale_1": np.full(count, -2.6), "scale_2": np.full(count, -2.6),
+        "rot_0": np.ones(count), "rot_1": np.zeros(count), "rot_2": np.zeros(count), "rot_3": np.zeros(count),
+    }
     header = "\\n".join(["ply", "format binary_little_endian 1.0", f"element vertex {count}"]
                         + [f"property float {p}" for p in PLY_PROPERTIES] + ["end_header", ""])
-    table = np.arange(count * len(PLY_PROPERTIES), dtype="<f4").reshape(count, -1)
+    table = np.stack([columns[p] for p in PLY_PROPERTIES], axis=1).astype("<f4")
     return header.encode("ascii") + table.tobytes()
 
 
 class Gaussian:
-    def __init__(self, count=8):
+    def __init__(self, count=256):
         self.count = count
         self.saved_to = []
+        self.loaded = []  # the bytes of each load_ply, in order
+        self.data = expected_ply_bytes(count)
 
     def save_ply(self, path, transform=((1, 0, 0), (0, 0, -1), (0, 1, 0))):
         self.saved_to.append(path)
         with open(path, "wb") as handle:
-            handle.write(expected_ply_bytes(self.count))
+            handle.write(self.data)
+
+    def load_ply(self, path, transform=((1, 0, 0), (0, 0, -1), (0, 1, 0))):
+        with open(path, "rb") as handle:
+            self.data = handle.read()
+        self.loaded.append(self.data)
 
 
 class MeshExtractResult:

@@ -20,6 +20,7 @@ from trellisbox._domain.convert import params_from_proto, params_message, params
 from trellisbox._domain.errors import InvalidInput
 from trellisbox._domain.params import (
     MAX_PROMPT_CHARS,
+    GaussianRefinementParams,
     GenerationParams,
     MultiImageMode,
     ParamModel,
@@ -46,11 +47,13 @@ MODELS: list[tuple[type[ParamModel], Descriptor]] = [
     (RefineParams, common_pb2.RefineParameters.DESCRIPTOR),
     (GenerationParams, common_pb2.GenerationParameters.DESCRIPTOR),
     (SamplerParams, common_pb2.SamplerParameters.DESCRIPTOR),
+    (GaussianRefinementParams, common_pb2.GaussianRefinementParameters.DESCRIPTOR),
 ]
 _PROTO_TYPES = {
     float: {FieldDescriptor.TYPE_DOUBLE},
     int: {FieldDescriptor.TYPE_UINT32, FieldDescriptor.TYPE_UINT64},
     str: {FieldDescriptor.TYPE_STRING},
+    bool: {FieldDescriptor.TYPE_BOOL},
 }
 
 
@@ -80,7 +83,8 @@ def test_proto_fields_match_the_definitions(cls: type[ParamModel], descriptor: D
         field = descriptor.fields_by_name[name]
         nested = model_type(info)
         if nested is not None:
-            assert field.message_type is not None and field.message_type.name == "SamplerParameters"
+            assert field.message_type is not None
+            assert field.message_type.name == nested.__name__.replace("Params", "Parameters"), name
             continue
         kind = scalar_type(info)
         if issubclass(kind, StrEnum):
@@ -94,7 +98,8 @@ def test_proto_fields_match_the_definitions(cls: type[ParamModel], descriptor: D
 
 @pytest.mark.parametrize(("cls", "message"), [(RefineParams, "RefineParameters"),
                                               (GenerationParams, "GenerationParameters"),
-                                              (SamplerParams, "SamplerParameters")])
+                                              (SamplerParams, "SamplerParameters"),
+                                              (GaussianRefinementParams, "GaussianRefinementParameters")])
 def test_proto_comments_state_the_definitions(cls: type[ParamModel], message: str) -> None:
     comments = proto_comments(message)
     defaults = None if cls is SamplerParams else cls()
@@ -178,6 +183,10 @@ def test_every_parameter_has_a_cli_flag_that_reaches_the_request(monkeypatch: py
         for path, info in walk(cls):
             kind = scalar_type(info)
             flag = f"--{cli_stem(cls, path)}"
+            if kind is bool:  # a switch: --gs-enabled / --no-gs-enabled
+                argv.append(flag)
+                flags.append(flag)
+                continue
             value = next(iter(kind)).value if issubclass(kind, StrEnum) else ("text" if kind is str else "1")
             argv += [flag, value]
             flags.append(flag)
@@ -230,7 +239,9 @@ def test_the_web_app_has_a_control_per_parameter_with_its_range_and_default(tmp_
         default = default_at(cls, path)
         kind = scalar_type(info)
         assert describe(info)[1:] in str(component.info), key
-        if issubclass(kind, StrEnum):
+        if kind is bool:
+            assert component.value is default, key
+        elif issubclass(kind, StrEnum):
             assert [choice[1] for choice in component.choices] == [m.value for m in kind]
             assert component.value == default.value
         elif default is None:  # a seed: empty means random

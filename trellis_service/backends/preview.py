@@ -13,6 +13,7 @@ import logging
 import math
 from collections.abc import Set
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -28,6 +29,9 @@ from trellisbox._domain.kinds import ArtifactKind, Stage
 from trellisbox._domain.params import GenerationParams, random_seed
 from trellisbox._runtime.model import WeightFreeBackend
 from trellisbox._runtime.worker import JobContext
+
+if TYPE_CHECKING:
+    from trellis_service.gaussian_refinement import RefinementReport
 
 _log = logging.getLogger(__name__)
 
@@ -333,7 +337,9 @@ class PreviewBackend(WeightFreeBackend, ImageTo3DBackend):
                          "the others are ignored")
         want_glb = ArtifactKind.GLB in formats
         want_ply = ArtifactKind.GAUSSIAN_PLY in formats
-        steps = 2 + int(want_glb) + int(want_ply)
+        refine = params.gaussian_refinement.enabled
+        need_splats = want_ply or refine
+        steps = 2 + int(want_glb) + int(need_splats)
         with clock.stage(Stage.PREPROCESS):
             ctx.report(Stage.PREPROCESS, 0, 1, "finding the object's silhouette")
             image = images[0]
@@ -359,10 +365,21 @@ class PreviewBackend(WeightFreeBackend, ImageTo3DBackend):
                 mesh = textured_trimesh(inflated, texture)
                 step += 1
                 ctx.raise_if_stopped()
-            if want_ply:
+            if need_splats:
                 ctx.report(Stage.EXPORT, step, steps, "sampling Gaussian splats")
                 splats = sample_splats(inflated, texture, splat_count(params.mesh_simplify), seed)
                 step += 1
             ctx.report(Stage.EXPORT, steps, steps, "done")
         _log.debug("preview mesh: %d vertices, %d faces", len(inflated.vertices), len(inflated.faces))
-        return GeneratedAsset(seed=seed, mesh=mesh, splats=splats, timings=clock.timings, notes=notes)
+        report: RefinementReport | None = None
+        if refine and splats is not None:
+            from trellis_service.gaussian_refinement import refine_splats  # torch: only when asked for
+
+            with clock.stage(Stage.GAUSSIAN_REFINEMENT):
+                refined = refine_splats(splats, images[:1], params.gaussian_refinement, ctx, seed=seed)
+            splats, report = refined.splats, refined.report
+            if want_glb:
+                notes.append("preview backend: the GLB keeps its projected texture; only TRELLIS re-bakes the GLB "
+                             "from the refined Gaussians")
+        return GeneratedAsset(seed=seed, mesh=mesh, splats=splats if want_ply else None, timings=clock.timings,
+                              notes=notes, refinement=report)

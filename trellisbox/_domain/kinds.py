@@ -24,6 +24,8 @@ class Stage(IntEnum):
     SLAT = 5
     #: Mesh extraction, simplification, texture bake and file export.
     EXPORT = 6
+    #: Post-generation 3D Gaussian refinement: camera recovery and the photometric fit.
+    GAUSSIAN_REFINEMENT = 7
 
     @property
     def label(self) -> str:

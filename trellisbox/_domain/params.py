@@ -24,7 +24,7 @@ from enum import StrEnum
 from typing import Any, TypeVar, get_args
 
 import annotated_types
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 
 from trellisbox._domain.errors import InvalidInput
@@ -84,6 +84,40 @@ class SamplerParams(ParamModel):
     cfg_strength: float = param(doc="Classifier-free guidance strength.", cli="cfg", ge=0.0, le=30.0)
 
 
+class GaussianRefinementParams(ParamModel):
+    """Post-generation 3D Gaussian refinement (docs/gaussian-refinement.md): the generated Gaussians are fitted
+    to the input image(s), each from its recovered camera, while other views are kept close to the unrefined
+    renders."""
+
+    enabled: bool = param(False, "Fit the generated Gaussians to the input image(s) after generation.")
+    steps: int = param(150, "Optimiser step budget; the fit stops earlier once the loss stops improving.",
+                       ge=1, le=2000)
+    colours: bool = param(True, "The fit may change the Gaussians' colours.")
+    opacities: bool = param(True, "The fit may change the Gaussians' opacities.")
+    positions: bool = param(False, "The fit may move the Gaussians.")
+    scales: bool = param(False, "The fit may change the Gaussians' sizes.")
+    regularisation: float = param(1.0, "Weight of the term that keeps renders from other views close to the "
+                                  "unrefined ones.", ge=0.0, le=100.0)
+    resolution: int = param(128, "Edge in pixels of the square renders compared with the input views.",
+                            ge=32, le=1024)
+    novel_views: bool = param(False, "Also fit to views around the object refined by the SDXL refiner, with "
+                              "lower weight (not implemented yet: asking for it is refused).")
+    novel_view_strength: float = param(0.2, "Strength of the SDXL refiner on the novel views.", gt=0.0, le=1.0)
+
+    @field_validator("novel_views")
+    @classmethod
+    def _novel_views_not_yet(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("novel-view refinement through the refiner tier is not implemented yet "
+                             "(docs/gaussian-refinement.md); leave it off")
+        return value
+
+    @property
+    def attributes(self) -> frozenset[str]:
+        """The attributes the fit may change, by name (colours, opacities, positions, scales)."""
+        return frozenset(name for name in ("colours", "opacities", "positions", "scales") if getattr(self, name))
+
+
 class GenerationParams(ParamModel):
     """Image-to-3D parameters, with the defaults of the official TRELLIS demo."""
 
@@ -96,6 +130,8 @@ class GenerationParams(ParamModel):
     mesh_simplify: float = param(0.95, "Fraction of mesh faces removed before the texture bake.", cli="simplify",
                                  ge=0.0, le=0.99)
     texture_size: int = param(1024, "Baked texture edge in pixels.", ge=256, le=4096)
+    gaussian_refinement: GaussianRefinementParams = param(
+        GaussianRefinementParams(), "Post-generation 3D Gaussian refinement.", cli="gs")
 
 
 P = TypeVar("P", bound=ParamModel)
@@ -121,6 +157,8 @@ def _explain(cls: type[ParamModel], error: Mapping[str, Any], where: str) -> str
         owner = field_owner(cls, loc[:-1])
         known = ", ".join(owner.model_fields) if owner is not None else ""
         return f"{name} is not a parameter" + (f"; known: {known}" if known else "")
+    if error["type"] == "value_error":  # a validator's own message
+        return f"{name}: {error['ctx']['error']}"
     if error["type"] == "string_too_long":
         return f"{name} is {len(str(value))} characters; the limit is {error['ctx']['max_length']}"
     if isinstance(value, str) and len(value) > 40:
@@ -148,10 +186,22 @@ def from_text(cls: type[ParamModel], values: Mapping[str, Any], where: str) -> d
             continue
         kind = scalar_type(info)
         try:
-            typed[name] = kind(raw) if kind is not int else int(str(raw), 10)
+            typed[name] = boolean(raw) if kind is bool else kind(raw) if kind is not int else int(str(raw), 10)
         except (TypeError, ValueError):
             raise ValueError(f"{where}.{name} must be {describe(info)}, got {raw!r}") from None
     return typed
+
+
+def boolean(raw: Any) -> bool:
+    """A yes/no typed as text: true/false, yes/no, on/off, 1/0 (any case); ``ValueError`` otherwise."""
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("true", "yes", "on", "1"):
+        return True
+    if text in ("false", "no", "off", "0"):
+        return False
+    raise ValueError(f"not a yes/no value: {raw!r}")
 
 
 def field_named(cls: type[ParamModel], name: str, where: str) -> FieldInfo:
@@ -213,6 +263,8 @@ def bounds(info: FieldInfo) -> tuple[float | None, bool, float | None]:
 def describe(info: FieldInfo) -> str:
     """What a valid value looks like: ``in (0.0, 1.0]``, ``one of stochastic, multidiffusion``."""
     kind = scalar_type(info)
+    if kind is bool:
+        return "true or false"
     if issubclass(kind, StrEnum):
         return "one of " + ", ".join(member.value for member in kind)
     if kind is str:
@@ -252,6 +304,8 @@ def default_text(value: Any) -> str:
     """A default as the docs show it: ``0.3``, ``'high quality, detailed, sharp'``, ``random``, ``stochastic``."""
     if value is None:
         return "random"
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, ParamModel):
         return ", ".join(f"{name} {default_text(getattr(value, name))}" for name in type(value).model_fields)
     return repr(value.value) if isinstance(value, StrEnum) else repr(value)

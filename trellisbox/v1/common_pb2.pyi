@@ -3,8 +3,10 @@
 isort:skip_file
 Messages shared by every TRELLIS-BOX service."""
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
@@ -36,6 +38,8 @@ class _StageEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Stage.ValueType
     """TRELLIS stage 2: structured latent (SLat) sampling."""
     STAGE_EXPORT: _Stage.ValueType  # 6
     """Mesh extraction, simplification, texture bake and file export."""
+    STAGE_GAUSSIAN_REFINEMENT: _Stage.ValueType  # 7
+    """Post-generation 3D Gaussian refinement: camera recovery and the photometric fit."""
 
 class Stage(_Stage, metaclass=_StageEnumTypeWrapper):
     """The stage a progress event belongs to."""
@@ -53,6 +57,8 @@ STAGE_SLAT: Stage.ValueType  # 5
 """TRELLIS stage 2: structured latent (SLat) sampling."""
 STAGE_EXPORT: Stage.ValueType  # 6
 """Mesh extraction, simplification, texture bake and file export."""
+STAGE_GAUSSIAN_REFINEMENT: Stage.ValueType  # 7
+"""Post-generation 3D Gaussian refinement: camera recovery and the photometric fit."""
 Global___Stage: _TypeAlias = Stage  # noqa: Y015
 
 class _ArtifactKind:
@@ -365,6 +371,7 @@ class GenerationParameters(_message.Message):
     MULTI_IMAGE_MODE_FIELD_NUMBER: _builtins.int
     MESH_SIMPLIFY_FIELD_NUMBER: _builtins.int
     TEXTURE_SIZE_FIELD_NUMBER: _builtins.int
+    GAUSSIAN_REFINEMENT_FIELD_NUMBER: _builtins.int
     seed: _builtins.int
     """Generation seed; the seed used is echoed back. In [0, 4294967295]; default random."""
     multi_image_mode: Global___MultiImageMode.ValueType
@@ -381,6 +388,13 @@ class GenerationParameters(_message.Message):
     def slat(self) -> Global___SamplerParameters:
         """Stage 2: structured latent sampler. Default steps 12, cfg_strength 3.0."""
 
+    @_builtins.property
+    def gaussian_refinement(self) -> Global___GaussianRefinementParameters:
+        """Post-generation 3D Gaussian refinement. Default enabled false, steps 150, colours true, opacities true,
+        positions false, scales false, regularisation 1.0, resolution 128, novel_views false, novel_view_strength
+        0.2.
+        """
+
     def __init__(
         self,
         *,
@@ -390,10 +404,11 @@ class GenerationParameters(_message.Message):
         multi_image_mode: Global___MultiImageMode.ValueType = ...,
         mesh_simplify: _builtins.float | None = ...,
         texture_size: _builtins.int | None = ...,
+        gaussian_refinement: Global___GaussianRefinementParameters | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_mesh_simplify", b"_mesh_simplify", "_seed", b"_seed", "_texture_size", b"_texture_size", "mesh_simplify", b"mesh_simplify", "seed", b"seed", "slat", b"slat", "sparse_structure", b"sparse_structure", "texture_size", b"texture_size"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_mesh_simplify", b"_mesh_simplify", "_seed", b"_seed", "_texture_size", b"_texture_size", "gaussian_refinement", b"gaussian_refinement", "mesh_simplify", b"mesh_simplify", "seed", b"seed", "slat", b"slat", "sparse_structure", b"sparse_structure", "texture_size", b"texture_size"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_mesh_simplify", b"_mesh_simplify", "_seed", b"_seed", "_texture_size", b"_texture_size", "mesh_simplify", b"mesh_simplify", "multi_image_mode", b"multi_image_mode", "seed", b"seed", "slat", b"slat", "sparse_structure", b"sparse_structure", "texture_size", b"texture_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_mesh_simplify", b"_mesh_simplify", "_seed", b"_seed", "_texture_size", b"_texture_size", "gaussian_refinement", b"gaussian_refinement", "mesh_simplify", b"mesh_simplify", "multi_image_mode", b"multi_image_mode", "seed", b"seed", "slat", b"slat", "sparse_structure", b"sparse_structure", "texture_size", b"texture_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__mesh_simplify: _TypeAlias = _typing.Literal["mesh_simplify"]  # noqa: Y015
     _WhichOneofArgType__mesh_simplify: _TypeAlias = _typing.Literal["_mesh_simplify", b"_mesh_simplify"]  # noqa: Y015
@@ -409,3 +424,232 @@ class GenerationParameters(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__texture_size) -> _WhichOneofReturnType__texture_size | None: ...
 
 Global___GenerationParameters: _TypeAlias = GenerationParameters  # noqa: Y015
+
+@_typing.final
+class GaussianRefinementParameters(_message.Message):
+    """Post-generation 3D Gaussian refinement (GaussianRefinementParams; docs/gaussian-refinement.md): the generated
+    Gaussians are fitted to the input image(s), each seen from its recovered camera.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENABLED_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    COLOURS_FIELD_NUMBER: _builtins.int
+    OPACITIES_FIELD_NUMBER: _builtins.int
+    POSITIONS_FIELD_NUMBER: _builtins.int
+    SCALES_FIELD_NUMBER: _builtins.int
+    REGULARISATION_FIELD_NUMBER: _builtins.int
+    RESOLUTION_FIELD_NUMBER: _builtins.int
+    NOVEL_VIEWS_FIELD_NUMBER: _builtins.int
+    NOVEL_VIEW_STRENGTH_FIELD_NUMBER: _builtins.int
+    enabled: _builtins.bool
+    """Fit the generated Gaussians to the input image(s) after generation. True or false; default false."""
+    steps: _builtins.int
+    """Optimiser step budget; the fit stops earlier once the loss stops improving. In [1, 2000]; default 150."""
+    colours: _builtins.bool
+    """The fit may change the Gaussians' colours. True or false; default true."""
+    opacities: _builtins.bool
+    """The fit may change the Gaussians' opacities. True or false; default true."""
+    positions: _builtins.bool
+    """The fit may move the Gaussians. True or false; default false."""
+    scales: _builtins.bool
+    """The fit may change the Gaussians' sizes. True or false; default false."""
+    regularisation: _builtins.float
+    """Weight of the term that keeps renders from other views close to the unrefined ones. In [0.0, 100.0];
+    default 1.0.
+    """
+    resolution: _builtins.int
+    """Edge in pixels of the square renders compared with the input views. In [32, 1024]; default 128."""
+    novel_views: _builtins.bool
+    """Also fit to views around the object refined by the SDXL refiner, with lower weight (not implemented yet:
+    asking for it is refused). True or false; default false.
+    """
+    novel_view_strength: _builtins.float
+    """Strength of the SDXL refiner on the novel views. In (0.0, 1.0]; default 0.2."""
+    def __init__(
+        self,
+        *,
+        enabled: _builtins.bool | None = ...,
+        steps: _builtins.int | None = ...,
+        colours: _builtins.bool | None = ...,
+        opacities: _builtins.bool | None = ...,
+        positions: _builtins.bool | None = ...,
+        scales: _builtins.bool | None = ...,
+        regularisation: _builtins.float | None = ...,
+        resolution: _builtins.int | None = ...,
+        novel_views: _builtins.bool | None = ...,
+        novel_view_strength: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_colours", b"_colours", "_enabled", b"_enabled", "_novel_view_strength", b"_novel_view_strength", "_novel_views", b"_novel_views", "_opacities", b"_opacities", "_positions", b"_positions", "_regularisation", b"_regularisation", "_resolution", b"_resolution", "_scales", b"_scales", "_steps", b"_steps", "colours", b"colours", "enabled", b"enabled", "novel_view_strength", b"novel_view_strength", "novel_views", b"novel_views", "opacities", b"opacities", "positions", b"positions", "regularisation", b"regularisation", "resolution", b"resolution", "scales", b"scales", "steps", b"steps"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_colours", b"_colours", "_enabled", b"_enabled", "_novel_view_strength", b"_novel_view_strength", "_novel_views", b"_novel_views", "_opacities", b"_opacities", "_positions", b"_positions", "_regularisation", b"_regularisation", "_resolution", b"_resolution", "_scales", b"_scales", "_steps", b"_steps", "colours", b"colours", "enabled", b"enabled", "novel_view_strength", b"novel_view_strength", "novel_views", b"novel_views", "opacities", b"opacities", "positions", b"positions", "regularisation", b"regularisation", "resolution", b"resolution", "scales", b"scales", "steps", b"steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__colours: _TypeAlias = _typing.Literal["colours"]  # noqa: Y015
+    _WhichOneofArgType__colours: _TypeAlias = _typing.Literal["_colours", b"_colours"]  # noqa: Y015
+    _WhichOneofReturnType__enabled: _TypeAlias = _typing.Literal["enabled"]  # noqa: Y015
+    _WhichOneofArgType__enabled: _TypeAlias = _typing.Literal["_enabled", b"_enabled"]  # noqa: Y015
+    _WhichOneofReturnType__novel_view_strength: _TypeAlias = _typing.Literal["novel_view_strength"]  # noqa: Y015
+    _WhichOneofArgType__novel_view_strength: _TypeAlias = _typing.Literal["_novel_view_strength", b"_novel_view_strength"]  # noqa: Y015
+    _WhichOneofReturnType__novel_views: _TypeAlias = _typing.Literal["novel_views"]  # noqa: Y015
+    _WhichOneofArgType__novel_views: _TypeAlias = _typing.Literal["_novel_views", b"_novel_views"]  # noqa: Y015
+    _WhichOneofReturnType__opacities: _TypeAlias = _typing.Literal["opacities"]  # noqa: Y015
+    _WhichOneofArgType__opacities: _TypeAlias = _typing.Literal["_opacities", b"_opacities"]  # noqa: Y015
+    _WhichOneofReturnType__positions: _TypeAlias = _typing.Literal["positions"]  # noqa: Y015
+    _WhichOneofArgType__positions: _TypeAlias = _typing.Literal["_positions", b"_positions"]  # noqa: Y015
+    _WhichOneofReturnType__regularisation: _TypeAlias = _typing.Literal["regularisation"]  # noqa: Y015
+    _WhichOneofArgType__regularisation: _TypeAlias = _typing.Literal["_regularisation", b"_regularisation"]  # noqa: Y015
+    _WhichOneofReturnType__resolution: _TypeAlias = _typing.Literal["resolution"]  # noqa: Y015
+    _WhichOneofArgType__resolution: _TypeAlias = _typing.Literal["_resolution", b"_resolution"]  # noqa: Y015
+    _WhichOneofReturnType__scales: _TypeAlias = _typing.Literal["scales"]  # noqa: Y015
+    _WhichOneofArgType__scales: _TypeAlias = _typing.Literal["_scales", b"_scales"]  # noqa: Y015
+    _WhichOneofReturnType__steps: _TypeAlias = _typing.Literal["steps"]  # noqa: Y015
+    _WhichOneofArgType__steps: _TypeAlias = _typing.Literal["_steps", b"_steps"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__colours) -> _WhichOneofReturnType__colours | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__enabled) -> _WhichOneofReturnType__enabled | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__novel_view_strength) -> _WhichOneofReturnType__novel_view_strength | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__novel_views) -> _WhichOneofReturnType__novel_views | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__opacities) -> _WhichOneofReturnType__opacities | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__positions) -> _WhichOneofReturnType__positions | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__regularisation) -> _WhichOneofReturnType__regularisation | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__resolution) -> _WhichOneofReturnType__resolution | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__scales) -> _WhichOneofReturnType__scales | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__steps) -> _WhichOneofReturnType__steps | None: ...
+
+Global___GaussianRefinementParameters: _TypeAlias = GaussianRefinementParameters  # noqa: Y015
+
+@_typing.final
+class GaussianRefinementReport(_message.Message):
+    """What the Gaussian refinement did: per input image, the recovered camera, the silhouette overlap and the
+    figures before and after; per held-out view, how far the refined render moved from the unrefined one.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VIEWS_FIELD_NUMBER: _builtins.int
+    HELD_OUT_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    STOPPED_EARLY_FIELD_NUMBER: _builtins.int
+    GAUSSIANS_FIELD_NUMBER: _builtins.int
+    RESOLUTION_FIELD_NUMBER: _builtins.int
+    RASTERIZER_FIELD_NUMBER: _builtins.int
+    steps: _builtins.int
+    """Optimiser steps taken, and whether the loss stopped improving before the budget was spent."""
+    stopped_early: _builtins.bool
+    gaussians: _builtins.int
+    """Gaussians refined, the render edge in pixels and the rasteriser that ran ("torch", "gsplat")."""
+    resolution: _builtins.int
+    rasterizer: _builtins.str
+    @_builtins.property
+    def views(self) -> _containers.RepeatedCompositeFieldContainer[Global___GaussianRefinementView]: ...
+    @_builtins.property
+    def held_out(self) -> _containers.RepeatedCompositeFieldContainer[Global___HeldOutView]: ...
+    def __init__(
+        self,
+        *,
+        views: _abc.Iterable[Global___GaussianRefinementView] | None = ...,
+        held_out: _abc.Iterable[Global___HeldOutView] | None = ...,
+        steps: _builtins.int = ...,
+        stopped_early: _builtins.bool = ...,
+        gaussians: _builtins.int = ...,
+        resolution: _builtins.int = ...,
+        rasterizer: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gaussians", b"gaussians", "held_out", b"held_out", "rasterizer", b"rasterizer", "resolution", b"resolution", "steps", b"steps", "stopped_early", b"stopped_early", "views", b"views"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GaussianRefinementReport: _TypeAlias = GaussianRefinementReport  # noqa: Y015
+
+@_typing.final
+class GaussianRefinementView(_message.Message):
+    """One input image: its recovered camera (orbit around the object's centre) and the fit's figures there. PSNR
+    (dB) and SSIM compare the render with the image on the object.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGE_INDEX_FIELD_NUMBER: _builtins.int
+    YAW_DEGREES_FIELD_NUMBER: _builtins.int
+    PITCH_DEGREES_FIELD_NUMBER: _builtins.int
+    DISTANCE_FIELD_NUMBER: _builtins.int
+    SILHOUETTE_IOU_FIELD_NUMBER: _builtins.int
+    PSNR_BEFORE_FIELD_NUMBER: _builtins.int
+    PSNR_AFTER_FIELD_NUMBER: _builtins.int
+    SSIM_BEFORE_FIELD_NUMBER: _builtins.int
+    SSIM_AFTER_FIELD_NUMBER: _builtins.int
+    image_index: _builtins.int
+    yaw_degrees: _builtins.float
+    pitch_degrees: _builtins.float
+    distance: _builtins.float
+    """In the object's units (its PLY coordinates)."""
+    silhouette_iou: _builtins.float
+    """Intersection over union of the rendered silhouette and the image's object mask, in [0, 1]."""
+    psnr_before: _builtins.float
+    psnr_after: _builtins.float
+    ssim_before: _builtins.float
+    ssim_after: _builtins.float
+    def __init__(
+        self,
+        *,
+        image_index: _builtins.int = ...,
+        yaw_degrees: _builtins.float = ...,
+        pitch_degrees: _builtins.float = ...,
+        distance: _builtins.float = ...,
+        silhouette_iou: _builtins.float = ...,
+        psnr_before: _builtins.float = ...,
+        psnr_after: _builtins.float = ...,
+        ssim_before: _builtins.float = ...,
+        ssim_after: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["distance", b"distance", "image_index", b"image_index", "pitch_degrees", b"pitch_degrees", "psnr_after", b"psnr_after", "psnr_before", b"psnr_before", "silhouette_iou", b"silhouette_iou", "ssim_after", b"ssim_after", "ssim_before", b"ssim_before", "yaw_degrees", b"yaw_degrees"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GaussianRefinementView: _TypeAlias = GaussianRefinementView  # noqa: Y015
+
+@_typing.final
+class HeldOutView(_message.Message):
+    """A view no input saw: PSNR (dB) and SSIM of the refined render against the unrefined render (higher: less
+    drift on the unseen sides).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    YAW_DEGREES_FIELD_NUMBER: _builtins.int
+    PITCH_DEGREES_FIELD_NUMBER: _builtins.int
+    PSNR_FIELD_NUMBER: _builtins.int
+    SSIM_FIELD_NUMBER: _builtins.int
+    yaw_degrees: _builtins.float
+    pitch_degrees: _builtins.float
+    psnr: _builtins.float
+    ssim: _builtins.float
+    def __init__(
+        self,
+        *,
+        yaw_degrees: _builtins.float = ...,
+        pitch_degrees: _builtins.float = ...,
+        psnr: _builtins.float = ...,
+        ssim: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pitch_degrees", b"pitch_degrees", "psnr", b"psnr", "ssim", b"ssim", "yaw_degrees", b"yaw_degrees"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeldOutView: _TypeAlias = HeldOutView  # noqa: Y015

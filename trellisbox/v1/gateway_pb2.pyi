@@ -104,6 +104,7 @@ class GenerateDone(_message.Message):
     REFINER_BACKEND_FIELD_NUMBER: _builtins.int
     GENERATOR_BACKEND_FIELD_NUMBER: _builtins.int
     NOTES_FIELD_NUMBER: _builtins.int
+    GAUSSIAN_REFINEMENT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     generation_seed: _builtins.int
     refiner_backend: _builtins.str
@@ -119,6 +120,12 @@ class GenerateDone(_message.Message):
 
     @_builtins.property
     def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def gaussian_refinement(self) -> _common_pb2.GaussianRefinementReport:
+        """Set when the request asked for Gaussian refinement (generation.gaussian_refinement.enabled): recovered
+        cameras and the before/after figures.
+        """
+
     def __init__(
         self,
         *,
@@ -129,10 +136,11 @@ class GenerateDone(_message.Message):
         refiner_backend: _builtins.str = ...,
         generator_backend: _builtins.str = ...,
         notes: _abc.Iterable[_builtins.str] | None = ...,
+        gaussian_refinement: _common_pb2.GaussianRefinementReport | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["gaussian_refinement", b"gaussian_refinement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation_seed", b"generation_seed", "generator_backend", b"generator_backend", "notes", b"notes", "refine_seeds", b"refine_seeds", "refiner_backend", b"refiner_backend", "request_id", b"request_id", "timings", b"timings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gaussian_refinement", b"gaussian_refinement", "generation_seed", b"generation_seed", "generator_backend", b"generator_backend", "notes", b"notes", "refine_seeds", b"refine_seeds", "refiner_backend", b"refiner_backend", "request_id", b"request_id", "timings", b"timings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

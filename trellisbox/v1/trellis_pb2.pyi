@@ -91,6 +91,7 @@ class ImageTo3DDone(_message.Message):
     BACKEND_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
     NOTES_FIELD_NUMBER: _builtins.int
+    GAUSSIAN_REFINEMENT_FIELD_NUMBER: _builtins.int
     seed: _builtins.int
     backend: _builtins.str
     """Backend that ran ("trellis", "preview") and the device it ran on."""
@@ -101,6 +102,10 @@ class ImageTo3DDone(_message.Message):
     def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Things the caller should know, e.g. "preview uses the first of 3 images for the texture"."""
 
+    @_builtins.property
+    def gaussian_refinement(self) -> _common_pb2.GaussianRefinementReport:
+        """Set when the request asked for Gaussian refinement (generation.gaussian_refinement.enabled)."""
+
     def __init__(
         self,
         *,
@@ -109,10 +114,11 @@ class ImageTo3DDone(_message.Message):
         backend: _builtins.str = ...,
         device: _builtins.str = ...,
         notes: _abc.Iterable[_builtins.str] | None = ...,
+        gaussian_refinement: _common_pb2.GaussianRefinementReport | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["gaussian_refinement", b"gaussian_refinement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "device", b"device", "notes", b"notes", "seed", b"seed", "timings", b"timings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "device", b"device", "gaussian_refinement", b"gaussian_refinement", "notes", b"notes", "seed", b"seed", "timings", b"timings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -156,4 +156,4 @@ class TrellisBackend(ImageTo3DBackend):
         if self._pipeline is None:
             self.load()
         return generate_asset(self._pipeline, self._postprocessing, images, params, formats, ctx,
-                              offline=self.offline)
+                              offline=self.offline, device=self.device)

@@ -4,14 +4,15 @@ CPU-side :class:`~trellis_service.domain.GeneratedAsset` (the GLB bake and the G
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Set
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from trellis_service.backends.trellis.instrumentation import instrumented
 from trellis_service.domain import GeneratedAsset, StageClock
-from trellis_service.exporters import PlyDocument, written_ply
+from trellis_service.exporters import PlyDocument, SplatArrays, written_ply
 from trellis_service.preflight import u2net_path
 from trellisbox._domain.errors import ModelUnavailable
 from trellisbox._domain.imaging import has_real_alpha
@@ -19,12 +20,16 @@ from trellisbox._domain.kinds import ArtifactKind, Stage
 from trellisbox._domain.params import GenerationParams, MultiImageMode, random_seed
 from trellisbox._runtime.worker import JobContext
 
+if TYPE_CHECKING:
+    from trellis_service.gaussian_refinement import RefinementReport
+
 #: Only what the GLB bake and the PLY need.
 _OUTPUT_FORMATS = ["gaussian", "mesh"]
 
 
 def generate_asset(pipeline: Any, postprocessing: Any, images: list[Image.Image], params: GenerationParams,
-                   formats: Set[ArtifactKind], ctx: JobContext, *, offline: bool) -> GeneratedAsset:
+                   formats: Set[ArtifactKind], ctx: JobContext, *, offline: bool, device: str = "cuda"
+                   ) -> GeneratedAsset:
     """Generate one asset with a loaded pipeline.
 
     Args:
@@ -35,6 +40,7 @@ def generate_asset(pipeline: Any, postprocessing: Any, images: list[Image.Image]
         formats: What to produce.
         ctx: Progress reporting and cancellation of this job.
         offline: Downloads are off: an image that needs background removal without u2net.onnx is refused.
+        device: Where the Gaussian refinement computes (when the request asks for it).
 
     Returns:
         The asset with the CPU-side mesh and splats asked for.
@@ -55,7 +61,18 @@ def generate_asset(pipeline: Any, postprocessing: Any, images: list[Image.Image]
         outputs = _sample(pipeline, images, params, seed, notes)
     gaussian, mesh = outputs["gaussian"][0], outputs["mesh"][0]
     glb_mesh: Any = None
-    splats: PlyDocument | None = None
+    splats: PlyDocument | SplatArrays | None = None
+    report: RefinementReport | None = None
+    if params.gaussian_refinement.enabled:
+        from trellis_service.gaussian_refinement import refine_splats  # torch: only when asked for
+        from trellis_service.gaussian_refinement.gaussians import read_splat_ply
+
+        with clock.stage(Stage.GAUSSIAN_REFINEMENT):
+            ctx.raise_if_stopped()
+            generated = read_splat_ply(written_ply(gaussian.save_ply).data)
+            refined = refine_splats(generated, images, params.gaussian_refinement, ctx, seed=seed, device=device)
+            load_splats(gaussian, refined.splats)  # the GLB below is baked from the refined Gaussians
+            splats, report = refined.splats, refined.report
     with clock.stage(Stage.EXPORT):
         if ArtifactKind.GLB in formats:
             ctx.raise_if_stopped()
@@ -63,12 +80,25 @@ def generate_asset(pipeline: Any, postprocessing: Any, images: list[Image.Image]
             glb_mesh = postprocessing.to_glb(
                 gaussian, mesh, simplify=params.mesh_simplify, texture_size=params.texture_size,
             )
-        if ArtifactKind.GAUSSIAN_PLY in formats:
+        if ArtifactKind.GAUSSIAN_PLY in formats and splats is None:
             ctx.raise_if_stopped()
             ctx.report(Stage.EXPORT, total - 1, total, "copying the Gaussians off the GPU")
             splats = written_ply(gaussian.save_ply)
         ctx.report(Stage.EXPORT, total, total, "done")
-    return GeneratedAsset(seed=seed, mesh=glb_mesh, splats=splats, timings=clock.timings, notes=notes)
+    if ArtifactKind.GAUSSIAN_PLY not in formats:
+        splats = None
+    return GeneratedAsset(seed=seed, mesh=glb_mesh, splats=splats, timings=clock.timings, notes=notes,
+                          refinement=report)
+
+
+def load_splats(gaussian: Any, splats: SplatArrays) -> None:
+    """Put ``splats`` (y-up PLY frame) into upstream's ``Gaussian`` through its own reader, ``load_ply``, which
+    undoes the frame change ``save_ply`` made."""
+    with tempfile.TemporaryDirectory(prefix="trellisbox-refined-") as folder:
+        path = os.path.join(folder, "refined.ply")
+        with open(path, "wb") as handle:
+            handle.write(splats.ply_bytes())
+        gaussian.load_ply(path)
 
 
 def export_steps(formats: Set[ArtifactKind]) -> int:

@@ -1,0 +1,80 @@
+"""Gaussian refinement end to end: gateway → TRELLIS service (preview backend, CPU), client and CLI."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.e2e.conftest import validate_glb
+from tests.images import png_bytes, rgba_object
+from tools.stack import LocalStack
+from trellis_service.gaussian_refinement.gaussians import read_splat_ply
+from trellisbox.client import ProgressUpdate, TrellisBoxClient
+
+pytestmark = pytest.mark.integration
+
+#: Small enough for a CPU test: about 4 000 preview splats, 48-pixel renders, a few steps.
+FAST = {"enabled": True, "steps": 6, "resolution": 48}
+
+
+def test_refinement_returns_refined_splats_a_glb_and_the_figures(stack: LocalStack, tmp_path: Path) -> None:
+    image = rgba_object(128)
+    updates: list[ProgressUpdate] = []
+    with TrellisBoxClient(stack.gateway_target, timeout=240) as client:
+        plain = client.generate([image], generation={"seed": 4, "mesh_simplify": 0.99}, formats=["glb", "ply"])
+        refined = client.generate([image], generation={"seed": 4, "mesh_simplify": 0.99, "gaussian_refinement": FAST},
+                                  formats=["glb", "ply"], on_progress=updates.append)
+
+    assert plain.gaussian_refinement is None
+    report = refined.gaussian_refinement
+    assert report is not None
+    assert report.steps == 6 and report.resolution == 48 and report.rasterizer == "torch"
+    (view,) = report.views
+    assert view.image_index == 0 and 0.5 < view.silhouette_iou <= 1.0
+    assert view.distance > 0.0 and -90.0 <= view.pitch_degrees <= 90.0 and 0.0 <= view.yaw_degrees < 360.0
+    assert all(math.isfinite(v) for v in (view.psnr_before, view.psnr_after, view.ssim_before, view.ssim_after))
+    assert view.psnr_after > view.psnr_before, "the fit brought the render closer to the image"
+    assert report.held_out and all(math.isfinite(h.psnr) for h in report.held_out)
+
+    stages = [u.stage for u in updates]
+    assert "GAUSSIAN_REFINEMENT" in stages
+    assert stages.index("GAUSSIAN_REFINEMENT") > stages.index("PREPROCESS")
+    assert "GAUSSIAN_REFINEMENT" in refined.timings
+    assert refined.glb is not None and plain.gaussian_ply is not None and refined.gaussian_ply is not None
+    path = tmp_path / "refined.glb"
+    path.write_bytes(refined.glb)
+    validate_glb(path)
+    before, after = read_splat_ply(plain.gaussian_ply), read_splat_ply(refined.gaussian_ply)
+    assert len(before.xyz) == len(after.xyz) == report.gaussians
+    assert (before.f_dc != after.f_dc).any(), "the PLY carries the refined colours"
+    assert (before.xyz == after.xyz).all(), "positions were not asked to move"
+    assert any("only TRELLIS re-bakes the GLB" in note for note in refined.notes)
+
+
+def test_novel_view_refinement_is_refused_before_any_work(stack: LocalStack) -> None:
+    with TrellisBoxClient(stack.gateway_target, timeout=60) as client, pytest.raises(grpc.RpcError) as caught:
+        client.generate([rgba_object(64)], generation={"gaussian_refinement": {**FAST, "novel_views": True}})
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    details = str(caught.value.details())  # type: ignore[attr-defined]
+    assert "generation.gaussian_refinement.novel_views" in details and "not implemented yet" in details
+
+
+def test_cli_flags_ask_for_refinement_and_print_the_figures(stack: LocalStack, tmp_path: Path) -> None:
+    source = tmp_path / "ball.png"
+    source.write_bytes(png_bytes(96))
+    completed = subprocess.run(
+        [sys.executable, "-m", "trellisbox.cli", "generate", str(source), "-o", str(tmp_path / "ball.glb"),
+         "--target", stack.gateway_target, "--ply", str(tmp_path / "ball.ply"), "--simplify", "0.99",
+         "--gs-enabled", "--gs-steps", "3", "--gs-resolution", "32", "--no-gs-opacities"],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "gaussian refinement: 3 steps" in completed.stderr
+    assert "silhouette IoU" in completed.stderr and "PSNR" in completed.stderr
+    assert "gaussian_refinement" in completed.stderr
+    assert (tmp_path / "ball.ply").read_bytes().startswith(b"ply")

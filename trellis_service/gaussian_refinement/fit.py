@@ -1,0 +1,291 @@
+"""Photometric fit: move the chosen Gaussian attributes so that the renders from the recovered cameras match
+the photos, while renders from other views stay close to the unrefined ones.
+
+Loss per step: for each target view, 0.8 · L1 + 0.2 · (1 − SSIM) on the object (the photo's mask dilated by
+two pixels), over a black or a white background in turn (so that colour and coverage cannot trade off), weighted
+per view; plus ``regularisation`` × the L1 distance of renders from a ring of other views to the unrefined
+renders (premultiplied colour and coverage). Adam, one learning rate per attribute, a fixed step budget, and
+an early stop once the loss has not improved by :data:`EARLY_STOP_TOLERANCE` over :data:`EARLY_STOP_WINDOW`
+steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from trellis_service.gaussian_refinement.cameras import Camera, OrbitPose, camera_at
+from trellis_service.gaussian_refinement.gaussians import ATTRIBUTES, DrawnGaussians, GaussianSet
+from trellis_service.gaussian_refinement.rasterizer import Rasterizer
+from trellis_service.gaussian_refinement.views import TargetView
+
+SSIM_WEIGHT = 0.2
+EARLY_STOP_WINDOW = 25
+EARLY_STOP_TOLERANCE = 1e-3
+#: Yaw offsets (from the first photo's camera) of the regularising ring and of the held-out views; they
+#: interleave, so a held-out view is never one the regulariser saw.
+REGULARISER_YAWS: tuple[float, ...] = (60.0, 120.0, 180.0, 240.0, 300.0)
+HELD_OUT_YAWS: tuple[float, ...] = (90.0, 150.0, 210.0, 270.0)
+HELD_OUT_PITCH_OFFSET = 15.0
+#: Ring views closer than this (degrees of yaw) to a photo's camera are left to the photo.
+NEAR_PHOTO_DEGREES = 40.0
+#: Regulariser views rendered per step (round robin).
+REGULARISER_VIEWS_PER_STEP = 2
+
+
+@dataclass(frozen=True)
+class FitTarget:
+    """One image the fit pulls towards: a photo (weight 1) or a refined novel view (lower weight)."""
+
+    view: TargetView
+    pose: OrbitPose
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class ImageScores:
+    """PSNR (dB) and SSIM of a render against a reference, on the object."""
+
+    psnr: float
+    ssim: float
+
+
+@dataclass(frozen=True)
+class HeldOutScores:
+    """A view no target and no regulariser saw: the refined render against the unrefined one."""
+
+    yaw_degrees: float
+    pitch_degrees: float
+    scores: ImageScores
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """The refined Gaussians and the figures before and after.
+
+    Args:
+        gaussians: The refined Gaussians (detached).
+        steps: Optimiser steps taken.
+        stopped_early: The loss stopped improving before the budget was spent.
+        before: Per target, the unrefined render against the target.
+        after: Per target, the refined render against the target.
+        held_out: Per held-out view, refined against unrefined renders.
+    """
+
+    gaussians: GaussianSet
+    steps: int
+    stopped_early: bool
+    before: list[ImageScores]
+    after: list[ImageScores]
+    held_out: list[HeldOutScores]
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """What the fit may move and how hard it may try.
+
+    Args:
+        steps: Optimiser step budget.
+        attributes: Any of :data:`~trellis_service.gaussian_refinement.gaussians.ATTRIBUTES`.
+        regularisation: Weight of the other-views term.
+        resolution: Edge of the square renders the photos are compared at.
+    """
+
+    steps: int
+    attributes: frozenset[str]
+    regularisation: float
+    resolution: int
+
+
+def learning_rates(gaussians: GaussianSet) -> dict[str, float]:
+    """Adam step sizes per attribute. Positions move in units of the typical splat size."""
+    typical_size = float(torch.exp(gaussians.log_scales.detach()).max(dim=1).values.median())
+    return {"colours": 0.08, "opacities": 0.08, "positions": 0.075 * typical_size, "scales": 0.015}
+
+
+_FIELDS = {"colours": "f_dc", "opacities": "opacity_logits", "positions": "means", "scales": "log_scales"}
+
+
+# -- image measures -----------------------------------------------------------------------------------------
+
+
+def _window(size: int = 11, sigma: float = 1.5, *, like: Tensor) -> Tensor:
+    coords = torch.arange(size, dtype=like.dtype, device=like.device) - (size - 1) / 2
+    kernel = torch.exp(-(coords**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    return (kernel[:, None] * kernel[None, :]).expand(3, 1, size, size).contiguous()
+
+
+def ssim_map(first: Tensor, second: Tensor) -> Tensor:
+    """(H, W) SSIM (Wang et al. 2004; 11×11 Gaussian window, σ 1.5) of two (H, W, 3) images in [0, 1],
+    averaged over the channels."""
+    window = _window(like=first)
+    x, y = first.permute(2, 0, 1)[None], second.permute(2, 0, 1)[None]
+
+    def blur(image: Tensor) -> Tensor:
+        return torch.nn.functional.conv2d(image, window, padding=5, groups=3)
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x**2
+    var_y = blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    c1, c2 = 0.01**2, 0.03**2
+    value = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return value[0].mean(0)
+
+
+def scores(render: Tensor, reference: Tensor, region: Tensor) -> ImageScores:
+    """PSNR and SSIM of (H, W, 3) images on ``region`` ((H, W) weights)."""
+    with torch.no_grad():
+        total = region.sum().clamp_min(1e-6)
+        mse = float((((render - reference) ** 2).mean(-1) * region).sum() / total)
+        ssim = float((ssim_map(render, reference) * region).sum() / total)
+    return ImageScores(psnr=10 * math.log10(1.0 / max(mse, 1e-10)), ssim=ssim)
+
+
+def object_region(mask: Tensor, grow: int = 2) -> Tensor:
+    """Where the object is, grown by ``grow`` pixels (silhouette errors count too)."""
+    grown = torch.nn.functional.max_pool2d(mask[None, None], 2 * grow + 1, stride=1, padding=grow)[0, 0]
+    return (grown > 0.01).to(mask.dtype)
+
+
+# -- the fit ------------------------------------------------------------------------------------------------
+
+
+def ring_poses(anchor: OrbitPose, yaw_offsets: Sequence[float], pitch_offset: float, photos: Sequence[OrbitPose],
+               size: int) -> list[OrbitPose]:
+    """Orbit poses at ``yaw_offsets`` from ``anchor``, leaving out those near a photo's camera."""
+    poses = []
+    for offset in yaw_offsets:
+        yaw = (anchor.yaw_degrees + offset) % 360.0
+        if any(abs((yaw - photo.yaw_degrees + 180.0) % 360.0 - 180.0) < NEAR_PHOTO_DEGREES for photo in photos):
+            continue
+        pitch = max(-60.0, min(70.0, anchor.pitch_degrees + pitch_offset))
+        poses.append(OrbitPose(yaw, pitch, anchor.distance, (0.0, 0.0), size))
+    return poses
+
+
+def fit_gaussians(gaussians: GaussianSet, targets: Sequence[FitTarget], settings: FitSettings,
+                  rasterizer: Rasterizer, centre: Tensor, *, should_stop: Callable[[], bool] = lambda: False,
+                  on_step: Callable[[int, float], None] = lambda step, loss: None) -> FitResult:
+    """Fit ``gaussians`` to ``targets`` (see the module doc).
+
+    Args:
+        gaussians: The unrefined Gaussians (not modified).
+        targets: The photos (and refined novel views) with their recovered poses.
+        settings: Step budget, attributes, regularisation weight and resolution.
+        rasterizer: Renders every view.
+        centre: (3,) the point the orbit cameras look at.
+        should_stop: Polled every step; True ends the fit (the steps so far are kept).
+        on_step: Called after each step with the step number and the loss.
+    """
+    unknown = set(settings.attributes) - set(ATTRIBUTES)
+    if unknown:
+        raise ValueError(f"unknown attributes {sorted(unknown)}; known: {', '.join(ATTRIBUTES)}")
+    size = settings.resolution
+    original = gaussians.detached()
+    views = [target.view.resized(size) for target in targets]
+    cameras = [camera_at(target.pose, centre, size) for target in targets]
+    regions = [object_region(view.mask) for view in views]
+    weights = [target.weight for target in targets]
+    photos = [target.pose for target in targets if target.weight >= 1.0] or [targets[0].pose]
+    small = max(16, size // 2)
+    ring = [camera_at(pose, centre, small) for pose in ring_poses(photos[0], REGULARISER_YAWS, 0.0, photos, small)]
+    held_out_poses = ring_poses(photos[0], HELD_OUT_YAWS, HELD_OUT_PITCH_OFFSET, photos, small)
+    held_out = [camera_at(pose, centre, small) for pose in held_out_poses]
+    black = torch.zeros(3, dtype=centre.dtype, device=centre.device)
+    white = torch.ones_like(black)
+
+    with torch.no_grad():
+        drawn = original.activated()
+        ring_reference = [_premultiplied(rasterizer, drawn, camera, black) for camera in ring]
+        held_out_reference = [_premultiplied(rasterizer, drawn, camera, black) for camera in held_out]
+        before = [_target_scores(rasterizer, drawn, camera, view, region, black)
+                  for camera, view, region in zip(cameras, views, regions, strict=True)]
+
+    moving = {name: getattr(original, _FIELDS[name]).clone().requires_grad_(True)
+              for name in ATTRIBUTES if name in settings.attributes}
+    rates = learning_rates(original)
+    optimiser = torch.optim.Adam([{"params": [tensor], "lr": rates[name]} for name, tensor in moving.items()])
+    step = 0
+    best_loss = math.inf
+    best_step = 0
+    previous = math.inf
+    stopped_early = False
+    while step < settings.steps and moving:
+        if should_stop():
+            break
+        current = original.with_values(**{_FIELDS[name]: tensor for name, tensor in moving.items()})
+        drawn = current.activated()
+        background = black if step % 2 == 0 else white
+        loss = torch.zeros((), dtype=centre.dtype, device=centre.device)
+        for camera, view, region, weight in zip(cameras, views, regions, weights, strict=True):
+            render = rasterizer.render(drawn, camera, background).colour
+            target = view.rgb * view.mask[..., None] + background * (1.0 - view.mask[..., None])
+            loss = loss + weight * _photometric(render, target, region)
+        loss = loss / sum(weights)
+        if ring and settings.regularisation > 0:
+            picks = [(step * REGULARISER_VIEWS_PER_STEP + k) % len(ring)
+                     for k in range(min(REGULARISER_VIEWS_PER_STEP, len(ring)))]
+            drift = torch.stack([_drift(rasterizer, drawn, ring[k], ring_reference[k], black) for k in picks])
+            loss = loss + settings.regularisation * drift.mean()
+        optimiser.zero_grad()
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimiser.step()
+        step += 1
+        value = float(loss.detach())
+        on_step(step, value)
+        # Judge the mean of the last two steps: the background alternates, and so does the loss.
+        pair = 0.5 * (value + previous) if step > 1 else value
+        previous = value
+        if pair < best_loss * (1.0 - EARLY_STOP_TOLERANCE):
+            best_loss, best_step = pair, step
+        elif step - best_step >= EARLY_STOP_WINDOW:
+            stopped_early = True
+            break
+
+    refined = original.with_values(**{_FIELDS[name]: tensor.detach() for name, tensor in moving.items()})
+    with torch.no_grad():
+        drawn = refined.activated()
+        after = [_target_scores(rasterizer, drawn, camera, view, region, black)
+                 for camera, view, region in zip(cameras, views, regions, strict=True)]
+        held = []
+        for pose, camera, (colour, alpha) in zip(held_out_poses, held_out, held_out_reference, strict=True):
+            render_colour, render_alpha = _premultiplied(rasterizer, drawn, camera, black)
+            region = object_region(torch.maximum(alpha, render_alpha), grow=0)
+            held.append(HeldOutScores(pose.yaw_degrees, pose.pitch_degrees, scores(render_colour, colour, region)))
+    return FitResult(gaussians=refined, steps=step, stopped_early=stopped_early, before=before, after=after,
+                     held_out=held)
+
+
+def _photometric(render: Tensor, target: Tensor, region: Tensor) -> Tensor:
+    total = region.sum().clamp_min(1.0)
+    l1 = ((render - target).abs().mean(-1) * region).sum() / total
+    dssim = 1.0 - (ssim_map(render, target) * region).sum() / total
+    return (1.0 - SSIM_WEIGHT) * l1 + SSIM_WEIGHT * dssim
+
+
+def _premultiplied(rasterizer: Rasterizer, drawn: DrawnGaussians, camera: Camera, black: Tensor
+                   ) -> tuple[Tensor, Tensor]:
+    render = rasterizer.render(drawn, camera, black)
+    return render.colour, render.alpha
+
+
+def _drift(rasterizer: Rasterizer, drawn: DrawnGaussians, camera: Camera, reference: tuple[Tensor, Tensor],
+           black: Tensor) -> Tensor:
+    colour, alpha = _premultiplied(rasterizer, drawn, camera, black)
+    ref_colour, ref_alpha = reference
+    region = object_region(torch.maximum(alpha.detach(), ref_alpha), grow=0)
+    total = region.sum().clamp_min(1.0)
+    return (((colour - ref_colour).abs().mean(-1) + (alpha - ref_alpha).abs()) * region).sum() / total
+
+
+def _target_scores(rasterizer: Rasterizer, drawn: DrawnGaussians, camera: Camera, view: TargetView, region: Tensor,
+                   black: Tensor) -> ImageScores:
+    colour, _ = _premultiplied(rasterizer, drawn, camera, black)
+    return scores(colour, view.rgb * view.mask[..., None], region)
+
