@@ -38,7 +38,8 @@ EXAMPLE = REPO / "trellisbox" / "assets" / "example.png"
 
 
 def _splats(count: int) -> GaussianSet:
-    """The preview's splats of the example, ``count`` of them (a random subset, or all when fewer)."""
+    """The preview's splats of the example, ``count`` of them (a random subset, or all when fewer; the preview
+    makes at most 200 000)."""
     simplify = max(0.0, min(0.99, 1.0 - count / 400_000))
     asset = PreviewBackend().generate([Image.open(EXAMPLE)], GenerationParams(seed=0, mesh_simplify=simplify),
                                       {ArtifactKind.GAUSSIAN_PLY}, JobContext("bench", None, lambda _: None))
@@ -108,10 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cpu":
         torch.set_num_threads(1)
     rasterizer = choose_rasterizer(args.device)
-    counts = [2_000] if args.quick else [5_000, 20_000, 80_000]
-    sizes = [48] if args.quick else [64, 128, 256]
-    steps = 3 if args.quick else 10
-    rows = [measure(count, size, steps, args.device, rasterizer) for count in counts for size in sizes]
+    counts = [2_000] if args.quick else [5_000, 20_000] if args.device == "cpu" else [20_000, 100_000, 400_000]
+    sizes = [48] if args.quick else [64, 128] if args.device == "cpu" else [128, 256, 512]
+    steps = 3 if args.quick else 5 if args.device == "cpu" else 50
+    rows = []
+    for count in counts:
+        for size in sizes:
+            rows.append(measure(count, size, steps, args.device, rasterizer))
+            print(rows[-1], flush=True)
     transfers = [transfer_costs(count) for count in ([2_000] if args.quick else [20_000, 200_000])]
     results = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "quick": args.quick,
                "device": args.device, "rasterizer": rasterizer.name, "machine": machine_info(),

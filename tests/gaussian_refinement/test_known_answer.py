@@ -11,7 +11,16 @@ import torch
 from tests.gaussian_refinement.scenes import asymmetric_object, photo
 from trellis_service.exporters import SH_C0
 from trellis_service.gaussian_refinement.cameras import OrbitPose, camera_at
-from trellis_service.gaussian_refinement.fit import FitSettings, FitTarget, fit_gaussians, object_region, scores
+from trellis_service.gaussian_refinement.fit import (
+    NOVEL_VIEW_WEIGHT,
+    FitSettings,
+    FitTarget,
+    fit_gaussians,
+    novel_view_poses,
+    object_region,
+    render_target,
+    scores,
+)
 from trellis_service.gaussian_refinement.gaussians import GaussianSet
 from trellis_service.gaussian_refinement.pose import recover_pose
 from trellis_service.gaussian_refinement.rasterizer import TorchRasterizer
@@ -86,3 +95,31 @@ def test_only_the_chosen_attributes_move() -> None:
     assert not torch.equal(result.gaussians.f_dc, start.f_dc)
     for name in ("means", "log_scales", "quats", "opacity_logits", "normals"):
         assert torch.equal(getattr(result.gaussians, name), getattr(start, name)), name
+
+
+def test_lower_weight_novel_view_targets_correct_the_unseen_side() -> None:
+    """The fit half of novel-view refinement: renders from around the object, as the refiner tier would return
+    them (here the ground truth stands in for the refined views), added at NOVEL_VIEW_WEIGHT, correct the side
+    no photo shows, which the photo alone cannot."""
+    truth = asymmetric_object(count=300)
+    start = perturbed(truth, seed=3)
+    centre, _ = truth.centre_and_radius()
+    photo_pose = OrbitPose(0.0, 10.0, 2.4)
+    photo_target = FitTarget(render_target(truth, photo_pose, centre, 40, RASTERIZER), photo_pose)
+    novel = [FitTarget(render_target(truth, pose, centre, 40, RASTERIZER), pose, NOVEL_VIEW_WEIGHT)
+             for pose in novel_view_poses(photo_pose, 3)]  # yaw 90, 180, 270
+    settings = FitSettings(steps=40, attributes=frozenset({"colours"}), regularisation=1.0, resolution=40)
+    alone = fit_gaussians(start, [photo_target], settings, RASTERIZER, centre)
+    helped = fit_gaussians(start, [photo_target, *novel], settings, RASTERIZER, centre)
+
+    back = camera_at(OrbitPose(170.0, 10.0, 2.4), centre, 40)  # 10° off the nearest novel view
+    with torch.no_grad():
+        expected = RASTERIZER.render(truth.activated(), back, torch.zeros(3))
+        region = object_region(expected.alpha, grow=1)
+
+        def psnr(gaussians: GaussianSet) -> float:
+            return scores(RASTERIZER.render(gaussians.activated(), back, torch.zeros(3)).colour, expected.colour,
+                          region).psnr
+
+        assert psnr(helped.gaussians) >= psnr(alone.gaussians) + 3.0
+    assert helped.after[0].psnr > helped.before[0].psnr, "the photo is still fitted"

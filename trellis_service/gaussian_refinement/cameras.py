@@ -58,10 +58,6 @@ class Camera:
                               device=self.focal.device)
         return Camera(self.rotation, self.translation, self.focal * factor, self.principal * factor, width, height)
 
-    def detached(self) -> Camera:
-        return Camera(self.rotation.detach(), self.translation.detach(), self.focal.detach(),
-                      self.principal.detach(), self.width, self.height)
-
 
 @dataclass(frozen=True)
 class OrbitPose:

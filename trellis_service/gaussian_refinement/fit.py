@@ -31,7 +31,7 @@ EARLY_STOP_TOLERANCE = 1e-3
 REGULARISER_YAWS: tuple[float, ...] = (60.0, 120.0, 180.0, 240.0, 300.0)
 HELD_OUT_YAWS: tuple[float, ...] = (90.0, 150.0, 210.0, 270.0)
 HELD_OUT_PITCH_OFFSET = 15.0
-#: Ring views closer than this (degrees of yaw) to a photo's camera are left to the photo.
+#: Ring views closer than this (degrees of yaw) to a target's camera are left to the target.
 NEAR_PHOTO_DEGREES = 40.0
 #: Regulariser views rendered per step (round robin).
 REGULARISER_VIEWS_PER_STEP = 2
@@ -110,6 +110,31 @@ def learning_rates(gaussians: GaussianSet) -> dict[str, float]:
 _FIELDS = {"colours": "f_dc", "opacities": "opacity_logits", "positions": "means", "scales": "log_scales"}
 
 
+# -- novel views -------------------------------------------------------------------------------------------
+
+#: Weight of a refined novel view against a photo's 1 (docs/gaussian-refinement.md, "Novel views").
+NOVEL_VIEW_WEIGHT = 0.3
+
+
+def novel_view_poses(anchor: OrbitPose, count: int) -> list[OrbitPose]:
+    """``count`` views evenly around the object from ``anchor`` (the first photo's camera), the photo's own
+    direction left out: the sides nobody photographed."""
+    step = 360.0 / (count + 1)
+    return [OrbitPose((anchor.yaw_degrees + step * (k + 1)) % 360.0, anchor.pitch_degrees, anchor.distance)
+            for k in range(count)]
+
+
+def render_target(gaussians: GaussianSet, pose: OrbitPose, centre: Tensor, size: int, rasterizer: Rasterizer
+                  ) -> TargetView:
+    """The render from ``pose`` as a target view (colour un-premultiplied, coverage as the mask): what goes to
+    the refiner tier, and, with the refined colours put back, what the fit pulls towards."""
+    with torch.no_grad():
+        render = rasterizer.render(gaussians.activated(), camera_at(pose, centre, size), torch.zeros_like(centre))
+    alpha = render.alpha.clamp(0.0, 1.0)
+    rgb = (render.colour / alpha.clamp_min(1e-3)[..., None]).clamp(0.0, 1.0)
+    return TargetView(rgb=rgb, mask=alpha, source="render")
+
+
 # -- image measures -----------------------------------------------------------------------------------------
 
 
@@ -156,13 +181,13 @@ def object_region(mask: Tensor, grow: int = 2) -> Tensor:
 # -- the fit ------------------------------------------------------------------------------------------------
 
 
-def ring_poses(anchor: OrbitPose, yaw_offsets: Sequence[float], pitch_offset: float, photos: Sequence[OrbitPose],
+def ring_poses(anchor: OrbitPose, yaw_offsets: Sequence[float], pitch_offset: float, seen: Sequence[OrbitPose],
                size: int) -> list[OrbitPose]:
-    """Orbit poses at ``yaw_offsets`` from ``anchor``, leaving out those near a photo's camera."""
+    """Orbit poses at ``yaw_offsets`` from ``anchor``, leaving out those near a target's camera."""
     poses = []
     for offset in yaw_offsets:
         yaw = (anchor.yaw_degrees + offset) % 360.0
-        if any(abs((yaw - photo.yaw_degrees + 180.0) % 360.0 - 180.0) < NEAR_PHOTO_DEGREES for photo in photos):
+        if any(abs((yaw - pose.yaw_degrees + 180.0) % 360.0 - 180.0) < NEAR_PHOTO_DEGREES for pose in seen):
             continue
         pitch = max(-60.0, min(70.0, anchor.pitch_degrees + pitch_offset))
         poses.append(OrbitPose(yaw, pitch, anchor.distance, (0.0, 0.0), size))
@@ -192,10 +217,12 @@ def fit_gaussians(gaussians: GaussianSet, targets: Sequence[FitTarget], settings
     cameras = [camera_at(target.pose, centre, size) for target in targets]
     regions = [object_region(view.mask) for view in views]
     weights = [target.weight for target in targets]
-    photos = [target.pose for target in targets if target.weight >= 1.0] or [targets[0].pose]
+    # The ring turns around the first photo; views near any target (photo or novel view) are the target's.
+    anchor = next((target.pose for target in targets if target.weight >= 1.0), targets[0].pose)
+    seen = [target.pose for target in targets]
     small = max(16, size // 2)
-    ring = [camera_at(pose, centre, small) for pose in ring_poses(photos[0], REGULARISER_YAWS, 0.0, photos, small)]
-    held_out_poses = ring_poses(photos[0], HELD_OUT_YAWS, HELD_OUT_PITCH_OFFSET, photos, small)
+    ring = [camera_at(pose, centre, small) for pose in ring_poses(anchor, REGULARISER_YAWS, 0.0, seen, small)]
+    held_out_poses = ring_poses(anchor, HELD_OUT_YAWS, HELD_OUT_PITCH_OFFSET, seen, small)
     held_out = [camera_at(pose, centre, small) for pose in held_out_poses]
     black = torch.zeros(3, dtype=centre.dtype, device=centre.device)
     white = torch.ones_like(black)
