@@ -1,10 +1,14 @@
-"""Gaussian refinement end to end: gateway → TRELLIS service (preview backend, CPU), client and CLI."""
+"""Gaussian refinement end to end: gateway → TRELLIS service (preview backend, CPU), client and CLI.
+
+Its own stack (the classic refiner: these requests never refine images), with one torch thread per service:
+on a shared 2-core machine torch's default thread pool makes the refinement many times slower."""
 
 from __future__ import annotations
 
 import math
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -17,6 +21,14 @@ from trellis_service.gaussian_refinement.gaussians import read_splat_ply
 from trellisbox.client import ProgressUpdate, TrellisBoxClient
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    with LocalStack(tmp_path_factory.mktemp("gaussian-refinement-stack"), refiner_args=["--backend", "classic"],
+                    trellis_args=["--backend", "preview"], env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+                    ready_timeout=120) as running:
+        yield running
 
 #: Small enough for a CPU test: about 4 000 preview splats, 48-pixel renders, a few steps.
 FAST = {"enabled": True, "steps": 6, "resolution": 48}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -59,3 +61,15 @@ def photo(gaussians: GaussianSet, pose: OrbitPose, size: int, rasterizer: Raster
     rgb = (render.colour / alpha.clamp_min(1e-3)[..., None]).clamp(0, 1)
     rgba = torch.cat([rgb, alpha[..., None]], dim=-1).numpy()
     return Image.fromarray(np.round(rgba * 255).astype(np.uint8), "RGBA")
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: on a shared 2-core machine, torch's thread pool fighting other processes is many
+    times slower than one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.gaussian_refinement.scenes import one_torch_thread
 from tests.trellis.trellis_helpers import load_glb, object_image
 from tests.trellis.trellis_standin import MODELS, write_model_folder, write_standin
 from trellis_service.backends import choose_backend
@@ -350,7 +351,8 @@ def test_gaussian_refinement_refines_the_gaussians_and_bakes_the_glb_from_them(
     backend.load()
     refinement = {"enabled": True, "steps": 4, "resolution": 32}
     params = PARAMS.model_copy(update={"gaussian_refinement": GaussianRefinementParams(**refinement)})
-    result, events = generate(backend, [object_image(alpha=True)], params, {GLB, PLY})
+    with one_torch_thread():
+        result, events = generate(backend, [object_image(alpha=True)], params, {GLB, PLY})
 
     (to_glb,) = named("to_glb", "trellis.utils.postprocessing_utils")
     gaussian = to_glb["app_rep"]
