@@ -25,6 +25,7 @@ from trellis_service.gaussian_refinement.gaussians import GaussianSet
 from trellis_service.gaussian_refinement.pose import recover_pose
 from trellis_service.gaussian_refinement.rasterizer import TorchRasterizer
 from trellis_service.gaussian_refinement.views import target_view
+from trellisbox._domain.params import GaussianRefinementParams
 
 RASTERIZER = TorchRasterizer()
 
@@ -65,7 +66,7 @@ def test_refinement_recovers_the_input_view_and_keeps_held_out_views() -> None:
     recovered = recover_pose(start.activated(), centre, radius, view, RASTERIZER,
                              generator=torch.Generator().manual_seed(0))
     settings = FitSettings(steps=150, attributes=frozenset({"colours", "opacities", "positions"}),
-                           regularisation=1.0, resolution=64)
+                           regularisation=GaussianRefinementParams().regularisation, resolution=64)
     result = fit_gaussians(start, [FitTarget(view, recovered.pose)], settings, RASTERIZER, centre)
 
     gain = result.after[0].psnr - result.before[0].psnr

@@ -120,3 +120,40 @@ def camera_at(pose: OrbitPose, centre: Tensor, size: int) -> Camera:
     offset = torch.tensor(pose.offset, dtype=centre.dtype, device=centre.device) * (size / pose.size)
     return orbit_camera(scalar(math.radians(pose.yaw_degrees)), scalar(math.radians(pose.pitch_degrees)),
                         scalar(pose.distance), offset, centre, size)
+
+
+class PoseParameters:
+    """An orbit pose as tensors an optimiser can move: yaw, pitch, log-distance and the principal-point shift,
+    at a given render size.
+
+    Args:
+        pose: The starting pose.
+        size: The square render edge the shift is expressed at.
+        like: Gives the dtype and device.
+    """
+
+    def __init__(self, pose: OrbitPose, size: int, like: Tensor) -> None:
+        def leaf(value: float | list[float]) -> Tensor:
+            return torch.tensor(value, dtype=like.dtype, device=like.device).requires_grad_(True)
+
+        self.size = size
+        self.yaw = leaf(math.radians(pose.yaw_degrees))
+        self.pitch = leaf(math.radians(pose.pitch_degrees))
+        self.log_distance = leaf(math.log(pose.distance))
+        self.offset = leaf([value * size / pose.size for value in pose.offset])
+
+    def groups(self, scale: float = 1.0) -> list[dict[str, object]]:
+        """Adam parameter groups: about a degree, 1 % of the distance and a quarter pixel per step × ``scale``."""
+        return [{"params": [self.yaw, self.pitch], "lr": math.radians(1.0) * scale},
+                {"params": [self.log_distance], "lr": 0.01 * scale},
+                {"params": [self.offset], "lr": 0.25 * scale}]
+
+    def camera(self, centre: Tensor) -> Camera:
+        limit = math.radians(80.0)
+        return orbit_camera(self.yaw, self.pitch.clamp(-limit, limit), torch.exp(self.log_distance), self.offset,
+                            centre, self.size)
+
+    def pose(self) -> OrbitPose:
+        shift = self.offset.detach().tolist()
+        return OrbitPose(math.degrees(self.yaw.item()) % 360.0, math.degrees(self.pitch.item()),
+                         math.exp(self.log_distance.item()), (shift[0], shift[1]), self.size)

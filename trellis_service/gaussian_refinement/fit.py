@@ -14,11 +14,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from trellis_service.gaussian_refinement.cameras import Camera, OrbitPose, camera_at
+from trellis_service.gaussian_refinement.cameras import Camera, OrbitPose, PoseParameters, camera_at
 from trellis_service.gaussian_refinement.gaussians import ATTRIBUTES, DrawnGaussians, GaussianSet
 from trellis_service.gaussian_refinement.rasterizer import Rasterizer
 from trellis_service.gaussian_refinement.views import TargetView
@@ -33,6 +34,8 @@ HELD_OUT_YAWS: tuple[float, ...] = (90.0, 150.0, 210.0, 270.0)
 HELD_OUT_PITCH_OFFSET = 15.0
 #: Ring views closer than this (degrees of yaw) to a target's camera are left to the target.
 NEAR_PHOTO_DEGREES = 40.0
+#: Step size of a photo's camera during the fit, relative to the camera recovery's.
+CAMERA_RATE = 0.5
 #: Regulariser views rendered per step (round robin).
 REGULARISER_VIEWS_PER_STEP = 2
 
@@ -74,6 +77,7 @@ class FitResult:
         before: Per target, the unrefined render against the target.
         after: Per target, the refined render against the target.
         held_out: Per held-out view, refined against unrefined renders.
+        poses: Per target, its camera at the end (a photo's moves with the fit).
     """
 
     gaussians: GaussianSet
@@ -82,6 +86,7 @@ class FitResult:
     before: list[ImageScores]
     after: list[ImageScores]
     held_out: list[HeldOutScores]
+    poses: list[OrbitPose]
 
 
 @dataclass(frozen=True)
@@ -93,12 +98,14 @@ class FitSettings:
         attributes: Any of :data:`~trellis_service.gaussian_refinement.gaussians.ATTRIBUTES`.
         regularisation: Weight of the other-views term.
         resolution: Edge of the square renders the photos are compared at.
+        refine_cameras: Let the photos' cameras move with the fit.
     """
 
     steps: int
     attributes: frozenset[str]
     regularisation: float
     resolution: int
+    refine_cameras: bool = True
 
 
 def learning_rates(gaussians: GaussianSet) -> dict[str, float]:
@@ -237,7 +244,14 @@ def fit_gaussians(gaussians: GaussianSet, targets: Sequence[FitTarget], settings
     moving = {name: getattr(original, _FIELDS[name]).clone().requires_grad_(True)
               for name in ATTRIBUTES if name in settings.attributes}
     rates = learning_rates(original)
-    optimiser = torch.optim.Adam([{"params": [tensor], "lr": rates[name]} for name, tensor in moving.items()])
+    groups: list[dict[str, Any]] = [{"params": [tensor], "lr": rates[name]} for name, tensor in moving.items()]
+    # A photo's recovered camera keeps moving with the fit (its silhouette left it a degree or two off); a
+    # novel view's camera is exact.
+    posed = {index: PoseParameters(target.pose, size, centre) for index, target in enumerate(targets)
+             if settings.refine_cameras and target.weight >= 1.0}
+    for parameters in posed.values():
+        groups.extend(parameters.groups(CAMERA_RATE))
+    optimiser = torch.optim.Adam(groups)
     step = 0
     best_loss = math.inf
     best_step = 0
@@ -250,7 +264,9 @@ def fit_gaussians(gaussians: GaussianSet, targets: Sequence[FitTarget], settings
         drawn = current.activated()
         background = black if step % 2 == 0 else white
         loss = torch.zeros((), dtype=centre.dtype, device=centre.device)
-        for camera, view, region, weight in zip(cameras, views, regions, weights, strict=True):
+        for index, (camera, view, region, weight) in enumerate(zip(cameras, views, regions, weights, strict=True)):
+            if index in posed:
+                camera = posed[index].camera(centre)
             render = rasterizer.render(drawn, camera, background).colour
             target = view.rgb * view.mask[..., None] + background * (1.0 - view.mask[..., None])
             loss = loss + weight * _photometric(render, target, region)
@@ -276,6 +292,8 @@ def fit_gaussians(gaussians: GaussianSet, targets: Sequence[FitTarget], settings
             break
 
     refined = original.with_values(**{_FIELDS[name]: tensor.detach() for name, tensor in moving.items()})
+    poses = [posed[index].pose() if index in posed else target.pose for index, target in enumerate(targets)]
+    cameras = [camera_at(pose, centre, size) for pose in poses]
     with torch.no_grad():
         drawn = refined.activated()
         after = [_target_scores(rasterizer, drawn, camera, view, region, black)
@@ -286,7 +304,7 @@ def fit_gaussians(gaussians: GaussianSet, targets: Sequence[FitTarget], settings
             region = object_region(torch.maximum(alpha, render_alpha), grow=0)
             held.append(HeldOutScores(pose.yaw_degrees, pose.pitch_degrees, scores(render_colour, colour, region)))
     return FitResult(gaussians=refined, steps=step, stopped_early=stopped_early, before=before, after=after,
-                     held_out=held)
+                     held_out=held, poses=poses)
 
 
 def _photometric(render: Tensor, target: Tensor, region: Tensor) -> Tensor:

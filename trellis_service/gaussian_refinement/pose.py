@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from trellis_service.gaussian_refinement.cameras import OrbitPose, camera_at, orbit_camera
+from trellis_service.gaussian_refinement.cameras import OrbitPose, PoseParameters, camera_at, orbit_camera
 from trellis_service.gaussian_refinement.gaussians import DrawnGaussians
 from trellis_service.gaussian_refinement.rasterizer import Rasterizer
 from trellis_service.gaussian_refinement.views import TargetView
@@ -157,31 +157,17 @@ def _warp(images: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
 
 def _refine(gaussians: DrawnGaussians, centre: Tensor, view: TargetView, rasterizer: Rasterizer,
             start: OrbitPose, should_stop: Callable[[], bool]) -> OrbitPose:
-    size = REFINE_SIZE
-    target = view.resized(size)
-    device, dtype = centre.device, centre.dtype
+    target = view.resized(REFINE_SIZE)
     drawn = DrawnGaussians(*(t.detach() for t in (gaussians.means, gaussians.quats, gaussians.scales,
                                                   gaussians.opacities, gaussians.colours)))
-    yaw = torch.tensor(math.radians(start.yaw_degrees), dtype=dtype, device=device, requires_grad=True)
-    pitch = torch.tensor(math.radians(start.pitch_degrees), dtype=dtype, device=device, requires_grad=True)
-    log_distance = torch.tensor(math.log(start.distance), dtype=dtype, device=device, requires_grad=True)
-    offset = torch.tensor(start.offset, dtype=dtype, device=device) * (size / start.size)
-    offset = offset.clone().requires_grad_(True)
-    optimiser = torch.optim.Adam([
-        {"params": [yaw, pitch], "lr": math.radians(1.0)},
-        {"params": [log_distance], "lr": 0.01},
-        {"params": [offset], "lr": 0.25},
-    ])
-    black = torch.zeros(3, dtype=dtype, device=device)
+    parameters = PoseParameters(start, REFINE_SIZE, centre)
+    optimiser = torch.optim.Adam(parameters.groups())  # type: ignore[arg-type]
+    black = torch.zeros_like(centre)
     best = (-1.0, start)
     for _ in range(REFINE_STEPS + 1):
-        camera = orbit_camera(yaw, pitch.clamp(math.radians(-80), math.radians(80)), torch.exp(log_distance),
-                              offset, centre, size)
-        iou = soft_iou(rasterizer.render(drawn, camera, black).alpha, target.mask)
+        iou = soft_iou(rasterizer.render(drawn, parameters.camera(centre), black).alpha, target.mask)
         if float(iou.detach()) > best[0]:
-            shift = offset.detach().tolist()
-            best = (float(iou.detach()), OrbitPose(math.degrees(yaw.item()) % 360.0, math.degrees(pitch.item()),
-                                                   math.exp(log_distance.item()), (shift[0], shift[1]), size))
+            best = (float(iou.detach()), parameters.pose())
         if should_stop():
             break
         optimiser.zero_grad()

@@ -29,7 +29,8 @@ PROGRESS_EVENTS = 30
 
 @dataclass(frozen=True)
 class ViewReport:
-    """One input image: its recovered camera, the silhouette overlap, and the fit's figures there."""
+    """One input image: its camera (recovered, then refined with the fit), the silhouette overlap at recovery,
+    and the fit's figures ("before" at the recovered camera, "after" at the refined one)."""
 
     image_index: int
     pose: OrbitPose
@@ -108,8 +109,8 @@ def refine_splats(splats: SplatArrays, images: list[Image.Image], params: Gaussi
     ctx.raise_if_stopped()
     ctx.report(Stage.GAUSSIAN_REFINEMENT, total, total, f"fitted in {result.steps} steps"
                + (" (the loss stopped improving)" if result.stopped_early else ""))
-    views = [ViewReport(index, target.pose, iou, before, after) for index, (target, iou, before, after)
-             in enumerate(zip(targets, ious, result.before, result.after, strict=True))]
+    views = [ViewReport(index, pose, iou, before, after) for index, (pose, iou, before, after)
+             in enumerate(zip(result.poses, ious, result.before, result.after, strict=True))]
     report = RefinementReport(views=views, held_out=result.held_out, steps=result.steps,
                               stopped_early=result.stopped_early, gaussians=len(gaussians),
                               resolution=params.resolution, rasterizer=rasterizer.name)

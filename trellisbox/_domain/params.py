@@ -96,7 +96,7 @@ class GaussianRefinementParams(ParamModel):
     opacities: bool = param(True, "The fit may change the Gaussians' opacities.")
     positions: bool = param(False, "The fit may move the Gaussians.")
     scales: bool = param(False, "The fit may change the Gaussians' sizes.")
-    regularisation: float = param(1.0, "Weight of the term that keeps renders from other views close to the "
+    regularisation: float = param(0.3, "Weight of the term that keeps renders from other views close to the "
                                   "unrefined ones.", ge=0.0, le=100.0)
     resolution: int = param(128, "Edge in pixels of the square renders compared with the input views.",
                             ge=32, le=1024)

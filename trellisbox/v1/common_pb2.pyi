@@ -391,7 +391,7 @@ class GenerationParameters(_message.Message):
     @_builtins.property
     def gaussian_refinement(self) -> Global___GaussianRefinementParameters:
         """Post-generation 3D Gaussian refinement. Default enabled false, steps 150, colours true, opacities true,
-        positions false, scales false, regularisation 1.0, resolution 128, novel_views false, novel_view_strength
+        positions false, scales false, regularisation 0.3, resolution 128, novel_views false, novel_view_strength
         0.2.
         """
 
@@ -457,7 +457,7 @@ class GaussianRefinementParameters(_message.Message):
     """The fit may change the Gaussians' sizes. True or false; default false."""
     regularisation: _builtins.float
     """Weight of the term that keeps renders from other views close to the unrefined ones. In [0.0, 100.0];
-    default 1.0.
+    default 0.3.
     """
     resolution: _builtins.int
     """Edge in pixels of the square renders compared with the input views. In [32, 1024]; default 128."""
