@@ -1,6 +1,9 @@
-"""The refinement's request block: yes/no parameters through every front end, and what is refused."""
+"""The refinement's request block through every front end (client, form, CLI text), what is refused, and how the
+report is shown (CLI lines, web page)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +14,10 @@ from trellisbox._domain.convert import params_from_proto, params_message
 from trellisbox._domain.errors import InvalidInput
 from trellisbox._domain.params import GaussianRefinementParams, GenerationParams, build, from_text
 from trellisbox._runtime.worker import JobContext
+from trellisbox.client import GenerationResult, refinement_lines
 from trellisbox.v1 import common_pb2
-from webui.form import request_options
+from webui.app import WebApp
+from webui.form import ProgressPanel, request_options
 
 
 def test_switches_travel_from_the_client_mapping_to_the_domain() -> None:
@@ -50,3 +55,21 @@ def test_a_fit_that_may_move_nothing_is_refused() -> None:
     empty = SplatArrays(*(np.zeros((0, n), dtype=np.float32) for n in (3, 3, 3, 1, 3, 4)))
     with pytest.raises(InvalidInput, match="no attribute may move"):
         refine_splats(empty, [], params, JobContext("t", None, lambda _: None))
+
+
+def test_the_web_page_and_the_cli_show_the_figures(tmp_path: Path) -> None:
+    report = common_pb2.GaussianRefinementReport(
+        views=[common_pb2.GaussianRefinementView(image_index=0, yaw_degrees=12.5, pitch_degrees=-3.0, distance=1.8,
+                                                 silhouette_iou=0.93, psnr_before=18.6, psnr_after=21.2,
+                                                 ssim_before=0.69, ssim_after=0.89)],
+        held_out=[common_pb2.HeldOutView(yaw_degrees=90.0, pitch_degrees=13.0, psnr=31.8, ssim=0.92)],
+        steps=10, stopped_early=True, gaussians=20000, resolution=128, rasterizer="torch")
+    lines = refinement_lines(report)
+    assert lines[0] == "gaussian refinement: 10 steps (stopped early), 20000 Gaussians at 128 px, rasteriser torch"
+    assert "yaw 12.5° pitch -3.0°" in lines[1] and "IoU 0.930" in lines[1] and "PSNR 18.60 → 21.20 dB" in lines[1]
+    assert "held-out view yaw 90° pitch 13°: 31.80 dB PSNR" in lines[2]
+    assert refinement_lines(None) == []
+    result = GenerationResult(generator_backend="preview", gaussian_refinement=report)
+    page, _ = WebApp("127.0.0.1:1", tmp_path)._show(result, ProgressPanel("sending"), ["mug.png"])
+    assert '<div class="tb-refinement">gaussian refinement: 10 steps' in page
+    assert "PSNR 18.60 → 21.20 dB" in page
