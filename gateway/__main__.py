@@ -11,6 +11,7 @@ import grpc
 
 from gateway.admission import Admission, ByteBudget
 from gateway.config import GatewaySettings
+from gateway.results import DurableJobs, ResultStore
 from gateway.router import Router
 from gateway.servicer import GatewayServicer, add_gateway_servicer
 from gateway.stages import StageClients
@@ -26,15 +27,19 @@ STAGE_CHECK_S = 1.0
 def main(argv: list[str] | None = None) -> None:
     settings = load_settings(GatewaySettings, sys.argv[1:] if argv is None else argv)
     channels: list[StageClients] = []
+    # Made (and checked) before the server starts: an unwritable results directory fails the start, not a request.
+    jobs = DurableJobs(ResultStore(settings.results_path, settings.results_retention_s, settings.results_max_bytes,
+                                   stale_after_s=settings.longest_call_s))
 
     def register(server: grpc.aio.Server) -> None:
         # Channels must be created inside the server's event loop.
         stages = StageClients(settings)
         channels.append(stages)
         router = Router(stages, Admission(settings.max_concurrent, settings.max_queue), settings.stage_retries)
-        add_gateway_servicer(GatewayServicer(settings, router, ByteBudget(settings.max_held_bytes)), server)
+        add_gateway_servicer(GatewayServicer(settings, router, ByteBudget(settings.max_held_bytes), jobs), server)
 
     async def close_channels() -> None:
+        await jobs.drain(settings.grace_s)  # durable requests whose callers left get the drain time calls get
         for stages in channels:
             await stages.close()
 
@@ -55,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     spec = ServiceSpec(
         name=GATEWAY_SERVICE,
         register=register,
-        describe=lambda: f"refiner={settings.refiner_target} trellis={settings.trellis_target}",
+        describe=lambda: f"refiner={settings.refiner_target} trellis={settings.trellis_target} "
+                         f"results={settings.results_path}",
         on_shutdown=close_channels,
         readiness=stages_reachable,
     )

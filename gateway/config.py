@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+from pathlib import Path
 
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
@@ -73,6 +75,26 @@ class GatewaySettings(ServiceSettings):
         "also mid-stream (a replica that died), on another replica and within the caller's deadline, as long as no "
         "artifact chunk of that stage was relayed yet (the refined images are held back until complete)."
     )
+
+    results_dir: Path | None = Field(
+        None, description="Where the results of durable requests (those with a request_id) are kept, so that a caller "
+        "who lost its connection can fetch them (GetResult); default $XDG_CACHE_HOME/trellisbox/results (or "
+        "~/.cache/...). In Kubernetes a volume; gateway replicas that share one (ReadWriteMany) serve each other's "
+        "finished results.",
+    )
+    results_retention_s: float = Field(
+        3600.0, ge=0, description="How long a durable request's result is kept after it finished (0: not kept; a "
+        "running job can still be attached to)."
+    )
+    results_max_bytes: int = Field(
+        2 * 2**30, ge=0, description="Disk the stored results may take; the oldest are deleted first beyond it."
+    )
+
+    @property
+    def results_path(self) -> Path:
+        if self.results_dir is not None:
+            return self.results_dir
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "trellisbox" / "results"
 
     @field_validator("refiner_target", "trellis_target")
     @classmethod

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, TypeVar
 
 import grpc
@@ -13,10 +14,11 @@ import grpc
 from gateway.admission import ByteBudget
 from gateway.config import GatewaySettings
 from gateway.relay import Outgoing, serialize_response
+from gateway.results import CancelOutcome, DurableJobs, request_fingerprint
 from gateway.router import GENERATED_KINDS, GenerateJob, Router
 from trellisbox._domain.contract import GATEWAY_SERVICE
 from trellisbox._domain.convert import kinds_from_proto, params_from_proto
-from trellisbox._domain.errors import InvalidInput
+from trellisbox._domain.errors import InvalidInput, NotFound
 from trellisbox._domain.imaging import decode_cost
 from trellisbox._domain.kinds import ArtifactKind
 from trellisbox._domain.params import GenerationParams, RefineParams, random_seed
@@ -59,36 +61,91 @@ class GatewayServicer:
         settings: Gateway settings (limits, default deadline).
         router: Runs the stages.
         budget: Bounds the request bytes held at once (refusal before decoding).
+        jobs: Runs the durable requests (those with a request_id) and keeps their results.
     """
 
-    def __init__(self, settings: GatewaySettings, router: Router, budget: ByteBudget) -> None:
+    def __init__(self, settings: GatewaySettings, router: Router, budget: ByteBudget, jobs: DurableJobs) -> None:
         self._settings = settings
         self._router = router
         self._budget = budget
+        self._jobs = jobs
 
     async def Generate(self, request: gateway_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Outgoing]:
         request_id = bind_request_id(request.request_id)
+        fingerprint: str | None = None
+        if request.request_id:  # durable: the same request again attaches to its job, or gets its stored result
+            fingerprint = await asyncio.to_thread(request_fingerprint, request)
+            existing = self._jobs.attach(request_id, fingerprint)
+            if existing is not None:
+                _log.info("generate: the same request again; attached")
+                async for response in existing:
+                    yield response
+                return
+        async with AsyncExitStack() as held:
+            await held.enter_async_context(self._held(request))
+            job = self._job(request_id, request, context)
+            if fingerprint is None:
+                async for response in self._router.generate(job):
+                    yield response
+                return
+            # The job runs as the gateway's, holding the request until it ends; this call only follows it.
+            followed = await self._jobs.start(request_id, fingerprint, lambda: self._router.generate(job),
+                                              held.pop_all())
+        async for response in followed:
+            yield response
+
+    async def GetResult(self, request: gateway_pb2.GetResultRequest,
+                        context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Outgoing]:
+        request_id = self._named(request.request_id)
+        found = self._jobs.attach(request_id, None)
+        if found is None:
+            raise NotFound(f"no running request and no stored result with request_id {request_id!r} on this gateway "
+                           f"(results are kept {self._settings.results_retention_s:.0f} s after they finish; failed "
+                           "requests are not kept: send the request again)")
+        async for response in found:
+            yield response
+
+    async def Cancel(self, request: gateway_pb2.CancelRequest,
+                     context: grpc.aio.ServicerContext[Any, Any]) -> gateway_pb2.CancelResponse:
+        request_id = self._named(request.request_id)
+        outcome = self._jobs.cancel(request_id)
+        if outcome is None:
+            raise NotFound(f"no running request and no stored result with request_id {request_id!r} on this gateway")
+        _log.info("cancel: %s", outcome.value)
+        return gateway_pb2.CancelResponse(outcome=gateway_pb2.CancelResponse.OUTCOME_STOPPED
+                                          if outcome is CancelOutcome.STOPPED
+                                          else gateway_pb2.CancelResponse.OUTCOME_DELETED)
+
+    @staticmethod
+    def _named(given: str) -> str:
+        if not given:
+            raise InvalidInput("request_id is required: the id the request was sent with")
+        return bind_request_id(given)
+
+    @asynccontextmanager
+    async def _held(self, request: gateway_pb2.GenerateRequest) -> AsyncIterator[None]:
+        """Hold the request in the byte budget (refused before any decoding when it is spent) and validate its
+        images; the request stays held for the body."""
         size = request.ByteSize()
         try:
             # Images are decoded one at a time, so the peak is the request plus its costliest decode (from headers).
             peak = size + max((decode_cost(image.data, self._settings.image_limits) for image in request.images),
                               default=0)
-            with self._budget.hold(peak) as resize:  # refused here, before any decoding
+            with self._budget.hold(peak) as resize:
                 # Decoding once here is the validation: format, size, pixel count, truncation (a 4096² PNG takes a
                 # few hundred ms, off the event loop). The stages get the caller's bytes, not a re-encoding.
                 await validate_request_images(request.images, self._settings)
-                resize(size)  # the decoded pixels are gone; the request is held until the call ends
-                async for response in self._route(request_id, request, context):
-                    yield response
+                resize(size)  # the decoded pixels are gone; the request is held until the job ends
+                yield
         finally:
             if size > _LARGE_REQUEST and self._budget.held == 0:
                 # The last large request is done: give the heap's free pages back (uploads arrive in many small
                 # transport buffers, which glibc keeps otherwise).
                 await asyncio.to_thread(release_memory, collect=False)
 
-    async def _route(self, request_id: str, request: gateway_pb2.GenerateRequest,
-                     context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Outgoing]:
+    def _job(self, request_id: str, request: gateway_pb2.GenerateRequest,
+             context: grpc.aio.ServicerContext[Any, Any]) -> GenerateJob:
         job = GenerateJob(
             request_id=request_id,
             images=request.images,
@@ -98,10 +155,9 @@ class GatewayServicer:
             formats=requested_formats(request),
             deadline=time.monotonic() + (context.time_remaining() or self._settings.default_timeout_s),
         )
-        _log.info("generate: %d image(s), refine=%s, formats=%s", len(job.images), job.refine is not None,
-                  sorted(kind.name for kind in job.formats))
-        async for response in self._router.generate(job):
-            yield response
+        _log.info("generate: %d image(s), refine=%s, formats=%s%s", len(job.images), job.refine is not None,
+                  sorted(kind.name for kind in job.formats), ", durable" if request.request_id else "")
+        return job
 
 
 def add_gateway_servicer(servicer: GatewayServicer, server: grpc.aio.Server) -> None:
@@ -112,6 +168,16 @@ def add_gateway_servicer(servicer: GatewayServicer, server: grpc.aio.Server) -> 
             servicer.Generate,
             request_deserializer=gateway_pb2.GenerateRequest.FromString,
             response_serializer=serialize_response,
+        ),
+        "GetResult": grpc.unary_stream_rpc_method_handler(
+            servicer.GetResult,
+            request_deserializer=gateway_pb2.GetResultRequest.FromString,
+            response_serializer=serialize_response,
+        ),
+        "Cancel": grpc.unary_unary_rpc_method_handler(
+            servicer.Cancel,
+            request_deserializer=gateway_pb2.CancelRequest.FromString,
+            response_serializer=gateway_pb2.CancelResponse.SerializeToString,
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(GATEWAY_SERVICE, handlers),))

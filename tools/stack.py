@@ -231,11 +231,19 @@ class LocalStack:
         trellis = self._start("trellis", "trellis_service", self.trellis_args)
         refiner.wait_ready(REFINER_SERVICE, self.ready_timeout)
         trellis.wait_ready(TRELLIS_SERVICE, self.ready_timeout)
+        self.start_gateway()
+
+    def start_gateway(self) -> str:
+        """Start the gateway in front of the running model services (again, after a test stopped it); its target."""
+        # Durable requests' results live with this stack's logs unless the caller chose a place.
+        results = [] if "--results-dir" in self.gateway_args else ["--results-dir", str(self.log_dir / "results")]
         gateway = self._start(
             "gateway", "gateway",
-            ["--refiner-target", refiner.target, "--trellis-target", trellis.target, *self.gateway_args],
+            ["--refiner-target", self.processes["refiner"].target, "--trellis-target",
+             self.processes["trellis"].target, *results, *self.gateway_args],
         )
         gateway.wait_ready(GATEWAY_SERVICE, self.ready_timeout)
+        return gateway.target
 
     def _start(self, name: str, module: str, args: Sequence[str]) -> ServiceProcess:
         process = start_service(name, module, args, self.log_dir, port=self.ports.get(name), env=self.env,

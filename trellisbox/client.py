@@ -12,11 +12,12 @@ anything left out takes the server's default.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from PIL import Image
@@ -78,6 +79,30 @@ class GenerationResult:
         return [a.data for a in sorted(refined, key=lambda a: a.index)]
 
 
+#: How the gateway's messages name a failing stage ("refiner: ...", "trellis: ...").
+STAGE_PREFIXES = ("refiner:", "trellis:")
+
+
+def connection_lost(exc: grpc.RpcError) -> bool:
+    """The call broke between the client and the gateway (UNAVAILABLE not caused by a stage), so the request may
+    still be running there."""
+    return (exc.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+            and not (exc.details() or "").startswith(STAGE_PREFIXES))  # type: ignore[attr-defined]
+
+
+#: The events of a Generate or GetResult call (the same fields).
+Response = gateway_pb2.GenerateResponse | gateway_pb2.GetResultResponse
+R = TypeVar("R", gateway_pb2.GenerateResponse, gateway_pb2.GetResultResponse)
+
+
+def _cancelling(call: grpc.CallIterator[R]) -> Generator[R, None, None]:
+    """The responses of a streaming call, cancelling it when the consumer stops early."""
+    try:
+        yield from call
+    finally:
+        call.cancel()  # type: ignore[no-untyped-call]
+
+
 def to_image_message(image: ImageInput) -> common_pb2.Image:
     """Encoded bytes are sent as they are (the server sniffs the type); PIL images go as PNG."""
     if isinstance(image, Image.Image):
@@ -102,7 +127,9 @@ def build_request(images: Sequence[ImageInput], *, refine: bool = False,
             multi_image_mode ("stochastic" | "multidiffusion"), sparse_structure / slat (mappings of steps,
             cfg_strength).
         formats: Any of "glb", "ply", "refined"; empty for the server default.
-        request_id: Optional id for logs and metrics (letters, digits, ``. _ : -``; at most 128).
+        request_id: Optional id (letters, digits, ``. _ : -``; at most 128). With one the request is durable: the
+            gateway finishes it even when the call breaks, and the same request with the same id, or
+            :meth:`TrellisBoxClient.fetch`, gets its result (see :meth:`TrellisBoxClient.generate`).
 
     Raises:
         ValueError: an unknown parameter name, enum value or format (ranges are checked by the server).
@@ -151,24 +178,55 @@ class TrellisBoxClient:
 
     def stream(self, request: gateway_pb2.GenerateRequest) -> Generator[gateway_pb2.GenerateResponse, None, None]:
         """The raw response stream; cancel it by closing the iterator."""
-        call = self._stub.Generate(request, timeout=self._timeout)
-        try:
-            yield from call
-        finally:
-            call.cancel()  # type: ignore[no-untyped-call]
+        yield from _cancelling(self._stub.Generate(request, timeout=self._timeout))
 
     def generate(self, images: Sequence[ImageInput], *,
                  on_progress: Callable[[ProgressUpdate], None] | None = None,
-                 **options: Any) -> GenerationResult:
+                 reconnects: int = 3, **options: Any) -> GenerationResult:
         """Run one Generate call to completion; ``options`` are those of :func:`build_request`.
+
+        With a ``request_id`` the request is durable: when the connection breaks (UNAVAILABLE not from a stage), the
+        same request is sent again up to ``reconnects`` times, which attaches to the job still running at the gateway
+        or returns its stored result (artifacts come again from their first byte), so nothing is computed twice.
 
         Raises:
             grpc.RpcError: with the server's status code and message (e.g. INVALID_ARGUMENT).
         """
-        return self.collect(self.stream(build_request(images, **options)), on_progress)
+        request = build_request(images, **options)
+        for attempt in range(reconnects + 1):
+            try:
+                return self.collect(self.stream(request), on_progress)
+            except grpc.RpcError as exc:
+                if not request.request_id or attempt == reconnects or not connection_lost(exc):
+                    raise
+                if on_progress is not None:
+                    on_progress(ProgressUpdate("QUEUED", 0, 0, f"connection lost ({exc.details()}); attaching "  # type: ignore[attr-defined]
+                                               f"to request {request.request_id} again"))
+                time.sleep(min(0.5 * 2**attempt, 5.0))
+        raise AssertionError("unreachable")
+
+    def fetch(self, request_id: str, *,
+              on_progress: Callable[[ProgressUpdate], None] | None = None) -> GenerationResult:
+        """The result of the durable request ``request_id``: followed to its end while it runs, the stored result
+        once it finished (within the gateway's retention).
+
+        Raises:
+            grpc.RpcError: NOT_FOUND when the gateway has neither (a failed request is not kept: send it again).
+        """
+        request = gateway_pb2.GetResultRequest(request_id=request_id)
+        return self.collect(_cancelling(self._stub.GetResult(request, timeout=self._timeout)), on_progress)
+
+    def cancel(self, request_id: str) -> str:
+        """Stop the durable request ``request_id`` (``"stopped"``) or delete its stored result (``"deleted"``).
+
+        Raises:
+            grpc.RpcError: NOT_FOUND when the gateway has neither.
+        """
+        response = self._stub.Cancel(gateway_pb2.CancelRequest(request_id=request_id), timeout=30)
+        return "stopped" if response.outcome == gateway_pb2.CancelResponse.OUTCOME_STOPPED else "deleted"
 
     @staticmethod
-    def collect(responses: Iterator[gateway_pb2.GenerateResponse],
+    def collect(responses: Iterator[Response],
                 on_progress: Callable[[ProgressUpdate], None] | None = None) -> GenerationResult:
         """Reassemble artifacts (checking order, size and sha256) and read the done event."""
         result = GenerationResult()
