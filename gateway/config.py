@@ -62,10 +62,16 @@ class GatewaySettings(ServiceSettings):
         4, ge=1, description="Requests routed through the stages at once; the rest wait in the queue."
     )
     max_held_bytes: int = Field(
-        512 * 2**20, ge=2**20, description="Request bytes the gateway holds at once past the transport (being "
-        "validated, decoded one image at a time, or routed): each request counts its bytes plus its costliest decode, "
-        "read from the image headers. A request over it is refused with RESOURCE_EXHAUSTED before any decoding. "
-        "Bounds the gateway's memory under many large uploads (docs/reliability.md)."
+        512 * 2**20, ge=2**20, description="Request bytes the gateway holds at once: a request is read only when "
+        "max_request_bytes fit (until then HTTP/2 flow control keeps its bytes at the client), then counts its bytes "
+        "plus its costliest decode (read from the image headers) while validated, and its bytes while routed. A decode "
+        "that does not fit is refused with RESOURCE_EXHAUSTED before any decoding. Bounds the gateway's memory under "
+        "any number of large uploads (docs/reliability.md)."
+    )
+    receive_timeout_s: float = Field(
+        120.0, gt=0, description="How long a request may take to arrive once the gateway reads it, and to wait for "
+        "room in max_held_bytes before that: a slower upload is refused (DEADLINE_EXCEEDED), so slow senders cannot "
+        "hold the budget. 120 s lets a 64 MiB request arrive at 0.5 MiB/s."
     )
     default_timeout_s: float = Field(
         900.0, gt=0, description="Deadline applied when the client sets none (refine + generation)."

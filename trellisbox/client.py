@@ -13,7 +13,7 @@ anything left out takes the server's default.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -226,7 +226,7 @@ class TrellisBoxClient:
         return "stopped" if response.outcome == gateway_pb2.CancelResponse.OUTCOME_STOPPED else "deleted"
 
     @staticmethod
-    def collect(responses: Iterator[Response],
+    def collect(responses: Iterable[Response],
                 on_progress: Callable[[ProgressUpdate], None] | None = None) -> GenerationResult:
         """Reassemble artifacts (checking order, size and sha256) and read the done event."""
         result = GenerationResult()
