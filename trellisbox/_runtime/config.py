@@ -25,8 +25,10 @@ class ServiceSettings(BaseSettings):
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one).")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port; 0 disables it.")
     log_level: str = Field("INFO", description="Python logging level.")
-    log_format: LogFormat = Field("plain", description="plain: one readable line per record (for a terminal); json: "
-                                  "one JSON object per line with time, level, service, request_id, logger, message.")
+    log_format: LogFormat = Field(
+        "plain", description="plain: one readable line per record (for a terminal); json: one JSON object per line "
+        "with time, level, service, request_id, stage, logger, message (and trace_id, span_id when tracing)."
+    )
     tracing: bool = Field(
         False, description="Export OpenTelemetry traces over OTLP/gRPC: one trace per request across the gateway, "
         "refiner and TRELLIS (trace context in the gRPC metadata), the request id as the span attribute "
