@@ -19,6 +19,7 @@ import grpc
 from gateway.config import GatewaySettings
 from gateway.relay import StageEvent, stage_deserializer
 from trellisbox._domain.contract import REFINER_SERVICE, TRELLIS_SERVICE
+from trellisbox._runtime import tracing
 from trellisbox.v1 import refiner_pb2, trellis_pb2
 
 RefineCall = grpc.aio.UnaryStreamCall[refiner_pb2.RefineRequest, StageEvent[refiner_pb2.RefineResponse]]
@@ -72,10 +73,12 @@ class StageClients:
 
     def __init__(self, settings: GatewaySettings) -> None:
         self._refiner_channel = grpc.aio.insecure_channel(
-            settings.refiner_target, options=channel_options(settings, REFINER_SERVICE)
+            settings.refiner_target, options=channel_options(settings, REFINER_SERVICE),
+            interceptors=tracing.client_interceptors(),  # None unless tracing is on
         )
         self._trellis_channel = grpc.aio.insecure_channel(
-            settings.trellis_target, options=channel_options(settings, TRELLIS_SERVICE)
+            settings.trellis_target, options=channel_options(settings, TRELLIS_SERVICE),
+            interceptors=tracing.client_interceptors(),
         )
         self._refine: grpc.aio.UnaryStreamMultiCallable[
             refiner_pb2.RefineRequest, StageEvent[refiner_pb2.RefineResponse]

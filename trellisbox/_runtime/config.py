@@ -25,8 +25,22 @@ class ServiceSettings(BaseSettings):
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one).")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port; 0 disables it.")
     log_level: str = Field("INFO", description="Python logging level.")
-    log_format: LogFormat = Field("plain", description="plain: one readable line per record (for a terminal); json: "
-                                  "one JSON object per line with time, level, service, request_id, logger, message.")
+    log_format: LogFormat = Field(
+        "plain", description="plain: one readable line per record (for a terminal); json: one JSON object per line "
+        "with time, level, service, request_id, stage, logger, message (and trace_id, span_id when tracing)."
+    )
+    tracing: bool = Field(
+        False, description="Export OpenTelemetry traces over OTLP/gRPC: one trace per request across the gateway, "
+        "refiner and TRELLIS (trace context in the gRPC metadata), the request id as the span attribute "
+        "trellisbox.request_id, the trace id in every log line written inside a call. Off: no tracing code runs. The "
+        "standard OTEL_* variables apply (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_HEADERS, OTEL_SERVICE_NAME, "
+        "OTEL_RESOURCE_ATTRIBUTES, OTEL_TRACES_SAMPLER, OTEL_BSP_*, ...)."
+    )
+    otlp_endpoint: str = Field(
+        "", description="Where tracing sends spans (OTLP/gRPC), e.g. http://otel-collector:4317 (http: plaintext, "
+        "https: TLS); setting it turns tracing on. Empty: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or "
+        "OTEL_EXPORTER_OTLP_ENDPOINT, else http://localhost:4317."
+    )
     max_request_bytes: int = Field(64 * 2**20, ge=2**20, description="Largest accepted request message.")
     max_image_bytes: int = Field(32 * 2**20, ge=1024, description="Largest accepted encoded image.")
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64, description="Largest accepted width × height.")
@@ -46,6 +60,11 @@ class ServiceSettings(BaseSettings):
         "max_connection_age_s (gRPC's connection age grace): new calls go to a new connection, long jobs are not cut."
     )
     grace_s: float = Field(10.0, ge=0, description="How long a draining server (SIGTERM) lets calls finish.")
+
+    @property
+    def traced(self) -> bool:
+        """Whether this service exports traces: ``tracing`` on, or an ``otlp_endpoint`` given."""
+        return self.tracing or bool(self.otlp_endpoint)
 
     @property
     def image_limits(self) -> ImageLimits:

@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import _async as reflection_aio  # the aio servicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from trellisbox._domain.errors import ServiceError
+from trellisbox._runtime import tracing
 from trellisbox._runtime.config import ServiceSettings
 from trellisbox._runtime.interceptor import ErrorInterceptor
 from trellisbox._runtime.observability import configure_logging, start_metrics_server
@@ -102,8 +103,10 @@ def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
 
 async def serve(settings: ServiceSettings, spec: ServiceSpec) -> None:
     """Serve until SIGTERM/SIGINT, then drain for ``settings.grace_s`` seconds."""
-    # The interceptor maps every handler's errors to status codes (and counts calls): one place for all RPCs.
-    server = grpc.aio.server(options=server_options(settings), interceptors=[ErrorInterceptor()],
+    # The interceptor maps every handler's errors to status codes (and counts calls): one place for all RPCs. With
+    # tracing on, its span interceptor comes first, so the span sees the status the caller gets.
+    server = grpc.aio.server(options=server_options(settings),
+                             interceptors=[*tracing.server_interceptors(), ErrorInterceptor()],
                              maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
     spec.register(server)
     health_servicer = health_aio.HealthServicer()
@@ -221,7 +224,13 @@ def release_memory(*, collect: bool = True) -> None:
 
 def run(settings: ServiceSettings, spec: ServiceSpec, service_label: str, *, streaming_malloc: bool = False) -> None:
     """Entry point for a service's ``__main__``; ``streaming_malloc`` applies :func:`tune_malloc` (the gateway)."""
-    configure_logging(service_label, settings.log_level, settings.log_format)
+    configure_logging(service_label, settings.log_level, settings.log_format,
+                      trace_ids=tracing.current_ids if settings.traced else None)
+    if settings.traced:
+        tracing.start(settings, service_label)
     if streaming_malloc:
         _log.info("%s", tune_malloc())
-    asyncio.run(serve(settings, spec))
+    try:
+        asyncio.run(serve(settings, spec))
+    finally:
+        tracing.stop()  # export the spans still buffered
