@@ -92,6 +92,7 @@ device-wheels: install
 
 lint: install
 	$(PY) -m ruff check .
+	$(PY) -m bandit -q -c pyproject.toml -r .
 	$(PY) -m mypy trellisbox refiner_service trellis_service gateway webui bench tools tests
 
 clean:

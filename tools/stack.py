@@ -12,7 +12,7 @@ import os
 import re
 import signal
 import socket
-import subprocess
+import subprocess  # nosec B404  # starts this project's services and `ss`, argv lists only
 import sys
 import threading
 import time
@@ -50,8 +50,9 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
 def port_owner(port: int) -> str | None:
     """What listens on ``port`` (``pid 123: python -m gateway ...``), when this machine can tell (``ss``)."""
     try:
-        listing = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True, timeout=5,
-                                 check=False).stdout
+        # `ss` from PATH, as a person at this machine would run it; a fixed argv, no shell.
+        listing = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"],  # nosec B603 B607
+                                 capture_output=True, text=True, timeout=5, check=False).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     found = re.search(r'users:\(\("([^"]*)",pid=(\d+)', listing)
@@ -186,7 +187,7 @@ def start_service(name: str, module: str, args: Sequence[str], log_dir: Path, *,
             except BlockingIOError:
                 raise LogInUse(log_path) from None
         log.truncate(0)
-        process = subprocess.Popen(
+        process = subprocess.Popen(  # nosec B603  # this interpreter and a module of this project, no shell
             [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port), *args],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},

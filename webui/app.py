@@ -68,7 +68,7 @@ def _component(control: Control) -> gr.components.Component:
     """The Gradio input of one parameter, everything taken from ``control`` (i.e. from the definition)."""
     common: dict[str, Any] = {"label": control.label, "info": control.info, "elem_id": control.elem_id}
     if control.kind == "slider":
-        assert control.minimum is not None and control.maximum is not None
+        assert control.minimum is not None and control.maximum is not None  # nosec B101  # for mypy
         return gr.Slider(minimum=control.minimum, maximum=control.maximum, step=control.step, value=control.default,
                          **common)
     if control.kind == "number":
@@ -273,7 +273,7 @@ class WebApp:
                 self.generate, inputs=[files, refine, *self.inputs.values()], outputs=[status, shown],
                 concurrency_limit=4,
             ).then(self.present, inputs=[shown], outputs=results)
-        assert isinstance(page, gr.Blocks)
+        assert isinstance(page, gr.Blocks)  # nosec B101  # for mypy
         return page
 
     def launch(self, host: str, port: int, *, block: bool) -> tuple[gr.Blocks, str]:

@@ -105,7 +105,7 @@ def control_for(group: str, cls: type[ParamModel], path: tuple[str, ...]) -> Con
 
 def scalar_or_model(owner: type[ParamModel], name: str) -> type[ParamModel]:
     annotation = owner.model_fields[name].annotation
-    assert isinstance(annotation, type) and issubclass(annotation, ParamModel)
+    assert isinstance(annotation, type) and issubclass(annotation, ParamModel)  # nosec B101  # for mypy
     return annotation
 
 
