@@ -262,3 +262,26 @@ def test_reflection_can_require_a_token_and_health_never_does(tmp_path: Path) ->
         gateway.stop()
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
     assert GATEWAY_SERVICE in {s.name for s in answer.list_services_response.service}
+
+
+def test_the_health_port_answers_probes_in_plaintext_and_serves_nothing_else(tmp_path: Path) -> None:
+    write_dev_certs(tmp_path, ("refiner",))
+    health_port = free_port()
+    refiner = start_service("refiner", "refiner_service", [
+        "--backend", "classic", "--tls", "mutual", "--tls-cert-file", str(tmp_path / "refiner.crt"),
+        "--tls-key-file", str(tmp_path / "refiner.key"), "--tls-client-ca-file", str(tmp_path / "ca.crt"),
+        "--health-port", str(health_port)], tmp_path / "logs")
+    probe = f"127.0.0.1:{health_port}"
+    try:
+        # What the kubelet does: plaintext, no certificate, readiness by the service's name.
+        ServiceProcess("probe", "", health_port, refiner.process, refiner.log_path).wait_ready(REFINER_SERVICE, 120)
+        assert _health(refiner.target, None, REFINER_SERVICE) == grpc.StatusCode.UNAVAILABLE  # the gRPC port: TLS
+        with grpc.insecure_channel(probe) as channel:
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                               timeout=10))
+    finally:
+        refiner.stop()
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
+    assert f"health checks only, plaintext, on 127.0.0.1:{health_port}" in refiner.log_tail(100)
