@@ -124,6 +124,20 @@ def test_without_a_valid_token_the_call_is_unauthenticated(secure_stack: LocalSt
         grpc.StatusCode.INVALID_ARGUMENT)
 
 
+def test_fetching_and_cancelling_durable_requests_need_the_token_too(secure_stack: LocalStack) -> None:
+    assert secure_stack.security is not None
+    ca_file = secure_stack.security.ca_file
+    with TrellisBoxClient(secure_stack.gateway_target, ca_file=ca_file, timeout=20) as anonymous:
+        for call in (lambda: anonymous.cancel("someone-elses-job"), lambda: anonymous.fetch("someone-elses-job")):
+            with pytest.raises(grpc.RpcError) as info:
+                call()
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+    with TrellisBoxClient(secure_stack.gateway_target, ca_file=ca_file, token=TOKEN, timeout=20) as client, \
+            pytest.raises(grpc.RpcError) as info:
+        client.cancel("no-such-job")
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+
+
 def test_health_and_reflection_need_no_token(secure_stack: LocalStack) -> None:
     assert secure_stack.security is not None
     credentials = channel_credentials(secure_stack.security.ca_file)
