@@ -7,13 +7,15 @@ precedence: command-line flags, environment variables, an optional ``.env`` file
 
 from __future__ import annotations
 
-from typing import TypeVar
+from pathlib import Path
+from typing import Self, TypeVar
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from trellisbox._domain.imaging import ImageLimits
 from trellisbox._runtime.observability import LogFormat
+from trellisbox._runtime.security import TlsMode, is_loopback
 
 
 class ServiceSettings(BaseSettings):
@@ -60,6 +62,39 @@ class ServiceSettings(BaseSettings):
         "max_connection_age_s (gRPC's connection age grace): new calls go to a new connection, long jobs are not cut."
     )
     grace_s: float = Field(10.0, ge=0, description="How long a draining server (SIGTERM) lets calls finish.")
+    tls: TlsMode | None = Field(
+        None, description="The gRPC port's transport. off: plaintext; on: TLS with tls_cert_file and tls_key_file; "
+        "mutual: TLS, and clients must present a certificate from tls_client_ca_file. Unset: plaintext, allowed only "
+        "when host is a loopback address (the local stack); any other host must choose, so that plaintext is never an "
+        "accident. The files are reread when they change (rotation without restart)."
+    )
+    tls_cert_file: Path | None = Field(None, description="PEM certificate (chain) the server presents (tls=on/mutual).")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: Path | None = Field(
+        None, description="PEM CA bundle that client certificates must chain to (tls=mutual)."
+    )
+    health_port: int = Field(
+        0, ge=0, le=65535, description="A second, plaintext port that serves grpc.health.v1 only, for Kubernetes gRPC "
+        "probes (the kubelet can neither present a client certificate nor verify the server's); 0: none."
+    )
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Self:
+        if self.tls is None and not is_loopback(self.host):
+            variable = f"{self.model_config.get('env_prefix', '')}TLS"
+            raise ValueError(f"host {self.host} is reachable from other machines: choose the transport with tls "
+                             f"(--tls or {variable}): on or mutual, with tls_cert_file and tls_key_file; or off to "
+                             "serve plaintext")
+        if self.tls in ("on", "mutual") and (self.tls_cert_file is None or self.tls_key_file is None):
+            raise ValueError(f"tls={self.tls} needs tls_cert_file and tls_key_file")
+        if self.tls == "mutual" and self.tls_client_ca_file is None:
+            raise ValueError("tls=mutual needs tls_client_ca_file (the CA of the clients' certificates)")
+        return self
+
+    @property
+    def tls_mode(self) -> TlsMode:
+        """The transport in effect (unset on a loopback host is plaintext)."""
+        return self.tls or "off"
 
     @property
     def traced(self) -> bool:

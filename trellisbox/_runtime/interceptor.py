@@ -151,13 +151,13 @@ class _Call:
 
 if TYPE_CHECKING:  # generic in the stubs only
     Handler = grpc.RpcMethodHandler[Any, Any]
-    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
+    ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
 else:
     Handler = grpc.RpcMethodHandler
-    _Interceptor = grpc.aio.ServerInterceptor
+    ServerInterceptor = grpc.aio.ServerInterceptor
 
 
-class ErrorInterceptor(_Interceptor):
+class ErrorInterceptor(ServerInterceptor):
     """Maps errors to status codes and counts calls, for every method of every service on the server."""
 
     async def intercept_service(

@@ -203,7 +203,7 @@ class ModelHost(Generic[B]):
     async def lease_readiness(self) -> AsyncIterator[bool]:
         """After warm-up, in shared placement: ready while the GPU lease can be reached (missing RBAC, a deleted
         namespace or an unreachable API server would otherwise fail every job UNAVAILABLE after a long wait)."""
-        assert self.turns is not None
+        assert self.turns is not None  # nosec B101  # for mypy: only called in shared placement
         lease = self.turns.lease
         problem: str | None = None
         while True:
