@@ -31,6 +31,8 @@ REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 DEFAULT_K8S_VERSION = "1.31.0"
+#: The namespace the overlays put everything in.
+SHIPPED_NAMESPACE = "trellisbox"
 K8S_VERSION = os.environ.get("K8S_VERSION", DEFAULT_K8S_VERSION)
 
 # Every overlay, and the stand-alone weights Job kustomization.
@@ -99,12 +101,14 @@ def render_with_component(component: str, overlay: str, workdir: Path) -> list[O
 
 
 def render_with_components(components: list[str], overlay: str, workdir: Path) -> list[Obj]:
-    """``overlay`` plus optional components, in this order, through a throwaway kustomization in ``workdir``."""
+    """``overlay`` plus optional components, in this order, through a throwaway kustomization in ``workdir`` that
+    sets the namespace, as docs/deploy.md asks of one that adds components (their objects have none of their own)."""
     (workdir / "kustomization.yaml").write_text(
         yaml.safe_dump(
             {
                 "apiVersion": "kustomize.config.k8s.io/v1beta1",
                 "kind": "Kustomization",
+                "namespace": SHIPPED_NAMESPACE,
                 "resources": [os.path.relpath(K8S / "overlays" / overlay, workdir)],
                 "components": [os.path.relpath(K8S / "components" / c, workdir) for c in components],
             }

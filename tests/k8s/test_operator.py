@@ -19,7 +19,7 @@ from tests.k8s import k8sutil
 from tests.k8s.k8sutil import Obj
 
 GPU_OVERLAYS = ("dedicated-gpus", "dedicated-gpus-keda", "shared-gpu", "shared-gpu-k8s-lease")
-SHIPPED_NAMESPACE = "trellisbox"
+SHIPPED_NAMESPACE = k8sutil.SHIPPED_NAMESPACE
 PLACEHOLDER_REGISTRY = "registry.example.com"
 DIGEST = "sha256:" + "0123456789abcdef" * 4
 
