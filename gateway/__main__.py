@@ -11,11 +11,13 @@ import grpc
 
 from gateway.admission import Admission, ByteBudget
 from gateway.config import GatewaySettings
+from gateway.results import DurableJobs, ResultStore
 from gateway.router import Router
 from gateway.servicer import GatewayServicer, add_gateway_servicer
 from gateway.stages import StageClients
 from trellisbox._domain.contract import GATEWAY_SERVICE
 from trellisbox._runtime.config import load_settings
+from trellisbox._runtime.security import TokenFile, TokenInterceptor
 from trellisbox._runtime.server import ServiceSpec, run
 
 _log = logging.getLogger("gateway")
@@ -26,15 +28,19 @@ STAGE_CHECK_S = 1.0
 def main(argv: list[str] | None = None) -> None:
     settings = load_settings(GatewaySettings, sys.argv[1:] if argv is None else argv)
     channels: list[StageClients] = []
+    # Made (and checked) before the server starts: an unwritable results directory fails the start, not a request.
+    jobs = DurableJobs(ResultStore(settings.results_path, settings.results_retention_s, settings.results_max_bytes,
+                                   stale_after_s=settings.longest_call_s))
 
     def register(server: grpc.aio.Server) -> None:
         # Channels must be created inside the server's event loop.
         stages = StageClients(settings)
         channels.append(stages)
         router = Router(stages, Admission(settings.max_concurrent, settings.max_queue), settings.stage_retries)
-        add_gateway_servicer(GatewayServicer(settings, router, ByteBudget(settings.max_held_bytes)), server)
+        add_gateway_servicer(GatewayServicer(settings, router, ByteBudget(settings.max_held_bytes), jobs), server)
 
     async def close_channels() -> None:
+        await jobs.drain(settings.grace_s)  # durable requests whose callers left get the drain time calls get
         for stages in channels:
             await stages.close()
 
@@ -52,12 +58,21 @@ def main(argv: list[str] | None = None) -> None:
             yield "trellis" not in now
             await asyncio.sleep(STAGE_CHECK_S)
 
+    interceptors = []
+    tokens_in_use = f"bearer tokens from {settings.token_file}" if settings.token_file else "no token needed"
+    if settings.token_file is not None:
+        # Read now: a missing or empty token file stops the gateway at start instead of refusing every call.
+        tokens = TokenFile(settings.token_file)
+        interceptors.append(TokenInterceptor(tokens, open_reflection=not settings.reflection_needs_token))
     spec = ServiceSpec(
         name=GATEWAY_SERVICE,
         register=register,
-        describe=lambda: f"refiner={settings.refiner_target} trellis={settings.trellis_target}",
+        describe=lambda: (f"refiner={settings.refiner_target} trellis={settings.trellis_target} "
+                          f"results={settings.results_path} stage transport={settings.stage_tls or 'off'}; "
+                          + tokens_in_use),
         on_shutdown=close_channels,
         readiness=stages_reachable,
+        interceptors=interceptors,
     )
     # The gateway only relays: its allocator is tuned for message-sized buffers (see tune_malloc).
     run(settings, spec, "gateway", streaming_malloc=True)

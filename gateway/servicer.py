@@ -6,20 +6,23 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from typing import Any, TypeVar
 
 import grpc
 
-from gateway.admission import ByteBudget
+from gateway.admission import ByteBudget, Hold
 from gateway.config import GatewaySettings
 from gateway.relay import Outgoing, serialize_response
+from gateway.results import CancelOutcome, DurableJobs, request_fingerprint
 from gateway.router import GENERATED_KINDS, GenerateJob, Router
 from trellisbox._domain.contract import GATEWAY_SERVICE
 from trellisbox._domain.convert import kinds_from_proto, params_from_proto
-from trellisbox._domain.errors import InvalidInput
+from trellisbox._domain.errors import DeadlineExceeded, InvalidInput, NotFound
 from trellisbox._domain.imaging import decode_cost
 from trellisbox._domain.kinds import ArtifactKind
 from trellisbox._domain.params import GenerationParams, RefineParams, random_seed
+from trellisbox._runtime.interceptor import parse_request
 from trellisbox._runtime.server import release_memory
 from trellisbox._runtime.servicing import bind_request_id, validate_request_images
 from trellisbox.v1 import gateway_pb2
@@ -58,37 +61,120 @@ class GatewayServicer:
     Args:
         settings: Gateway settings (limits, default deadline).
         router: Runs the stages.
-        budget: Bounds the request bytes held at once (refusal before decoding).
+        budget: Bounds the request bytes held at once (reading waits for room; refusal before decoding).
+        jobs: Runs the durable requests (those with a request_id) and keeps their results.
     """
 
-    def __init__(self, settings: GatewaySettings, router: Router, budget: ByteBudget) -> None:
+    def __init__(self, settings: GatewaySettings, router: Router, budget: ByteBudget, jobs: DurableJobs) -> None:
         self._settings = settings
         self._router = router
         self._budget = budget
+        self._jobs = jobs
 
-    async def Generate(self, request: gateway_pb2.GenerateRequest,
+    async def Generate(self, requests: AsyncIterator[bytes],
                        context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Outgoing]:
-        request_id = bind_request_id(request.request_id)
-        size = request.ByteSize()
-        try:
-            # Images are decoded one at a time, so the peak is the request plus its costliest decode (from headers).
-            peak = size + max((decode_cost(image.data, self._settings.image_limits) for image in request.images),
-                              default=0)
-            with self._budget.hold(peak) as resize:  # refused here, before any decoding
-                # Decoding once here is the validation: format, size, pixel count, truncation (a 4096² PNG takes a
-                # few hundred ms, off the event loop). The stages get the caller's bytes, not a re-encoding.
-                await validate_request_images(request.images, self._settings)
-                resize(size)  # the decoded pixels are gone; the request is held until the call ends
-                async for response in self._route(request_id, request, context):
+        """Registered as a request stream, which is the same on the wire as a unary request: the gateway reads the
+        request itself, once the byte budget has room for the largest one (see :class:`ByteBudget`)."""
+        async with AsyncExitStack() as held:
+            request, hold = await self._receive(context, held)
+            request_id = bind_request_id(request.request_id)
+            fingerprint: str | None = None
+            if request.request_id:  # durable: the same request again attaches to its job, or gets its stored result
+                fingerprint = await asyncio.to_thread(request_fingerprint, request)
+                existing = self._jobs.attach(request_id, fingerprint)
+                if existing is not None:
+                    _log.info("generate: the same request again; attached")
+                    async for response in existing:
+                        yield response
+                    return
+            await self._validate(request, hold)
+            job = self._job(request_id, request, context)
+            if fingerprint is None:
+                async for response in self._router.generate(job):
                     yield response
-        finally:
-            if size > _LARGE_REQUEST and self._budget.held == 0:
+                return
+            # The job runs as the gateway's, holding the request until it ends; this call only follows it.
+            followed = await self._jobs.start(request_id, fingerprint, lambda: self._router.generate(job),
+                                              held.pop_all())
+        async for response in followed:
+            yield response
+
+    async def GetResult(self, request: gateway_pb2.GetResultRequest,
+                        context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Outgoing]:
+        request_id = self._named(request.request_id)
+        found = self._jobs.attach(request_id, None)
+        if found is None:
+            raise NotFound(f"no running request and no stored result with request_id {request_id!r} on this gateway "
+                           f"(results are kept {self._settings.results_retention_s:.0f} s after they finish; failed "
+                           "requests are not kept: send the request again)")
+        async for response in found:
+            yield response
+
+    async def Cancel(self, request: gateway_pb2.CancelRequest,
+                     context: grpc.aio.ServicerContext[Any, Any]) -> gateway_pb2.CancelResponse:
+        request_id = self._named(request.request_id)
+        outcome = self._jobs.cancel(request_id)
+        if outcome is None:
+            raise NotFound(f"no running request and no stored result with request_id {request_id!r} on this gateway")
+        _log.info("cancel: %s", outcome.value)
+        return gateway_pb2.CancelResponse(outcome=gateway_pb2.CancelResponse.OUTCOME_STOPPED
+                                          if outcome is CancelOutcome.STOPPED
+                                          else gateway_pb2.CancelResponse.OUTCOME_DELETED)
+
+    @staticmethod
+    def _named(given: str) -> str:
+        if not given:
+            raise InvalidInput("request_id is required: the id the request was sent with")
+        return bind_request_id(given)
+
+    async def _receive(self, context: grpc.aio.ServicerContext[Any, Any], held: AsyncExitStack
+                       ) -> tuple[gateway_pb2.GenerateRequest, Hold]:
+        """Read the request once the budget has room for the largest one; its bytes stay held until ``held`` closes."""
+        large = False
+
+        async def return_memory() -> None:  # registered first, so it runs after the hold is given back
+            if large and self._budget.held == 0:
                 # The last large request is done: give the heap's free pages back (uploads arrive in many small
                 # transport buffers, which glibc keeps otherwise).
                 await asyncio.to_thread(release_memory, collect=False)
 
-    async def _route(self, request_id: str, request: gateway_pb2.GenerateRequest,
-                     context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Outgoing]:
+        held.push_async_callback(return_memory)
+        limit_s = self._settings.receive_timeout_s
+        # Room for the largest request. Once read, a request needs more only when it is over half that size (see
+        # _validate); it then gets it at once or is refused, never waiting for room while holding some.
+        hold = await held.enter_async_context(
+            self._budget.hold_when_free(self._settings.max_request_bytes, self._wait_s(context)))
+        try:
+            data = await asyncio.wait_for(context.read(), limit_s)
+        except TimeoutError:
+            raise DeadlineExceeded(f"the request did not arrive within {limit_s:.0f} s (receive_timeout_s)") from None
+        if not isinstance(data, bytes):
+            raise InvalidInput("no request message: send one GenerateRequest")
+        hold.resize(len(data))
+        large = len(data) > _LARGE_REQUEST
+        return parse_request(gateway_pb2.GenerateRequest, data), hold
+
+    async def _validate(self, request: gateway_pb2.GenerateRequest, hold: Hold) -> None:
+        """Validate the images by decoding them, holding the costliest decode meanwhile; refused before decoding when
+        that is more than the request's reservation and the budget has no room for it now."""
+        size = request.ByteSize()
+        # Images are decoded one at a time, so the peak is the request plus its costliest decode (from headers).
+        cost = max((decode_cost(image.data, self._settings.image_limits) for image in request.images), default=0)
+        hold.resize(max(size + cost, 2 * size))
+        # Decoding once here is the validation: format, size, pixel count, truncation (a 4096² PNG takes a few
+        # hundred ms, off the event loop). The stages get the caller's bytes, not a re-encoding.
+        await validate_request_images(request.images, self._settings)
+        # The decoded pixels are gone; until the job ends the gateway holds the request and the stage request built
+        # from it.
+        hold.resize(2 * size)
+
+    def _wait_s(self, context: grpc.aio.ServicerContext[Any, Any]) -> float:
+        """How long a request may wait for room in the byte budget."""
+        limit_s = self._settings.receive_timeout_s
+        return min(limit_s, context.time_remaining() or limit_s)
+
+    def _job(self, request_id: str, request: gateway_pb2.GenerateRequest,
+             context: grpc.aio.ServicerContext[Any, Any]) -> GenerateJob:
         job = GenerateJob(
             request_id=request_id,
             images=request.images,
@@ -98,20 +184,26 @@ class GatewayServicer:
             formats=requested_formats(request),
             deadline=time.monotonic() + (context.time_remaining() or self._settings.default_timeout_s),
         )
-        _log.info("generate: %d image(s), refine=%s, formats=%s", len(job.images), job.refine is not None,
-                  sorted(kind.name for kind in job.formats))
-        async for response in self._router.generate(job):
-            yield response
+        _log.info("generate: %d image(s), refine=%s, formats=%s%s", len(job.images), job.refine is not None,
+                  sorted(kind.name for kind in job.formats), ", durable" if request.request_id else "")
+        return job
 
 
 def add_gateway_servicer(servicer: GatewayServicer, server: grpc.aio.Server) -> None:
     """Register ``servicer`` like the generated ``add_GatewayServiceServicer_to_server``, but with a response
     serializer that passes relayed stage events (:class:`gateway.relay.Encoded`) through unchanged."""
     handlers = {
-        "Generate": grpc.unary_stream_rpc_method_handler(
-            servicer.Generate,
-            request_deserializer=gateway_pb2.GenerateRequest.FromString,
+        # A request stream with raw bytes in: the servicer reads and parses the request when the budget has room.
+        "Generate": grpc.stream_stream_rpc_method_handler(servicer.Generate, response_serializer=serialize_response),
+        "GetResult": grpc.unary_stream_rpc_method_handler(
+            servicer.GetResult,
+            request_deserializer=gateway_pb2.GetResultRequest.FromString,
             response_serializer=serialize_response,
+        ),
+        "Cancel": grpc.unary_unary_rpc_method_handler(
+            servicer.Cancel,
+            request_deserializer=gateway_pb2.CancelRequest.FromString,
+            response_serializer=gateway_pb2.CancelResponse.SerializeToString,
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(GATEWAY_SERVICE, handlers),))

@@ -9,6 +9,7 @@ Errors become status codes in the server's interceptor.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Iterable
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,8 @@ from trellisbox.v1 import common_pb2, trellis_pb2, trellis_pb2_grpc
 
 if TYPE_CHECKING:
     from trellis_service.gaussian_refinement import RefinementReport
+
+_log = logging.getLogger(__name__)
 
 #: What TrellisService produces; the refined image comes from the refiner (ask the gateway for it).
 PRODUCED = (ArtifactKind.GLB, ArtifactKind.GAUSSIAN_PLY)
@@ -87,6 +90,9 @@ class TrellisServicer(trellis_pb2_grpc.TrellisServiceServicer):
         def generate(ctx: JobContext) -> GeneratedAsset:
             return backend.generate(images, params, formats, ctx)
 
+        _log.info("image to 3D: %d image(s) with %s, formats %s", len(images), backend.name,
+                  sorted(kind.name for kind in formats))
+
         with outstanding(self._host.service, len(images)):  # what autoscaling counts: requests, not jobs
             job = JobEvents(self._host.worker.run(generate, request_id=request_id, deadline=deadline_of(context)))
             async for progress in job.progress():
@@ -108,4 +114,6 @@ class TrellisServicer(trellis_pb2_grpc.TrellisServiceServicer):
             for artifact in artifacts:
                 for chunk in artifact.chunks(self._settings.chunk_bytes):
                     yield trellis_pb2.ImageTo3DResponse(chunk=chunk)
+        _log.info("generated 3D from %d image(s) in %.2f s (queued %.2f s), seed %d", len(images),
+                  sum(timings.values()) - timings[Stage.QUEUED], timings[Stage.QUEUED], done.seed)
         yield trellis_pb2.ImageTo3DResponse(done=done)

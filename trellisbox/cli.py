@@ -7,10 +7,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from trellisbox._domain.params import (
     scalar_type,
     walk,
 )
-from trellisbox.client import GenerationResult, ProgressUpdate, TrellisBoxClient, refinement_lines
+from trellisbox.client import GenerationResult, ProgressUpdate, TrellisBoxClient, connection_lost, refinement_lines
 
 _console = Console(stderr=True)
 
@@ -54,13 +55,50 @@ def _add_parameters(group: argparse._ArgumentGroup, cls: type[ParamModel], dest:
                            help=text.replace("%", "%%"))
 
 
+#: Where the CLI and the web app read a token when no flag gives one.
+TOKEN_ENV = "TRELLISBOX_TOKEN"  # nosec B105  # the variable's name, not a token
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that say how to reach the gateway: address, TLS, token (shared by ``generate`` and ``web``)."""
+    c = parser.add_argument_group("connection")
+    c.add_argument("--target", default="127.0.0.1:50051", help="gateway address (default %(default)s)")
+    c.add_argument("--tls", action="store_true", help="connect with TLS (implied by --ca-file)")
+    c.add_argument("--ca-file", type=Path, help="PEM CA bundle the gateway's certificate chains to")
+    c.add_argument("--cert-file", type=Path, help="PEM client certificate, for a gateway with tls=mutual")
+    c.add_argument("--key-file", type=Path, help="PEM private key of --cert-file")
+    tokens = c.add_mutually_exclusive_group()
+    tokens.add_argument("--token-file", type=Path, help="file holding the bearer token (its first line that is not "
+                        "a # comment)")
+    tokens.add_argument("--token", help=f"bearer token (visible to other users in the process list: prefer "
+                        f"--token-file or the {TOKEN_ENV} environment variable)")
+
+
+def connection_options(args: argparse.Namespace) -> dict[str, Any]:
+    """:class:`TrellisBoxClient` keyword arguments from the flags of :func:`add_connection_arguments`.
+
+    Raises:
+        OSError: the token file cannot be read.
+    """
+    token = args.token
+    if args.token_file is not None:  # the first token of a file in the gateway's format (# comments skipped)
+        lines = [line.strip() for line in args.token_file.read_text().splitlines()]
+        token = next((line for line in lines if line and not line.startswith("#")), None)
+    elif token is None:
+        token = os.environ.get(TOKEN_ENV, "").strip() or None
+    return {"token": token, "tls": args.tls, "ca_file": args.ca_file, "cert_file": args.cert_file,
+            "key_file": args.key_file}
+
+
 def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("generate", help="image(s) -> 3D model (GLB), optionally refined first")
     p.add_argument("images", nargs="+", type=Path, help="one image, or several views of one object")
     p.add_argument("-o", "--output", type=Path, required=True, help="where to write the GLB")
-    p.add_argument("--target", default="127.0.0.1:50051", help="gateway address (default %(default)s)")
     p.add_argument("--timeout", type=float, default=900.0, help="deadline in seconds (default %(default)s)")
-    p.add_argument("--request-id", default="", help="id for logs and metrics")
+    p.add_argument("--request-id", default="", help="make the request durable under this id (A-Z a-z 0-9 . _ : -): "
+                   "the gateway finishes it even if this command is interrupted, and `trellisbox fetch ID` gets the "
+                   "result; a broken connection is retried without computing anything twice")
+    add_connection_arguments(p)
     r = p.add_argument_group("refinement (SDXL refiner)")
     r.add_argument("--refine", action="store_true", help="refine the image(s) before generation")
     r.add_argument("--refined-png", type=Path, help="also write the refined image(s) here")
@@ -68,6 +106,19 @@ def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     g = p.add_argument_group("generation (TRELLIS)")
     g.add_argument("--ply", type=Path, help="also write the Gaussian splats (PLY) here")
     _add_parameters(g, GenerationParams, "generation")
+
+
+def _add_fetch_and_cancel(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    f = sub.add_parser("fetch", help="the result of a durable request (sent with --request-id), waiting while it runs")
+    f.add_argument("request_id", help="the id the request was sent with")
+    f.add_argument("-o", "--output", type=Path, required=True, help="where to write the GLB")
+    f.add_argument("--refined-png", type=Path, help="also write the refined image(s) here, if the request made them")
+    f.add_argument("--ply", type=Path, help="also write the Gaussian splats (PLY) here, if the request made them")
+    f.add_argument("--timeout", type=float, default=900.0, help="deadline in seconds (default %(default)s)")
+    add_connection_arguments(f)
+    c = sub.add_parser("cancel", help="stop a durable request, or delete its stored result")
+    c.add_argument("request_id", help="the id the request was sent with")
+    add_connection_arguments(c)
 
 
 def name_images(message: str, names: Sequence[str]) -> str:
@@ -126,7 +177,7 @@ class StageBars:
                 task = self._start_next()
             self._current = (update.stage, task)
         name = update.stage.lower().replace("_", " ")
-        if update.stage == "QUEUED":
+        if update.stage == "QUEUED" and update.total:
             self._progress.update(task, total=None, description=f"{name:<16} position {update.total} in the queue")
             return
         self._progress.update(task, completed=update.step, total=update.total or None,
@@ -202,10 +253,10 @@ def _unreadable(paths: Sequence[Path]) -> str | None:
 def _explain(exc: grpc.RpcError, names: Sequence[str], target: str) -> str:
     code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
     details = name_images(exc.details() or "", names)  # type: ignore[attr-defined]
-    if code == grpc.StatusCode.UNAVAILABLE and not details.startswith(("refiner:", "trellis:")):
+    if connection_lost(exc):
         return (f"cannot reach the gateway at {target} ({details}).\n"
                 "Start the stack (in a checkout of trellisbox-serving: `make run`), or point --target at a running "
-                "gateway.")
+                "gateway. A gateway that serves TLS needs --tls (and --ca-file for a private CA).")
     return f"{code.name}: {details}"
 
 
@@ -229,22 +280,52 @@ def run_generate(args: argparse.Namespace) -> int:
     size = sum(path.stat().st_size for path in args.images)
     status = (f"sending {', '.join(names) if len(names) <= 3 else f'{len(names)} images'} "
               f"({size / 2**20:.1f} MB) to {args.target}")
+    return _follow(args, status, names, lambda client, bars: client.generate(args.images, on_progress=bars, **options))
+
+
+def run_fetch(args: argparse.Namespace) -> int:
+    return _follow(args, f"asking {args.target} for request {args.request_id}", [],
+                   lambda client, bars: client.fetch(args.request_id, on_progress=bars))
+
+
+def run_cancel(args: argparse.Namespace) -> int:
     try:
-        with TrellisBoxClient(args.target, timeout=args.timeout) as client, stage_progress(_console) as progress:
+        with TrellisBoxClient(args.target, **connection_options(args)) as client:
+            outcome = client.cancel(args.request_id)
+    except grpc.RpcError as exc:
+        _console.print(f"error: {_explain(exc, [], args.target)}", markup=False, highlight=False)
+        return 1
+    except (OSError, ValueError) as exc:  # a TLS or token file that cannot be read (never its content)
+        _console.print(f"error: {exc}", markup=False)
+        return 1
+    _console.print(f"request {args.request_id}: {'stopped' if outcome == 'stopped' else 'stored result deleted'}")
+    return 0
+
+
+def _follow(args: argparse.Namespace, status: str, names: Sequence[str],
+            call: Callable[[TrellisBoxClient, StageBars], GenerationResult]) -> int:
+    """Run ``call`` with progress bars, then write its outputs; the exit status."""
+    try:
+        with TrellisBoxClient(args.target, timeout=args.timeout, **connection_options(args)) as client, \
+                stage_progress(_console) as progress:
             bars = StageBars(progress, status)
             try:
-                result = client.generate(args.images, on_progress=bars, **options)
+                result = call(client, bars)
             except BaseException:
                 bars.finish(done=False)
                 raise
             bars.finish()
     except KeyboardInterrupt:
-        _console.print("cancelled (the server stops the request)")
+        if args.request_id:
+            _console.print(f"interrupted; request {args.request_id} goes on at the gateway: `trellisbox fetch "
+                           f"{args.request_id} -o ...` gets it, `trellisbox cancel {args.request_id}` stops it")
+        else:
+            _console.print("cancelled (the server stops the request)")
         return 130
     except grpc.RpcError as exc:
         _console.print(f"error: {_explain(exc, names, args.target)}", markup=False, highlight=False)
         return 1
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # a file that cannot be read or written (never its content)
         _console.print(f"error: {exc}", markup=False)
         return 1
     print_summary(result, write_outputs(result, args.output, args.refined_png, args.ply))
@@ -255,6 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="trellisbox", description="TRELLIS-BOX Serving client")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_fetch_and_cancel(sub)
     sub.add_parser("web", add_help=False, help="serve the web form in front of a gateway (see: trellisbox web -h)")
     args, rest = parser.parse_known_args(argv)
     if args.command == "web":
@@ -263,7 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return web_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return run_generate(args)
+    commands = {"generate": run_generate, "fetch": run_fetch, "cancel": run_cancel}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,12 @@ anything left out takes the server's default.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from PIL import Image
@@ -26,6 +27,7 @@ from trellisbox._domain.convert import kinds_to_proto, params_message, stage_nam
 from trellisbox._domain.imaging import encode_png
 from trellisbox._domain.kinds import ArtifactKind
 from trellisbox._domain.params import GenerationParams, RefineParams
+from trellisbox._runtime.security import channel_credentials
 from trellisbox.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 ImageInput = bytes | str | Path | Image.Image
@@ -80,6 +82,30 @@ class GenerationResult:
         return [a.data for a in sorted(refined, key=lambda a: a.index)]
 
 
+#: How the gateway's messages name a failing stage ("refiner: ...", "trellis: ...").
+STAGE_PREFIXES = ("refiner:", "trellis:")
+
+
+def connection_lost(exc: grpc.RpcError) -> bool:
+    """The call broke between the client and the gateway (UNAVAILABLE not caused by a stage), so the request may
+    still be running there."""
+    return (exc.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+            and not (exc.details() or "").startswith(STAGE_PREFIXES))  # type: ignore[attr-defined]
+
+
+#: The events of a Generate or GetResult call (the same fields).
+Response = gateway_pb2.GenerateResponse | gateway_pb2.GetResultResponse
+R = TypeVar("R", gateway_pb2.GenerateResponse, gateway_pb2.GetResultResponse)
+
+
+def _cancelling(call: grpc.CallIterator[R]) -> Generator[R, None, None]:
+    """The responses of a streaming call, cancelling it when the consumer stops early."""
+    try:
+        yield from call
+    finally:
+        call.cancel()  # type: ignore[no-untyped-call]
+
+
 def to_image_message(image: ImageInput) -> common_pb2.Image:
     """Encoded bytes are sent as they are (the server sniffs the type); PIL images go as PNG."""
     if isinstance(image, Image.Image):
@@ -105,7 +131,9 @@ def build_request(images: Sequence[ImageInput], *, refine: bool = False,
             cfg_strength), gaussian_refinement (a mapping: enabled, steps, colours, opacities, positions,
             scales, regularisation, resolution, novel_views, novel_view_strength).
         formats: Any of "glb", "ply", "refined"; empty for the server default.
-        request_id: Optional id for logs and metrics (letters, digits, ``. _ : -``; at most 128).
+        request_id: Optional id (letters, digits, ``. _ : -``; at most 128). With one the request is durable: the
+            gateway finishes it even when the call breaks, and the same request with the same id, or
+            :meth:`TrellisBoxClient.fetch`, gets its result (see :meth:`TrellisBoxClient.generate`).
 
     Raises:
         ValueError: an unknown parameter name, enum value or format (ranges are checked by the server).
@@ -131,16 +159,31 @@ class TrellisBoxClient:
         target: Gateway address, e.g. ``"127.0.0.1:50051"``.
         timeout: Deadline in seconds for a whole Generate call (None: the gateway's default).
         max_message_bytes: Largest request message (images are sent in the request).
+        token: Bearer token sent with every call (the gateway's ``--token-file`` holds the accepted ones).
+        tls: Connect with TLS; implied by ``ca_file``. Without ``ca_file`` the server's certificate is checked
+            against gRPC's bundled public roots.
+        ca_file: PEM CA bundle the gateway's certificate chains to (e.g. a private CA).
+        cert_file: PEM client certificate, for a gateway that requires one (``tls=mutual``); with ``key_file``.
+        key_file: Its PEM private key.
     """
 
     def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = 900.0,
-                 max_message_bytes: int = 64 * 2**20) -> None:
-        self._channel = grpc.insecure_channel(target, options=[
+                 max_message_bytes: int = 64 * 2**20, token: str | None = None, tls: bool = False,
+                 ca_file: str | Path | None = None, cert_file: str | Path | None = None,
+                 key_file: str | Path | None = None) -> None:
+        options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
-        ])
+        ]
+        if tls or ca_file is not None or cert_file is not None:
+            credentials = channel_credentials(*(Path(f) if f is not None else None
+                                                for f in (ca_file, cert_file, key_file)))
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
         self._stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
         self._timeout = timeout
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
 
     def __enter__(self) -> TrellisBoxClient:
         return self
@@ -154,24 +197,57 @@ class TrellisBoxClient:
 
     def stream(self, request: gateway_pb2.GenerateRequest) -> Generator[gateway_pb2.GenerateResponse, None, None]:
         """The raw response stream; cancel it by closing the iterator."""
-        call = self._stub.Generate(request, timeout=self._timeout)
-        try:
-            yield from call
-        finally:
-            call.cancel()  # type: ignore[no-untyped-call]
+        yield from _cancelling(self._stub.Generate(request, timeout=self._timeout, metadata=self._metadata))
 
     def generate(self, images: Sequence[ImageInput], *,
                  on_progress: Callable[[ProgressUpdate], None] | None = None,
-                 **options: Any) -> GenerationResult:
+                 reconnects: int = 3, **options: Any) -> GenerationResult:
         """Run one Generate call to completion; ``options`` are those of :func:`build_request`.
+
+        With a ``request_id`` the request is durable: when the connection breaks (UNAVAILABLE not from a stage), the
+        same request is sent again up to ``reconnects`` times, which attaches to the job still running at the gateway
+        or returns its stored result (artifacts come again from their first byte), so nothing is computed twice.
 
         Raises:
             grpc.RpcError: with the server's status code and message (e.g. INVALID_ARGUMENT).
         """
-        return self.collect(self.stream(build_request(images, **options)), on_progress)
+        request = build_request(images, **options)
+        for attempt in range(reconnects + 1):
+            try:
+                return self.collect(self.stream(request), on_progress)
+            except grpc.RpcError as exc:
+                if not request.request_id or attempt == reconnects or not connection_lost(exc):
+                    raise
+                if on_progress is not None:
+                    on_progress(ProgressUpdate("QUEUED", 0, 0, f"connection lost ({exc.details()}); attaching "  # type: ignore[attr-defined]
+                                               f"to request {request.request_id} again"))
+                time.sleep(min(0.5 * 2**attempt, 5.0))
+        raise AssertionError("unreachable")
+
+    def fetch(self, request_id: str, *,
+              on_progress: Callable[[ProgressUpdate], None] | None = None) -> GenerationResult:
+        """The result of the durable request ``request_id``: followed to its end while it runs, the stored result
+        once it finished (within the gateway's retention).
+
+        Raises:
+            grpc.RpcError: NOT_FOUND when the gateway has neither (a failed request is not kept: send it again).
+        """
+        request = gateway_pb2.GetResultRequest(request_id=request_id)
+        return self.collect(_cancelling(self._stub.GetResult(request, timeout=self._timeout, metadata=self._metadata)),
+                            on_progress)
+
+    def cancel(self, request_id: str) -> str:
+        """Stop the durable request ``request_id`` (``"stopped"``) or delete its stored result (``"deleted"``).
+
+        Raises:
+            grpc.RpcError: NOT_FOUND when the gateway has neither.
+        """
+        response = self._stub.Cancel(gateway_pb2.CancelRequest(request_id=request_id), timeout=30,
+                                     metadata=self._metadata)
+        return "stopped" if response.outcome == gateway_pb2.CancelResponse.OUTCOME_STOPPED else "deleted"
 
     @staticmethod
-    def collect(responses: Iterator[gateway_pb2.GenerateResponse],
+    def collect(responses: Iterable[Response],
                 on_progress: Callable[[ProgressUpdate], None] | None = None) -> GenerationResult:
         """Reassemble artifacts (checking order, size and sha256) and read the done event."""
         result = GenerationResult()

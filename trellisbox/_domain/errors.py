@@ -30,6 +30,18 @@ class InvalidInput(ServiceError):
     code = "INVALID_ARGUMENT"
 
 
+class NotFound(ServiceError):
+    """What the request names does not exist (e.g. no job or stored result with this request id)."""
+
+    code = "NOT_FOUND"
+
+
+class AlreadyExists(ServiceError):
+    """The request id is taken by a different request."""
+
+    code = "ALREADY_EXISTS"
+
+
 class QueueFull(ServiceError):
     """Admission refused: the bounded queue is full. Retry later or on another replica."""
 
@@ -40,6 +52,12 @@ class Unavailable(ServiceError):
     """The service is draining, still loading, or a downstream stage is unreachable."""
 
     code = "UNAVAILABLE"
+
+
+class Unauthenticated(ServiceError):
+    """The call carries no valid credentials (a bearer token); the message never repeats what was sent."""
+
+    code = "UNAUTHENTICATED"
 
 
 class DeadlineExceeded(ServiceError):

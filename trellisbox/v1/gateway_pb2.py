@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from trellisbox.v1 import common_pb2 as trellisbox_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btrellisbox/v1/gateway.proto\x12\rtrellisbox.v1\x1a\x1atrellisbox/v1/common.proto\"\xfe\x01\n\x0fGenerateRequest\x12$\n\x06images\x18\x01 \x03(\x0b\x32\x14.trellisbox.v1.Image\x12\x0e\n\x06refine\x18\x02 \x01(\x08\x12:\n\x11refine_parameters\x18\x03 \x01(\x0b\x32\x1f.trellisbox.v1.RefineParameters\x12\x37\n\ngeneration\x18\x04 \x01(\x0b\x32#.trellisbox.v1.GenerationParameters\x12,\n\x07\x66ormats\x18\x05 \x03(\x0e\x32\x1b.trellisbox.v1.ArtifactKind\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"\xa4\x01\n\x10GenerateResponse\x12+\n\x08progress\x18\x01 \x01(\x0b\x32\x17.trellisbox.v1.ProgressH\x00\x12-\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1c.trellisbox.v1.ArtifactChunkH\x00\x12+\n\x04\x64one\x18\x03 \x01(\x0b\x32\x1b.trellisbox.v1.GenerateDoneH\x00\x42\x07\n\x05\x65vent\"\x87\x02\n\x0cGenerateDone\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x07timings\x18\x02 \x03(\x0b\x32\x1a.trellisbox.v1.StageTiming\x12\x14\n\x0crefine_seeds\x18\x03 \x03(\x04\x12\x17\n\x0fgeneration_seed\x18\x04 \x01(\x04\x12\x17\n\x0frefiner_backend\x18\x05 \x01(\t\x12\x19\n\x11generator_backend\x18\x06 \x01(\t\x12\r\n\x05notes\x18\x07 \x03(\t\x12\x44\n\x13gaussian_refinement\x18\x08 \x01(\x0b\x32\'.trellisbox.v1.GaussianRefinementReport2_\n\x0eGatewayService\x12M\n\x08Generate\x12\x1e.trellisbox.v1.GenerateRequest\x1a\x1f.trellisbox.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btrellisbox/v1/gateway.proto\x12\rtrellisbox.v1\x1a\x1atrellisbox/v1/common.proto\"\xfe\x01\n\x0fGenerateRequest\x12$\n\x06images\x18\x01 \x03(\x0b\x32\x14.trellisbox.v1.Image\x12\x0e\n\x06refine\x18\x02 \x01(\x08\x12:\n\x11refine_parameters\x18\x03 \x01(\x0b\x32\x1f.trellisbox.v1.RefineParameters\x12\x37\n\ngeneration\x18\x04 \x01(\x0b\x32#.trellisbox.v1.GenerationParameters\x12,\n\x07\x66ormats\x18\x05 \x03(\x0e\x32\x1b.trellisbox.v1.ArtifactKind\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"\xa4\x01\n\x10GenerateResponse\x12+\n\x08progress\x18\x01 \x01(\x0b\x32\x17.trellisbox.v1.ProgressH\x00\x12-\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1c.trellisbox.v1.ArtifactChunkH\x00\x12+\n\x04\x64one\x18\x03 \x01(\x0b\x32\x1b.trellisbox.v1.GenerateDoneH\x00\x42\x07\n\x05\x65vent\"\x87\x02\n\x0cGenerateDone\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x07timings\x18\x02 \x03(\x0b\x32\x1a.trellisbox.v1.StageTiming\x12\x14\n\x0crefine_seeds\x18\x03 \x03(\x04\x12\x17\n\x0fgeneration_seed\x18\x04 \x01(\x04\x12\x17\n\x0frefiner_backend\x18\x05 \x01(\t\x12\x19\n\x11generator_backend\x18\x06 \x01(\t\x12\r\n\x05notes\x18\x07 \x03(\t\x12\x44\n\x13gaussian_refinement\x18\x08 \x01(\x0b\x32\'.trellisbox.v1.GaussianRefinementReport\"&\n\x10GetResultRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xa5\x01\n\x11GetResultResponse\x12+\n\x08progress\x18\x01 \x01(\x0b\x32\x17.trellisbox.v1.ProgressH\x00\x12-\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1c.trellisbox.v1.ArtifactChunkH\x00\x12+\n\x04\x64one\x18\x03 \x01(\x0b\x32\x1b.trellisbox.v1.GenerateDoneH\x00\x42\x07\n\x05\x65vent\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x96\x01\n\x0e\x43\x61ncelResponse\x12\x36\n\x07outcome\x18\x01 \x01(\x0e\x32%.trellisbox.v1.CancelResponse.Outcome\"L\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x13\n\x0fOUTCOME_STOPPED\x10\x01\x12\x13\n\x0fOUTCOME_DELETED\x10\x02\x32\xf8\x01\n\x0eGatewayService\x12M\n\x08Generate\x12\x1e.trellisbox.v1.GenerateRequest\x1a\x1f.trellisbox.v1.GenerateResponse0\x01\x12P\n\tGetResult\x12\x1f.trellisbox.v1.GetResultRequest\x1a .trellisbox.v1.GetResultResponse0\x01\x12\x45\n\x06\x43\x61ncel\x12\x1c.trellisbox.v1.CancelRequest\x1a\x1d.trellisbox.v1.CancelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,6 +38,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATERESPONSE']._serialized_end=496
   _globals['_GENERATEDONE']._serialized_start=499
   _globals['_GENERATEDONE']._serialized_end=762
-  _globals['_GATEWAYSERVICE']._serialized_start=764
-  _globals['_GATEWAYSERVICE']._serialized_end=859
+  _globals['_GETRESULTREQUEST']._serialized_start=764
+  _globals['_GETRESULTREQUEST']._serialized_end=802
+  _globals['_GETRESULTRESPONSE']._serialized_start=805
+  _globals['_GETRESULTRESPONSE']._serialized_end=970
+  _globals['_CANCELREQUEST']._serialized_start=972
+  _globals['_CANCELREQUEST']._serialized_end=1007
+  _globals['_CANCELRESPONSE']._serialized_start=1010
+  _globals['_CANCELRESPONSE']._serialized_end=1160
+  _globals['_CANCELRESPONSE_OUTCOME']._serialized_start=1084
+  _globals['_CANCELRESPONSE_OUTCOME']._serialized_end=1160
+  _globals['_GATEWAYSERVICE']._serialized_start=1163
+  _globals['_GATEWAYSERVICE']._serialized_end=1411
 # @@protoc_insertion_point(module_scope)

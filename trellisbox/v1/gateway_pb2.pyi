@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from trellisbox.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -32,7 +33,12 @@ class GenerateRequest(_message.Message):
     refine: _builtins.bool
     """Run the refiner on every image before generation."""
     request_id: _builtins.str
-    """Optional caller-chosen id for logs and metrics; the gateway makes one when empty."""
+    """Optional caller-chosen id, 1-128 characters from A-Z a-z 0-9 . _ : - (it appears in logs and metrics).
+    With an id the job is durable: it goes on when the call ends early (a dropped connection, a client
+    restart); sending the same request with the same id, or GetResult(id), attaches to it while it runs and
+    returns its stored result once it finished. The same id with a different request is ALREADY_EXISTS.
+    Without an id the gateway makes one, and ending the call stops the job.
+    """
     @_builtins.property
     def images(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]:
         """One image, or several views of one object (PNG, JPEG or WebP; RGBA kept)."""
@@ -145,3 +151,111 @@ class GenerateDone(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GenerateDone: _TypeAlias = GenerateDone  # noqa: Y015
+
+@_typing.final
+class GetResultRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetResultRequest: _TypeAlias = GetResultRequest  # noqa: Y015
+
+@_typing.final
+class GetResultResponse(_message.Message):
+    """The same events as GenerateResponse, field for field."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def progress(self) -> _common_pb2.Progress: ...
+    @_builtins.property
+    def chunk(self) -> _common_pb2.ArtifactChunk: ...
+    @_builtins.property
+    def done(self) -> Global___GenerateDone: ...
+    def __init__(
+        self,
+        *,
+        progress: _common_pb2.Progress | None = ...,
+        chunk: _common_pb2.ArtifactChunk | None = ...,
+        done: Global___GenerateDone | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "done", b"done", "event", b"event", "progress", b"progress"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "done", b"done", "event", b"event", "progress", b"progress"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["progress", "chunk", "done"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___GetResultResponse: _TypeAlias = GetResultResponse  # noqa: Y015
+
+@_typing.final
+class CancelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelRequest: _TypeAlias = CancelRequest  # noqa: Y015
+
+@_typing.final
+class CancelResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Outcome:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _OutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[CancelResponse._Outcome.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        OUTCOME_UNSPECIFIED: CancelResponse._Outcome.ValueType  # 0
+        OUTCOME_STOPPED: CancelResponse._Outcome.ValueType  # 1
+        """The job was running and has been stopped."""
+        OUTCOME_DELETED: CancelResponse._Outcome.ValueType  # 2
+        """The job had finished; its stored result has been deleted."""
+
+    class Outcome(_Outcome, metaclass=_OutcomeEnumTypeWrapper): ...
+    OUTCOME_UNSPECIFIED: CancelResponse.Outcome.ValueType  # 0
+    OUTCOME_STOPPED: CancelResponse.Outcome.ValueType  # 1
+    """The job was running and has been stopped."""
+    OUTCOME_DELETED: CancelResponse.Outcome.ValueType  # 2
+    """The job had finished; its stored result has been deleted."""
+
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    outcome: Global___CancelResponse.Outcome.ValueType
+    def __init__(
+        self,
+        *,
+        outcome: Global___CancelResponse.Outcome.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelResponse: _TypeAlias = CancelResponse  # noqa: Y015

@@ -39,6 +39,16 @@ class GatewayServiceStub:
                 request_serializer=trellisbox_dot_v1_dot_gateway__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=trellisbox_dot_v1_dot_gateway__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GetResult = channel.unary_stream(
+                '/trellisbox.v1.GatewayService/GetResult',
+                request_serializer=trellisbox_dot_v1_dot_gateway__pb2.GetResultRequest.SerializeToString,
+                response_deserializer=trellisbox_dot_v1_dot_gateway__pb2.GetResultResponse.FromString,
+                _registered_method=True)
+        self.Cancel = channel.unary_unary(
+                '/trellisbox.v1.GatewayService/Cancel',
+                request_serializer=trellisbox_dot_v1_dot_gateway__pb2.CancelRequest.SerializeToString,
+                response_deserializer=trellisbox_dot_v1_dot_gateway__pb2.CancelResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServiceServicer:
@@ -52,6 +62,22 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetResult(self, request, context):
+        """The durable job with this request id (see GenerateRequest.request_id): while it runs, its progress from
+        now on and then all its artifacts and `done`; once it finished, its stored result (within the gateway's
+        retention). NOT_FOUND when the gateway has neither. A failed job is not kept: send the request again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Cancel(self, request, context):
+        """Stops the durable job with this request id (its callers get CANCELLED), or deletes its stored result.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +85,16 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=trellisbox_dot_v1_dot_gateway__pb2.GenerateRequest.FromString,
                     response_serializer=trellisbox_dot_v1_dot_gateway__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GetResult': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetResult,
+                    request_deserializer=trellisbox_dot_v1_dot_gateway__pb2.GetResultRequest.FromString,
+                    response_serializer=trellisbox_dot_v1_dot_gateway__pb2.GetResultResponse.SerializeToString,
+            ),
+            'Cancel': grpc.unary_unary_rpc_method_handler(
+                    servicer.Cancel,
+                    request_deserializer=trellisbox_dot_v1_dot_gateway__pb2.CancelRequest.FromString,
+                    response_serializer=trellisbox_dot_v1_dot_gateway__pb2.CancelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -88,6 +124,60 @@ class GatewayService:
             '/trellisbox.v1.GatewayService/Generate',
             trellisbox_dot_v1_dot_gateway__pb2.GenerateRequest.SerializeToString,
             trellisbox_dot_v1_dot_gateway__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetResult(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/trellisbox.v1.GatewayService/GetResult',
+            trellisbox_dot_v1_dot_gateway__pb2.GetResultRequest.SerializeToString,
+            trellisbox_dot_v1_dot_gateway__pb2.GetResultResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Cancel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trellisbox.v1.GatewayService/Cancel',
+            trellisbox_dot_v1_dot_gateway__pb2.CancelRequest.SerializeToString,
+            trellisbox_dot_v1_dot_gateway__pb2.CancelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,6 +35,13 @@ class GatewayServiceStub:
     """Validates the images and parameters, refines when asked, generates, and streams progress
     (with the stage named), the artifacts in chunks, and a final `done` with timings and seeds.
     """
+    GetResult: _grpc.UnaryStreamMultiCallable[_gateway_pb2.GetResultRequest, _gateway_pb2.GetResultResponse]
+    """The durable job with this request id (see GenerateRequest.request_id): while it runs, its progress from
+    now on and then all its artifacts and `done`; once it finished, its stored result (within the gateway's
+    retention). NOT_FOUND when the gateway has neither. A failed job is not kept: send the request again.
+    """
+    Cancel: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.CancelRequest, _gateway_pb2.CancelResponse]
+    """Stops the durable job with this request id (its callers get CANCELLED), or deletes its stored result."""
 
 @_typing.type_check_only
 class GatewayServiceAsyncStub(GatewayServiceStub):
@@ -43,6 +50,13 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     """Validates the images and parameters, refines when asked, generates, and streams progress
     (with the stage named), the artifacts in chunks, and a final `done` with timings and seeds.
     """
+    GetResult: _aio.UnaryStreamMultiCallable[_gateway_pb2.GetResultRequest, _gateway_pb2.GetResultResponse]  # type: ignore[assignment]
+    """The durable job with this request id (see GenerateRequest.request_id): while it runs, its progress from
+    now on and then all its artifacts and `done`; once it finished, its stored result (within the gateway's
+    retention). NOT_FOUND when the gateway has neither. A failed job is not kept: send the request again.
+    """
+    Cancel: _aio.UnaryUnaryMultiCallable[_gateway_pb2.CancelRequest, _gateway_pb2.CancelResponse]  # type: ignore[assignment]
+    """Stops the durable job with this request id (its callers get CANCELLED), or deletes its stored result."""
 
 class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -54,5 +68,24 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         """Validates the images and parameters, refines when asked, generates, and streams progress
         (with the stage named), the artifacts in chunks, and a final `done` with timings and seeds.
         """
+
+    @_abc_1.abstractmethod
+    def GetResult(
+        self,
+        request: _gateway_pb2.GetResultRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_gateway_pb2.GetResultResponse], _abc.AsyncIterator[_gateway_pb2.GetResultResponse]]:
+        """The durable job with this request id (see GenerateRequest.request_id): while it runs, its progress from
+        now on and then all its artifacts and `done`; once it finished, its stored result (within the gateway's
+        retention). NOT_FOUND when the gateway has neither. A failed job is not kept: send the request again.
+        """
+
+    @_abc_1.abstractmethod
+    def Cancel(
+        self,
+        request: _gateway_pb2.CancelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.CancelResponse, _abc.Awaitable[_gateway_pb2.CancelResponse]]:
+        """Stops the durable job with this request id (its callers get CANCELLED), or deletes its stored result."""
 
 def add_GatewayServiceServicer_to_server(servicer: GatewayServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
