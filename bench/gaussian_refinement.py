@@ -43,7 +43,8 @@ def _splats(count: int) -> GaussianSet:
     simplify = max(0.0, min(0.99, 1.0 - count / 400_000))
     asset = PreviewBackend().generate([Image.open(EXAMPLE)], GenerationParams(seed=0, mesh_simplify=simplify),
                                       {ArtifactKind.GAUSSIAN_PLY}, JobContext("bench", None, lambda _: None))
-    assert asset.splats is not None
+    if asset.splats is None:
+        raise RuntimeError("the preview backend made no splats although GAUSSIAN_PLY was asked for")
     data = asset.splats.ply_bytes()
     gaussians = GaussianSet.from_ply(data)
     if len(gaussians) > count:
