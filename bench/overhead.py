@@ -2,14 +2,14 @@
 against the same backends called in this process with the same image, parameters and seeds.
 
 Served: ``TrellisBoxClient.generate`` wall time, call to ``done`` (client-side reassembly included).
-In-process: decode the PNG once, ``SDXLBackend("tiny", "cpu").refine`` and ``PreviewBackend.generate``,
+In-process: decode the PNG once, ``ClassicBackend.refine`` and ``PreviewBackend.generate`` and the GLB export,
 the objects the services run, with the refined PIL image handed over directly. Served and in-process
 runs alternate, so each pair sees the same machine load; the ratio and the added milliseconds are
 medians of the per-pair values. Both paths must return byte-identical GLBs (checked).
 
-torch runs one intra-op thread on both sides (``OMP_NUM_THREADS=1`` in the services, ``set_num_threads(1)``
-here): on a shared 2-core host two OpenMP threads spin-wait on a core someone else holds, and the tiny
-refiner's time then swings from 0.3 s to 20 s between identical calls, which would drown the overhead.
+The refiner is the classic one (CPU restoration, deterministic, no torch): its time is steady from call to call,
+so the pairs measure the serving path rather than a model's variance. The services run with one OpenMP thread
+(``OMP_NUM_THREADS=1``), as in-process numpy does here on a shared 2-core host.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from trellisbox._domain.params import GenerationParams, RefineParams
 from trellisbox._runtime.worker import JobContext
 from trellisbox.client import TrellisBoxClient
 
-IMAGE_SIDE = 256
-REFINE = {"seed": 1}  # service defaults otherwise: strength 0.3, 20 steps (6 UNet steps), guidance 7.5
+IMAGE_SIDE = 512
+REFINE = {"seed": 1}  # service defaults otherwise: strength 0.3 (the classic refiner ignores the rest), guidance 7.5
 GENERATION = {"seed": 1}  # preview defaults otherwise: simplify 0.95, texture 1024
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -35,15 +35,10 @@ class InProcess:
     """The refiner and TRELLIS backends the services run, built and warmed up in this process."""
 
     def __init__(self) -> None:
-        import torch
-
-        from refiner_service.backends.sdxl import SDXLBackend
-
-        torch.set_num_threads(1)
+        from refiner_service.backends.classic import ClassicBackend
         from trellis_service.backends.preview import PreviewBackend
 
-        self.refiner = SDXLBackend("tiny", "cpu")
-        self.refiner.show_progress_bars = False
+        self.refiner = ClassicBackend()
         self.refiner.load()
         self.preview = PreviewBackend()
         self.preview.load()
@@ -110,7 +105,7 @@ def run(gateway_target: str, quick: bool, repeats: int) -> dict[str, Any]:
     return {
         "method": "alternating served / in-process pairs; medians of per-pair ratio and difference",
         "image": f"{IMAGE_SIDE}x{IMAGE_SIDE} RGBA PNG ({len(data)} bytes)",
-        "refiner": "sdxl --model tiny --device cpu (random weights), 20 steps x strength 0.3 = 6 UNet steps",
+        "refiner": "classic, strength 0.3",
         "trellis": "preview, simplify 0.95, texture 1024",
         "repeats": repeats,
         "cases": cases,
