@@ -67,6 +67,16 @@ async def validate_request_images(images: Sequence[common_pb2.Image], settings: 
     await asyncio.to_thread(validate_images, images, settings.image_limits, settings.max_images)
 
 
+def passthrough_serializer(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+    """A response serializer that sends events already in wire form (``bytes``, e.g. :meth:`Artifact.frames`) as
+    they are and serializes messages with ``serialize``."""
+
+    def serializer(response: Any) -> bytes:
+        return response if isinstance(response, bytes) else serialize(response)
+
+    return serializer
+
+
 class JobEvents(Generic[T]):
     """A job's stream (from the model worker or the refiner's batcher): progress as proto, then its result.
 
