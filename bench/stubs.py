@@ -31,7 +31,7 @@ from trellisbox._domain.artifacts import Artifact
 from trellisbox._domain.contract import GATEWAY_SERVICE, TRELLIS_SERVICE
 from trellisbox._runtime.config import ServiceSettings
 from trellisbox._runtime.server import ServiceSpec, serve
-from trellisbox.v1 import common_pb2, gateway_pb2, trellis_pb2, trellis_pb2_grpc
+from trellisbox.v1 import common_pb2, gateway_pb2, trellis_pb2
 
 
 def _payload(size: int) -> bytes:
@@ -44,7 +44,7 @@ def _payload(size: int) -> bytes:
     return bytes(out[:size])
 
 
-class StubTrellis(trellis_pb2_grpc.TrellisServiceServicer):
+class StubTrellis:
     def __init__(self, artifact_bytes: int, chunk_bytes: int) -> None:
         self._artifact = Artifact(common_pb2.ARTIFACT_KIND_GLB, _payload(artifact_bytes))
         self._chunk_bytes = chunk_bytes

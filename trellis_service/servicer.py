@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterable
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -35,7 +35,7 @@ from trellisbox._runtime.servicing import (
     passthrough_serializer,
 )
 from trellisbox._runtime.worker import JobContext
-from trellisbox.v1 import trellis_pb2, trellis_pb2_grpc
+from trellisbox.v1 import trellis_pb2
 
 #: What TrellisService produces; the refined image comes from the refiner (ask the gateway for it).
 PRODUCED = (ArtifactKind.GLB, ArtifactKind.GAUSSIAN_PLY)
@@ -47,7 +47,7 @@ def requested_formats(kinds: Iterable[int]) -> frozenset[ArtifactKind]:
     return kinds_from_proto(kinds, PRODUCED, hints=hints) or frozenset({ArtifactKind.GLB})
 
 
-class TrellisServicer(trellis_pb2_grpc.TrellisServiceServicer):
+class TrellisServicer:
     """``trellisbox.v1.TrellisService``.
 
     Args:
@@ -65,7 +65,7 @@ class TrellisServicer(trellis_pb2_grpc.TrellisServiceServicer):
         request_id = bind_request_id(request.request_id)
         formats = requested_formats(request.formats)
         params = params_from_proto(GenerationParams, request.parameters, "parameters")
-        images = await decode_request_images(request.images, self._settings)
+        images = await decode_request_images(request.images, self._settings, handoff=True)
         backend = self._host.require()
 
         def generate(ctx: JobContext) -> GeneratedAsset:
@@ -99,7 +99,15 @@ class TrellisServicer(trellis_pb2_grpc.TrellisServiceServicer):
         yield trellis_pb2.ImageTo3DResponse(done=done)
 
 
-def add_trellis_servicer(servicer: trellis_pb2_grpc.TrellisServiceServicer, server: grpc.aio.Server) -> None:
+class ImageTo3DServicer(Protocol):
+    """What :func:`add_trellis_servicer` registers: an ``ImageTo3D`` that may yield pre-encoded responses."""
+
+    def ImageTo3D(self, request: trellis_pb2.ImageTo3DRequest,  # the gRPC method name
+                  context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[trellis_pb2.ImageTo3DResponse | bytes]:
+        ...
+
+
+def add_trellis_servicer(servicer: ImageTo3DServicer, server: grpc.aio.Server) -> None:
     """Register ``servicer`` like the generated ``add_TrellisServiceServicer_to_server``, with a response serializer
     that sends its pre-encoded artifact chunks (``bytes``) as they are."""
     handlers = {

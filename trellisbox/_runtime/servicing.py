@@ -12,6 +12,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -55,10 +56,12 @@ def deadline_of(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-async def decode_request_images(images: Sequence[common_pb2.Image], settings: ServiceSettings) -> list[Image.Image]:
+async def decode_request_images(images: Sequence[common_pb2.Image], settings: ServiceSettings, *,
+                                handoff: bool = False) -> list[Image.Image]:
     """Decode (and so validate) a request's images; CPU work, so off the event loop: other calls and health
-    checks stay responsive meanwhile."""
-    return await asyncio.to_thread(decode_images, images, settings.image_limits, settings.max_images)
+    checks stay responsive meanwhile. ``handoff``: also accept the refiner's hand-off format (TRELLIS)."""
+    return await asyncio.to_thread(partial(decode_images, images, settings.image_limits, settings.max_images,
+                                           handoff=handoff))
 
 
 async def validate_request_images(images: Sequence[common_pb2.Image], settings: ServiceSettings) -> None:
