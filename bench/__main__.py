@@ -56,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
                                 env=overhead.ONE_THREAD) as stack:
                     if "overhead" in args.only:
                         print("overhead ...", flush=True)
-                        results["overhead"] = overhead.run(stack.gateway_target, quick, 2 if quick else 15)
+                        pids: dict[str, int | None] = {name: stack.processes[name].process.pid
+                                                       for name in ("gateway", "refiner", "trellis")}
+                        results["overhead"] = overhead.run(stack.gateway_target, quick, 2 if quick else 15,
+                                                           {**pids, "client": None})
                     if "transport" in args.only:
                         print("transport ...", flush=True)
                         results["transport"] = transport.run(stack, procs, quick, 1 if quick else 5)

@@ -64,6 +64,12 @@ def render(results: dict[str, Any]) -> str:
                       _spread(c["in_process_ms"], " ms"), n]),
                 _row(["", "**added per request**", "**" + _med(c["added_ms"], " ms") + "**",
                       _spread(c["added_ms"], " ms"), n]),
+                *([_row(["", "added per request, fastest served − fastest in-process",
+                         f"{c['added_ms_fastest']:.1f} ms", "", n])] if "added_ms_fastest" in c else []),
+                *([_row(["", "**added CPU per request** (all processes − in-process; per process: "
+                         + ", ".join(f"{k} {v:.1f}" for k, v in c["cpu_ms_per_request"].items())
+                         + f"; in-process {c['in_process_cpu_ms']:.1f} ms)",
+                         f"**{c['added_cpu_ms']:.1f} ms**", "mean", n])] if "added_cpu_ms" in c else []),
                 _row(["", "**served / in-process**", f"**{c['ratio']['median']:.2f}×**",
                       _spread(c["ratio"], "×", 2), n]),
             ]
