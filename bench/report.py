@@ -42,8 +42,9 @@ def _row(cells: list[str]) -> str:
 def render(results: dict[str, Any]) -> str:
     m = results["machine"]
     lines = [
-        f"Measured {results['when']} in {results['elapsed_s']:.0f} s"
-        f"{' (quick mode: few repeats, smaller inputs)' if results['quick'] else ''} on "
+        f"Measured {results['when']}"
+        + (f" in {results['elapsed_s']:.0f} s" if results.get("elapsed_s") is not None else "")
+        + f"{' (quick mode: few repeats, smaller inputs)' if results['quick'] else ''} on "
         f"{m['cpus_usable']} of {m['cpus']} cores ({m['cpu_model']}), {m['platform']}; "
         f"Python {m['python']}, torch {m['torch']}, grpcio {m['grpcio']}, protobuf {m['protobuf']}; "
         f"load average at start {m['load_average_at_start'][0]}. "

@@ -1,7 +1,7 @@
 """Stand-in servers for the benchmarks, run as processes: ``python -m bench.stubs --mode trellis|bare``.
 
 ``trellis``: a TrellisService that returns a fixed artifact of ``--artifact-bytes`` at once, through the
-    project's own server bootstrap and ``Artifact.chunks`` (what the real servicer does after its model
+    project's own server bootstrap and ``Artifact.frames`` (what the real servicer does after its model
     ran). Used where the real preview backend's CPU time would be what is measured instead of the
     gateway (refiner scaling, gateway memory).
 ``bare``: the transport baseline. A plain ``grpc.aio.server()`` with default options that serves
