@@ -21,7 +21,9 @@ REFINER_MODEL ?=
 TRELLIS_MODEL ?=
 # dedicated: each model service on its own device; shared: both on one GPU under a flock lease.
 PLACEMENT ?= dedicated
-STACK_FLAGS = --placement $(PLACEMENT) $(if $(REFINER_MODEL),--refiner-model $(REFINER_MODEL)) $(if $(TRELLIS_MODEL),--trellis-model $(TRELLIS_MODEL))
+# SECURE=1: TLS at the gateway, mutual TLS inside and a bearer token (dev certificates and the token in out/tls).
+SECURE ?=
+STACK_FLAGS = $(if $(SECURE),--secure) --placement $(PLACEMENT) $(if $(REFINER_MODEL),--refiner-model $(REFINER_MODEL)) $(if $(TRELLIS_MODEL),--trellis-model $(TRELLIS_MODEL))
 
 .PHONY: install proto run demo test lint browser bench reliability device-wheels k8s-validate images clean
 
@@ -90,6 +92,7 @@ device-wheels: install
 
 lint: install
 	$(PY) -m ruff check .
+	$(PY) -m bandit -q -c pyproject.toml -r .
 	$(PY) -m mypy trellisbox refiner_service trellis_service gateway webui bench tools tests
 
 clean:

@@ -16,6 +16,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
-    parser.add_argument("--log-dir", type=Path, default=Path("/tmp/trellisbox-bench-experiments"))
+    parser.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()) / "trellisbox-bench-experiments")
     args = parser.parse_args(argv)
     with Processes(args.log_dir) as procs:
         if args.name == "malloc":

@@ -64,7 +64,8 @@ def _replica_changes(procs: Processes, dns: LoopbackDns, replicas: list[ServiceP
     """At default settings, under steady load: how long until a replica added to DNS gets its first request, and
     how long a replica removed from DNS still gets requests (a removed pod drains, then terminates)."""
     dns.set(NAME, addresses[:1])
-    gateway = procs.start("gateway-pickup", "gateway", ["--refiner-target", dns.target(NAME, port),
+    gateway = procs.start("gateway-pickup", "gateway", ["--stage-tls", "off",  # the DNS name is served on loopback
+                                                        "--refiner-target", dns.target(NAME, port),
                                                         "--trellis-target", stub.target],
                           env={"GRPC_DNS_RESOLVER": "ares"})
     load = threading.Thread(target=closed_loop, args=(gateway.target, request, 8, 0.0, 60.0 if quick else 90.0),
@@ -122,7 +123,7 @@ def run(procs: Processes, quick: bool, repeats: int, latency_ms: float = 200.0, 
             dns.set(NAME, addresses[:count])
             target = dns.target(NAME, port)
             gateway = procs.start(f"gateway-scaling-{count}", "gateway",
-                                  ["--refiner-target", target, "--trellis-target", stub.target,
+                                  ["--stage-tls", "off", "--refiner-target", target, "--trellis-target", stub.target,
                                    "--max-concurrent", "128", "--max-queue", "256"],
                                   env={"GRPC_DNS_RESOLVER": "ares"})
             try:

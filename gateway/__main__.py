@@ -17,6 +17,7 @@ from gateway.servicer import GatewayServicer, add_gateway_servicer
 from gateway.stages import StageClients
 from trellisbox._domain.contract import GATEWAY_SERVICE
 from trellisbox._runtime.config import load_settings
+from trellisbox._runtime.security import TokenFile, TokenInterceptor
 from trellisbox._runtime.server import ServiceSpec, run
 
 _log = logging.getLogger("gateway")
@@ -57,13 +58,21 @@ def main(argv: list[str] | None = None) -> None:
             yield "trellis" not in now
             await asyncio.sleep(STAGE_CHECK_S)
 
+    interceptors = []
+    tokens_in_use = f"bearer tokens from {settings.token_file}" if settings.token_file else "no token needed"
+    if settings.token_file is not None:
+        # Read now: a missing or empty token file stops the gateway at start instead of refusing every call.
+        tokens = TokenFile(settings.token_file)
+        interceptors.append(TokenInterceptor(tokens, open_reflection=not settings.reflection_needs_token))
     spec = ServiceSpec(
         name=GATEWAY_SERVICE,
         register=register,
-        describe=lambda: f"refiner={settings.refiner_target} trellis={settings.trellis_target} "
-                         f"results={settings.results_path}",
+        describe=lambda: (f"refiner={settings.refiner_target} trellis={settings.trellis_target} "
+                          f"results={settings.results_path} stage transport={settings.stage_tls or 'off'}; "
+                          + tokens_in_use),
         on_shutdown=close_channels,
         readiness=stages_reachable,
+        interceptors=interceptors,
     )
     # The gateway only relays: its allocator is tuned for message-sized buffers (see tune_malloc).
     run(settings, spec, "gateway", streaming_malloc=True)

@@ -9,7 +9,8 @@ clients can retry it transparently; an admitted one may then be told it waits.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
 from prometheus_client import Gauge
@@ -103,12 +104,32 @@ class Admission:
         self._publish()
 
 
-class ByteBudget:
-    """The bytes of requests the gateway holds past the transport: received messages being validated and routed.
+class Hold:
+    """Bytes one request holds in a :class:`ByteBudget`."""
 
-    A request that would go over the budget is refused (``RESOURCE_EXHAUSTED``, with a retry hint) before any of its
-    images is decoded, so many large uploads at once cannot take the gateway's memory. One request is always let
-    in when nothing is held, however large (the transport's ``max_request_bytes`` bounds it).
+    __slots__ = ("_budget", "nbytes")
+
+    def __init__(self, budget: ByteBudget) -> None:
+        self._budget = budget
+        self.nbytes = 0
+
+    def resize(self, nbytes: int) -> None:
+        """Hold ``nbytes`` from now on; a growth that does not fit is refused now.
+
+        Raises:
+            QueueFull: the budget is spent.
+        """
+        self._budget._resize(self, nbytes)
+
+
+class ByteBudget:
+    """The bytes of requests the gateway holds: requests being received, validated and routed.
+
+    The gateway reads a request only once the budget has room for the largest one (``max_request_bytes``): until
+    then HTTP/2 flow control keeps its bytes at the client, so any number of uploads at once cannot take the
+    gateway's memory. Requests waiting for room get it in the order they came. A request whose decode would go over
+    the budget is refused (``RESOURCE_EXHAUSTED``, with a retry hint) before any of its images is decoded. One
+    request is always let in when nothing is held, however large (the transport's ``max_request_bytes`` bounds it).
 
     Args:
         max_bytes: The budget.
@@ -117,31 +138,78 @@ class ByteBudget:
     def __init__(self, max_bytes: int) -> None:
         self._max_bytes = max_bytes
         self._held = 0
+        self._waiters: deque[tuple[int, Hold, asyncio.Future[None]]] = deque()
 
     @property
     def held(self) -> int:
         return self._held
 
+    def _fits(self, hold: Hold, nbytes: int) -> bool:
+        others = self._held - hold.nbytes
+        return others == 0 or others + nbytes <= self._max_bytes
+
+    def _resize(self, hold: Hold, nbytes: int) -> None:
+        if nbytes > hold.nbytes and not self._fits(hold, nbytes):
+            raise QueueFull(f"gateway is holding {self._held / 2**20:.0f} MiB of requests (limit "
+                            f"{self._max_bytes / 2**20:.0f} MiB); retry later", retry_after_s=RETRY_AFTER_S)
+        shrinks = nbytes < hold.nbytes
+        self._held += nbytes - hold.nbytes
+        hold.nbytes = nbytes
+        HELD_BYTES.set(self._held)
+        if shrinks:
+            self._wake()
+
+    def _wake(self) -> None:
+        """Give the room that was freed to the waiters, first come first served."""
+        while self._waiters:
+            nbytes, hold, granted = self._waiters[0]
+            if granted.done():  # it stopped waiting (timed out, or its caller left)
+                self._waiters.popleft()
+                continue
+            if not self._fits(hold, nbytes):
+                return
+            self._waiters.popleft()
+            self._resize(hold, nbytes)
+            granted.set_result(None)
+
+    async def _wait_for(self, hold: Hold, nbytes: int, wait_s: float) -> None:
+        if not self._waiters and self._fits(hold, nbytes):
+            hold.resize(nbytes)
+            return
+        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((nbytes, hold, granted))
+        try:
+            await asyncio.wait_for(granted, wait_s)
+        except TimeoutError:
+            others = sum(not waiting.done() for _, _, waiting in self._waiters)
+            raise QueueFull(f"gateway is holding {self._held / 2**20:.0f} MiB of requests (limit "
+                            f"{self._max_bytes / 2**20:.0f} MiB) and {others} more wait; retry later",
+                            retry_after_s=RETRY_AFTER_S) from None
+
     @contextmanager
-    def hold(self, nbytes: int) -> Iterator[Callable[[int], None]]:
-        """Hold ``nbytes`` for the body; the body may change its hold (a temporary decode reservation).
+    def hold(self, nbytes: int) -> Iterator[Hold]:
+        """Hold ``nbytes`` for the body, or refuse now; the body may change its hold (:meth:`Hold.resize`).
 
         Raises:
             QueueFull: the budget is spent.
         """
-        held = [0]
-
-        def resize(new: int) -> None:
-            if new > held[0] and self._held > held[0] and self._held - held[0] + new > self._max_bytes:
-                raise QueueFull(
-                    f"gateway is holding {self._held / 2**20:.0f} MiB of requests (limit "
-                    f"{self._max_bytes / 2**20:.0f} MiB); retry later", retry_after_s=RETRY_AFTER_S)
-            self._held += new - held[0]
-            held[0] = new
-            HELD_BYTES.set(self._held)
-
-        resize(nbytes)
+        hold = Hold(self)
+        hold.resize(nbytes)
         try:
-            yield resize
+            yield hold
         finally:
-            resize(0)
+            hold.resize(0)
+
+    @asynccontextmanager
+    async def hold_when_free(self, nbytes: int, wait_s: float) -> AsyncIterator[Hold]:
+        """:meth:`hold`, waiting up to ``wait_s`` for room first, behind the requests that waited before.
+
+        Raises:
+            QueueFull: no room within ``wait_s``.
+        """
+        hold = Hold(self)
+        try:
+            await self._wait_for(hold, nbytes, wait_s)
+            yield hold
+        finally:
+            hold.resize(0)  # also when it was granted just as its caller left

@@ -6,14 +6,34 @@ import ipaddress
 import os
 import re
 from pathlib import Path
+from typing import Self
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from trellisbox._runtime.config import ServiceSettings
+from trellisbox._runtime.security import TlsMode, is_loopback
 
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(:\d{1,5})?$")
 _ADDRESS_PORT = re.compile(r"^\[?([0-9A-Fa-f:.]+?)\]?:(\d{1,5})$")
+
+
+def target_hosts(target: str) -> list[str]:
+    """The hosts (or addresses) a target names: one, or each of an ``ipv4:``/``ipv6:`` list."""
+    scheme, colon, rest = target.partition(":")
+    if scheme in ("unix", "unix-abstract") and colon:
+        return ["localhost"]  # a socket on this machine
+    if scheme == "dns" and colon:
+        endpoints = [rest[2:].partition("/")[2] if rest.startswith("//") else rest]
+    elif scheme in ("ipv4", "ipv6") and colon:
+        endpoints = rest.split(",")
+    else:
+        endpoints = [target]
+    hosts = []
+    for endpoint in endpoints:
+        found = _ADDRESS_PORT.match(endpoint)
+        hosts.append(found.group(1) if found else endpoint.rpartition(":")[0] if ":" in endpoint else endpoint)
+    return hosts
 
 
 def check_target(target: str) -> str:
@@ -62,10 +82,16 @@ class GatewaySettings(ServiceSettings):
         4, ge=1, description="Requests routed through the stages at once; the rest wait in the queue."
     )
     max_held_bytes: int = Field(
-        512 * 2**20, ge=2**20, description="Request bytes the gateway holds at once past the transport (being "
-        "validated, decoded one image at a time, or routed): each request counts its bytes plus its costliest decode, "
-        "read from the image headers. A request over it is refused with RESOURCE_EXHAUSTED before any decoding. "
-        "Bounds the gateway's memory under many large uploads (docs/reliability.md)."
+        512 * 2**20, ge=2**20, description="Request bytes the gateway holds at once: a request is read only when "
+        "max_request_bytes fit (until then HTTP/2 flow control keeps its bytes at the client), then counts its bytes "
+        "plus its costliest decode (read from the image headers) while validated, and its bytes while routed. A decode "
+        "that does not fit is refused with RESOURCE_EXHAUSTED before any decoding. Bounds the gateway's memory under "
+        "any number of large uploads (docs/reliability.md)."
+    )
+    receive_timeout_s: float = Field(
+        120.0, gt=0, description="How long a request may take to arrive once the gateway reads it, and to wait for "
+        "room in max_held_bytes before that: a slower upload is refused (DEADLINE_EXCEEDED), so slow senders cannot "
+        "hold the budget. 120 s lets a 64 MiB request arrive at 0.5 MiB/s."
     )
     default_timeout_s: float = Field(
         900.0, gt=0, description="Deadline applied when the client sets none (refine + generation)."
@@ -89,6 +115,41 @@ class GatewaySettings(ServiceSettings):
     results_max_bytes: int = Field(
         2 * 2**30, ge=0, description="Disk the stored results may take; the oldest are deleted first beyond it."
     )
+
+    token_file: Path | None = Field(
+        None, description="Bearer tokens clients must send (metadata authorization: Bearer <token>), one per line, "
+        "reread when the file changes (a mounted Secret). Calls without a valid one get UNAUTHENTICATED; health "
+        "checks never need one. Unset: no token needed."
+    )
+    reflection_needs_token: bool = Field(
+        False, description="With token_file: server reflection needs a token too (by default grpcurl and GUI clients "
+        "may list the API without one)."
+    )
+    stage_tls: TlsMode | None = Field(
+        None, description="Transport to the model services. off: plaintext; on: TLS, their certificates verified "
+        "against stage_ca_file; mutual: also present stage_cert_file (the model services run with tls=mutual). Unset: "
+        "plaintext, allowed only when both targets are loopback addresses."
+    )
+    stage_ca_file: Path | None = Field(None, description="PEM CA bundle the model services' certificates chain to.")
+    stage_cert_file: Path | None = Field(
+        None, description="PEM client certificate the gateway presents to the model services (stage_tls=mutual); "
+        "reread when it changes, for new connections."
+    )
+    stage_key_file: Path | None = Field(None, description="PEM private key of stage_cert_file.")
+
+    @model_validator(mode="after")
+    def _check_stage_tls(self) -> Self:
+        remote = [t for t in (self.refiner_target, self.trellis_target)
+                  if not all(is_loopback(host) for host in target_hosts(t))]
+        if self.stage_tls is None and remote:
+            raise ValueError(f"{remote[0]} is not on this machine: choose the transport to the model services with "
+                             "stage_tls (mutual with stage_ca_file, stage_cert_file and stage_key_file; on with "
+                             "stage_ca_file; or off for plaintext)")
+        if self.stage_tls in ("on", "mutual") and self.stage_ca_file is None:
+            raise ValueError(f"stage_tls={self.stage_tls} needs stage_ca_file (the model services' CA)")
+        if self.stage_tls == "mutual" and (self.stage_cert_file is None or self.stage_key_file is None):
+            raise ValueError("stage_tls=mutual needs stage_cert_file and stage_key_file (the gateway's certificate)")
+        return self
 
     @property
     def results_path(self) -> Path:

@@ -98,7 +98,7 @@ class StageEvent(Generic[M]):
     @property
     def message(self) -> M:
         if self._message is None:
-            assert self.encoded is not None  # one of the two is always set
+            assert self.encoded is not None  # nosec B101  # for mypy: one of the two is always set
             message: M = self._type.FromString(self.encoded)
             self._message = message
         return self._message

@@ -26,7 +26,7 @@ from trellisbox._domain.errors import StageFailed
 from trellisbox._domain.imaging import HANDOFF_MEDIA_TYPE
 from trellisbox._domain.kinds import ArtifactKind, Stage, known_stage
 from trellisbox._domain.params import GenerationParams, RefineParams
-from trellisbox._runtime.observability import observe_stages
+from trellisbox._runtime.observability import STAGE, observe_stages
 from trellisbox.v1 import common_pb2, gateway_pb2, refiner_pb2, trellis_pb2
 
 _log = logging.getLogger(__name__)
@@ -127,6 +127,7 @@ class Router:
     async def _refine(self, job: GenerateJob, params: RefineParams,
                       refined: dict[int, Artifact]) -> AsyncIterator[StageEvent[refiner_pb2.RefineResponse]]:
         """The refiner's events; its refined images go into ``refined`` (and to the caller once complete)."""
+        STAGE.set("refine")  # this call's log lines, to its end (a failure is logged with the stage it failed in)
         forward_chunks = ArtifactKind.REFINED_IMAGE in job.formats
         # A refined image only TRELLIS sees travels in the lossless hand-off form: no PNG encode, a cheaper decode.
         request = refiner_pb2.RefineRequest(request_id=job.request_id, images=job.images,
@@ -161,6 +162,7 @@ class Router:
     async def _image_to_3d(self, job: GenerateJob, images: Sequence[common_pb2.Image]
                            ) -> AsyncIterator[StageEvent[trellis_pb2.ImageTo3DResponse]]:
         """TRELLIS's events; its artifact chunks are relayed as they come, so it is retried only before the first."""
+        STAGE.set("image_to_3d")
         request = trellis_pb2.ImageTo3DRequest(request_id=job.request_id, images=images,
                                                formats=kinds_to_proto(job.formats & GENERATED_KINDS))
         params_to_proto(job.generation, request.parameters)

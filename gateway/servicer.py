@@ -6,22 +6,23 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack
 from typing import Any, TypeVar
 
 import grpc
 
-from gateway.admission import ByteBudget
+from gateway.admission import ByteBudget, Hold
 from gateway.config import GatewaySettings
 from gateway.relay import Outgoing, serialize_response
 from gateway.results import CancelOutcome, DurableJobs, request_fingerprint
 from gateway.router import GENERATED_KINDS, GenerateJob, Router
 from trellisbox._domain.contract import GATEWAY_SERVICE
 from trellisbox._domain.convert import kinds_from_proto, params_from_proto
-from trellisbox._domain.errors import InvalidInput, NotFound
+from trellisbox._domain.errors import DeadlineExceeded, InvalidInput, NotFound
 from trellisbox._domain.imaging import decode_cost
 from trellisbox._domain.kinds import ArtifactKind
 from trellisbox._domain.params import GenerationParams, RefineParams, random_seed
+from trellisbox._runtime.interceptor import parse_request
 from trellisbox._runtime.server import release_memory
 from trellisbox._runtime.servicing import bind_request_id, validate_request_images
 from trellisbox.v1 import gateway_pb2
@@ -60,7 +61,7 @@ class GatewayServicer:
     Args:
         settings: Gateway settings (limits, default deadline).
         router: Runs the stages.
-        budget: Bounds the request bytes held at once (refusal before decoding).
+        budget: Bounds the request bytes held at once (reading waits for room; refusal before decoding).
         jobs: Runs the durable requests (those with a request_id) and keeps their results.
     """
 
@@ -70,20 +71,23 @@ class GatewayServicer:
         self._budget = budget
         self._jobs = jobs
 
-    async def Generate(self, request: gateway_pb2.GenerateRequest,
+    async def Generate(self, requests: AsyncIterator[bytes],
                        context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Outgoing]:
-        request_id = bind_request_id(request.request_id)
-        fingerprint: str | None = None
-        if request.request_id:  # durable: the same request again attaches to its job, or gets its stored result
-            fingerprint = await asyncio.to_thread(request_fingerprint, request)
-            existing = self._jobs.attach(request_id, fingerprint)
-            if existing is not None:
-                _log.info("generate: the same request again; attached")
-                async for response in existing:
-                    yield response
-                return
+        """Registered as a request stream, which is the same on the wire as a unary request: the gateway reads the
+        request itself, once the byte budget has room for the largest one (see :class:`ByteBudget`)."""
         async with AsyncExitStack() as held:
-            await held.enter_async_context(self._held(request))
+            request, hold = await self._receive(context, held)
+            request_id = bind_request_id(request.request_id)
+            fingerprint: str | None = None
+            if request.request_id:  # durable: the same request again attaches to its job, or gets its stored result
+                fingerprint = await asyncio.to_thread(request_fingerprint, request)
+                existing = self._jobs.attach(request_id, fingerprint)
+                if existing is not None:
+                    _log.info("generate: the same request again; attached")
+                    async for response in existing:
+                        yield response
+                    return
+            await self._validate(request, hold)
             job = self._job(request_id, request, context)
             if fingerprint is None:
                 async for response in self._router.generate(job):
@@ -123,26 +127,51 @@ class GatewayServicer:
             raise InvalidInput("request_id is required: the id the request was sent with")
         return bind_request_id(given)
 
-    @asynccontextmanager
-    async def _held(self, request: gateway_pb2.GenerateRequest) -> AsyncIterator[None]:
-        """Hold the request in the byte budget (refused before any decoding when it is spent) and validate its
-        images; the request stays held for the body."""
-        size = request.ByteSize()
-        try:
-            # Images are decoded one at a time, so the peak is the request plus its costliest decode (from headers).
-            peak = size + max((decode_cost(image.data, self._settings.image_limits) for image in request.images),
-                              default=0)
-            with self._budget.hold(peak) as resize:
-                # Decoding once here is the validation: format, size, pixel count, truncation (a 4096² PNG takes a
-                # few hundred ms, off the event loop). The stages get the caller's bytes, not a re-encoding.
-                await validate_request_images(request.images, self._settings)
-                resize(size)  # the decoded pixels are gone; the request is held until the job ends
-                yield
-        finally:
-            if size > _LARGE_REQUEST and self._budget.held == 0:
+    async def _receive(self, context: grpc.aio.ServicerContext[Any, Any], held: AsyncExitStack
+                       ) -> tuple[gateway_pb2.GenerateRequest, Hold]:
+        """Read the request once the budget has room for the largest one; its bytes stay held until ``held`` closes."""
+        large = False
+
+        async def return_memory() -> None:  # registered first, so it runs after the hold is given back
+            if large and self._budget.held == 0:
                 # The last large request is done: give the heap's free pages back (uploads arrive in many small
                 # transport buffers, which glibc keeps otherwise).
                 await asyncio.to_thread(release_memory, collect=False)
+
+        held.push_async_callback(return_memory)
+        limit_s = self._settings.receive_timeout_s
+        # Room for the largest request. Once read, a request needs more only when it is over half that size (see
+        # _validate); it then gets it at once or is refused, never waiting for room while holding some.
+        hold = await held.enter_async_context(
+            self._budget.hold_when_free(self._settings.max_request_bytes, self._wait_s(context)))
+        try:
+            data = await asyncio.wait_for(context.read(), limit_s)
+        except TimeoutError:
+            raise DeadlineExceeded(f"the request did not arrive within {limit_s:.0f} s (receive_timeout_s)") from None
+        if not isinstance(data, bytes):
+            raise InvalidInput("no request message: send one GenerateRequest")
+        hold.resize(len(data))
+        large = len(data) > _LARGE_REQUEST
+        return parse_request(gateway_pb2.GenerateRequest, data), hold
+
+    async def _validate(self, request: gateway_pb2.GenerateRequest, hold: Hold) -> None:
+        """Validate the images by decoding them, holding the costliest decode meanwhile; refused before decoding when
+        that is more than the request's reservation and the budget has no room for it now."""
+        size = request.ByteSize()
+        # Images are decoded one at a time, so the peak is the request plus its costliest decode (from headers).
+        cost = max((decode_cost(image.data, self._settings.image_limits) for image in request.images), default=0)
+        hold.resize(max(size + cost, 2 * size))
+        # Decoding once here is the validation: format, size, pixel count, truncation (a 4096² PNG takes a few
+        # hundred ms, off the event loop). The stages get the caller's bytes, not a re-encoding.
+        await validate_request_images(request.images, self._settings)
+        # The decoded pixels are gone; until the job ends the gateway holds the request and the stage request built
+        # from it.
+        hold.resize(2 * size)
+
+    def _wait_s(self, context: grpc.aio.ServicerContext[Any, Any]) -> float:
+        """How long a request may wait for room in the byte budget."""
+        limit_s = self._settings.receive_timeout_s
+        return min(limit_s, context.time_remaining() or limit_s)
 
     def _job(self, request_id: str, request: gateway_pb2.GenerateRequest,
              context: grpc.aio.ServicerContext[Any, Any]) -> GenerateJob:
@@ -164,11 +193,8 @@ def add_gateway_servicer(servicer: GatewayServicer, server: grpc.aio.Server) -> 
     """Register ``servicer`` like the generated ``add_GatewayServiceServicer_to_server``, but with a response
     serializer that passes relayed stage events (:class:`gateway.relay.Encoded`) through unchanged."""
     handlers = {
-        "Generate": grpc.unary_stream_rpc_method_handler(
-            servicer.Generate,
-            request_deserializer=gateway_pb2.GenerateRequest.FromString,
-            response_serializer=serialize_response,
-        ),
+        # A request stream with raw bytes in: the servicer reads and parses the request when the budget has room.
+        "Generate": grpc.stream_stream_rpc_method_handler(servicer.Generate, response_serializer=serialize_response),
         "GetResult": grpc.unary_stream_rpc_method_handler(
             servicer.GetResult,
             request_deserializer=gateway_pb2.GetResultRequest.FromString,

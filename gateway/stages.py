@@ -11,7 +11,9 @@ in the bytes they arrived as and are relayed to the client unparsed.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from typing import Any
 
 import grpc
@@ -19,7 +21,11 @@ import grpc
 from gateway.config import GatewaySettings
 from gateway.relay import StageEvent, stage_deserializer
 from trellisbox._domain.contract import REFINER_SERVICE, TRELLIS_SERVICE
+from trellisbox._runtime import tracing
+from trellisbox._runtime.security import FileWatch, channel_credentials
 from trellisbox.v1 import refiner_pb2, trellis_pb2
+
+_log = logging.getLogger(__name__)
 
 RefineCall = grpc.aio.UnaryStreamCall[refiner_pb2.RefineRequest, StageEvent[refiner_pb2.RefineResponse]]
 ImageTo3DCall = grpc.aio.UnaryStreamCall[trellis_pb2.ImageTo3DRequest, StageEvent[trellis_pb2.ImageTo3DResponse]]
@@ -68,15 +74,38 @@ def channel_options(settings: GatewaySettings, service: str) -> list[tuple[str, 
 
 
 class StageClients:
-    """The gateway's calls to the refiner pool and the TRELLIS service: one long-lived channel each."""
+    """The gateway's calls to the refiner pool and the TRELLIS service: one long-lived channel each.
+
+    With ``stage_tls`` the channels verify the services' certificates and (mutual) present the gateway's; when those
+    files change (a rotated Secret) the next call opens new channels with them, and the old ones close once the calls
+    on them are done.
+    """
 
     def __init__(self, settings: GatewaySettings) -> None:
-        self._refiner_channel = grpc.aio.insecure_channel(
-            settings.refiner_target, options=channel_options(settings, REFINER_SERVICE)
-        )
-        self._trellis_channel = grpc.aio.insecure_channel(
-            settings.trellis_target, options=channel_options(settings, TRELLIS_SERVICE)
-        )
+        self._settings = settings
+        mode = settings.stage_tls or "off"
+        files = (settings.stage_ca_file, *((settings.stage_cert_file, settings.stage_key_file)
+                                            if mode == "mutual" else ()))
+        self._tls_files = FileWatch([f for f in files if f is not None]) if mode != "off" else None
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._open()
+
+    def _open(self) -> None:
+        settings = self._settings
+        credentials = None
+        if self._tls_files is not None:
+            ca_file, *client = self._tls_files.paths
+            credentials = channel_credentials(ca_file, *client)
+
+        def channel(target: str, service: str) -> grpc.aio.Channel:
+            options = channel_options(settings, service)
+            interceptors = tracing.client_interceptors()  # None unless tracing is on
+            if credentials is None:
+                return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+            return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
+
+        self._refiner_channel = channel(settings.refiner_target, REFINER_SERVICE)
+        self._trellis_channel = channel(settings.trellis_target, TRELLIS_SERVICE)
         self._refine: grpc.aio.UnaryStreamMultiCallable[
             refiner_pb2.RefineRequest, StageEvent[refiner_pb2.RefineResponse]
         ] = self._refiner_channel.unary_stream(
@@ -92,15 +121,34 @@ class StageClients:
             response_deserializer=stage_deserializer(trellis_pb2.ImageTo3DResponse),
         )
 
+    def _follow_rotation(self) -> None:
+        """New channels when the TLS files changed; the old ones finish their calls (up to the longest deadline)."""
+        if self._tls_files is None or not self._tls_files.changed():
+            return
+        old = (self._refiner_channel, self._trellis_channel)
+        try:
+            self._open()
+        except ValueError as exc:
+            _log.warning("stage TLS files changed but cannot be used (%s); keeping the current channels", exc)
+            return
+        _log.info("stage TLS files changed: new connections to the model services use them")
+        for channel in old:
+            task = asyncio.create_task(channel.close(self._settings.default_timeout_s))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+
     def refine(self, request: refiner_pb2.RefineRequest, timeout: float) -> RefineCall:
+        self._follow_rotation()
         return self._refine(request, timeout=timeout)
 
     def image_to_3d(self, request: trellis_pb2.ImageTo3DRequest, timeout: float) -> ImageTo3DCall:
+        self._follow_rotation()
         return self._image_to_3d(request, timeout=timeout)
 
     def unreachable(self) -> list[str]:
         """The stages with no ready replica now: the channel's round_robin counts only replicas whose readiness is
         SERVING. Asks an idle channel to connect."""
+        self._follow_rotation()
         channels = (("refiner", self._refiner_channel), ("trellis", self._trellis_channel))
         return [stage for stage, channel in channels
                 if channel.get_state(try_to_connect=True) != grpc.ChannelConnectivity.READY]
@@ -108,3 +156,5 @@ class StageClients:
     async def close(self) -> None:
         await self._refiner_channel.close(None)
         await self._trellis_channel.close(None)
+        for task in list(self._retiring):
+            task.cancel()

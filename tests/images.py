@@ -41,3 +41,16 @@ def huge_png_header(width: int = 30000, height: int = 30000) -> bytes:
     body = b"IHDR" + struct.pack(">II", width, height) + small[ihdr_start + 16:ihdr_start + 8 + length]
     crc = struct.pack(">I", zlib.crc32(body) & 0xFFFFFFFF)
     return small[:ihdr_start] + struct.pack(">I", length) + body + crc + small[ihdr_start + 12 + length:]
+
+
+def padded_png(size: int, pad_bytes: int) -> bytes:
+    """A valid ``size``² PNG made ``pad_bytes`` larger by a private ancillary chunk (decoders skip it): a large upload
+    that is cheap to decode."""
+    import struct
+    import zlib
+
+    small = png_bytes(size)
+    ihdr_end = 8 + 4 + 4 + 13 + 4  # signature, then IHDR's length, type, body and CRC
+    body = b"prVt" + bytes(pad_bytes)
+    chunk = struct.pack(">I", pad_bytes) + body + struct.pack(">I", zlib.crc32(body) & 0xFFFFFFFF)
+    return small[:ihdr_end] + chunk + small[ihdr_end:]

@@ -2,12 +2,14 @@
 
     python -m tools.demo --out out          # start, refine + generate the bundled example, stop
     python -m tools.demo --serve            # start and keep serving until Ctrl-C
+    python -m tools.demo --serve --secure   # the same with TLS everywhere and a token (certificates in out/tls)
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import secrets
 import signal
 import sys
 import threading
@@ -17,7 +19,8 @@ from pathlib import Path
 from rich.console import Console
 
 import trellisbox
-from tools.stack import LocalStack, check_ports
+from tools.devcerts import write_dev_certs, write_private
+from tools.stack import LocalStack, StackSecurity, check_ports
 from trellisbox.cli import StageBars, print_summary, stage_progress, write_outputs
 from trellisbox.client import TrellisBoxClient
 
@@ -34,6 +37,15 @@ def _explain_backends(refiner_backend: str, generator_backend: str, requested: t
                        "weights here); run the TRELLIS image on a GPU host for the real model[/yellow]")
 
 
+def _dev_security(folder: Path) -> StackSecurity:
+    """A new dev CA and certificates in ``folder``, and a token (kept from an earlier run, else a new one)."""
+    write_dev_certs(folder)
+    token_file = folder / "token"
+    if not token_file.is_file():
+        write_private(token_file, f"{secrets.token_urlsafe(32)}\n".encode())
+    return StackSecurity(folder, token_file)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("out"), help="output folder (default %(default)s)")
@@ -45,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--placement", default="dedicated", choices=("dedicated", "shared"),
                         help="shared: both model services time-share one GPU under a flock lease")
     parser.add_argument("--serve", action="store_true", help="keep the stack running until Ctrl-C")
+    parser.add_argument("--secure", action="store_true", help="TLS at the gateway, mutual TLS inside and a bearer "
+                        "token: a new dev CA and certificates in OUT/tls, the token in OUT/tls/token")
     parser.add_argument("--web-port", type=int, default=8080, help="with --serve: the web app's port (-1: off)")
     parser.add_argument("--gateway-port", type=int, default=0)
     parser.add_argument("--refiner-port", type=int, default=0)
@@ -62,14 +76,21 @@ def main(argv: list[str] | None = None) -> int:
     ports = {name: port for name, port in (("gateway", args.gateway_port), ("refiner", args.refiner_port),
                                            ("trellis", args.trellis_port)) if port}
     log_dir = args.out / "logs"
+    security = _dev_security(args.out / "tls") if args.secure else None
+    connection = security.client_options() if security else {}
     started = time.monotonic()
     try:
         web_port = args.web_port if args.serve and args.web_port >= 0 else None
         check_ports({**ports, **({"web": web_port} if web_port else {})},
                     "; e.g. make run GATEWAY_PORT=50061 REFINER_PORT=50062 TRELLIS_PORT=50063 WEB_PORT=8081")
         _console.print(f"starting refiner, trellis and gateway (logs in {log_dir}/) ...")
-        with LocalStack(log_dir, refiner_args=refiner_args, trellis_args=trellis_args, ports=ports) as stack:
+        with LocalStack(log_dir, refiner_args=refiner_args, trellis_args=trellis_args, ports=ports,
+                        security=security) as stack:
             _console.print(f"stack ready in {time.monotonic() - started:.1f} s; gateway at {stack.gateway_target}")
+            if security is not None:
+                _console.print(f"TLS and a token: trellisbox generate IMAGE -o model.glb --target "
+                               f"{stack.gateway_target} --ca-file {security.ca_file} --token-file "
+                               f"{security.token_file}", markup=False)
             if args.serve:
                 stop = threading.Event()
                 signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -77,14 +98,16 @@ def main(argv: list[str] | None = None) -> int:
                     _console.print("starting the web app ...")
                     from webui.app import WebApp  # Gradio: only when serving
 
-                    _, url = WebApp(stack.gateway_target, args.out / "web").launch("127.0.0.1", web_port, block=False)
+                    web = WebApp(stack.gateway_target, args.out / "web", connection=connection)
+                    _, url = web.launch("127.0.0.1", web_port, block=False)
                     _console.print(f"web app on [bold]{url}[/bold]")
                 _console.print("serving; Ctrl-C to stop")
                 with contextlib.suppress(KeyboardInterrupt):
                     stop.wait()
                 _console.print("stopping ...")
                 return 0
-            with TrellisBoxClient(stack.gateway_target) as client, stage_progress(_console) as progress:
+            with TrellisBoxClient(stack.gateway_target, **connection) as client, \
+                    stage_progress(_console) as progress:
                 bars = StageBars(progress, f"sending {args.image.name}")
                 try:
                     result = client.generate([args.image], refine=True, formats=["glb", "refined", "ply"],

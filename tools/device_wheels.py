@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import shutil
-import subprocess
+import subprocess  # nosec B404  # runs pip download, an argv list
 import sys
 from pathlib import Path
 
@@ -63,7 +63,8 @@ def download(dest: Path, python_version: str) -> int:
                "--python-version", python_version, "--implementation", "cp", "--dest", str(dest)]
     for platform in PLATFORMS:
         command += ["--platform", platform]
-    subprocess.run(command + pinned(MISSING_ON_DEVICE), check=True)
+    command += pinned(MISSING_ON_DEVICE)
+    subprocess.run(command, check=True)  # nosec B603  # pip with pinned names, no shell
     return sum(path.stat().st_size for path in dest.glob("*.whl"))
 
 

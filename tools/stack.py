@@ -12,7 +12,7 @@ import os
 import re
 import signal
 import socket
-import subprocess
+import subprocess  # nosec B404  # starts this project's services and `ss`, argv lists only
 import sys
 import threading
 import time
@@ -20,11 +20,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from trellisbox._domain.contract import GATEWAY_SERVICE, REFINER_SERVICE, TRELLIS_SERVICE
+from trellisbox._runtime.security import channel_credentials
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -48,8 +50,9 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
 def port_owner(port: int) -> str | None:
     """What listens on ``port`` (``pid 123: python -m gateway ...``), when this machine can tell (``ss``)."""
     try:
-        listing = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True, timeout=5,
-                                 check=False).stdout
+        # `ss` from PATH, as a person at this machine would run it; a fixed argv, no shell.
+        listing = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"],  # nosec B603 B607
+                                 capture_output=True, text=True, timeout=5, check=False).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     found = re.search(r'users:\(\("([^"]*)",pid=(\d+)', listing)
@@ -80,9 +83,12 @@ def check_ports(ports: dict[str, int], hint: str = "") -> None:
             raise PortTaken(name, port, hint)
 
 
-def health_status(target: str, service: str, timeout: float = 1.0) -> int:
-    """The grpc.health.v1 status of ``service`` at ``target`` (UNKNOWN when unreachable)."""
-    with grpc.insecure_channel(target) as channel:
+def health_status(target: str, service: str, timeout: float = 1.0,
+                  credentials: grpc.ChannelCredentials | None = None) -> int:
+    """The grpc.health.v1 status of ``service`` at ``target`` (UNKNOWN when unreachable); ``credentials`` for a
+    service that serves TLS."""
+    channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -109,6 +115,7 @@ class ServiceProcess:
         port: Its gRPC port on 127.0.0.1.
         process: The child process.
         log_path: Where its stdout and stderr go.
+        credentials: What a client needs to reach it when it serves TLS (for the health checks).
     """
 
     name: str
@@ -116,6 +123,7 @@ class ServiceProcess:
     port: int
     process: subprocess.Popen[bytes]
     log_path: Path
+    credentials: grpc.ChannelCredentials | None = None
 
     @property
     def target(self) -> str:
@@ -135,7 +143,8 @@ class ServiceProcess:
                 raise RuntimeError(
                     f"{self.name} exited with {self.process.returncode} before it was ready:\n{self.log_tail()}"
                 )
-            if health_status(self.target, service, timeout=0.5) == health_pb2.HealthCheckResponse.SERVING:
+            status = health_status(self.target, service, timeout=0.5, credentials=self.credentials)
+            if status == health_pb2.HealthCheckResponse.SERVING:
                 return
             time.sleep(0.1)
         raise TimeoutError(f"{self.name} was not ready after {timeout:.0f} s:\n{self.log_tail()}")
@@ -178,13 +187,51 @@ def start_service(name: str, module: str, args: Sequence[str], log_dir: Path, *,
             except BlockingIOError:
                 raise LogInUse(log_path) from None
         log.truncate(0)
-        process = subprocess.Popen(
+        process = subprocess.Popen(  # nosec B603  # this interpreter and a module of this project, no shell
             [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port), *args],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             start_new_session=True,
         )
     return ServiceProcess(name, module, port, process, log_path)
+
+
+@dataclass(frozen=True)
+class StackSecurity:
+    """TLS everywhere and (optionally) a token for a local stack: the gateway serves TLS with ``gateway.crt``, the
+    model services require mutual TLS with a certificate from the CA, and the gateway presents ``client.crt``.
+
+    Args:
+        cert_dir: A folder written by :func:`tools.devcerts.write_dev_certs`.
+        token_file: Bearer tokens the gateway accepts (None: no token needed).
+    """
+
+    cert_dir: Path
+    token_file: Path | None = None
+
+    @property
+    def ca_file(self) -> Path:
+        return self.cert_dir / "ca.crt"
+
+    def server_args(self, name: str) -> list[str]:
+        """The flags of service ``name``."""
+        own = ["--tls-cert-file", str(self.cert_dir / f"{name}.crt"),
+               "--tls-key-file", str(self.cert_dir / f"{name}.key")]
+        if name != "gateway":
+            return ["--tls", "mutual", *own, "--tls-client-ca-file", str(self.ca_file)]
+        stage = ["--stage-tls", "mutual", "--stage-ca-file", str(self.ca_file),
+                 "--stage-cert-file", str(self.cert_dir / "client.crt"),
+                 "--stage-key-file", str(self.cert_dir / "client.key")]
+        return ["--tls", "on", *own, *stage, *(["--token-file", str(self.token_file)] if self.token_file else [])]
+
+    def client_options(self) -> dict[str, Any]:
+        """:class:`~trellisbox.client.TrellisBoxClient` options for the gateway: its CA and the first token."""
+        tokens = self.token_file.read_text().split() if self.token_file else []
+        return {"ca_file": self.ca_file, "token": tokens[0] if tokens else None}
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """A client's: trusts the CA and presents ``client.crt`` (which the model services accept)."""
+        return channel_credentials(self.ca_file, self.cert_dir / "client.crt", self.cert_dir / "client.key")
 
 
 @dataclass
@@ -199,6 +246,7 @@ class LocalStack:
         ports: Fixed ports by name; free ports otherwise.
         ready_timeout: Seconds each service may take to load and warm up.
         env: Extra environment for every process.
+        security: TLS and a token for every service (None: plaintext on loopback).
     """
 
     log_dir: Path
@@ -208,6 +256,7 @@ class LocalStack:
     ports: dict[str, int] = field(default_factory=dict)
     ready_timeout: float = 180.0
     env: dict[str, str] = field(default_factory=dict)
+    security: StackSecurity | None = None
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
 
     def __enter__(self) -> LocalStack:
@@ -246,8 +295,12 @@ class LocalStack:
         return gateway.target
 
     def _start(self, name: str, module: str, args: Sequence[str]) -> ServiceProcess:
+        if self.security is not None:
+            args = [*self.security.server_args(name), *args]
         process = start_service(name, module, args, self.log_dir, port=self.ports.get(name), env=self.env,
                                 exclusive_log=True)
+        if self.security is not None:
+            process.credentials = self.security.credentials()
         self.processes[name] = process
         return process
 

@@ -9,6 +9,7 @@ Errors become status codes in the server's interceptor.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Iterable
 from functools import partial
 from typing import Any, Protocol
@@ -36,6 +37,8 @@ from trellisbox._runtime.servicing import (
 )
 from trellisbox._runtime.worker import JobContext
 from trellisbox.v1 import trellis_pb2
+
+_log = logging.getLogger(__name__)
 
 #: What TrellisService produces; the refined image comes from the refiner (ask the gateway for it).
 PRODUCED = (ArtifactKind.GLB, ArtifactKind.GAUSSIAN_PLY)
@@ -71,6 +74,9 @@ class TrellisServicer:
         def generate(ctx: JobContext) -> GeneratedAsset:
             return backend.generate(images, params, formats, ctx)
 
+        _log.info("image to 3D: %d image(s) with %s, formats %s", len(images), backend.name,
+                  sorted(kind.name for kind in formats))
+
         with outstanding(self._host.service, len(images)):  # what autoscaling counts: requests, not jobs
             job = JobEvents(self._host.worker.run(generate, request_id=request_id, deadline=deadline_of(context)))
             async for progress in job.progress():
@@ -96,6 +102,8 @@ class TrellisServicer:
                 del artifacts
                 # Freed pages back to the system once the artifacts are sent, in a thread: not on the call's path.
                 asyncio.get_running_loop().run_in_executor(None, partial(release_memory, collect=False))
+        _log.info("generated 3D from %d image(s) in %.2f s (queued %.2f s), seed %d", len(images),
+                  sum(timings.values()) - timings[Stage.QUEUED], timings[Stage.QUEUED], done.seed)
         yield trellis_pb2.ImageTo3DResponse(done=done)
 
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -49,15 +50,50 @@ def _add_parameters(group: argparse._ArgumentGroup, cls: type[ParamModel], dest:
                            help=text.replace("%", "%%"))
 
 
+#: Where the CLI and the web app read a token when no flag gives one.
+TOKEN_ENV = "TRELLISBOX_TOKEN"  # nosec B105  # the variable's name, not a token
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that say how to reach the gateway: address, TLS, token (shared by ``generate`` and ``web``)."""
+    c = parser.add_argument_group("connection")
+    c.add_argument("--target", default="127.0.0.1:50051", help="gateway address (default %(default)s)")
+    c.add_argument("--tls", action="store_true", help="connect with TLS (implied by --ca-file)")
+    c.add_argument("--ca-file", type=Path, help="PEM CA bundle the gateway's certificate chains to")
+    c.add_argument("--cert-file", type=Path, help="PEM client certificate, for a gateway with tls=mutual")
+    c.add_argument("--key-file", type=Path, help="PEM private key of --cert-file")
+    tokens = c.add_mutually_exclusive_group()
+    tokens.add_argument("--token-file", type=Path, help="file holding the bearer token (its first line that is not "
+                        "a # comment)")
+    tokens.add_argument("--token", help=f"bearer token (visible to other users in the process list: prefer "
+                        f"--token-file or the {TOKEN_ENV} environment variable)")
+
+
+def connection_options(args: argparse.Namespace) -> dict[str, Any]:
+    """:class:`TrellisBoxClient` keyword arguments from the flags of :func:`add_connection_arguments`.
+
+    Raises:
+        OSError: the token file cannot be read.
+    """
+    token = args.token
+    if args.token_file is not None:  # the first token of a file in the gateway's format (# comments skipped)
+        lines = [line.strip() for line in args.token_file.read_text().splitlines()]
+        token = next((line for line in lines if line and not line.startswith("#")), None)
+    elif token is None:
+        token = os.environ.get(TOKEN_ENV, "").strip() or None
+    return {"token": token, "tls": args.tls, "ca_file": args.ca_file, "cert_file": args.cert_file,
+            "key_file": args.key_file}
+
+
 def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("generate", help="image(s) -> 3D model (GLB), optionally refined first")
     p.add_argument("images", nargs="+", type=Path, help="one image, or several views of one object")
     p.add_argument("-o", "--output", type=Path, required=True, help="where to write the GLB")
-    p.add_argument("--target", default="127.0.0.1:50051", help="gateway address (default %(default)s)")
     p.add_argument("--timeout", type=float, default=900.0, help="deadline in seconds (default %(default)s)")
     p.add_argument("--request-id", default="", help="make the request durable under this id (A-Z a-z 0-9 . _ : -): "
                    "the gateway finishes it even if this command is interrupted, and `trellisbox fetch ID` gets the "
                    "result; a broken connection is retried without computing anything twice")
+    add_connection_arguments(p)
     r = p.add_argument_group("refinement (SDXL refiner)")
     r.add_argument("--refine", action="store_true", help="refine the image(s) before generation")
     r.add_argument("--refined-png", type=Path, help="also write the refined image(s) here")
@@ -73,11 +109,11 @@ def _add_fetch_and_cancel(sub: argparse._SubParsersAction[argparse.ArgumentParse
     f.add_argument("-o", "--output", type=Path, required=True, help="where to write the GLB")
     f.add_argument("--refined-png", type=Path, help="also write the refined image(s) here, if the request made them")
     f.add_argument("--ply", type=Path, help="also write the Gaussian splats (PLY) here, if the request made them")
-    f.add_argument("--target", default="127.0.0.1:50051", help="gateway address (default %(default)s)")
     f.add_argument("--timeout", type=float, default=900.0, help="deadline in seconds (default %(default)s)")
+    add_connection_arguments(f)
     c = sub.add_parser("cancel", help="stop a durable request, or delete its stored result")
     c.add_argument("request_id", help="the id the request was sent with")
-    c.add_argument("--target", default="127.0.0.1:50051", help="gateway address (default %(default)s)")
+    add_connection_arguments(c)
 
 
 def name_images(message: str, names: Sequence[str]) -> str:
@@ -213,7 +249,7 @@ def _explain(exc: grpc.RpcError, names: Sequence[str], target: str) -> str:
     if connection_lost(exc):
         return (f"cannot reach the gateway at {target} ({details}).\n"
                 "Start the stack (in a checkout of trellisbox-serving: `make run`), or point --target at a running "
-                "gateway.")
+                "gateway. A gateway that serves TLS needs --tls (and --ca-file for a private CA).")
     return f"{code.name}: {details}"
 
 
@@ -247,10 +283,13 @@ def run_fetch(args: argparse.Namespace) -> int:
 
 def run_cancel(args: argparse.Namespace) -> int:
     try:
-        with TrellisBoxClient(args.target) as client:
+        with TrellisBoxClient(args.target, **connection_options(args)) as client:
             outcome = client.cancel(args.request_id)
     except grpc.RpcError as exc:
         _console.print(f"error: {_explain(exc, [], args.target)}", markup=False, highlight=False)
+        return 1
+    except (OSError, ValueError) as exc:  # a TLS or token file that cannot be read (never its content)
+        _console.print(f"error: {exc}", markup=False)
         return 1
     _console.print(f"request {args.request_id}: {'stopped' if outcome == 'stopped' else 'stored result deleted'}")
     return 0
@@ -260,7 +299,8 @@ def _follow(args: argparse.Namespace, status: str, names: Sequence[str],
             call: Callable[[TrellisBoxClient, StageBars], GenerationResult]) -> int:
     """Run ``call`` with progress bars, then write its outputs; the exit status."""
     try:
-        with TrellisBoxClient(args.target, timeout=args.timeout) as client, stage_progress(_console) as progress:
+        with TrellisBoxClient(args.target, timeout=args.timeout, **connection_options(args)) as client, \
+                stage_progress(_console) as progress:
             bars = StageBars(progress, status)
             try:
                 result = call(client, bars)
@@ -278,7 +318,7 @@ def _follow(args: argparse.Namespace, status: str, names: Sequence[str],
     except grpc.RpcError as exc:
         _console.print(f"error: {_explain(exc, names, args.target)}", markup=False, highlight=False)
         return 1
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # a file that cannot be read or written (never its content)
         _console.print(f"error: {exc}", markup=False)
         return 1
     print_summary(result, write_outputs(result, args.output, args.refined_png, args.ply))

@@ -13,7 +13,7 @@ anything left out takes the server's default.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -27,6 +27,7 @@ from trellisbox._domain.convert import kinds_to_proto, params_message, stage_nam
 from trellisbox._domain.imaging import encode_png
 from trellisbox._domain.kinds import ArtifactKind
 from trellisbox._domain.params import GenerationParams, RefineParams
+from trellisbox._runtime.security import channel_credentials
 from trellisbox.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 ImageInput = bytes | str | Path | Image.Image
@@ -155,16 +156,31 @@ class TrellisBoxClient:
         target: Gateway address, e.g. ``"127.0.0.1:50051"``.
         timeout: Deadline in seconds for a whole Generate call (None: the gateway's default).
         max_message_bytes: Largest request message (images are sent in the request).
+        token: Bearer token sent with every call (the gateway's ``--token-file`` holds the accepted ones).
+        tls: Connect with TLS; implied by ``ca_file``. Without ``ca_file`` the server's certificate is checked
+            against gRPC's bundled public roots.
+        ca_file: PEM CA bundle the gateway's certificate chains to (e.g. a private CA).
+        cert_file: PEM client certificate, for a gateway that requires one (``tls=mutual``); with ``key_file``.
+        key_file: Its PEM private key.
     """
 
     def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = 900.0,
-                 max_message_bytes: int = 64 * 2**20) -> None:
-        self._channel = grpc.insecure_channel(target, options=[
+                 max_message_bytes: int = 64 * 2**20, token: str | None = None, tls: bool = False,
+                 ca_file: str | Path | None = None, cert_file: str | Path | None = None,
+                 key_file: str | Path | None = None) -> None:
+        options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
-        ])
+        ]
+        if tls or ca_file is not None or cert_file is not None:
+            credentials = channel_credentials(*(Path(f) if f is not None else None
+                                                for f in (ca_file, cert_file, key_file)))
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
         self._stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
         self._timeout = timeout
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
 
     def __enter__(self) -> TrellisBoxClient:
         return self
@@ -178,7 +194,7 @@ class TrellisBoxClient:
 
     def stream(self, request: gateway_pb2.GenerateRequest) -> Generator[gateway_pb2.GenerateResponse, None, None]:
         """The raw response stream; cancel it by closing the iterator."""
-        yield from _cancelling(self._stub.Generate(request, timeout=self._timeout))
+        yield from _cancelling(self._stub.Generate(request, timeout=self._timeout, metadata=self._metadata))
 
     def generate(self, images: Sequence[ImageInput], *,
                  on_progress: Callable[[ProgressUpdate], None] | None = None,
@@ -214,7 +230,8 @@ class TrellisBoxClient:
             grpc.RpcError: NOT_FOUND when the gateway has neither (a failed request is not kept: send it again).
         """
         request = gateway_pb2.GetResultRequest(request_id=request_id)
-        return self.collect(_cancelling(self._stub.GetResult(request, timeout=self._timeout)), on_progress)
+        return self.collect(_cancelling(self._stub.GetResult(request, timeout=self._timeout, metadata=self._metadata)),
+                            on_progress)
 
     def cancel(self, request_id: str) -> str:
         """Stop the durable request ``request_id`` (``"stopped"``) or delete its stored result (``"deleted"``).
@@ -222,11 +239,12 @@ class TrellisBoxClient:
         Raises:
             grpc.RpcError: NOT_FOUND when the gateway has neither.
         """
-        response = self._stub.Cancel(gateway_pb2.CancelRequest(request_id=request_id), timeout=30)
+        response = self._stub.Cancel(gateway_pb2.CancelRequest(request_id=request_id), timeout=30,
+                                     metadata=self._metadata)
         return "stopped" if response.outcome == gateway_pb2.CancelResponse.OUTCOME_STOPPED else "deleted"
 
     @staticmethod
-    def collect(responses: Iterator[Response],
+    def collect(responses: Iterable[Response],
                 on_progress: Callable[[ProgressUpdate], None] | None = None) -> GenerationResult:
         """Reassemble artifacts (checking order, size and sha256) and read the done event."""
         result = GenerationResult()

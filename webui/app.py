@@ -29,6 +29,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr
 
 import trellisbox
+from trellisbox.cli import add_connection_arguments, connection_options
 from trellisbox.client import GenerationResult, ProgressUpdate, TrellisBoxClient
 from webui.form import (
     Control,
@@ -67,7 +68,7 @@ def _component(control: Control) -> gr.components.Component:
     """The Gradio input of one parameter, everything taken from ``control`` (i.e. from the definition)."""
     common: dict[str, Any] = {"label": control.label, "info": control.info, "elem_id": control.elem_id}
     if control.kind == "slider":
-        assert control.minimum is not None and control.maximum is not None
+        assert control.minimum is not None and control.maximum is not None  # nosec B101  # for mypy
         return gr.Slider(minimum=control.minimum, maximum=control.maximum, step=control.step, value=control.default,
                          **common)
     if control.kind == "number":
@@ -107,14 +108,19 @@ def _error_html(message: str) -> str:
 class WebApp:
     """Args:
         gateway_target: The gateway's gRPC address.
+        connection: :class:`TrellisBoxClient` options for TLS and the bearer token (the app's own credentials: the
+            people using the page never see the token).
         results_dir: Where result files are written for the viewer and the downloads (pruned as it goes).
         timeout: Deadline of one generation in seconds.
     """
 
-    def __init__(self, gateway_target: str, results_dir: Path, timeout: float = 900.0) -> None:
+    def __init__(self, gateway_target: str, results_dir: Path, timeout: float = 900.0,
+                 connection: dict[str, Any] | None = None) -> None:
         self.gateway_target = gateway_target
         self.results_dir = results_dir
         self.timeout = timeout
+        #: TLS and token options of every client this app opens (trellisbox.cli.connection_options).
+        self.connection = connection or {}
         results_dir.mkdir(parents=True, exist_ok=True)
         #: The parameter controls by key (``refine.strength``), filled by :meth:`build`.
         self.inputs: dict[str, gr.components.Component] = {}
@@ -151,7 +157,7 @@ class WebApp:
                               f"({size / 2**20:.1f} MB) to the server")
         yield panel.html(), None
         events: queue.Queue[tuple[str, Any]] = queue.Queue()
-        client = TrellisBoxClient(self.gateway_target, timeout=self.timeout)
+        client = TrellisBoxClient(self.gateway_target, timeout=self.timeout, **self.connection)
         formats = ["glb", "ply"] + (["refined"] if refine else [])
 
         def run() -> None:
@@ -267,7 +273,7 @@ class WebApp:
                 self.generate, inputs=[files, refine, *self.inputs.values()], outputs=[status, shown],
                 concurrency_limit=4,
             ).then(self.present, inputs=[shown], outputs=results)
-        assert isinstance(page, gr.Blocks)
+        assert isinstance(page, gr.Blocks)  # nosec B101  # for mypy
         return page
 
     def launch(self, host: str, port: int, *, block: bool) -> tuple[gr.Blocks, str]:
@@ -283,7 +289,7 @@ class WebApp:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="trellisbox web", description="The TRELLIS-BOX web app (Gradio).")
-    parser.add_argument("--target", default="127.0.0.1:50051", help="gateway address (default %(default)s)")
+    add_connection_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default %(default)s)")
     parser.add_argument("--port", type=int, default=8080, help="port to serve on (default %(default)s)")
     parser.add_argument("--results", type=Path, default=None, help="folder for results (default: a temp dir)")
@@ -293,8 +299,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.port and _port_taken(args.host, args.port):
         print(f"port {args.port} is already in use on {args.host}: choose another with --port", file=sys.stderr)
         return 1
+    try:
+        connection = connection_options(args)
+        TrellisBoxClient(args.target, **connection).close()  # reads the TLS files: a bad one fails now, not per page
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     results = args.results or Path(tempfile.mkdtemp(prefix="trellisbox-web-"))
-    app = WebApp(args.target, results)
+    app = WebApp(args.target, results, connection=connection)
     try:
         page, url = app.launch(args.host, args.port, block=False)
         print(f"web app on {url} (gateway {args.target})", flush=True)

@@ -105,7 +105,7 @@ def control_for(group: str, cls: type[ParamModel], path: tuple[str, ...]) -> Con
 
 def scalar_or_model(owner: type[ParamModel], name: str) -> type[ParamModel]:
     annotation = owner.model_fields[name].annotation
-    assert isinstance(annotation, type) and issubclass(annotation, ParamModel)
+    assert isinstance(annotation, type) and issubclass(annotation, ParamModel)  # nosec B101  # for mypy
     return annotation
 
 
@@ -182,7 +182,10 @@ def explain_error(exc: BaseException, names: Sequence[str], target: str) -> str:
         if details.startswith("trellis:"):
             return f"The 3D generation service is not available right now; try again shortly. ({details})"
         return (f"The server (gateway at {target}) cannot be reached. Start the stack with `make run`, or start "
-                "this app with --target pointing at a running gateway.")
+                "this app with --target pointing at a running gateway (with --ca-file or --tls if it serves TLS).")
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return ("The server refused this web app's credentials: whoever runs the app must start it with a valid "
+                f"token (--token-file or TRELLISBOX_TOKEN). ({details})")
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return details  # it starts with the file's name or the field's label
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:

@@ -43,7 +43,9 @@ def weights_available(model: str) -> tuple[bool, str]:
     from huggingface_hub import snapshot_download
 
     try:
-        folder = Path(snapshot_download(model, local_files_only=True))
+        # local_files_only: reads the local cache and downloads nothing, so there is no revision to pin.
+        cached = snapshot_download(model, local_files_only=True)  # nosec B615
+        folder = Path(cached)
     except (OSError, ValueError) as exc:  # not cached (LocalEntryNotFoundError), or not a valid repo id
         return False, f"{model} is not in the Hugging Face cache ({type(exc).__name__})"
     if (folder / "model_index.json").is_file() and _has_weights(folder):

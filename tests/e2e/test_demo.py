@@ -35,4 +35,4 @@ def test_demo_runs_refine_then_3d_and_writes_out(tmp_path: Path) -> None:
     refined = Image.open(out / "example.refined.png")
     assert refined.mode == "RGBA" and refined.size == (512, 512)
     assert (out / "example.ply").read_bytes().startswith(b"ply")
-    assert {p.name for p in (out / "logs").iterdir()} == {"gateway.log", "refiner.log", "trellis.log"}
+    assert {p.name for p in (out / "logs").glob("*.log")} == {"gateway.log", "refiner.log", "trellis.log"}

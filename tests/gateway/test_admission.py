@@ -18,8 +18,8 @@ from gateway.admission import RETRY_AFTER_S, Admission, ByteBudget
 from gateway.config import GatewaySettings
 from tests.images import png_bytes
 from tools.stack import LocalStack
-from trellisbox._domain.errors import QueueFull
-from trellisbox._domain.imaging import ImageLimits, decode_cost
+from trellisbox._domain.errors import InvalidInput, QueueFull
+from trellisbox._domain.imaging import ImageLimits, decode_cost, decode_image
 from trellisbox.client import build_request
 from trellisbox.v1 import gateway_pb2_grpc
 
@@ -91,12 +91,12 @@ def test_a_refused_request_hears_only_the_refusal_with_a_retry_hint(one_slot_sta
 
 def test_the_byte_budget_refuses_before_decoding_and_lets_one_large_request_in() -> None:
     budget = ByteBudget(100)
-    with budget.hold(150) as resize:  # alone: let in, however large (the transport bounds it)
+    with budget.hold(150) as hold:  # alone: let in, however large (the transport bounds it)
         assert budget.held == 150
         with pytest.raises(QueueFull, match="holding 0 MiB of requests") as refused, budget.hold(10):
             pass
         assert refused.value.retry_after_s == RETRY_AFTER_S
-        resize(40)  # its decode reservation is gone
+        hold.resize(40)  # its decode reservation is gone
         with budget.hold(60):
             assert budget.held == 100
     assert budget.held == 0
@@ -117,5 +117,35 @@ def test_the_decode_reservation_follows_each_image_header_not_the_worst_case() -
     Image.new("RGB", (4096, 4096)).save(buffer, format="PNG")
     bomb = buffer.getvalue()
     assert len(bomb) < 2**20 and decode_cost(bomb, limits) == len(bomb) + 4 * 4096 * 4096
-    # A header beyond the pixel limit, or none at all, reserves the worst case the decoder would accept.
-    assert decode_cost(b"not an image" * 10, limits) == 120 + 4 * limits.max_pixels
+    # Bytes that are no image are refused when their header is opened, before any decoding: they cost nothing more.
+    assert decode_cost(b"not an image" * 10, limits) == 0
+    with pytest.raises(InvalidInput, match="not a PNG, JPEG or WebP"):
+        decode_image(b"not an image" * 10, limits=limits)
+
+
+def test_requests_waiting_for_room_get_it_in_order_or_are_refused_after_waiting() -> None:
+    async def scenario() -> list[str]:
+        budget = ByteBudget(100)
+        order: list[str] = []
+
+        async def wait_then_hold(name: str, nbytes: int, wait_s: float) -> None:
+            try:
+                async with budget.hold_when_free(nbytes, wait_s):
+                    order.append(name)
+                    await asyncio.sleep(0.01)
+            except QueueFull as refused:
+                order.append(f"{name} refused: {refused}")
+
+        with budget.hold(80) as hold:
+            waiting = [asyncio.create_task(wait_then_hold(name, 40, 5)) for name in ("first", "second", "third")]
+            late = asyncio.create_task(wait_then_hold("late", 10, 0.05))  # fits, but may not overtake the waiters
+            await asyncio.sleep(0.1)
+            (refusal,) = order
+            assert refusal.startswith("late refused: gateway is holding") and "and 3 more wait; retry later" in refusal
+            hold.resize(20)  # room for one 40-byte request
+            await asyncio.gather(*waiting, late)
+        assert budget.held == 0
+        return order
+
+    order = asyncio.run(scenario())
+    assert [name for name in order if "refused" not in name] == ["first", "second", "third"]

@@ -3,9 +3,7 @@ is stored when it finished, is never computed twice, and can be cancelled; the c
 
 from __future__ import annotations
 
-import contextlib
 import io
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +16,7 @@ import trimesh
 from PIL import Image
 
 from tests.images import encode, rgba_object
+from tests.proxy import LoopbackProxy
 from tools.stack import LocalStack
 from trellisbox.client import ProgressUpdate, TrellisBoxClient, build_request
 from trellisbox.v1 import gateway_pb2, gateway_pb2_grpc
@@ -172,56 +171,8 @@ def test_a_follower_of_a_cancelled_request_is_told(stack: LocalStack) -> None:
     assert "request durable-told was cancelled" in (error.details() or "")  # type: ignore[attr-defined]
 
 
-class CuttableProxy:
-    """A loopback TCP proxy whose open connections can be cut, as a network failure would."""
-
-    def __init__(self, target: str) -> None:
-        host, port = target.rsplit(":", 1)
-        self._upstream = (host, int(port))
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.target = f"127.0.0.1:{self._listener.getsockname()[1]}"
-        self._sockets: list[socket.socket] = []
-        self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self._upstream, timeout=10)
-            with self._lock:
-                self._sockets += [client, upstream]
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
-
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        for sock in (source, sink):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-    def cut(self) -> None:
-        with self._lock:
-            sockets, self._sockets = self._sockets, []
-        for sock in sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-
-    def close(self) -> None:
-        self._listener.close()
-        self.cut()
-
-
 def test_the_client_reattaches_when_its_connection_breaks(stack: LocalStack) -> None:
-    proxy = CuttableProxy(stack.gateway_target)
+    proxy = LoopbackProxy(stack.gateway_target)
     updates: list[ProgressUpdate] = []
 
     def on_progress(update: ProgressUpdate) -> None:

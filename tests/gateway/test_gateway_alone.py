@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +22,8 @@ pytestmark = pytest.mark.integration
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     dead = f"127.0.0.1:{free_port()}"  # nothing listens there
     process = start_service(
-        "gateway", "gateway", ["--refiner-target", dead, "--trellis-target", dead, "--stage-retries", "1"],
+        "gateway", "gateway", ["--refiner-target", dead, "--trellis-target", dead, "--stage-retries", "1",
+                               "--log-format", "json"],
         tmp_path_factory.mktemp("gateway"),
     )
     try:
@@ -91,6 +93,11 @@ def test_unreachable_stage_is_unavailable_and_named(gateway: ServiceProcess) -> 
     error = _call(gateway.target, gateway_pb2.GenerateRequest(images=[_image(png_bytes())]))
     assert error.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
     assert error.details().startswith("trellis:")  # type: ignore[attr-defined]
+    # The JSON log line of each failure names the stage the request failed in.
+    entries = [json.loads(line) for line in gateway.log_tail(400).splitlines() if line.strip()]
+    stages = [(entry["message"].partition(": ")[2].partition(":")[0], entry["stage"]) for entry in entries
+              if "ended with UNAVAILABLE" in entry["message"]]
+    assert stages[-2:] == [("refiner", "refine"), ("trellis", "image_to_3d")], entries
 
 
 def test_oversized_request_message_is_refused_by_the_transport(tmp_path: Path, gateway: ServiceProcess) -> None:

@@ -5,7 +5,8 @@
   kubectl on PATH is the fallback.
 - Validator: ``kubernetes-validate`` in strict mode (unknown fields are errors) against the pinned
   Kubernetes version ``K8S_VERSION`` (environment; default below, the same as the Makefile's).
-- Kinds from CRDs (KEDA's ScaledObject, the Prometheus Operator's PodMonitor) are not in
+- Kinds from CRDs (KEDA's ScaledObject, the Prometheus Operator's PodMonitor, cert-manager's Certificate
+  and Issuer) are not in
   kubernetes-validate's schemas: they get a structural JSON-schema check from ``schemas/`` instead.
 
 ``python -m tests.k8s.validate`` runs all of it from the command line (``make k8s-validate``).
@@ -30,10 +31,13 @@ REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 DEFAULT_K8S_VERSION = "1.31.0"
+#: The namespace the overlays put everything in.
+SHIPPED_NAMESPACE = "trellisbox"
 K8S_VERSION = os.environ.get("K8S_VERSION", DEFAULT_K8S_VERSION)
 
 # Every overlay, and the stand-alone weights Job kustomization.
-OVERLAYS = ("dedicated-gpus", "dedicated-gpus-keda", "shared-gpu", "shared-gpu-k8s-lease", "cpu-preview")
+OVERLAYS = ("dedicated-gpus", "dedicated-gpus-keda", "dedicated-gpus-secure", "shared-gpu", "shared-gpu-k8s-lease",
+            "cpu-preview")
 KUSTOMIZATIONS = {name: K8S / "overlays" / name for name in OVERLAYS} | {"weights": K8S / "weights"}
 # Optional components no overlay includes: rendered on top of this overlay to validate them.
 OPTIONAL_COMPONENTS = {"pod-monitor": "dedicated-gpus", "webui": "cpu-preview"}
@@ -42,6 +46,8 @@ OPTIONAL_COMPONENTS = {"pod-monitor": "dedicated-gpus", "webui": "cpu-preview"}
 CRD_SCHEMAS = {
     ("keda.sh/v1alpha1", "ScaledObject"): "keda-scaledobject.json",
     ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitor.json",
+    ("cert-manager.io/v1", "Certificate"): "cert-manager-certificate.json",
+    ("cert-manager.io/v1", "Issuer"): "cert-manager-issuer.json",
 }
 
 Obj = dict[str, Any]
@@ -91,13 +97,20 @@ def render(name: str) -> tuple[Obj, ...]:
 
 def render_with_component(component: str, overlay: str, workdir: Path) -> list[Obj]:
     """``overlay`` plus an optional component, through a throwaway kustomization in ``workdir``."""
+    return render_with_components([component], overlay, workdir)
+
+
+def render_with_components(components: list[str], overlay: str, workdir: Path) -> list[Obj]:
+    """``overlay`` plus optional components, in this order, through a throwaway kustomization in ``workdir`` that
+    sets the namespace, as docs/deploy.md asks of one that adds components (their objects have none of their own)."""
     (workdir / "kustomization.yaml").write_text(
         yaml.safe_dump(
             {
                 "apiVersion": "kustomize.config.k8s.io/v1beta1",
                 "kind": "Kustomization",
+                "namespace": SHIPPED_NAMESPACE,
                 "resources": [os.path.relpath(K8S / "overlays" / overlay, workdir)],
-                "components": [os.path.relpath(K8S / "components" / component, workdir)],
+                "components": [os.path.relpath(K8S / "components" / c, workdir) for c in components],
             }
         )
     )

@@ -169,6 +169,27 @@ def test_the_probe_catches_a_missing_distribution() -> None:
     assert "No module named 'kubernetes'" in proc.stderr
 
 
+#: What turning tracing on (TRACING=true or OTLP_ENDPOINT) imports: any deployment may, without a new image.
+TRACING_MODULES = ["trellisbox._runtime.tracing", "opentelemetry.sdk.trace",
+                   "opentelemetry.exporter.otlp.proto.grpc.trace_exporter", "opentelemetry.instrumentation.grpc"]
+
+
+@pytest.mark.parametrize("image", list(SERVICES))
+def test_every_service_image_can_turn_tracing_on(image: str) -> None:
+    package, settings = SERVICES[image]
+    spec = {"image": image, "blocked": blocked_modules(image), "env": {f"TRELLISBOX_{image.upper()}_TRACING": "true"},
+            "modules": [f"{package}.__main__", *TRACING_MODULES], "settings": settings}
+    proc = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(spec)], capture_output=True, text=True,
+                          cwd=k8sutil.REPO, timeout=120, check=False)
+    assert proc.returncode == 0, f"{image} image cannot trace:\n{proc.stderr[-3000:]}"
+
+
+def test_the_web_app_image_carries_no_tracing_sdk() -> None:
+    """The probe would notice a missing extra: the web app's image has no OpenTelemetry SDK (it needs none)."""
+    assert "opentelemetry-sdk" in _closure([], {"tracing"})
+    assert "opentelemetry-sdk" not in image_distributions("webui")
+
+
 @pytest.mark.parametrize(("overlay", "workload", "container"), probe_cases())
 def test_configured_modules_import_with_the_image_extras(overlay: str, workload: str, container: str) -> None:
     objs = k8sutil.render(overlay)

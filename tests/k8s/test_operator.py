@@ -19,7 +19,7 @@ from tests.k8s import k8sutil
 from tests.k8s.k8sutil import Obj
 
 GPU_OVERLAYS = ("dedicated-gpus", "dedicated-gpus-keda", "shared-gpu", "shared-gpu-k8s-lease")
-SHIPPED_NAMESPACE = "trellisbox"
+SHIPPED_NAMESPACE = k8sutil.SHIPPED_NAMESPACE
 PLACEHOLDER_REGISTRY = "registry.example.com"
 DIGEST = "sha256:" + "0123456789abcdef" * 4
 
@@ -60,16 +60,12 @@ def _namespace_references(obj: Obj, namespace: str) -> list[str]:
 
 @pytest.mark.parametrize("overlay", list(k8sutil.KUSTOMIZATIONS))
 def test_a_wrapper_with_another_namespace_moves_every_reference(overlay: str, tmp_path: Path) -> None:
-    """`namespace: ml` around an overlay: nothing may still point at the shipped namespace.
+    """`namespace: ml` around an overlay, and nothing else: nothing may still point at the shipped namespace.
 
-    The KEDA query is PromQL, which kustomize cannot rewrite from outside: the overlay's replacements do
-    it, and a wrapper that changes the namespace repeats them (docs/deploy.md, "Another namespace").
+    The KEDA query is PromQL; its namespace is a kustomize var, resolved after the outermost namespace is set
+    (k8s/components/refiner-keda), so the wrapper repeats nothing.
     """
-    shipped = yaml.safe_load((k8sutil.KUSTOMIZATIONS[overlay] / "kustomization.yaml").read_text())
-    fields: dict[str, Any] = {"namespace": "ml"}
-    if shipped.get("replacements"):
-        fields["replacements"] = shipped["replacements"]
-    objs = _wrap(tmp_path / "wrapper", k8sutil.KUSTOMIZATIONS[overlay], **fields)
+    objs = _wrap(tmp_path / "wrapper", k8sutil.KUSTOMIZATIONS[overlay], namespace="ml")
     leftovers = [ref for obj in objs for ref in _namespace_references(obj, SHIPPED_NAMESPACE)]
     assert not leftovers, "\n".join(leftovers)
     namespaces = [n["metadata"]["name"] for n in k8sutil.of_kind(objs, "Namespace")]
@@ -82,6 +78,29 @@ def test_a_wrapper_with_another_namespace_moves_every_reference(overlay: str, tm
     for scaled in k8sutil.of_kind(objs, "ScaledObject"):
         assert 'namespace="ml"' in scaled["spec"]["triggers"][0]["metadata"]["query"]
     assert not k8sutil.validate_all(objs)
+
+
+def test_the_keda_query_follows_the_outermost_of_nested_wrappers(tmp_path: Path) -> None:
+    """A wrapper of a wrapper (each with its own namespace): the query names the namespace
+    the ScaledObject finally lands in, and the shipped overlay's own query names `trellisbox`."""
+    def query(objs: list[Obj] | tuple[Obj, ...]) -> str:
+        scaled = k8sutil.of_kind(list(objs), "ScaledObject")
+        assert len(scaled) == 1
+        return str(scaled[0]["spec"]["triggers"][0]["metadata"]["query"])
+
+    assert 'namespace="trellisbox"' in query(k8sutil.render("dedicated-gpus-keda"))
+    inner = tmp_path / "inner"
+    _wrap(inner, k8sutil.KUSTOMIZATIONS["dedicated-gpus-keda"], namespace="team-a")
+    objs = _wrap(tmp_path / "outer", inner, namespace="ml")
+    assert 'trellisbox_requests_outstanding{namespace="ml",service="refiner"}' in query(objs)
+    assert not k8sutil.validate_all(objs)
+
+
+def test_no_overlay_leaves_a_kustomize_var_unresolved() -> None:
+    for name in k8sutil.KUSTOMIZATIONS:
+        leftovers = [f"{k8sutil.describe(obj)} {path}" for obj in k8sutil.render(name) for path, text in _strings(obj)
+                     if "$(TRELLISBOX_NAMESPACE)" in text]
+        assert not leftovers, f"{name}: {leftovers}"
 
 
 def test_the_gateway_targets_name_no_namespace() -> None:

@@ -49,6 +49,16 @@ def grpc_port(container: Obj) -> int:
     return GRPC_PORTS[role(container)]
 
 
+def probe_port(objs: tuple[Obj, ...] | list[Obj], container: Obj) -> int:
+    """Where the kubelet's gRPC probes must go: the plaintext health port when the gRPC port serves TLS (the
+    kubelet's probe speaks plaintext only), else the gRPC port."""
+    env = k8sutil.config_env(objs, container)
+    prefix = PREFIXES[role(container)]
+    if env.get(prefix + "TLS", "off") != "off":
+        assert int(env.get(prefix + "HEALTH_PORT", "0")), f"{container['name']}: TLS without a health port for probes"
+    return int(env.get(prefix + "HEALTH_PORT", "0")) or grpc_port(container)
+
+
 # ---- GPUs ---------------------------------------------------------------------------------------------
 
 
@@ -200,7 +210,7 @@ def test_grpc_probes_on_every_container(name: str) -> None:
     objs = k8sutil.render(name)
     for workload, container in k8sutil.iter_containers(objs):
         what = f"{name}:{k8sutil.describe(workload)}/{container['name']}"
-        port = grpc_port(container)
+        port = probe_port(objs, container)
         assert port in [p["containerPort"] for p in container["ports"]], what
         for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
             assert "grpc" in container.get(probe, {}), f"{what}: {probe} must use the grpc handler"

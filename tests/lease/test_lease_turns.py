@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from prometheus_client import Histogram
 
 from tests.lease.lease_helpers import Occupancy, check_records, wait_until
 from trellisbox._domain.errors import Cancelled, DeadlineExceeded, Unavailable
@@ -21,6 +22,7 @@ from trellisbox._runtime.lease import (
     make_lease,
     residency_hooks,
 )
+from trellisbox._runtime.lease.turns import LEASE_HOLD, LEASE_WAIT
 from trellisbox._runtime.worker import JobContext, ModelWorker
 
 pytestmark = pytest.mark.timeout(60)
@@ -144,6 +146,25 @@ def test_bounded_hold_and_waiting_peer_gets_the_gpu(tmp_path: Path, record_path:
     busy_turns = [t for t in turns if t.contender.startswith("trellis")]
     assert len(busy_turns) >= 4
     assert max(t.length for t in busy_turns[:-1]) < max_hold + job + slack
+
+
+def test_lease_wait_and_hold_are_histograms_per_turn(tmp_path: Path) -> None:
+    """Each turn observes its wait (once per acquisition) and its hold (acquired to given up, the jobs inside)."""
+    gpu, n, job = FakeGpu(), 6, 0.02
+    services = [FakeService(name, tmp_path, gpu, jobs=n, job_s=job, max_hold_s=0.0)
+                for name in ("metrics-refiner", "metrics-trellis")]
+    _race(services)
+    for service in services:
+        turns = service.turns.stats.swaps
+        assert LEASE_WAIT.labels(service.name)._sum.get() == pytest.approx(service.turns.stats.wait_s)
+        assert _count(LEASE_WAIT, service.name) == turns
+        assert _count(LEASE_HOLD, service.name) == turns
+        assert LEASE_HOLD.labels(service.name)._sum.get() >= n * job  # every job ran inside a held turn
+
+
+def _count(histogram: Histogram, service: str) -> float:
+    return sum(sample.value for metric in histogram.collect() for sample in metric.samples
+               if sample.name.endswith("_count") and sample.labels["service"] == service)
 
 
 def test_holder_keeps_the_gpu_past_max_hold_when_nobody_waits(tmp_path: Path) -> None:

@@ -27,7 +27,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 #: What the README's status table documents; anything else (UNKNOWN, INTERNAL, ...) is a defect.
 DOCUMENTED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
-              grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.FAILED_PRECONDITION}
+              grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.FAILED_PRECONDITION,
+              # a fuzzed request_id may name a durable request another case sent (GetResult, Cancel: none)
+              grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.NOT_FOUND}
 METHODS = {
     "gateway": f"/{GATEWAY_SERVICE}/Generate",
     "refiner": f"/{REFINER_SERVICE}/Refine",
@@ -172,6 +174,27 @@ def test_well_formed_and_mutated_messages_get_documented_statuses(stack: LocalSt
 def test_raw_bytes_get_documented_statuses(stack: LocalStack, service: str, data: bytes) -> None:
     code = call_raw(targets(stack)[service], METHODS[service], data)
     assert code in DOCUMENTED, f"{service} answered {code.name} to {data[:120]!r}"
+
+
+@FUZZ
+@given(method=st.sampled_from(["GetResult", "Cancel"]),
+       data=st.one_of(st.binary(max_size=300), st.text(max_size=300).map(
+           lambda text: gateway_pb2.GetResultRequest(request_id=text).SerializeToString())))
+def test_the_durable_request_calls_get_documented_statuses(stack: LocalStack, method: str, data: bytes) -> None:
+    with grpc.insecure_channel(stack.gateway_target) as channel:
+        path = f"/{GATEWAY_SERVICE}/{method}"
+        try:
+            if method == "Cancel":
+                channel.unary_unary(path, request_serializer=None, response_deserializer=None)(data, timeout=30)
+            else:
+                for _ in channel.unary_stream(path, request_serializer=None, response_deserializer=None)(data,
+                                                                                                      timeout=30):
+                    pass
+            code = grpc.StatusCode.OK
+        except grpc.RpcError as exc:
+            code = exc.code()  # type: ignore[attr-defined]
+    SEEN[code] += 1
+    assert code in DOCUMENTED, f"{method} answered {code.name} to {data[:120]!r}"
 
 
 def test_every_service_still_serves_a_good_request(stack: LocalStack, record: Callable[[str, Any], None]) -> None:

@@ -30,7 +30,11 @@ def test_the_reliability_report_renders_every_recorded_scenario() -> None:
         "burst 3D only": {"sent": 60, "capacity": 6, "completed": 6, "refused": 54, "lost": 0,
                           "gateway_peak_rss_mib": 75},
         "fuzz": {"cases": 240, "statuses": {"INVALID_ARGUMENT": 226, "OK": 14}, "undocumented": 0},
+        "large and slow uploads": {"sent": 20, "upload_mib": 18, "max_held_mib": 128, "outcomes": {
+            "valid": {"OK": 6}, "not an image": {"INVALID_ARGUMENT": 6}}, "gateway_idle_rss_mib": 90,
+            "gateway_peak_rss_mib": 300, "ceiling_mib": 410, "seconds": 9.5},
     }}
     page = render(report)
     assert "| burst 3D only | 60 requests at once" in page and "INVALID_ARGUMENT 226, OK 14" in page
-    assert "Requests lost in all: 0." in page and "## Not covered yet" in page
+    assert "valid: 6 OK; not an image: 6 INVALID_ARGUMENT" in page and "peak 300 MiB (ceiling 410 MiB)" in page
+    assert "Requests lost in all: 0." in page and "## The gateway's memory ceiling" in page

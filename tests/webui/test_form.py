@@ -56,6 +56,8 @@ def test_errors_name_the_file_and_the_field_and_say_what_to_do() -> None:
     assert "127.0.0.1:50051" in unreachable and "make run" in unreachable and "failed to connect" not in unreachable
     refiner_down = explain_error(_RpcError(grpc.StatusCode.UNAVAILABLE, "refiner: no healthy replica"), names, "")
     assert "untick Image Refinement" in refiner_down
+    refused = explain_error(_RpcError(grpc.StatusCode.UNAUTHENTICATED, "the bearer token is not valid here"), names, "")
+    assert "must start it with a valid token (--token-file" in refused and "not valid here" in refused
 
 
 def test_uploads_that_are_not_images_are_named(tmp_path: Path) -> None:

@@ -54,6 +54,12 @@ class Unavailable(ServiceError):
     code = "UNAVAILABLE"
 
 
+class Unauthenticated(ServiceError):
+    """The call carries no valid credentials (a bearer token); the message never repeats what was sent."""
+
+    code = "UNAUTHENTICATED"
+
+
 class DeadlineExceeded(ServiceError):
     """The caller's deadline passed before the work finished."""
 

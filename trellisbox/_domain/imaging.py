@@ -58,13 +58,13 @@ def _pixel_limit(pixels: int) -> str:
 def decode_cost(data: bytes, limits: ImageLimits) -> int:
     """Bytes that decoding ``data`` holds at its peak: a copy of the encoded bytes and RGBA pixels, the pixel count
     read from the header alone (cheap; nothing is decoded) and capped at what :func:`decode_image` would accept.
-    An unreadable header costs the worst case: the caller reserves before it knows the image is bad."""
+    Bytes whose header does not open cost nothing: :func:`decode_image` opens the header the same way first and
+    refuses them there, before reading further."""
     try:
         width, height = Image.open(io.BytesIO(data)).size
-        pixels = min(width * height, limits.max_pixels)
     except Exception:
-        pixels = limits.max_pixels
-    return min(len(data), limits.max_bytes) + 4 * pixels
+        return 0
+    return min(len(data), limits.max_bytes) + 4 * min(width * height, limits.max_pixels)
 
 
 def decode_image(data: bytes, media_type: str = "", limits: ImageLimits | None = None,

@@ -272,7 +272,7 @@ def full_doc(cls: type[ParamModel], path: tuple[str, ...]) -> str:
     docs = []
     owner: type[ParamModel] | None = cls
     for part in path:
-        assert owner is not None
+        assert owner is not None  # nosec B101  # for mypy: a path ends at a scalar
         info = owner.model_fields[part]
         docs.append(str(info.description or part).rstrip("."))
         owner = model_type(info)
@@ -285,7 +285,7 @@ def cli_stem(cls: type[ParamModel], path: tuple[str, ...]) -> str:
     stems = []
     owner: type[ParamModel] | None = cls
     for part in path:
-        assert owner is not None
+        assert owner is not None  # nosec B101  # for mypy: a path ends at a scalar
         info = owner.model_fields[part]
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         stems.append(str(extra.get("cli") or part.replace("_", "-")))

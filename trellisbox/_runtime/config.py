@@ -7,13 +7,15 @@ precedence: command-line flags, environment variables, an optional ``.env`` file
 
 from __future__ import annotations
 
-from typing import TypeVar
+from pathlib import Path
+from typing import Self, TypeVar
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from trellisbox._domain.imaging import ImageLimits
 from trellisbox._runtime.observability import LogFormat
+from trellisbox._runtime.security import TlsMode, is_loopback
 
 
 class ServiceSettings(BaseSettings):
@@ -25,8 +27,22 @@ class ServiceSettings(BaseSettings):
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one).")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port; 0 disables it.")
     log_level: str = Field("INFO", description="Python logging level.")
-    log_format: LogFormat = Field("plain", description="plain: one readable line per record (for a terminal); json: "
-                                  "one JSON object per line with time, level, service, request_id, logger, message.")
+    log_format: LogFormat = Field(
+        "plain", description="plain: one readable line per record (for a terminal); json: one JSON object per line "
+        "with time, level, service, request_id, stage, logger, message (and trace_id, span_id when tracing)."
+    )
+    tracing: bool = Field(
+        False, description="Export OpenTelemetry traces over OTLP/gRPC: one trace per request across the gateway, "
+        "refiner and TRELLIS (trace context in the gRPC metadata), the request id as the span attribute "
+        "trellisbox.request_id, the trace id in every log line written inside a call. Off: no tracing code runs. The "
+        "standard OTEL_* variables apply (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_HEADERS, OTEL_SERVICE_NAME, "
+        "OTEL_RESOURCE_ATTRIBUTES, OTEL_TRACES_SAMPLER, OTEL_BSP_*, ...)."
+    )
+    otlp_endpoint: str = Field(
+        "", description="Where tracing sends spans (OTLP/gRPC), e.g. http://otel-collector:4317 (http: plaintext, "
+        "https: TLS); setting it turns tracing on. Empty: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or "
+        "OTEL_EXPORTER_OTLP_ENDPOINT, else http://localhost:4317."
+    )
     max_request_bytes: int = Field(64 * 2**20, ge=2**20, description="Largest accepted request message.")
     max_image_bytes: int = Field(32 * 2**20, ge=1024, description="Largest accepted encoded image.")
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64, description="Largest accepted width × height.")
@@ -46,6 +62,44 @@ class ServiceSettings(BaseSettings):
         "max_connection_age_s (gRPC's connection age grace): new calls go to a new connection, long jobs are not cut."
     )
     grace_s: float = Field(10.0, ge=0, description="How long a draining server (SIGTERM) lets calls finish.")
+    tls: TlsMode | None = Field(
+        None, description="The gRPC port's transport. off: plaintext; on: TLS with tls_cert_file and tls_key_file; "
+        "mutual: TLS, and clients must present a certificate from tls_client_ca_file. Unset: plaintext, allowed only "
+        "when host is a loopback address (the local stack); any other host must choose, so that plaintext is never an "
+        "accident. The files are reread when they change (rotation without restart)."
+    )
+    tls_cert_file: Path | None = Field(None, description="PEM certificate (chain) the server presents (tls=on/mutual).")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: Path | None = Field(
+        None, description="PEM CA bundle that client certificates must chain to (tls=mutual)."
+    )
+    health_port: int = Field(
+        0, ge=0, le=65535, description="A second, plaintext port that serves grpc.health.v1 only, for Kubernetes gRPC "
+        "probes (the kubelet can neither present a client certificate nor verify the server's); 0: none."
+    )
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Self:
+        if self.tls is None and not is_loopback(self.host):
+            variable = f"{self.model_config.get('env_prefix', '')}TLS"
+            raise ValueError(f"host {self.host} is reachable from other machines: choose the transport with tls "
+                             f"(--tls or {variable}): on or mutual, with tls_cert_file and tls_key_file; or off to "
+                             "serve plaintext")
+        if self.tls in ("on", "mutual") and (self.tls_cert_file is None or self.tls_key_file is None):
+            raise ValueError(f"tls={self.tls} needs tls_cert_file and tls_key_file")
+        if self.tls == "mutual" and self.tls_client_ca_file is None:
+            raise ValueError("tls=mutual needs tls_client_ca_file (the CA of the clients' certificates)")
+        return self
+
+    @property
+    def tls_mode(self) -> TlsMode:
+        """The transport in effect (unset on a loopback host is plaintext)."""
+        return self.tls or "off"
+
+    @property
+    def traced(self) -> bool:
+        """Whether this service exports traces: ``tracing`` on, or an ``otlp_endpoint`` given."""
+        return self.tracing or bool(self.otlp_endpoint)
 
     @property
     def image_limits(self) -> ImageLimits:

@@ -32,12 +32,12 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
 import grpc
-from prometheus_client import Gauge, Info
+from prometheus_client import REGISTRY, Gauge, Info
 from pydantic import Field
 
 from trellisbox._domain.errors import Unavailable
 from trellisbox._runtime.config import ServiceSettings, load_settings
-from trellisbox._runtime.devices import gpu_memory_bytes
+from trellisbox._runtime.devices import GpuMemoryCollector, gpu_memory_bytes
 from trellisbox._runtime.lease import LeaseSettings, make_gpu_turns, residency_hooks
 from trellisbox._runtime.observability import configure_logging
 from trellisbox._runtime.server import ServiceSpec, run
@@ -147,6 +147,7 @@ class ModelHost(Generic[B]):
         self.service = service
         self.lease = lease
         self._backend: B | None = None
+        self._memory_collected = False
         hooks = residency_hooks(lease.residency, to_gpu=self._mover("to_gpu"), to_host=self._mover("to_host"),
                                 load=self._mover("load"), unload=self._mover("unload"))
         self.turns = make_gpu_turns(lease, service, queue_depth=lambda: self.worker.queue_depth, hooks=hooks)
@@ -202,7 +203,7 @@ class ModelHost(Generic[B]):
     async def lease_readiness(self) -> AsyncIterator[bool]:
         """After warm-up, in shared placement: ready while the GPU lease can be reached (missing RBAC, a deleted
         namespace or an unreachable API server would otherwise fail every job UNAVAILABLE after a long wait)."""
-        assert self.turns is not None
+        assert self.turns is not None  # nosec B101  # for mypy: only called in shared placement
         lease = self.turns.lease
         problem: str | None = None
         while True:
@@ -237,6 +238,9 @@ class ModelHost(Generic[B]):
             "residency": lease.residency if lease.shared else "resident",
         })
         _log.info("%s on %s; %s", self.service, device, lease.lease_summary())
+        if device.startswith("cuda") and not self._memory_collected:
+            REGISTRY.register(GpuMemoryCollector(self.service, device))
+            self._memory_collected = True
 
     def _mover(self, what: str) -> Callable[[], None]:
         """A residency hook: ``what`` (to_gpu, to_host, load, unload) on the backend, GPU memory logged around it

@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Literal
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
@@ -18,6 +18,12 @@ from trellisbox._domain.kinds import Stage
 LogFormat = Literal["plain", "json"]
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+#: The pipeline stage a log line is written in: a model service's job sets its current stage (``queued`` while it
+#: waits for the GPU, then each ``Stage`` label it reports progress in); the gateway the stage it calls (``refine``,
+#: ``image_to_3d``). "-" outside one.
+STAGE: contextvars.ContextVar[str] = contextvars.ContextVar("stage", default="-")
+#: The current trace and span ids (hex), or None outside a traced call; set by :func:`configure_logging`.
+TraceIds = Callable[[], tuple[str, str] | None]
 
 REQUESTS = Counter(
     "trellisbox_requests_total", "Finished RPCs by method and status code.", ["service", "method", "code"]
@@ -56,15 +62,25 @@ def observe_stages(service: str, timings: Mapping[Stage, float]) -> None:
         STAGE_SECONDS.labels(service, stage.label).observe(seconds)
 
 
-class _RequestIdFilter(logging.Filter):
+class _ContextFilter(logging.Filter):
+    """Puts the request id, the stage and (when tracing is on) the trace and span ids on every record."""
+
+    def __init__(self, trace_ids: TraceIds | None) -> None:
+        super().__init__()
+        self._trace_ids = trace_ids
+
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = REQUEST_ID.get()
+        record.stage = STAGE.get()
+        ids = self._trace_ids() if self._trace_ids is not None else None
+        record.trace_id, record.span_id = ids if ids is not None else ("", "")
+        record.trace = f" trace={ids[0]}" if ids is not None else ""
         return True
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line, for log pipelines: time, level, service, request id, logger, message (and the
-    exception's traceback when there is one)."""
+    """One JSON object per line, for log pipelines: time, level, service, request id, stage, logger, message (and
+    the trace and span ids inside a traced call, the exception's traceback when there is one)."""
 
     def __init__(self, service: str) -> None:
         super().__init__()
@@ -76,24 +92,32 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "service": self._service,
             "request_id": getattr(record, "request_id", "-"),
+            "stage": getattr(record, "stage", "-"),
             "logger": record.name,
             "message": record.getMessage(),
         }
+        trace_id = getattr(record, "trace_id", "")
+        if trace_id:
+            entry["trace_id"] = trace_id
+            entry["span_id"] = getattr(record, "span_id", "")
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
 
 
-def configure_logging(service: str, level: str = "INFO", fmt: LogFormat = "plain") -> None:
+def configure_logging(service: str, level: str = "INFO", fmt: LogFormat = "plain",
+                      trace_ids: TraceIds | None = None) -> None:
     """One log format for every service: ``plain`` (time, service, level, request id, message: for a terminal) or
-    ``json`` (one object per line)."""
+    ``json`` (one object per line). With ``trace_ids`` (tracing on), lines written inside a traced call carry the
+    trace id (plain: ``[request-id trace=<32 hex>]``; json: ``trace_id`` and ``span_id``)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(_RequestIdFilter())
+    handler.addFilter(_ContextFilter(trace_ids))
     if fmt == "json":
         formatter: logging.Formatter = JsonFormatter(service)
         formatter.converter = time.gmtime
     else:
-        formatter = logging.Formatter(f"%(asctime)s {service} %(levelname)s [%(request_id)s] %(name)s: %(message)s")
+        formatter = logging.Formatter(
+            f"%(asctime)s {service} %(levelname)s [%(request_id)s%(trace)s] %(name)s: %(message)s")
     handler.setFormatter(formatter)
     logging.captureWarnings(True)  # Python warnings too, in the same format, not raw text on stderr
     root = logging.getLogger()

@@ -26,9 +26,11 @@ from grpc_reflection.v1alpha import _async as reflection_aio  # the aio servicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from trellisbox._domain.errors import ServiceError
+from trellisbox._runtime import tracing
 from trellisbox._runtime.config import ServiceSettings
-from trellisbox._runtime.interceptor import ErrorInterceptor
+from trellisbox._runtime.interceptor import ErrorInterceptor, ServerInterceptor
 from trellisbox._runtime.observability import configure_logging, start_metrics_server
+from trellisbox._runtime.security import describe_tls, is_loopback, server_credentials
 
 _log = logging.getLogger(__name__)
 
@@ -47,6 +49,8 @@ class ServiceSpec:
         readiness: After warm-up, what readiness follows for the server's lifetime: an async iterator of
             whether the service can serve now (the gateway: whether its stages can be reached). None: ready
             from warm-up on.
+        interceptors: Server interceptors of this service (the gateway's token check), run inside the error
+            mapping, so what they raise becomes a status code like any handler's error.
     """
 
     name: str
@@ -55,6 +59,7 @@ class ServiceSpec:
     describe: Callable[[], str] = field(default=lambda: "")
     on_shutdown: Callable[[], Awaitable[None] | None] | None = None
     readiness: Callable[[], AsyncIterator[bool]] | None = None
+    interceptors: Sequence[ServerInterceptor] = ()
 
 
 #: Server reflection v1 (what current grpcurl and GUI clients ask for first). grpcio-reflection serves v1alpha only;
@@ -84,6 +89,11 @@ def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
+        # No bandwidth-delay probing of receive windows: a stream whose request is not being read yet (the gateway
+        # reads one when its byte budget has room) then buffers nothing, instead of up to several MiB each; a request
+        # being read still gets the window for its whole message. Measured: 16 waiting 60 MiB uploads held 130 MiB
+        # with probing and none without; the reads themselves took as long.
+        ("grpc.http2.bdp_probe", 0),
     ]
     if settings.max_connection_age_s > 0:
         # Bounded connection age makes dns:/// clients re-resolve and find new replicas; the grace lets the calls
@@ -95,24 +105,51 @@ def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
     return options
 
 
+def _bind(server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None) -> int:
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    if bound == 0:
+        raise RuntimeError(f"cannot bind {address}")
+    return bound
+
+
+def _health_only_server(health_servicer: health_aio.HealthServicer) -> grpc.aio.Server:
+    server = grpc.aio.server(maximum_concurrent_rpcs=16)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    return server
+
+
 async def serve(settings: ServiceSettings, spec: ServiceSpec) -> None:
     """Serve until SIGTERM/SIGINT, then drain for ``settings.grace_s`` seconds."""
-    # The interceptor maps every handler's errors to status codes (and counts calls): one place for all RPCs.
-    server = grpc.aio.server(options=server_options(settings), interceptors=[ErrorInterceptor()],
+    # The interceptor maps every handler's errors to status codes (and counts calls): one place for all RPCs. With
+    # tracing on, its span interceptor comes first, so the span sees the status the caller gets; the service's own
+    # interceptors (the gateway's token check) run inside the mapping, so what they raise becomes a status too.
+    server = grpc.aio.server(options=server_options(settings),
+                             interceptors=[*tracing.server_interceptors(), ErrorInterceptor(), *spec.interceptors],
                              maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
     spec.register(server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection((spec.name, health.SERVICE_NAME), server)
-    address = f"{settings.host}:{settings.port}"
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise RuntimeError(f"cannot bind {address}")
+    credentials = server_credentials(settings.tls_mode, settings.tls_cert_file, settings.tls_key_file,
+                                     settings.tls_client_ca_file)
+    port = _bind(server, settings.host, settings.port, credentials)
+    # Probes only: the kubelet's gRPC probe speaks plaintext and has no client certificate.
+    health_server = _health_only_server(health_servicer) if settings.health_port else None
+    if health_server is not None:
+        _bind(health_server, settings.host, settings.health_port, None)
+        await health_server.start()
     await server.start()
     start_metrics_server(settings.metrics_port, settings.host)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(spec.name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    _log.info("listening on %s:%d (%s not ready yet)", settings.host, port, spec.name)
+    transport = describe_tls(settings.tls_mode, settings.tls_cert_file, settings.tls_client_ca_file)
+    # Plaintext reachable from other machines is allowed (tls=off) but never quiet.
+    plaintext_exposed = credentials is None and not is_loopback(settings.host)
+    _log.log(logging.WARNING if plaintext_exposed else logging.INFO, "listening on %s:%d, %s (%s not ready yet)",
+             settings.host, port, transport, spec.name)
+    if health_server is not None:
+        _log.info("health checks only, plaintext, on %s:%d", settings.host, settings.health_port)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -148,6 +185,8 @@ async def serve(settings: ServiceSettings, spec: ServiceSpec) -> None:
     _log.info("draining for up to %.0f s", settings.grace_s)
     await health_servicer.enter_graceful_shutdown()
     await server.stop(settings.grace_s)
+    if health_server is not None:
+        await health_server.stop(None)
     warm_task.cancel()
     if spec.on_shutdown is not None:
         done = spec.on_shutdown()
@@ -227,7 +266,13 @@ def release_memory(*, collect: bool = True, trim: bool = True) -> None:
 
 def run(settings: ServiceSettings, spec: ServiceSpec, service_label: str, *, streaming_malloc: bool = False) -> None:
     """Entry point for a service's ``__main__``; ``streaming_malloc`` applies :func:`tune_malloc` (the gateway)."""
-    configure_logging(service_label, settings.log_level, settings.log_format)
+    configure_logging(service_label, settings.log_level, settings.log_format,
+                      trace_ids=tracing.current_ids if settings.traced else None)
+    if settings.traced:
+        tracing.start(settings, service_label)
     if streaming_malloc:
         _log.info("%s", tune_malloc())
-    asyncio.run(serve(settings, spec))
+    try:
+        asyncio.run(serve(settings, spec))
+    finally:
+        tracing.stop()  # export the spans still buffered

@@ -21,6 +21,7 @@ from PIL import Image
 from trellisbox._domain.artifacts import Artifact
 from trellisbox._domain.convert import decode_images, progress_to_proto, validate_images
 from trellisbox._domain.errors import InvalidInput
+from trellisbox._runtime import tracing
 from trellisbox._runtime.config import ServiceSettings
 from trellisbox._runtime.observability import REQUEST_ID
 from trellisbox._runtime.worker import Finished, ProgressEvent
@@ -47,6 +48,7 @@ def bind_request_id(given: str) -> str:
         raise InvalidInput(f"request_id must be 1 to {MAX_REQUEST_ID_CHARS} characters from A-Z a-z 0-9 . _ : - "
                            f"(got {len(given)} characters)")
     REQUEST_ID.set(request_id)  # this RPC's task only: contextvars are per task
+    tracing.tag_request(request_id)
     return request_id
 
 

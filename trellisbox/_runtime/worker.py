@@ -21,7 +21,7 @@ from typing import Generic, TypeVar
 
 from trellisbox._domain.errors import Cancelled, DeadlineExceeded, QueueFull
 from trellisbox._domain.kinds import Stage
-from trellisbox._runtime.observability import IN_FLIGHT, QUEUE_DEPTH
+from trellisbox._runtime.observability import IN_FLIGHT, QUEUE_DEPTH, STAGE
 
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -64,7 +64,9 @@ class JobContext:
         self._cancelled_at: float | None = None
 
     def report(self, stage: Stage, step: int, total: int, message: str = "") -> None:
-        """Send a progress event to the caller (thread-safe, never blocks)."""
+        """Send a progress event to the caller (thread-safe, never blocks); the job's log lines name ``stage`` from
+        here on."""
+        STAGE.set(stage.label)  # the job's own context (a copy per job): its later log lines
         self._report(ProgressEvent(stage, step, total, message))
 
     def cancel(self) -> None:
@@ -137,8 +139,9 @@ class ModelWorker:
         IN_FLIGHT.labels(self._service).set(self._running)
 
     def call_blocking(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on the model thread and wait (startup: load and warm-up)."""
-        return self._executor.submit(fn).result()
+        """Run ``fn`` on the model thread and wait (startup: load and warm-up), in a copy of the caller's context:
+        what it sets (the stage its warm-up run reports) stays out of the thread's later work."""
+        return self._executor.submit(contextvars.copy_context().run, fn).result()
 
     async def run(self, job: Callable[[JobContext], T], *, request_id: str,
                   deadline: float | None = None) -> AsyncIterator[ProgressEvent | Finished[T]]:
@@ -169,6 +172,7 @@ class ModelWorker:
 
         def body() -> T:
             loop.call_soon_threadsafe(self._started)
+            STAGE.set(Stage.QUEUED.label)  # until the job reports its first stage: the GPU turn's wait
             started = time.monotonic()
             try:
                 ctx.raise_if_stopped()  # cancelled while it waited: do not touch the model

@@ -77,6 +77,6 @@ def make_gpu_turns(settings: LeaseSettings, service: str, *, queue_depth: Callab
     if not settings.shared:
         return None
     lease = lease if lease is not None else make_lease(settings, service)
-    assert lease is not None  # shared placement always builds one
+    assert lease is not None  # nosec B101  # for mypy: shared placement always builds one
     return GpuTurns(lease, service, queue_depth=queue_depth, on_acquire=hooks.on_acquire,
                     on_release=hooks.on_release, max_hold_s=settings.max_hold_s, wait_s=settings.lease_wait_s)

@@ -256,7 +256,7 @@ class KubernetesLease(GpuLease):
                     return token
                 # Jitter 1.0-1.2x: tighter than client-go's 1.0-2.2x (JitterFactor 1.2), since a waiter's poll
                 # is the whole hand-off latency; two waiters (one per GPU) cannot stampede the API server.
-                wake = time.monotonic() + self.retry_period_s * random.uniform(1.0, 1.2)
+                wake = time.monotonic() + self.retry_period_s * random.uniform(1.0, 1.2)  # nosec B311  # jitter
                 if deadline is not None:
                     wake = min(wake, deadline)
                 while (now := time.monotonic()) < wake:

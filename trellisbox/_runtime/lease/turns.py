@@ -45,6 +45,9 @@ GPU_SWAPS = Counter("trellisbox_gpu_swaps_total", "Model swaps onto the shared G
                     ["service"])
 LEASE_WAIT = Histogram("trellisbox_gpu_lease_wait_seconds", "Time a job waited for its GPU turn.", ["service"],
                        buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320))
+LEASE_HOLD = Histogram("trellisbox_gpu_lease_hold_seconds", "Time a service held its GPU lease per turn (acquired to "
+                       "given up; one turn may serve several jobs).", ["service"],
+                       buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640))
 LEASE_LOST = Counter("trellisbox_gpu_lease_lost_total", "GPU leases lost while held.", ["service"])
 
 
@@ -297,6 +300,7 @@ class GpuTurns:
             return
         held_for = time.monotonic() - self._acquired_at
         self.stats.longest_hold_s = max(self.stats.longest_hold_s, held_for)
+        LEASE_HOLD.labels(self.service).observe(held_for)
         self._holding = False
         self._cancel_idle_timer()
         if lost:
