@@ -40,6 +40,10 @@ from trellisbox.v1 import trellis_pb2
 
 _log = logging.getLogger(__name__)
 
+#: Artifacts of at least this size mark a heavy job: its freed pages are returned before its call ends (5-30 ms),
+#: where a light job's are returned after it, off the call's path.
+HEAVY_JOB_BYTES = 8 * 2**20
+
 #: What TrellisService produces; the refined image comes from the refiner (ask the gateway for it).
 PRODUCED = (ArtifactKind.GLB, ArtifactKind.GAUSSIAN_PLY)
 
@@ -94,14 +98,17 @@ class TrellisServicer:
             # Their reference cycles, now: under a millisecond, as the warm service's heap is frozen (settle_heap).
             release_memory(trim=False)
             observe_stages(self._host.service, timings)
+            heavy = sum(len(artifact.data) for artifact in artifacts) >= HEAVY_JOB_BYTES
             try:
                 for artifact in artifacts:
                     for frame in artifact.frames(self._settings.chunk_bytes):
                         yield frame  # an ImageTo3DResponse with its chunk set, already serialized
             finally:
                 del artifacts
-                # Freed pages back to the system once the artifacts are sent, in a thread: not on the call's path.
-                asyncio.get_running_loop().run_in_executor(None, partial(release_memory, collect=False))
+                if not heavy:  # freed pages back to the system in a thread, off the call's path
+                    asyncio.get_running_loop().run_in_executor(None, partial(release_memory, collect=False))
+            if heavy:  # ... and before the call ends after a heavy job, whose pages are what RSS is made of
+                await asyncio.to_thread(release_memory, collect=False)
         _log.info("generated 3D from %d image(s) in %.2f s (queued %.2f s), seed %d", len(images),
                   sum(timings.values()) - timings[Stage.QUEUED], timings[Stage.QUEUED], done.seed)
         yield trellis_pb2.ImageTo3DResponse(done=done)
