@@ -49,15 +49,17 @@ def main(argv: list[str] | None = None) -> int:
         log_dir = args.log_dir or Path(tmp)
         with Processes(log_dir) as procs:
             if {"overhead", "transport"} & set(args.only):
-                print("starting gateway + refiner (sdxl tiny, cpu) + trellis (preview) ...", flush=True)
-                # One torch/OpenMP thread in the services and in-process alike (overhead.py says why).
-                with LocalStack(log_dir / "stack",
-                                refiner_args=["--backend", "sdxl", "--model", "tiny", "--device", "cpu"],
+                print("starting gateway + refiner (classic) + trellis (preview) ...", flush=True)
+                # One OpenMP thread in the services (overhead.py says why).
+                with LocalStack(log_dir / "stack", refiner_args=["--backend", "classic"],
                                 trellis_args=["--backend", "preview"], ready_timeout=300,
                                 env=overhead.ONE_THREAD) as stack:
                     if "overhead" in args.only:
                         print("overhead ...", flush=True)
-                        results["overhead"] = overhead.run(stack.gateway_target, quick, 2 if quick else 15)
+                        pids: dict[str, int | None] = {name: stack.processes[name].process.pid
+                                                       for name in ("gateway", "refiner", "trellis")}
+                        results["overhead"] = overhead.run(stack.gateway_target, quick, 2 if quick else 15,
+                                                           {**pids, "client": None})
                     if "transport" in args.only:
                         print("transport ...", flush=True)
                         results["transport"] = transport.run(stack, procs, quick, 1 if quick else 5)

@@ -42,8 +42,9 @@ def _row(cells: list[str]) -> str:
 def render(results: dict[str, Any]) -> str:
     m = results["machine"]
     lines = [
-        f"Measured {results['when']} in {results['elapsed_s']:.0f} s"
-        f"{' (quick mode: few repeats, smaller inputs)' if results['quick'] else ''} on "
+        f"Measured {results['when']}"
+        + (f" in {results['elapsed_s']:.0f} s" if results.get("elapsed_s") is not None else "")
+        + f"{' (quick mode: few repeats, smaller inputs)' if results['quick'] else ''} on "
         f"{m['cpus_usable']} of {m['cpus']} cores ({m['cpu_model']}), {m['platform']}; "
         f"Python {m['python']}, torch {m['torch']}, grpcio {m['grpcio']}, protobuf {m['protobuf']}; "
         f"load average at start {m['load_average_at_start'][0]}. "
@@ -64,6 +65,12 @@ def render(results: dict[str, Any]) -> str:
                       _spread(c["in_process_ms"], " ms"), n]),
                 _row(["", "**added per request**", "**" + _med(c["added_ms"], " ms") + "**",
                       _spread(c["added_ms"], " ms"), n]),
+                *([_row(["", "added per request, fastest served − fastest in-process",
+                         f"{c['added_ms_fastest']:.1f} ms", "", n])] if "added_ms_fastest" in c else []),
+                *([_row(["", "**added CPU per request** (all processes − in-process; per process: "
+                         + ", ".join(f"{k} {v:.1f}" for k, v in c["cpu_ms_per_request"].items())
+                         + f"; in-process {c['in_process_cpu_ms']:.1f} ms)",
+                         f"**{c['added_cpu_ms']:.1f} ms**", "mean", n])] if "added_cpu_ms" in c else []),
                 _row(["", "**served / in-process**", f"**{c['ratio']['median']:.2f}×**",
                       _spread(c["ratio"], "×", 2), n]),
             ]

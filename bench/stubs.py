@@ -1,7 +1,7 @@
 """Stand-in servers for the benchmarks, run as processes: ``python -m bench.stubs --mode trellis|bare``.
 
 ``trellis``: a TrellisService that returns a fixed artifact of ``--artifact-bytes`` at once, through the
-    project's own server bootstrap and ``Artifact.chunks`` (what the real servicer does after its model
+    project's own server bootstrap and ``Artifact.frames`` (what the real servicer does after its model
     ran). Used where the real preview backend's CPU time would be what is measured instead of the
     gateway (refiner scaling, gateway memory).
 ``bare``: the transport baseline. A plain ``grpc.aio.server()`` with default options that serves
@@ -26,11 +26,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
+from trellis_service.servicer import add_trellis_servicer
 from trellisbox._domain.artifacts import Artifact
 from trellisbox._domain.contract import GATEWAY_SERVICE, TRELLIS_SERVICE
 from trellisbox._runtime.config import ServiceSettings
 from trellisbox._runtime.server import ServiceSpec, serve
-from trellisbox.v1 import common_pb2, gateway_pb2, trellis_pb2, trellis_pb2_grpc
+from trellisbox.v1 import common_pb2, gateway_pb2, trellis_pb2
 
 
 def _payload(size: int) -> bytes:
@@ -43,17 +44,18 @@ def _payload(size: int) -> bytes:
     return bytes(out[:size])
 
 
-class StubTrellis(trellis_pb2_grpc.TrellisServiceServicer):
+class StubTrellis:
     def __init__(self, artifact_bytes: int, chunk_bytes: int) -> None:
         self._artifact = Artifact(common_pb2.ARTIFACT_KIND_GLB, _payload(artifact_bytes))
         self._chunk_bytes = chunk_bytes
 
     async def ImageTo3D(self, request: trellis_pb2.ImageTo3DRequest,
-                        context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[trellis_pb2.ImageTo3DResponse]:
+                        context: grpc.aio.ServicerContext[Any, Any]
+                        ) -> AsyncIterator[trellis_pb2.ImageTo3DResponse | bytes]:
         yield trellis_pb2.ImageTo3DResponse(progress=common_pb2.Progress(stage=common_pb2.STAGE_EXPORT, step=1,
                                                                          total=1, message="stub"))
-        for chunk in self._artifact.chunks(self._chunk_bytes):
-            yield trellis_pb2.ImageTo3DResponse(chunk=chunk)
+        for frame in self._artifact.frames(self._chunk_bytes):
+            yield frame
         yield trellis_pb2.ImageTo3DResponse(done=trellis_pb2.ImageTo3DDone(seed=0, backend="stub", device="none"))
 
 
@@ -62,7 +64,7 @@ def serve_trellis(host: str, port: int, artifact_bytes: int, chunk_bytes: int) -
     servicer = StubTrellis(artifact_bytes, chunk_bytes)
 
     def register(server: grpc.aio.Server) -> None:
-        trellis_pb2_grpc.add_TrellisServiceServicer_to_server(servicer, server)
+        add_trellis_servicer(servicer, server)
 
     asyncio.run(serve(settings, ServiceSpec(name=TRELLIS_SERVICE, register=register)))
 

@@ -20,9 +20,10 @@ import grpc
 from gateway.admission import Admission
 from gateway.relay import CHUNK, DONE, PROGRESS, M, Outgoing, StageEvent
 from gateway.stages import StageClients
-from trellisbox._domain.artifacts import ArtifactAssembler, ArtifactProtocolError
+from trellisbox._domain.artifacts import Artifact, ArtifactAssembler, ArtifactProtocolError
 from trellisbox._domain.convert import kinds_to_proto, params_to_proto, progress_to_proto, timings_to_proto
 from trellisbox._domain.errors import StageFailed
+from trellisbox._domain.imaging import HANDOFF_MEDIA_TYPE
 from trellisbox._domain.kinds import ArtifactKind, Stage, known_stage
 from trellisbox._domain.params import GenerationParams, RefineParams
 from trellisbox._runtime.observability import STAGE, observe_stages
@@ -92,14 +93,15 @@ class Router:
         refine_done = refiner_pb2.RefineDone()
         if job.refine is not None:
             refine_started = time.monotonic()
-            refined: dict[int, bytes] = {}
+            refined: dict[int, Artifact] = {}
             async for event in self._refine(job, job.refine, refined):
                 if event.field == DONE:
                     refine_done = event.message.done
                 elif event.field:
                     yield event.relay()
             timings[Stage.REFINE] = time.monotonic() - refine_started
-            images = [common_pb2.Image(data=refined[i], media_type="image/png") for i in range(len(images))]
+            images = [common_pb2.Image(data=refined[i].data, media_type=refined[i].media_type)
+                      for i in range(len(images))]
         generate_done = trellis_pb2.ImageTo3DDone()
         async for stage_event in self._image_to_3d(job, images):
             if stage_event.field == DONE:
@@ -125,12 +127,14 @@ class Router:
 
 
     async def _refine(self, job: GenerateJob, params: RefineParams,
-                      refined: dict[int, bytes]) -> AsyncIterator[StageEvent[refiner_pb2.RefineResponse]]:
+                      refined: dict[int, Artifact]) -> AsyncIterator[StageEvent[refiner_pb2.RefineResponse]]:
         """The refiner's events; its refined images go into ``refined`` (and to the caller once complete)."""
         STAGE.set("refine")  # this call's log lines, to its end (a failure is logged with the stage it failed in)
-        request = refiner_pb2.RefineRequest(request_id=job.request_id, images=job.images)
-        params_to_proto(params, request.parameters)
         forward_chunks = ArtifactKind.REFINED_IMAGE in job.formats
+        # A refined image only TRELLIS sees travels in the lossless hand-off form: no PNG encode, a cheaper decode.
+        request = refiner_pb2.RefineRequest(request_id=job.request_id, images=job.images,
+                                            output_media_type="" if forward_chunks else HANDOFF_MEDIA_TYPE)
+        params_to_proto(params, request.parameters)
         for attempt in range(1, self._attempts + 1):
             assembler = ArtifactAssembler()
             refined.clear()
@@ -143,7 +147,7 @@ class Router:
                         continue
                     artifact = assembler.feed(event.message.chunk)
                     if artifact is not None:
-                        refined[artifact.index] = artifact.data
+                        refined[artifact.index] = artifact
                     if forward_chunks:
                         chunks.append(event)
                 break

@@ -19,7 +19,8 @@ from refiner_service.batching import DynamicBatcher
 from refiner_service.config import RefinerSettings
 from trellisbox._domain.artifacts import Artifact
 from trellisbox._domain.convert import params_from_proto, timings_to_proto
-from trellisbox._domain.imaging import encode_png
+from trellisbox._domain.errors import InvalidInput
+from trellisbox._domain.imaging import HANDOFF_MEDIA_TYPE, encode_handoff, encode_png
 from trellisbox._domain.kinds import ArtifactKind, Stage
 from trellisbox._domain.params import RefineParams, random_seed
 from trellisbox._runtime.model import ModelHost
@@ -36,9 +37,21 @@ from trellisbox.v1 import refiner_pb2, refiner_pb2_grpc
 _log = logging.getLogger(__name__)
 
 
-def encode_refined(images: Sequence[Image.Image]) -> list[Artifact]:
-    """One PNG artifact per refined image, in input order (alpha kept)."""
+def encode_refined(images: Sequence[Image.Image], media_type: str = "") -> list[Artifact]:
+    """One artifact per refined image, in input order (alpha kept): PNG, or the hand-off form when ``media_type``
+    asks for it (:data:`~trellisbox._domain.imaging.HANDOFF_MEDIA_TYPE`)."""
+    if media_type == HANDOFF_MEDIA_TYPE:
+        return [Artifact(ArtifactKind.REFINED_IMAGE, encode_handoff(image), index=i, media_type=HANDOFF_MEDIA_TYPE)
+                for i, image in enumerate(images)]
     return [Artifact(ArtifactKind.REFINED_IMAGE, encode_png(image), index=i) for i, image in enumerate(images)]
+
+
+def output_media_type(given: str) -> str:
+    """The refined images' media type a request asks for ("" and image/png: PNG)."""
+    media_type = given.strip().lower()
+    if media_type not in ("", "image/png", HANDOFF_MEDIA_TYPE):
+        raise InvalidInput(f"output_media_type {given[:40]!r} is not image/png or {HANDOFF_MEDIA_TYPE}")
+    return media_type
 
 
 class RefinerServicer(refiner_pb2_grpc.RefinerServiceServicer):
@@ -62,6 +75,7 @@ class RefinerServicer(refiner_pb2_grpc.RefinerServiceServicer):
         self, request: refiner_pb2.RefineRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[refiner_pb2.RefineResponse]:
         request_id = bind_request_id(request.request_id)
+        media_type = output_media_type(request.output_media_type)
         images = await decode_request_images(request.images, self._settings)
         params: RefineParams = params_from_proto(RefineParams, request.parameters, "parameters")
         backend = self._host.require()
@@ -75,7 +89,7 @@ class RefinerServicer(refiner_pb2_grpc.RefinerServiceServicer):
             async for progress in job.progress():
                 yield refiner_pb2.RefineResponse(progress=progress)
             finished = job.finished
-            artifacts, encode_s = await encode_off_thread(lambda: encode_refined(finished.value))
+            artifacts, encode_s = await encode_off_thread(lambda: encode_refined(finished.value, media_type))
             timings = {Stage.QUEUED: finished.queued_s, Stage.REFINE: finished.run_s + encode_s}
             observe_stages(self._host.service, timings)
             for artifact in artifacts:

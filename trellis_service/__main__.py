@@ -9,10 +9,9 @@ import sys
 
 from trellis_service.backends import choose_backend
 from trellis_service.config import TrellisSettings
-from trellis_service.servicer import TrellisServicer
+from trellis_service.servicer import TrellisServicer, add_trellis_servicer
 from trellisbox._domain.contract import TRELLIS_SERVICE
 from trellisbox._runtime.model import ModelService, serve_model
-from trellisbox.v1 import trellis_pb2_grpc
 
 SERVICE = ModelService(
     name=TRELLIS_SERVICE,
@@ -20,7 +19,7 @@ SERVICE = ModelService(
     settings=TrellisSettings,
     choose_backend=choose_backend,
     servicer=TrellisServicer,
-    register=trellis_pb2_grpc.add_TrellisServiceServicer_to_server,
+    register=add_trellis_servicer,
 )
 
 

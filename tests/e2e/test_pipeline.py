@@ -76,6 +76,11 @@ def test_same_seeds_give_the_same_bytes(stack: LocalStack) -> None:
         second = client.generate([png_bytes(96)], **options)
     assert first.refined_images == second.refined_images
     assert first.glb == second.glb
+    # Without the refined image in the reply it reaches TRELLIS in the lossless hand-off form (TIFF, not PNG): the
+    # same pixels, so the same model.
+    with TrellisBoxClient(stack.gateway_target, timeout=180) as client:
+        handed_off = client.generate([png_bytes(96)], **{**options, "formats": ["glb"]})
+    assert handed_off.refined_images == [] and handed_off.glb == first.glb
 
 
 def test_unset_seeds_are_random_and_echoed(stack: LocalStack) -> None:

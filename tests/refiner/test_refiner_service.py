@@ -112,7 +112,7 @@ def stub(service: ServiceProcess) -> Iterator[refiner_pb2_grpc.RefinerServiceStu
         yield refiner_pb2_grpc.RefinerServiceStub(channel)
 
 
-def call(stub: refiner_pb2_grpc.RefinerServiceStub, request: refiner_pb2.RefineRequest
+def call(stub: refiner_pb2_grpc.RefinerServiceStub, request: refiner_pb2.RefineRequest, media_type: str = "image/png",
          ) -> tuple[list[common_pb2.Progress], dict[int, Image.Image], refiner_pb2.RefineDone]:
     """One Refine call: progress events, decoded images by index, the done event."""
     progress: list[common_pb2.Progress] = []
@@ -127,7 +127,7 @@ def call(stub: refiner_pb2_grpc.RefinerServiceStub, request: refiner_pb2.RefineR
             progress.append(response.progress)
         elif kind == "chunk":
             assert response.chunk.kind == common_pb2.ARTIFACT_KIND_REFINED_IMAGE
-            assert response.chunk.media_type == "image/png"
+            assert response.chunk.media_type == media_type
             chunks[response.chunk.index] = chunks.get(response.chunk.index, 0) + 1
             artifact = assembler.feed(response.chunk)
             if artifact is not None:
@@ -277,5 +277,17 @@ def test_classic_service(tmp_path: Path, cache_home: Path) -> None:
         assert [(p.stage, p.step) for p in progress] == [(common_pb2.STAGE_REFINE, s) for s in (1, 2, 3, 4)]
         assert images[0].mode == "RGBA" and images[0].size == image.size
         assert "refiner backend: classic" in process.log_tail(200)
+        # The hand-off form the gateway asks for when only TRELLIS sees the result: the same pixels, uncompressed TIFF.
+        with grpc.insecure_channel(process.target) as channel:
+            stub = refiner_pb2_grpc.RefinerServiceStub(channel)
+            _, handed_off, _ = call(stub, refiner_pb2.RefineRequest(
+                images=[common_pb2.Image(data=png_bytes(image))], parameters=common_pb2.RefineParameters(seed=9),
+                output_media_type="image/tiff"), media_type="image/tiff")
+            with pytest.raises(grpc.RpcError) as refused:
+                call(stub, refiner_pb2.RefineRequest(images=[common_pb2.Image(data=png_bytes(image))],
+                                                     output_media_type="image/gif"))
+        assert handed_off[0].format == "TIFF" and handed_off[0].tobytes() == images[0].tobytes()
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "output_media_type 'image/gif' is not image/png or image/tiff" in str(refused.value.details())
     finally:
         process.stop()

@@ -91,7 +91,8 @@ REQUEST = trellis_pb2.ImageTo3DRequest(
 
 
 async def collect(servicer: TrellisServicer, context: Any) -> list[trellis_pb2.ImageTo3DResponse]:
-    return [response async for response in servicer.ImageTo3D(REQUEST, context)]
+    return [trellis_pb2.ImageTo3DResponse.FromString(response) if isinstance(response, bytes) else response
+            async for response in servicer.ImageTo3D(REQUEST, context)]
 
 
 def test_stream_order_and_done() -> None:

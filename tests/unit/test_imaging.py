@@ -1,13 +1,21 @@
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 from PIL import Image
 
 from tests.images import encode, huge_png_header, png_bytes, rgba_object, truncated_png
 from trellisbox._domain.errors import InvalidInput
-from trellisbox._domain.imaging import ImageLimits, decode_image, encode_png, reapply_alpha, split_alpha
+from trellisbox._domain.imaging import (
+    ImageLimits,
+    decode_image,
+    encode_handoff,
+    encode_png,
+    reapply_alpha,
+    split_alpha,
+)
 
 
 def test_png_rgba_round_trip_keeps_alpha() -> None:
@@ -65,3 +73,32 @@ def test_alpha_split_and_reapply_resizes_when_the_model_snapped_the_size() -> No
     out = reapply_alpha(rgb.resize((96, 96)), alpha)
     assert out.mode == "RGBA" and out.size == (96, 96)
     assert out.getchannel("A").getextrema() == (0, 255)
+
+
+def test_handoff_tiff_is_lossless_and_accepted_only_where_allowed() -> None:
+    image = rgba_object(64)
+    data = encode_handoff(image)
+    decoded = decode_image(data, "image/tiff", handoff=True)
+    assert decoded.mode == "RGBA" and decoded.tobytes() == image.tobytes()
+    with pytest.raises(InvalidInput, match="is TIFF; send PNG, JPEG or WebP"):
+        decode_image(data)  # a caller's upload: not one of the public formats
+    with pytest.raises(InvalidInput, match="use image/png, image/jpeg or image/webp"):
+        decode_image(png_bytes(), "image/tiff")
+
+
+@pytest.mark.parametrize("case,message", [
+    ("truncated", "truncated or corrupt"),
+    ("compressed", "TIFF other than the uncompressed single-frame RGB(A) hand-off"),
+    ("lying", "declared image/tiff but its bytes are image/png"),
+    ("declared png", "declared image/png but its bytes are image/tiff"),
+])
+def test_bad_handoff_images_are_refused(case: str, message: str) -> None:
+    image = rgba_object(64)
+    data, media_type = {
+        "truncated": (encode_handoff(image)[:-200], "image/tiff"),
+        "compressed": (encode(image, "TIFF", compression="tiff_deflate"), ""),
+        "lying": (png_bytes(), "image/tiff"),
+        "declared png": (encode_handoff(image), "image/png"),
+    }[case]
+    with pytest.raises(InvalidInput, match=re.escape(message)):
+        decode_image(data, media_type, handoff=True)

@@ -9,7 +9,7 @@ from trellisbox._domain.convert import params_from_proto, params_to_proto
 from trellisbox._domain.errors import InvalidInput
 from trellisbox._domain.kinds import ArtifactKind
 from trellisbox._domain.params import GenerationParams, MultiImageMode, RefineParams
-from trellisbox.v1 import common_pb2
+from trellisbox.v1 import common_pb2, gateway_pb2, refiner_pb2, trellis_pb2
 
 
 def refine_params_from_proto(message: common_pb2.RefineParameters) -> RefineParams:
@@ -98,6 +98,22 @@ def test_chunking_round_trip(size: int) -> None:
     assert done is not None and done.data == data and done.index == 2
     assert done.media_type == "model/gltf-binary"
     assert assembler.incomplete == []
+
+
+@pytest.mark.parametrize("size", [0, 1, 1000, 4096, 4097, 3 * 2**20 + 5])
+def test_frames_are_the_chunks_as_every_response(size: int) -> None:
+    data = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+    artifact = Artifact(ArtifactKind.GAUSSIAN_PLY, data, index=2)
+    frames = list(artifact.frames(4096 if size < 2**20 else 2**20))
+    expected = list(Artifact(ArtifactKind.GAUSSIAN_PLY, data, index=2).chunks(4096 if size < 2**20 else 2**20))
+    for response_type in (refiner_pb2.RefineResponse, trellis_pb2.ImageTo3DResponse, gateway_pb2.GenerateResponse):
+        parsed = [response_type.FromString(frame) for frame in frames]
+        assert [p.WhichOneof("event") for p in parsed] == ["chunk"] * len(expected)
+        assert [p.chunk for p in parsed] == expected
+    assembler = ArtifactAssembler()
+    results = [assembler.feed(gateway_pb2.GenerateResponse.FromString(frame).chunk) for frame in frames]
+    assert results[-1] is not None and results[-1].data == data and results[-1].index == 2
+    assert results[-1].sha256 == hashlib.sha256(data).hexdigest()
 
 
 def test_assembler_rejects_gaps_and_bad_checksums() -> None:

@@ -12,6 +12,25 @@ from trellisbox._domain.kinds import ArtifactKind, artifact_kind, kind_label
 from trellisbox.v1 import common_pb2
 
 CHUNK_BYTES = 1024 * 1024
+#: Field numbers in the wire form :meth:`Artifact.frames` writes: ``chunk`` in every stage's and the gateway's
+#: response (``gateway/relay.py``), ``data`` in ``ArtifactChunk``.
+CHUNK_EVENT_FIELD = 2
+CHUNK_DATA_FIELD = 6
+_LENGTH_DELIMITED = 2
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _length_prefix(field_number: int, length: int) -> bytes:
+    """Tag and length of a length-delimited field (protobuf wire format)."""
+    return _varint(field_number << 3 | _LENGTH_DELIMITED) + _varint(length)
 
 
 class ArtifactProtocolError(Exception):
@@ -40,14 +59,33 @@ class Artifact:
         return hashlib.sha256(self.data).hexdigest()
 
     def chunks(self, chunk_bytes: int = CHUNK_BYTES) -> Iterator[common_pb2.ArtifactChunk]:
-        """The artifact as ordered chunks; the last carries the SHA-256 of the whole.
+        """The artifact as ordered chunks; the last carries the SHA-256 of the whole."""
+        for head, piece in self._cut(chunk_bytes):
+            head.data = bytes(piece)
+            yield head
+
+    def frames(self, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+        """The chunks of :meth:`chunks` as serialized response events: each is, byte for byte, a
+        ``RefineResponse``, ``ImageTo3DResponse`` or ``GenerateResponse`` whose ``chunk`` is set.
+
+        What a servicer sends, built with one copy of the artifact's bytes: each chunk's small fields are
+        serialized by protobuf without ``data``, and ``data`` (parsers accept fields in any order) follows
+        straight from a view of the artifact. Cutting a piece, setting it into a chunk, wrapping that in a
+        response and serializing it copies each byte four times.
+        """
+        for head, piece in self._cut(chunk_bytes):
+            fields = head.SerializeToString() + _length_prefix(CHUNK_DATA_FIELD, len(piece))
+            yield b"".join((_length_prefix(CHUNK_EVENT_FIELD, len(fields) + len(piece)), fields, piece))
+
+    def _cut(self, chunk_bytes: int) -> Iterator[tuple[common_pb2.ArtifactChunk, memoryview]]:
+        """Each chunk without its data, and a view of that data.
 
         The hash is computed piece by piece as the chunks are cut (each piece is hashed while it is still
         in cache, and the last chunk is not held back by a pass over the whole artifact); an artifact
         chunked again reuses it.
         """
-        data = self.data
-        total = len(data)
+        view = memoryview(self.data)
+        total = len(view)
         kind = artifact_kind(self.kind)
         default_type = kind.media_type if isinstance(kind, ArtifactKind) else "application/octet-stream"
         media_type = self.media_type or default_type
@@ -55,7 +93,7 @@ class Artifact:
         offset = 0
         while True:
             end = min(offset + chunk_bytes, total)
-            piece = data if offset == 0 and end == total else data[offset:end]  # the one copy protobuf needs
+            piece = view[offset:end]
             last = end >= total
             if digest is not None:
                 digest.update(piece)
@@ -67,9 +105,8 @@ class Artifact:
                 index=self.index,
                 total_bytes=total,
                 offset=offset,
-                data=piece,
                 sha256=self.sha256 if last else "",
-            )
+            ), piece
             if last:
                 return
             offset = end

@@ -183,20 +183,22 @@ def kinds_to_proto(kinds: Iterable[ArtifactKind]) -> list[common_pb2.ArtifactKin
 # -- images -------------------------------------------------------------------------------------------------
 
 
-def decoded_images(images: Sequence[common_pb2.Image], limits: ImageLimits, max_count: int
-                   ) -> Iterator[Image.Image]:
-    """Decode a request's images one by one, naming the offending one (``images[i]``) in errors."""
+def decoded_images(images: Sequence[common_pb2.Image], limits: ImageLimits, max_count: int, *,
+                   handoff: bool = False) -> Iterator[Image.Image]:
+    """Decode a request's images one by one, naming the offending one (``images[i]``) in errors; ``handoff`` also
+    accepts the stages' hand-off format (:func:`~trellisbox._domain.imaging.decode_image`)."""
     if not images:
         raise InvalidInput("no images: send at least one PNG, JPEG or WebP image")
     if len(images) > max_count:
         raise InvalidInput(f"{len(images)} images sent; at most {max_count} per request")
     for i, image in enumerate(images):
-        yield decode_image(image.data, image.media_type, limits, label=f"images[{i}]")
+        yield decode_image(image.data, image.media_type, limits, label=f"images[{i}]", handoff=handoff)
 
 
-def decode_images(images: Sequence[common_pb2.Image], limits: ImageLimits, max_count: int) -> list[Image.Image]:
+def decode_images(images: Sequence[common_pb2.Image], limits: ImageLimits, max_count: int, *,
+                  handoff: bool = False) -> list[Image.Image]:
     """Every image of a request, decoded."""
-    return list(decoded_images(images, limits, max_count))
+    return list(decoded_images(images, limits, max_count, handoff=handoff))
 
 
 def validate_images(images: Sequence[common_pb2.Image], limits: ImageLimits, max_count: int) -> None:

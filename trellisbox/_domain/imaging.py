@@ -22,6 +22,12 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 MEDIA_TYPES: dict[str, str] = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 _FORMATS_BY_MEDIA_TYPE = {v: k for k, v in MEDIA_TYPES.items()} | {"image/jpg": "JPEG"}
+#: The refined image's hand-off from the refiner to TRELLIS when the caller did not ask for it: uncompressed TIFF,
+#: the pixels as they are in memory (lossless; writing and reading it costs about a copy, where PNG's filters and
+#: deflate cost 10-100 ms at 512², docs/benchmarks.md). Accepted only where ``handoff`` is allowed (TRELLIS), and
+#: only uncompressed, single-frame: no TIFF codec beyond Pillow's raw reader is ever reached.
+HANDOFF_MEDIA_TYPE = "image/tiff"
+_HANDOFF_FORMAT = "TIFF"
 
 
 @dataclass(frozen=True)
@@ -62,7 +68,7 @@ def decode_cost(data: bytes, limits: ImageLimits) -> int:
 
 
 def decode_image(data: bytes, media_type: str = "", limits: ImageLimits | None = None,
-                 label: str = "image") -> Image.Image:
+                 label: str = "image", *, handoff: bool = False) -> Image.Image:
     """Decode untrusted bytes into an RGB or RGBA image.
 
     Args:
@@ -70,6 +76,7 @@ def decode_image(data: bytes, media_type: str = "", limits: ImageLimits | None =
         media_type: Declared media type; empty to sniff. A declared type must match the bytes.
         limits: Size bounds; defaults to :class:`ImageLimits()`.
         label: How the image is named in error messages, e.g. ``"images[2]"``.
+        handoff: Also accept the stages' hand-off format (:data:`HANDOFF_MEDIA_TYPE`, uncompressed TIFF).
 
     Returns:
         A fully decoded image in mode ``RGBA`` when the input carries transparency, else ``RGB``.
@@ -99,17 +106,22 @@ def decode_image(data: bytes, media_type: str = "", limits: ImageLimits | None =
             f"{label} is not a PNG, JPEG or WebP image (first bytes: {data[:8]!r})"
         ) from None
     fmt = image.format or ""
-    if fmt not in MEDIA_TYPES:
+    media_types = MEDIA_TYPES | ({_HANDOFF_FORMAT: HANDOFF_MEDIA_TYPE} if handoff else {})
+    formats = _FORMATS_BY_MEDIA_TYPE | ({HANDOFF_MEDIA_TYPE: _HANDOFF_FORMAT} if handoff else {})
+    if fmt not in media_types:
         raise InvalidInput(f"{label} is {fmt or 'an unknown format'}; send PNG, JPEG or WebP")
+    if fmt == _HANDOFF_FORMAT and (image.info.get("compression") != "raw" or getattr(image, "n_frames", 1) != 1
+                                   or image.mode not in ("RGB", "RGBA")):
+        raise InvalidInput(f"{label} is a TIFF other than the uncompressed single-frame RGB(A) hand-off")
     declared = media_type.strip().lower()
     if declared:
-        if declared not in _FORMATS_BY_MEDIA_TYPE:
+        if declared not in formats:
             raise InvalidInput(
                 f"{label} has media type {media_type[:40]!r}{'...' if len(media_type) > 40 else ''}; use image/png, "
                 "image/jpeg or image/webp"
             )
-        if _FORMATS_BY_MEDIA_TYPE[declared] != fmt:
-            raise InvalidInput(f"{label} is declared {declared} but its bytes are {MEDIA_TYPES[fmt]}")
+        if formats[declared] != fmt:
+            raise InvalidInput(f"{label} is declared {declared} but its bytes are {media_types[fmt]}")
     width, height = image.size
     if width * height > limits.max_pixels:
         raise InvalidInput(
@@ -146,6 +158,13 @@ def encode_png(image: Image.Image, compress_level: int = 3) -> bytes:
     """PNG bytes of ``image``. Level 3 is the measured sweet spot between size and encode time."""
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=compress_level)
+    return buffer.getvalue()
+
+
+def encode_handoff(image: Image.Image) -> bytes:
+    """The hand-off form of ``image`` (:data:`HANDOFF_MEDIA_TYPE`): uncompressed TIFF, lossless, alpha kept."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=_HANDOFF_FORMAT, compression="raw")
     return buffer.getvalue()
 
 

@@ -12,6 +12,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -57,16 +58,28 @@ def deadline_of(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-async def decode_request_images(images: Sequence[common_pb2.Image], settings: ServiceSettings) -> list[Image.Image]:
+async def decode_request_images(images: Sequence[common_pb2.Image], settings: ServiceSettings, *,
+                                handoff: bool = False) -> list[Image.Image]:
     """Decode (and so validate) a request's images; CPU work, so off the event loop: other calls and health
-    checks stay responsive meanwhile."""
-    return await asyncio.to_thread(decode_images, images, settings.image_limits, settings.max_images)
+    checks stay responsive meanwhile. ``handoff``: also accept the refiner's hand-off format (TRELLIS)."""
+    return await asyncio.to_thread(partial(decode_images, images, settings.image_limits, settings.max_images,
+                                           handoff=handoff))
 
 
 async def validate_request_images(images: Sequence[common_pb2.Image], settings: ServiceSettings) -> None:
     """Validate a request's images by decoding each (off the event loop), keeping none: for a service that only
     forwards the caller's bytes (the gateway)."""
     await asyncio.to_thread(validate_images, images, settings.image_limits, settings.max_images)
+
+
+def passthrough_serializer(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+    """A response serializer that sends events already in wire form (``bytes``, e.g. :meth:`Artifact.frames`) as
+    they are and serializes messages with ``serialize``."""
+
+    def serializer(response: Any) -> bytes:
+        return response if isinstance(response, bytes) else serialize(response)
+
+    return serializer
 
 
 class JobEvents(Generic[T]):

@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from trellisbox.v1 import common_pb2 as trellisbox_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btrellisbox/v1/refiner.proto\x12\rtrellisbox.v1\x1a\x1atrellisbox/v1/common.proto\"~\n\rRefineRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x06images\x18\x02 \x03(\x0b\x32\x14.trellisbox.v1.Image\x12\x33\n\nparameters\x18\x03 \x01(\x0b\x32\x1f.trellisbox.v1.RefineParameters\"\xa0\x01\n\x0eRefineResponse\x12+\n\x08progress\x18\x01 \x01(\x0b\x32\x17.trellisbox.v1.ProgressH\x00\x12-\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1c.trellisbox.v1.ArtifactChunkH\x00\x12)\n\x04\x64one\x18\x03 \x01(\x0b\x32\x19.trellisbox.v1.RefineDoneH\x00\x42\x07\n\x05\x65vent\"i\n\nRefineDone\x12\r\n\x05seeds\x18\x01 \x03(\x04\x12+\n\x07timings\x18\x02 \x03(\x0b\x32\x1a.trellisbox.v1.StageTiming\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t2Y\n\x0eRefinerService\x12G\n\x06Refine\x12\x1c.trellisbox.v1.RefineRequest\x1a\x1d.trellisbox.v1.RefineResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btrellisbox/v1/refiner.proto\x12\rtrellisbox.v1\x1a\x1atrellisbox/v1/common.proto\"\x99\x01\n\rRefineRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x06images\x18\x02 \x03(\x0b\x32\x14.trellisbox.v1.Image\x12\x33\n\nparameters\x18\x03 \x01(\x0b\x32\x1f.trellisbox.v1.RefineParameters\x12\x19\n\x11output_media_type\x18\x04 \x01(\t\"\xa0\x01\n\x0eRefineResponse\x12+\n\x08progress\x18\x01 \x01(\x0b\x32\x17.trellisbox.v1.ProgressH\x00\x12-\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1c.trellisbox.v1.ArtifactChunkH\x00\x12)\n\x04\x64one\x18\x03 \x01(\x0b\x32\x19.trellisbox.v1.RefineDoneH\x00\x42\x07\n\x05\x65vent\"i\n\nRefineDone\x12\r\n\x05seeds\x18\x01 \x03(\x04\x12+\n\x07timings\x18\x02 \x03(\x0b\x32\x1a.trellisbox.v1.StageTiming\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t2Y\n\x0eRefinerService\x12G\n\x06Refine\x12\x1c.trellisbox.v1.RefineRequest\x1a\x1d.trellisbox.v1.RefineResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'trellisbox.v1.refiner_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REFINEREQUEST']._serialized_start=74
-  _globals['_REFINEREQUEST']._serialized_end=200
-  _globals['_REFINERESPONSE']._serialized_start=203
-  _globals['_REFINERESPONSE']._serialized_end=363
-  _globals['_REFINEDONE']._serialized_start=365
-  _globals['_REFINEDONE']._serialized_end=470
-  _globals['_REFINERSERVICE']._serialized_start=472
-  _globals['_REFINERSERVICE']._serialized_end=561
+  _globals['_REFINEREQUEST']._serialized_start=75
+  _globals['_REFINEREQUEST']._serialized_end=228
+  _globals['_REFINERESPONSE']._serialized_start=231
+  _globals['_REFINERESPONSE']._serialized_end=391
+  _globals['_REFINEDONE']._serialized_start=393
+  _globals['_REFINEDONE']._serialized_end=498
+  _globals['_REFINERSERVICE']._serialized_start=500
+  _globals['_REFINERSERVICE']._serialized_end=589
 # @@protoc_insertion_point(module_scope)

@@ -26,8 +26,13 @@ class RefineRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     IMAGES_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
+    OUTPUT_MEDIA_TYPE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Correlates logs and metrics across services; the gateway sets it."""
+    output_media_type: _builtins.str
+    """How to encode the refined images: "image/png" (the default, also when empty) or "image/tiff" (uncompressed,
+    lossless: the gateway's hand-off to TRELLIS when the caller did not ask for the refined image).
+    """
     @_builtins.property
     def images(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]:
         """One or more images; each is refined with the same parameters and seeds seed, seed+1, ..."""
@@ -40,10 +45,11 @@ class RefineRequest(_message.Message):
         request_id: _builtins.str = ...,
         images: _abc.Iterable[_common_pb2.Image] | None = ...,
         parameters: _common_pb2.RefineParameters | None = ...,
+        output_media_type: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images", "parameters", b"parameters", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images", "output_media_type", b"output_media_type", "parameters", b"parameters", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
