@@ -28,12 +28,21 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from trellisbox._domain.contract import GATEWAY_SERVICE, REFINER_SERVICE, TRELLIS_SERVICE
 from trellisbox._runtime.security import channel_credentials
 
+#: Ports :func:`free_port` handed out: several picked before any is bound (a stack's gRPC and metrics ports) must
+#: differ, and the kernel may offer a port it offered a moment ago once it was released.
+_HANDED_OUT: set[int] = set()
+
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago on ``host``."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A port that was free a moment ago on ``host``, and that this process was not given before."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no free port that was not handed out already")
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
