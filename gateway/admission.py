@@ -144,14 +144,18 @@ class ByteBudget:
     def held(self) -> int:
         return self._held
 
+    def _refusal(self, waiting: int = 0) -> QueueFull:
+        also = f" and {waiting} more wait" if waiting else ""
+        return QueueFull(f"gateway is holding {self._held / 2**20:.0f} MiB of requests (limit "
+                         f"{self._max_bytes / 2**20:.0f} MiB){also}; retry later", retry_after_s=RETRY_AFTER_S)
+
     def _fits(self, hold: Hold, nbytes: int) -> bool:
         others = self._held - hold.nbytes
         return others == 0 or others + nbytes <= self._max_bytes
 
     def _resize(self, hold: Hold, nbytes: int) -> None:
         if nbytes > hold.nbytes and not self._fits(hold, nbytes):
-            raise QueueFull(f"gateway is holding {self._held / 2**20:.0f} MiB of requests (limit "
-                            f"{self._max_bytes / 2**20:.0f} MiB); retry later", retry_after_s=RETRY_AFTER_S)
+            raise self._refusal()
         shrinks = nbytes < hold.nbytes
         self._held += nbytes - hold.nbytes
         hold.nbytes = nbytes
@@ -181,10 +185,7 @@ class ByteBudget:
         try:
             await asyncio.wait_for(granted, wait_s)
         except TimeoutError:
-            others = sum(not waiting.done() for _, _, waiting in self._waiters)
-            raise QueueFull(f"gateway is holding {self._held / 2**20:.0f} MiB of requests (limit "
-                            f"{self._max_bytes / 2**20:.0f} MiB) and {others} more wait; retry later",
-                            retry_after_s=RETRY_AFTER_S) from None
+            raise self._refusal(waiting=sum(not granted.done() for _, _, granted in self._waiters)) from None
 
     @contextmanager
     def hold(self, nbytes: int) -> Iterator[Hold]:

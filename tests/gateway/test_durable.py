@@ -7,6 +7,7 @@ import io
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,6 +49,14 @@ def _jobs_started(stack: LocalStack, request_id: str) -> int:
     """How many times the gateway ran ``request_id`` (its log line per started job)."""
     log = (stack.log_dir / "gateway.log").read_text()
     return sum(1 for line in log.splitlines() if f"[{request_id}]" in line and line.endswith(", durable"))
+
+
+def _wait_until_started(stack: LocalStack, request_id: str, caller: threading.Thread) -> None:
+    """Until the gateway started ``request_id`` (bounded: the caller may have failed first)."""
+    deadline = time.monotonic() + 30
+    while not _jobs_started(stack, request_id):
+        assert time.monotonic() < deadline and caller.is_alive(), f"{request_id} never started"
+        caller.join(0.05)
 
 
 def _leave_after_first_progress(stub: gateway_pb2_grpc.GatewayServiceStub,
@@ -100,8 +109,7 @@ def test_callers_of_a_running_request_get_the_same_result(stack: LocalStack) -> 
     first.start()
     with TrellisBoxClient(stack.gateway_target, timeout=60) as client:
         # Wait until the first call's job runs, then send the same request: it attaches instead of running it again.
-        while not _jobs_started(stack, "durable-twice"):
-            first.join(0.05)
+        _wait_until_started(stack, "durable-twice", first)
         second = client.collect(client.stream(request))
     first.join(60)
     assert len(results) == 1 and results[0] == (second.glb, second.refined_images)
@@ -162,8 +170,7 @@ def test_a_follower_of_a_cancelled_request_is_told(stack: LocalStack) -> None:
     follower = threading.Thread(target=follow)
     follower.start()
     with TrellisBoxClient(stack.gateway_target, timeout=30) as client:
-        while not _jobs_started(stack, "durable-told"):
-            follower.join(0.05)
+        _wait_until_started(stack, "durable-told", follower)
         assert client.cancel("durable-told") == "stopped"
     follower.join(30)
     (error,) = errors
