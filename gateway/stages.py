@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 
 from gateway.config import GatewaySettings
-from gateway.relay import StageEvent, stage_deserializer
+from gateway.relay import M, StageEvent, stage_deserializer
 from trellisbox._domain.contract import REFINER_SERVICE, TRELLIS_SERVICE
 from trellisbox._runtime import tracing
 from trellisbox._runtime.security import FileWatch, channel_credentials
@@ -29,6 +29,8 @@ _log = logging.getLogger(__name__)
 
 RefineCall = grpc.aio.UnaryStreamCall[refiner_pb2.RefineRequest, StageEvent[refiner_pb2.RefineResponse]]
 ImageTo3DCall = grpc.aio.UnaryStreamCall[trellis_pb2.ImageTo3DRequest, StageEvent[trellis_pb2.ImageTo3DResponse]]
+RefineGaussiansCall = grpc.aio.UnaryStreamCall[trellis_pb2.RefineGaussiansRequest,
+                                               StageEvent[trellis_pb2.ImageTo3DResponse]]
 
 
 def _method_path(service: str, method: str) -> str:
@@ -73,6 +75,13 @@ def channel_options(settings: GatewaySettings, service: str) -> list[tuple[str, 
     ]
 
 
+def _stage_method(channel: grpc.aio.Channel, service: str, method: str, request_type: type[Any],
+                  response_type: type[M]) -> grpc.aio.UnaryStreamMultiCallable[Any, StageEvent[M]]:
+    """A server-streaming stage method whose events keep the bytes they arrived as (:mod:`gateway.relay`)."""
+    return channel.unary_stream(_method_path(service, method), request_serializer=request_type.SerializeToString,
+                                response_deserializer=stage_deserializer(response_type))
+
+
 class StageClients:
     """The gateway's calls to the refiner pool and the TRELLIS service: one long-lived channel each.
 
@@ -108,18 +117,17 @@ class StageClients:
         self._trellis_channel = channel(settings.trellis_target, TRELLIS_SERVICE)
         self._refine: grpc.aio.UnaryStreamMultiCallable[
             refiner_pb2.RefineRequest, StageEvent[refiner_pb2.RefineResponse]
-        ] = self._refiner_channel.unary_stream(
-            _method_path(REFINER_SERVICE, "Refine"),
-            request_serializer=refiner_pb2.RefineRequest.SerializeToString,
-            response_deserializer=stage_deserializer(refiner_pb2.RefineResponse),
-        )
+        ] = _stage_method(self._refiner_channel, REFINER_SERVICE, "Refine", refiner_pb2.RefineRequest,
+                          refiner_pb2.RefineResponse)
         self._image_to_3d: grpc.aio.UnaryStreamMultiCallable[
             trellis_pb2.ImageTo3DRequest, StageEvent[trellis_pb2.ImageTo3DResponse]
-        ] = self._trellis_channel.unary_stream(
-            _method_path(TRELLIS_SERVICE, "ImageTo3D"),
-            request_serializer=trellis_pb2.ImageTo3DRequest.SerializeToString,
-            response_deserializer=stage_deserializer(trellis_pb2.ImageTo3DResponse),
-        )
+        ] = _stage_method(self._trellis_channel, TRELLIS_SERVICE, "ImageTo3D", trellis_pb2.ImageTo3DRequest,
+                          trellis_pb2.ImageTo3DResponse)
+        # Its responses are ImageTo3DResponse's twin (a test holds them to that): read alike.
+        self._refine_gaussians: grpc.aio.UnaryStreamMultiCallable[
+            trellis_pb2.RefineGaussiansRequest, StageEvent[trellis_pb2.ImageTo3DResponse]
+        ] = _stage_method(self._trellis_channel, TRELLIS_SERVICE, "RefineGaussians",
+                          trellis_pb2.RefineGaussiansRequest, trellis_pb2.ImageTo3DResponse)
 
     def _follow_rotation(self) -> None:
         """New channels when the TLS files changed; the old ones finish their calls (up to the longest deadline)."""
@@ -144,6 +152,10 @@ class StageClients:
     def image_to_3d(self, request: trellis_pb2.ImageTo3DRequest, timeout: float) -> ImageTo3DCall:
         self._follow_rotation()
         return self._image_to_3d(request, timeout=timeout)
+
+    def refine_gaussians(self, request: trellis_pb2.RefineGaussiansRequest, timeout: float) -> RefineGaussiansCall:
+        self._follow_rotation()
+        return self._refine_gaussians(request, timeout=timeout)
 
     def unreachable(self) -> list[str]:
         """The stages with no ready replica now: the channel's round_robin counts only replicas whose readiness is

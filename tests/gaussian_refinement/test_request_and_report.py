@@ -8,14 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gateway.servicer import requested_formats
 from trellis_service.exporters import SplatArrays
 from trellis_service.gaussian_refinement import refine_splats
+from trellis_service.servicer import require_novel_views
 from trellisbox._domain.convert import params_from_proto, params_message
 from trellisbox._domain.errors import InvalidInput
+from trellisbox._domain.kinds import ArtifactKind
 from trellisbox._domain.params import GaussianRefinementParams, GenerationParams, build, from_text
 from trellisbox._runtime.worker import JobContext
 from trellisbox.client import GenerationResult, refinement_lines
-from trellisbox.v1 import common_pb2
+from trellisbox.v1 import common_pb2, gateway_pb2
 from webui.app import WebApp
 from webui.form import ProgressPanel, request_options
 
@@ -44,10 +47,19 @@ def test_the_web_form_sends_its_checkboxes() -> None:
     assert options["generation"] == {"gaussian_refinement": {"enabled": True, "steps": 25, "colours": False}}
 
 
-def test_novel_views_are_refused_with_a_reason() -> None:
-    with pytest.raises(InvalidInput, match=r"^generation\.gaussian_refinement\.novel_views: novel-view refinement "
-                                           r"through the refiner tier is not implemented yet"):
-        build(GenerationParams, {"gaussian_refinement": {"novel_views": True}}, "generation")
+def test_novel_view_artifacts_only_with_novel_views_and_the_hand_over_never() -> None:
+    novel = build(GenerationParams, {"gaussian_refinement": {"enabled": True, "novel_views": True}}, "generation")
+    asked = gateway_pb2.GenerateRequest(formats=[common_pb2.ARTIFACT_KIND_NOVEL_VIEW])
+    assert requested_formats(asked, novel) == {ArtifactKind.NOVEL_VIEW, ArtifactKind.GLB}
+    with pytest.raises(InvalidInput, match=r"^ARTIFACT_KIND_NOVEL_VIEW was requested but there are no novel views; "
+                                           r"set generation\.gaussian_refinement\.enabled and .*novel_views$"):
+        requested_formats(asked, GenerationParams())
+    internal = gateway_pb2.GenerateRequest(formats=[common_pb2.ARTIFACT_KIND_GENERATION_STATE])
+    with pytest.raises(InvalidInput, match=r"formats: ARTIFACT_KIND_GENERATION_STATE is not an artifact this service "
+                                           r"produces; it is internal to a novel-view Gaussian refinement"):
+        requested_formats(internal, novel)
+    with pytest.raises(InvalidInput, match=r"^hand_over_novel_views needs parameters\.gaussian_refinement\.enabled"):
+        require_novel_views(GenerationParams(), "hand_over_novel_views")
 
 
 def test_a_fit_that_may_move_nothing_is_refused() -> None:
