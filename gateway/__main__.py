@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         channels.append(stages)
         budget = ByteBudget(settings.max_held_bytes)
         router = Router(stages, Admission(settings.max_concurrent, settings.max_queue), settings.stage_retries,
-                        budget=budget)
+                        budget=budget, max_message_bytes=settings.max_request_bytes)
         add_gateway_servicer(GatewayServicer(settings, router, budget, jobs), server)
 
     async def close_channels() -> None:

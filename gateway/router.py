@@ -25,7 +25,7 @@ from gateway.relay import CHUNK, DONE, PROGRESS, M, Outgoing, StageEvent
 from gateway.stages import ImageTo3DCall, RefineGaussiansCall, StageClients
 from trellisbox._domain.artifacts import Artifact, ArtifactAssembler, ArtifactProtocolError
 from trellisbox._domain.convert import kinds_to_proto, params_to_proto, progress_to_proto, timings_to_proto
-from trellisbox._domain.errors import StageFailed
+from trellisbox._domain.errors import InvalidInput, StageFailed
 from trellisbox._domain.imaging import HANDOFF_MEDIA_TYPE
 from trellisbox._domain.kinds import ArtifactKind, Stage, known_stage
 from trellisbox._domain.params import GenerationParams, RefineParams
@@ -75,11 +75,12 @@ class Router:
     """
 
     def __init__(self, stages: StageClients, admission: Admission, attempts: int = 3, *,
-                 budget: ByteBudget | None = None) -> None:
+                 budget: ByteBudget | None = None, max_message_bytes: int = 64 * 2**20) -> None:
         self._stages = stages
         self._admission = admission
         self._attempts = attempts
         self._budget = budget if budget is not None else ByteBudget(2**62)
+        self._max_message_bytes = max_message_bytes
 
     async def generate(self, job: GenerateJob) -> AsyncIterator[Outgoing]:
         started = time.monotonic()
@@ -268,6 +269,12 @@ class Router:
                              for i in range(len(views))])
             params_to_proto(job.generation, finish.parameters)
             del handed, views, states, refined, novel_images
+            if finish.ByteSize() > self._max_message_bytes:
+                raise InvalidInput(
+                    f"generation.gaussian_refinement.novel_views: this object's Gaussians and mesh with the images "
+                    f"make {finish.ByteSize() / 2**20:.0f} MiB, more than one message to the TRELLIS service may carry "
+                    f"({self._max_message_bytes / 2**20:.0f} MiB); refine without novel_views, or raise "
+                    "max_request_bytes on the gateway and the TRELLIS service")
             async for event in self._relayed(lambda: self._stages.refine_gaussians(finish, timeout=job.remaining()),
                                              job):
                 if event.field == DONE:

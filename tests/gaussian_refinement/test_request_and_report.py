@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from gateway.servicer import requested_formats
+from tests.images import png_bytes
 from trellis_service.exporters import SplatArrays
 from trellis_service.gaussian_refinement import refine_splats
 from trellis_service.servicer import require_novel_views
+from trellisbox._domain.artifacts import Artifact
 from trellisbox._domain.convert import params_from_proto, params_message
 from trellisbox._domain.errors import InvalidInput
 from trellisbox._domain.kinds import ArtifactKind
@@ -85,3 +87,16 @@ def test_the_web_page_and_the_cli_show_the_figures(tmp_path: Path) -> None:
     page, _ = WebApp("127.0.0.1:1", tmp_path)._show(result, ProgressPanel("sending"), ["mug.png"])
     assert '<div class="tb-refinement">gaussian refinement: 10 steps' in page
     assert "PSNR 18.60 → 21.20 dB" in page
+
+
+def test_the_web_page_shows_the_refined_novel_views(tmp_path: Path) -> None:
+    report = common_pb2.GaussianRefinementReport(steps=4, gaussians=300, resolution=48, rasterizer="torch",
+                                                 novel_views=3)
+    assert refinement_lines(report)[0].endswith(", 3 refined novel views as extra targets")
+    views = [Artifact(ArtifactKind.NOVEL_VIEW, png_bytes(32 + i), index=i) for i in (2, 0, 1)]
+    result = GenerationResult(generator_backend="preview", gaussian_refinement=report, artifacts=views)
+    assert [len(data) for data in result.novel_views] == [len(png_bytes(32 + i)) for i in range(3)], "by index"
+    _, shown = WebApp("127.0.0.1:1", tmp_path)._show(result, ProgressPanel("sending"), ["mug.png"])
+    assert [caption for _, caption in shown["refined"]] == [f"novel view {i} (refined)" for i in (1, 2, 3)]
+    assert [Path(path).read_bytes() for path, _ in shown["refined"]] == result.novel_views
+    assert all(path in shown["downloads"] for path, _ in shown["refined"])
