@@ -22,6 +22,7 @@ from gateway.config import GatewaySettings
 from gateway.relay import M, StageEvent, stage_deserializer
 from trellisbox._domain.contract import REFINER_SERVICE, TRELLIS_SERVICE
 from trellisbox._runtime import tracing
+from trellisbox._runtime.config import MAX_RESPONSE_BYTES
 from trellisbox._runtime.security import FileWatch, channel_credentials
 from trellisbox.v1 import refiner_pb2, trellis_pb2
 
@@ -66,7 +67,7 @@ def channel_options(settings: GatewaySettings, service: str) -> list[tuple[str, 
         ("grpc.per_rpc_retry_buffer_size", settings.max_request_bytes),
         ("grpc.retry_buffer_size", 4 * settings.max_request_bytes),
         ("grpc.max_send_message_length", settings.max_request_bytes),
-        ("grpc.max_receive_message_length", settings.max_request_bytes),
+        ("grpc.max_receive_message_length", max(settings.max_request_bytes, MAX_RESPONSE_BYTES)),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
         # A replica closing an aged connection makes the channel re-resolve; gRPC's default allows that once in

@@ -133,3 +133,20 @@ def test_cli_flags_ask_for_refinement_and_print_the_figures(stack: LocalStack, t
     assert "silhouette IoU" in completed.stderr and "PSNR" in completed.stderr
     assert "gaussian_refinement" in completed.stderr
     assert (tmp_path / "ball.ply").read_bytes().startswith(b"ply")
+
+
+def test_a_hand_over_too_large_for_one_stage_message_is_refused_with_the_reason(tmp_path: Path) -> None:
+    """The state goes back to TRELLIS in one message: a gateway whose messages are capped below it says so (and what
+    to change) instead of failing the stage call."""
+    small = LocalStack(tmp_path, refiner_args=["--backend", "classic"], trellis_args=["--backend", "preview"],
+                       gateway_args=["--max-request-bytes", str(2**20)],
+                       env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}, ready_timeout=120)
+    with small, TrellisBoxClient(small.gateway_target, timeout=240) as client, \
+            pytest.raises(grpc.RpcError) as caught:
+        # The preview's default 20 000 splats: a 1.4 MB state.
+        client.generate([rgba_object(96)], generation={"gaussian_refinement": {**FAST, "novel_views": True}},
+                        formats=["ply"])
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    details = str(caught.value.details())  # type: ignore[attr-defined]
+    assert details.startswith("generation.gaussian_refinement.novel_views: this object's Gaussians and mesh")
+    assert "(1 MiB); refine without novel_views, or raise max_request_bytes" in details
