@@ -70,10 +70,10 @@ def render_novel_views(gaussians: GaussianSet, centre: Tensor, poses: Sequence[O
 
 
 def novel_view_targets(gaussians: GaussianSet, centre: Tensor, poses: Sequence[OrbitPose],
-                       refined: Sequence[Image.Image], rasterizer: Rasterizer) -> list[FitTarget]:
-    """The refined views as fit targets at :data:`NOVEL_VIEW_WEIGHT`: their colours, on the coverage of the
-    unrefined Gaussians from the same camera (re-rendered here, so a refiner that drops or alters alpha, or paints
-    outside the object, changes nothing but the colours on it).
+                       refined: Sequence[Image.Image], rasterizer: Rasterizer, size: int) -> list[FitTarget]:
+    """The refined views as fit targets at :data:`NOVEL_VIEW_WEIGHT`, at ``size`` pixels (the fit's resolution):
+    their colours, on the coverage of the unrefined Gaussians from the same camera (rendered here, so a refiner that
+    drops or alters alpha, or paints outside the object, changes nothing but the colours on it).
 
     Raises:
         InvalidInput: a refined view does not have its render's size.
@@ -85,7 +85,8 @@ def novel_view_targets(gaussians: GaussianSet, centre: Tensor, poses: Sequence[O
         if image.size != (pose.size, pose.size):
             raise InvalidInput(f"novel_views[{index}]: {image.width}x{image.height}, but it was rendered at "
                                f"{pose.size}x{pose.size}")
-        coverage = render_target(gaussians, pose, centre, pose.size, rasterizer).mask
-        rgb = torch.as_tensor(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0, device=centre.device)
+        coverage = render_target(gaussians, pose, centre, size, rasterizer).mask
+        colours = image.convert("RGB").resize((size, size), Image.Resampling.BOX)
+        rgb = torch.as_tensor(np.asarray(colours, dtype=np.float32) / 255.0, device=centre.device)
         targets.append(FitTarget(TargetView(rgb, coverage, "novel view"), pose, NOVEL_VIEW_WEIGHT))
     return targets

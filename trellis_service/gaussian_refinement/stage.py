@@ -117,7 +117,7 @@ def refine_splats(splats: SplatArrays, images: list[Image.Image], params: Gaussi
             raise InvalidInput(f"hand_over: {len(plan.cameras)} camera(s) for {len(images)} image(s)")
         cameras = plan.cameras
         ctx.report(Stage.GAUSSIAN_REFINEMENT, len(images), total, f"{len(plan.renders)} refined novel views")
-        extra = novel_view_targets(gaussians, centre, plan.poses, plan.renders, rasterizer)
+        extra = novel_view_targets(gaussians, centre, plan.poses, plan.renders, rasterizer, params.resolution)
     targets = [FitTarget(view, camera.pose) for view, camera in zip(views, cameras, strict=True)]
     every = max(1, params.steps // PROGRESS_EVENTS)
 
