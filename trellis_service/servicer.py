@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 _log = logging.getLogger(__name__)
 
 #: Artifacts of at least this size mark a heavy job: its freed pages are returned before its call ends (5-30 ms),
-#: where a light job's are returned after it, off the call's path.
+#: where a light job's are returned once the service is idle (the model worker's idle release), off any call's path.
 HEAVY_JOB_BYTES = 8 * 2**20
 
 #: What TrellisService produces; the refined image comes from the refiner (ask the gateway for it).
@@ -124,9 +124,7 @@ class TrellisServicer:
                     for frame in artifact.frames(self._settings.chunk_bytes):
                         yield frame  # an ImageTo3DResponse with its chunk set, already serialized
             finally:
-                del artifacts
-                if not heavy:  # freed pages back to the system in a thread, off the call's path
-                    asyncio.get_running_loop().run_in_executor(None, partial(release_memory, collect=False))
+                del artifacts  # a light job's freed pages go back to the system once the service is idle (ModelWorker)
             if heavy:  # ... and before the call ends after a heavy job, whose pages are what RSS is made of
                 await asyncio.to_thread(release_memory, collect=False)
         _log.info("generated 3D from %d image(s) in %.2f s (queued %.2f s), seed %d", len(images),

@@ -82,6 +82,22 @@ def passthrough_serializer(serialize: Callable[[Any], bytes]) -> Callable[[Any],
     return serializer
 
 
+def add_streaming_servicer(server: grpc.aio.Server, service: str, method: str,
+                           handler: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]],
+                           request_type: Any, response_type: Any) -> None:
+    """Register one server-streaming ``handler`` like a generated ``add_..._to_server`` does, with a response
+    serializer that sends pre-encoded events (``bytes``, e.g. :meth:`Artifact.frames`) as they are."""
+    handlers = {
+        method: grpc.unary_stream_rpc_method_handler(
+            handler,
+            request_deserializer=request_type.FromString,
+            response_serializer=passthrough_serializer(response_type.SerializeToString),
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)  # type: ignore[attr-defined]  # stubs lag
+
+
 class JobEvents(Generic[T]):
     """A job's stream (from the model worker or the refiner's batcher): progress as proto, then its result.
 
