@@ -17,8 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeAlias, TypeVar
 
+from trellisbox._domain.artifacts import read_chunk_frame
 from trellisbox._domain.wire import single_field as single_field  # re-exported: gateway.results, tests
-from trellisbox.v1 import gateway_pb2, refiner_pb2, trellis_pb2
+from trellisbox.v1 import common_pb2, gateway_pb2, refiner_pb2, trellis_pb2
 
 #: Field numbers of the events in all three response messages (0: a message with no event set).
 PROGRESS = 1
@@ -75,6 +76,19 @@ class StageEvent(Generic[M]):
             message: M = self._type.FromString(self.encoded)
             self._message = message
         return self._message
+
+    def chunk(self) -> tuple[common_pb2.ArtifactChunk, bytes | memoryview]:
+        """This chunk event's chunk, its data apart: from the received bytes, a view of them (no copy of the data).
+
+        Raises:
+            ArtifactProtocolError: the chunk is malformed.
+        """
+        if self.encoded is not None:
+            read = read_chunk_frame(self.encoded)
+            if read is not None:
+                return read
+        chunk = self.message.chunk
+        return chunk, chunk.data
 
     def relay(self) -> Outgoing:
         """This progress or chunk event as the gateway's response: its own bytes when it has them."""

@@ -106,3 +106,20 @@ def test_get_result_responses_are_generate_responses_on_the_wire() -> None:
         assert (ours.name, ours.message_type.full_name) == (theirs.name, theirs.message_type.full_name)
     done = gateway_pb2.GenerateResponse(done=gateway_pb2.GenerateDone(request_id="r", generation_seed=3))
     assert gateway_pb2.GetResultResponse.FromString(done.SerializeToString()).done.generation_seed == 3
+
+
+@pytest.mark.parametrize("stage_type", STAGE_TYPES)
+def test_a_chunk_is_read_from_its_received_bytes(stage_type: StageType) -> None:
+    chunk = _chunk()
+    received = stage_type(chunk=chunk).SerializeToString()
+    event = stage_deserializer(stage_type)(received)
+    head, data = event.chunk()
+    assert isinstance(data, memoryview) and data.obj is received and bytes(data) == chunk.data  # a view, no copy
+    assert (head.offset, head.total_bytes, head.kind, head.sha256) == (chunk.offset, chunk.total_bytes, chunk.kind,
+                                                                       chunk.sha256)
+    # A chunk event not in single-field form is parsed, and its data read from the message.
+    tail = stage_type(chunk=common_pb2.ArtifactChunk(data=b"tail")).SerializeToString()
+    parsed = stage_deserializer(stage_type)(received + tail)
+    assert parsed.encoded is None and parsed.field == CHUNK
+    head, data = parsed.chunk()  # protobuf merges the two chunks: the second's data replaces the first's
+    assert data == b"tail" and head.total_bytes == chunk.total_bytes
