@@ -23,6 +23,8 @@ TRELLIS_MODEL ?=
 PLACEMENT ?= dedicated
 # `make demo GAUSSIAN_REFINEMENT=60`: also fit the generated Gaussians to the image (step budget; 0 = off).
 GAUSSIAN_REFINEMENT ?= 0
+# `make demo GAUSSIAN_REFINEMENT=60 NOVEL_VIEWS=1`: with refined views from around the object as extra targets.
+NOVEL_VIEWS ?=
 # SECURE=1: TLS at the gateway, mutual TLS inside and a bearer token (dev certificates and the token in out/tls).
 SECURE ?=
 STACK_FLAGS = $(if $(SECURE),--secure) --placement $(PLACEMENT) $(if $(REFINER_MODEL),--refiner-model $(REFINER_MODEL)) $(if $(TRELLIS_MODEL),--trellis-model $(TRELLIS_MODEL))
@@ -53,7 +55,7 @@ run: install
 
 demo: install
 	$(PY) -m tools.demo --out out --refiner-backend $(REFINER_BACKEND) --trellis-backend $(TRELLIS_BACKEND) $(STACK_FLAGS) \
-	  --gaussian-refinement $(GAUSSIAN_REFINEMENT)
+	  --gaussian-refinement $(GAUSSIAN_REFINEMENT) $(if $(NOVEL_VIEWS),--novel-views)
 	node tools/gltf-validator/validate.mjs out/*.glb
 
 # The browser test (tests/e2e/test_webui.py) drives Debian's Chromium through Playwright; never a browser

@@ -1,5 +1,6 @@
 """Gaussian refinement speed: seconds per fit step and per camera recovery against Gaussian count and render
-size, and the cost of moving the Gaussians between services as a PLY (docs/gaussian-refinement.md).
+size, and what keeping a novel-view refinement's Gaussians between its calls costs either way
+(docs/gaussian-refinement.md).
 
 ``python -m bench.gaussian_refinement [--quick] [--device cpu|cuda] [--out FILE]``
 
@@ -13,17 +14,22 @@ and the renders of gsplat and of the PyTorch rasteriser are compared (mean and l
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import trimesh
 from PIL import Image
 
 from bench.common import REPO, machine_info, write_json
 from trellis_service.backends.preview import PreviewBackend
+from trellis_service.domain import GenerationState
 from trellis_service.gaussian_refinement.cameras import OrbitPose, camera_at
 from trellis_service.gaussian_refinement.fit import FitSettings, FitTarget, fit_gaussians
 from trellis_service.gaussian_refinement.gaussians import GaussianSet, read_splat_ply
@@ -75,13 +81,58 @@ def measure(count: int, size: int, steps: int, device: str, rasterizer: Rasteriz
             "psnr_before": round(result.before[0].psnr, 2), "psnr_after": round(result.after[0].psnr, 2)}
 
 
-def transfer_costs(count: int) -> dict[str, Any]:
-    """Encoding the Gaussians as a PLY and reading them back: the price of sending them between services."""
+#: The bytes one Gaussian takes on the GPU in TRELLIS (xyz 3, features 3, scaling 3, rotation 4, opacity 1: fp32).
+GPU_BYTES_PER_GAUSSIAN = 14 * 4
+
+
+def hand_over_costs(count: int, faces: int, relay_mib_s: float | None, refiner_s: float) -> dict[str, Any]:
+    """The two ways to keep a novel-view refinement's Gaussians (and TRELLIS's mesh) between its TRELLIS calls,
+    measured for ``count`` Gaussians and a mesh of about ``faces`` faces (docs/gaussian-refinement.md).
+
+    Sent through the gateway: the state's encode and parse here, and its two hops at ``relay_mib_s`` (the gateway's
+    measured relay rate). Kept in the service: what it would hold, host or GPU, for the refiner call (``refiner_s``).
+    """
     gaussians = _splats(count)
-    data, encode_s = _timed(lambda: gaussians.to_splats().ply_bytes())
-    _, decode_s = _timed(lambda: GaussianSet.from_splats(read_splat_ply(data)))
-    return {"gaussians": len(gaussians), "ply_bytes": len(data), "encode_s": round(encode_s, 4),
-            "decode_s": round(decode_s, 4)}
+    subdivisions = max(1, round(math.log(max(faces, 80) / 20, 4)))  # an icosphere has 20 · 4^k faces
+    sphere = trimesh.creation.icosphere(subdivisions=subdivisions)
+    state = GenerationState(splats=gaussians.to_splats().ply_bytes(),
+                            mesh_vertices=np.asarray(sphere.vertices, dtype=np.float32),
+                            mesh_faces=np.asarray(sphere.faces, dtype=np.int32),
+                            representation={"aabb": [-0.5, -0.5, -0.5, 1.0, 1.0, 1.0]})
+    data, encode_s = _timed(state.to_bytes)
+    _, decode_s = _timed(lambda: read_splat_ply(GenerationState.from_bytes(data).splats))
+    mib = len(data) / 2**20
+    relay_s = 2 * mib / relay_mib_s if relay_mib_s else None
+    gpu_bytes = len(gaussians) * GPU_BYTES_PER_GAUSSIAN + len(sphere.vertices) * 12 + len(sphere.faces) * 24
+    return {"gaussians": len(gaussians), "mesh_faces": len(sphere.faces), "state_bytes": len(data),
+            "encode_s": round(encode_s, 4), "decode_s": round(decode_s, 4),
+            "relay_s": None if relay_s is None else round(relay_s, 4),
+            "sent_s": None if relay_s is None else round(encode_s + decode_s + relay_s, 4),
+            "kept_host_mib": round(mib, 1), "kept_gpu_mib": round(gpu_bytes / 2**20, 1),
+            "kept_for_s": round(refiner_s, 3)}
+
+
+def novel_view_refiner_s(size: int) -> float:
+    """The refiner call a hand-over waits for: the classic (CPU) refiner on the novel views, in process."""
+    from refiner_service.backends.classic import ClassicBackend
+    from trellis_service.gaussian_refinement.novel_views import NOVEL_VIEW_COUNT
+    from trellisbox._domain.params import RefineParams
+
+    view = Image.open(EXAMPLE).convert("RGBA").resize((size, size))
+    refiner = ClassicBackend()
+    context = JobContext("bench", None, lambda _: None)
+    _, seconds = _timed(lambda: refiner.refine([view] * NOVEL_VIEW_COUNT, RefineParams(strength=0.2),
+                                               list(range(NOVEL_VIEW_COUNT)), context))
+    return seconds
+
+
+def relay_rate() -> float | None:
+    """The gateway's relay rate measured by ``python -m bench --only transport`` (served MiB/s), if it ran."""
+    path = REPO / "bench" / "results" / "transport.json"
+    if not path.is_file():
+        return None
+    served: dict[str, Any] = json.loads(path.read_text())["served"]
+    return float(served["mib_s"]["median"])
 
 
 def agreement(device: str) -> dict[str, Any] | None:
@@ -118,10 +169,12 @@ def main(argv: list[str] | None = None) -> int:
         for size in sizes:
             rows.append(measure(count, size, steps, args.device, rasterizer))
             print(rows[-1], flush=True)
-    transfers = [transfer_costs(count) for count in ([2_000] if args.quick else [20_000, 200_000])]
+    refiner_s = novel_view_refiner_s(256)
+    sizes_and_faces = [(2_000, 1_000)] if args.quick else [(20_000, 20_000), (200_000, 300_000)]
+    transfers = [hand_over_costs(count, faces, relay_rate(), refiner_s) for count, faces in sizes_and_faces]
     results = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "quick": args.quick,
                "device": args.device, "rasterizer": rasterizer.name, "machine": machine_info(),
-               "fit": rows, "ply_transfer": transfers, "agreement": agreement(args.device)}
+               "fit": rows, "hand_over": transfers, "agreement": agreement(args.device)}
     write_json(args.out, results)
     median = statistics.median(row["step_s"] for row in rows)
     print(f"rasteriser {rasterizer.name} on {args.device}; median {median} s per fit step")
@@ -130,10 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         print(f"| {row['gaussians']} | {row['size']} | {row['pose_s']} | {row['step_s']} | {row['iou']} | "
               f"{row['psnr_before']} → {row['psnr_after']} |")
-    print("| Gaussians | PLY MB | encode s | decode s |")
-    print("|---:|---:|---:|---:|")
+    print("| Gaussians | mesh faces | state MB | encode s | parse s | 2 hops s | sent: total s | kept: host MiB | "
+          "kept: GPU MiB | kept for s (refiner call) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in transfers:
-        print(f"| {row['gaussians']} | {row['ply_bytes'] / 1e6:.1f} | {row['encode_s']} | {row['decode_s']} |")
+        print(f"| {row['gaussians']} | {row['mesh_faces']} | {row['state_bytes'] / 1e6:.1f} | {row['encode_s']} | "
+              f"{row['decode_s']} | {row['relay_s']} | {row['sent_s']} | {row['kept_host_mib']} | "
+              f"{row['kept_gpu_mib']} | {row['kept_for_s']} |")
     if results["agreement"] is not None:
         print(f"agreement: {results['agreement']}")
     return 0

@@ -58,6 +58,12 @@ class StubTrellis:
             yield frame
         yield trellis_pb2.ImageTo3DResponse(done=trellis_pb2.ImageTo3DDone(seed=0, backend="stub", device="none"))
 
+    async def RefineGaussians(self, request: trellis_pb2.RefineGaussiansRequest,
+                              context: grpc.aio.ServicerContext[Any, Any]
+                              ) -> AsyncIterator[trellis_pb2.ImageTo3DResponse | bytes]:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the stub TRELLIS serves ImageTo3D only")
+        yield b""  # never reached: makes this the async generator the handler expects
+
 
 def serve_trellis(host: str, port: int, artifact_bytes: int, chunk_bytes: int) -> None:
     settings = ServiceSettings(host=host, port=port, max_queue=1024, grace_s=0.5)

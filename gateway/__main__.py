@@ -36,8 +36,10 @@ def main(argv: list[str] | None = None) -> None:
         # Channels must be created inside the server's event loop.
         stages = StageClients(settings)
         channels.append(stages)
-        router = Router(stages, Admission(settings.max_concurrent, settings.max_queue), settings.stage_retries)
-        add_gateway_servicer(GatewayServicer(settings, router, ByteBudget(settings.max_held_bytes), jobs), server)
+        budget = ByteBudget(settings.max_held_bytes)
+        router = Router(stages, Admission(settings.max_concurrent, settings.max_queue), settings.stage_retries,
+                        budget=budget, max_message_bytes=settings.max_request_bytes)
+        add_gateway_servicer(GatewayServicer(settings, router, budget, jobs), server)
 
     async def close_channels() -> None:
         await jobs.drain(settings.grace_s)  # durable requests whose callers left get the drain time calls get

@@ -1,5 +1,8 @@
 """Stage routing: optional refinement, then image-to-3D, relayed as one stream.
 
+A Gaussian refinement with novel views takes three calls, all orchestrated here (:meth:`Router._with_novel_views`):
+TRELLIS generates and hands over, the refiner pool refines the novel views, TRELLIS fits and exports.
+
 The router speaks to the model services over gRPC and streams their progress and artifact chunks to
 the caller as they arrive. Chunks are forwarded in the bytes they arrived as (see
 :mod:`gateway.relay`), never reassembled, except refined images, which are the next stage's input.
@@ -11,18 +14,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
 
-from gateway.admission import Admission
+from gateway.admission import Admission, ByteBudget
 from gateway.relay import CHUNK, DONE, PROGRESS, M, Outgoing, StageEvent
-from gateway.stages import StageClients
+from gateway.stages import ImageTo3DCall, RefineGaussiansCall, StageClients
 from trellisbox._domain.artifacts import Artifact, ArtifactAssembler, ArtifactProtocolError
 from trellisbox._domain.convert import kinds_to_proto, params_to_proto, progress_to_proto, timings_to_proto
-from trellisbox._domain.errors import StageFailed
+from trellisbox._domain.errors import InvalidInput, StageFailed
 from trellisbox._domain.imaging import HANDOFF_MEDIA_TYPE
 from trellisbox._domain.kinds import ArtifactKind, Stage, known_stage
 from trellisbox._domain.params import GenerationParams, RefineParams
@@ -32,6 +35,8 @@ from trellisbox.v1 import common_pb2, gateway_pb2, refiner_pb2, trellis_pb2
 _log = logging.getLogger(__name__)
 
 _Event = TypeVar("_Event", StageEvent[refiner_pb2.RefineResponse], StageEvent[trellis_pb2.ImageTo3DResponse])
+
+TrellisCall = ImageTo3DCall | RefineGaussiansCall
 
 GENERATED_KINDS = frozenset({ArtifactKind.GLB, ArtifactKind.GAUSSIAN_PLY})
 #: The classic (CPU restoration) refiner has no diffusion model: say so rather than ignore the parameters silently.
@@ -69,10 +74,13 @@ class Router:
         attempts: Calls per stage when a replica fails with UNAVAILABLE (also mid-stream).
     """
 
-    def __init__(self, stages: StageClients, admission: Admission, attempts: int = 3) -> None:
+    def __init__(self, stages: StageClients, admission: Admission, attempts: int = 3, *,
+                 budget: ByteBudget | None = None, max_message_bytes: int = 64 * 2**20) -> None:
         self._stages = stages
         self._admission = admission
         self._attempts = attempts
+        self._budget = budget if budget is not None else ByteBudget(2**62)
+        self._max_message_bytes = max_message_bytes
 
     async def generate(self, job: GenerateJob) -> AsyncIterator[Outgoing]:
         started = time.monotonic()
@@ -103,7 +111,10 @@ class Router:
             images = [common_pb2.Image(data=refined[i].data, media_type=refined[i].media_type)
                       for i in range(len(images))]
         generate_done = trellis_pb2.ImageTo3DDone()
-        async for stage_event in self._image_to_3d(job, images):
+        refinement = job.generation.gaussian_refinement
+        stage_events = (self._with_novel_views(job, images) if refinement.enabled and refinement.novel_views
+                        else self._image_to_3d(job, images))
+        async for stage_event in stage_events:
             if stage_event.field == DONE:
                 generate_done = stage_event.message.done
             elif stage_event.field:
@@ -126,14 +137,25 @@ class Router:
         ))
 
 
-    async def _refine(self, job: GenerateJob, params: RefineParams,
-                      refined: dict[int, Artifact]) -> AsyncIterator[StageEvent[refiner_pb2.RefineResponse]]:
-        """The refiner's events; its refined images go into ``refined`` (and to the caller once complete)."""
+    async def _refine(self, job: GenerateJob, params: RefineParams, refined: dict[int, Artifact],
+                      images: Sequence[common_pb2.Image] | None = None, forward_as: ArtifactKind | None = None,
+                      ) -> AsyncIterator[StageEvent[refiner_pb2.RefineResponse]]:
+        """The refiner's events; its refined images go into ``refined`` (and, once complete, to the caller when it
+        asked for them).
+
+        Args:
+            images: What to refine: the caller's images, or (novel-view refinement) the novel views.
+            forward_as: The kind the caller gets the refined images as when it asked for them (the refiner's chunks
+                as they came for refined images, re-cut for novel views); None: it did not ask.
+        """
         STAGE.set("refine")  # this call's log lines, to its end (a failure is logged with the stage it failed in)
-        forward_chunks = ArtifactKind.REFINED_IMAGE in job.formats
+        if images is None:
+            images = job.images
+            forward_as = ArtifactKind.REFINED_IMAGE if ArtifactKind.REFINED_IMAGE in job.formats else None
+        forward_chunks = forward_as is ArtifactKind.REFINED_IMAGE
         # A refined image only TRELLIS sees travels in the lossless hand-off form: no PNG encode, a cheaper decode.
-        request = refiner_pb2.RefineRequest(request_id=job.request_id, images=job.images,
-                                            output_media_type="" if forward_chunks else HANDOFF_MEDIA_TYPE)
+        request = refiner_pb2.RefineRequest(request_id=job.request_id, images=images,
+                                            output_media_type="" if forward_as else HANDOFF_MEDIA_TYPE)
         params_to_proto(params, request.parameters)
         for attempt in range(1, self._attempts + 1):
             assembler = ArtifactAssembler()
@@ -155,29 +177,130 @@ class Router:
                 if not self._retryable(failure, attempt, job):
                     raise
                 yield _retrying(refiner_pb2.RefineResponse, Stage.REFINE, failure, attempt + 1, self._attempts)
-        for chunk in chunks:
-            yield chunk
-        missing = set(range(len(job.images))) - set(refined)
+        missing = set(range(len(images))) - set(refined)
         if missing:
             raise StageFailed("refiner", "INTERNAL", f"returned no refined image for images {sorted(missing)}")
+        for chunk in chunks:
+            yield chunk
+        if forward_as is not None and not forward_chunks:
+            for index in sorted(refined):
+                artifact = refined[index]
+                for frame in Artifact(forward_as, artifact.data, index, artifact.media_type).frames():
+                    yield StageEvent(refiner_pb2.RefineResponse, CHUNK, encoded=frame)
 
     async def _image_to_3d(self, job: GenerateJob, images: Sequence[common_pb2.Image]
                            ) -> AsyncIterator[StageEvent[trellis_pb2.ImageTo3DResponse]]:
         """TRELLIS's events; its artifact chunks are relayed as they come, so it is retried only before the first."""
         STAGE.set("image_to_3d")
         request = trellis_pb2.ImageTo3DRequest(request_id=job.request_id, images=images,
-                                               formats=kinds_to_proto(job.formats & GENERATED_KINDS))
+                                               formats=_generated_formats(job))
         params_to_proto(job.generation, request.parameters)
+        async for event in self._relayed(lambda: self._stages.image_to_3d(request, timeout=job.remaining()), job):
+            yield event
+
+    async def _relayed(self, call: Callable[[], TrellisCall], job: GenerateJob
+                       ) -> AsyncIterator[StageEvent[trellis_pb2.ImageTo3DResponse]]:
+        """A TRELLIS call whose artifact chunks are relayed as they come, so it is retried only before the first."""
         for attempt in range(1, self._attempts + 1):
             relayed_chunk = False
             try:
-                async for event in self._stream("trellis", self._stages.image_to_3d(request,
-                                                                                     timeout=job.remaining())):
+                async for event in self._stream("trellis", call()):
                     relayed_chunk = relayed_chunk or event.field == CHUNK
                     yield event
                 return
             except StageFailed as failure:
                 if relayed_chunk or not self._retryable(failure, attempt, job):
+                    raise
+                yield _retrying(trellis_pb2.ImageTo3DResponse, Stage.QUEUED, failure, attempt + 1, self._attempts)
+
+    async def _with_novel_views(self, job: GenerateJob, images: Sequence[common_pb2.Image]
+                                ) -> AsyncIterator[StageEvent[trellis_pb2.ImageTo3DResponse]]:
+        """Gaussian refinement with novel views (docs/gaussian-refinement.md), as one stage's events:
+
+        1. TRELLIS generates, recovers the images' cameras and renders the novel views, then hands over: the views,
+           the generated state (Gaussians as PLY, TRELLIS's mesh) and the cameras. Nothing of it reaches the caller.
+        2. The refiner pool refines the novel views in one batched call, at ``novel_view_strength`` (the request's
+           other refinement settings when it refines, the defaults otherwise; the generation seed).
+        3. TRELLIS fits to the images and the refined views, and exports; its events are relayed as
+           :meth:`_image_to_3d`'s are. ``done`` carries the stage times of all three calls.
+
+        The service keeps nothing between calls, so any replica may take each of them and a failed one is retried
+        elsewhere like any stage call; the hand-over's bytes count against the gateway's byte budget meanwhile.
+        """
+        refinement = job.generation.gaussian_refinement
+        STAGE.set("image_to_3d")
+        request = trellis_pb2.ImageTo3DRequest(request_id=job.request_id, images=images, hand_over_novel_views=True,
+                                               formats=_generated_formats(job))
+        params_to_proto(job.generation, request.parameters)
+        handed: dict[int, Artifact] = {}
+        first_done = trellis_pb2.ImageTo3DDone()
+        async for event in self._collected(lambda: self._stages.image_to_3d(request, timeout=job.remaining()), job,
+                                           handed):
+            if event.field == DONE:
+                first_done = event.message.done
+            else:
+                yield event
+        views = sorted((artifact for artifact in handed.values() if artifact.kind == ArtifactKind.NOVEL_VIEW),
+                       key=lambda artifact: artifact.index)
+        states = [artifact for artifact in handed.values() if artifact.kind == ArtifactKind.GENERATION_STATE]
+        if not first_done.HasField("hand_over") or len(states) != 1 or len(views) != len(
+                first_done.hand_over.novel_view_cameras):
+            raise StageFailed("trellis", "INTERNAL", "the hand-over for novel views is incomplete")
+        held = 2 * (len(states[0].data) + sum(len(view.data) for view in views))  # the artifacts and the requests
+        async with self._budget.hold_when_free(held, job.remaining()):
+            refine_started = time.monotonic()
+            base = job.refine if job.refine is not None else RefineParams()
+            novel_params = base.model_copy(update={"strength": refinement.novel_view_strength,
+                                                   "seed": first_done.seed})
+            refined: dict[int, Artifact] = {}
+            forward_as = ArtifactKind.NOVEL_VIEW if ArtifactKind.NOVEL_VIEW in job.formats else None
+            novel_images = [common_pb2.Image(data=view.data, media_type=view.media_type) for view in views]
+            async for refine_event in self._refine(job, novel_params, refined, novel_images, forward_as):
+                if refine_event.field in (PROGRESS, CHUNK):  # chunks: the refined novel views the caller asked for
+                    # The two responses lay their events out alike (gateway.relay), so the bytes carry over.
+                    encoded = refine_event.encoded or refine_event.message.SerializeToString()
+                    yield StageEvent(trellis_pb2.ImageTo3DResponse, refine_event.field, encoded=encoded)
+            refine_s = time.monotonic() - refine_started
+            STAGE.set("image_to_3d")
+            finish = trellis_pb2.RefineGaussiansRequest(
+                request_id=job.request_id, images=images, formats=_generated_formats(job),
+                seed=first_done.seed, hand_over=first_done.hand_over, state=states[0].data,
+                novel_views=[common_pb2.Image(data=refined[i].data, media_type=refined[i].media_type)
+                             for i in range(len(views))])
+            params_to_proto(job.generation, finish.parameters)
+            del handed, views, states, refined, novel_images
+            if finish.ByteSize() > self._max_message_bytes:
+                raise InvalidInput(
+                    f"generation.gaussian_refinement.novel_views: this object's Gaussians and mesh with the images "
+                    f"make {finish.ByteSize() / 2**20:.0f} MiB, more than one message to the TRELLIS service may carry "
+                    f"({self._max_message_bytes / 2**20:.0f} MiB); refine without novel_views, or raise "
+                    "max_request_bytes on the gateway and the TRELLIS service")
+            async for event in self._relayed(lambda: self._stages.refine_gaussians(finish, timeout=job.remaining()),
+                                             job):
+                if event.field == DONE:
+                    yield StageEvent(trellis_pb2.ImageTo3DResponse, DONE, message=trellis_pb2.ImageTo3DResponse(
+                        done=_merged(first_done, event.message.done, refine_s)))
+                else:
+                    yield event
+
+    async def _collected(self, call: Callable[[], TrellisCall], job: GenerateJob, into: dict[int, Artifact]
+                         ) -> AsyncIterator[StageEvent[trellis_pb2.ImageTo3DResponse]]:
+        """A TRELLIS call whose artifacts are the next call's input: assembled into ``into`` in arrival order (not
+        relayed), its other events relayed; retried from the start on another replica."""
+        for attempt in range(1, self._attempts + 1):
+            assembler = ArtifactAssembler()
+            into.clear()
+            try:
+                async for event in self._stream("trellis", call()):
+                    if event.field != CHUNK:
+                        yield event
+                        continue
+                    artifact = assembler.feed(*event.chunk())
+                    if artifact is not None:
+                        into[len(into)] = artifact
+                return
+            except StageFailed as failure:
+                if not self._retryable(failure, attempt, job):
                     raise
                 yield _retrying(trellis_pb2.ImageTo3DResponse, Stage.QUEUED, failure, attempt + 1, self._attempts)
 
@@ -199,6 +322,30 @@ class Router:
             raise StageFailed(stage, "INTERNAL", str(exc)) from exc
         finally:
             call.cancel()  # no-op when finished; stops the stage when we leave early
+
+
+def _generated_formats(job: GenerateJob) -> list[common_pb2.ArtifactKind.ValueType]:
+    """What TRELLIS writes of what the caller asked for."""
+    return kinds_to_proto(job.formats & GENERATED_KINDS)
+
+
+def _merged(handed_over: trellis_pb2.ImageTo3DDone, finished: trellis_pb2.ImageTo3DDone, refine_s: float
+            ) -> trellis_pb2.ImageTo3DDone:
+    """One ``done`` for the three calls of a novel-view refinement: the stage times added up (the refiner call on the
+    novel views counts as Gaussian refinement), the notes of both TRELLIS calls, the second call's report."""
+    seconds: dict[int, float] = {}
+    for timing in (*handed_over.timings, *finished.timings):
+        if timing.stage != int(Stage.QUEUED) or timing.stage not in seconds:  # the first call's queueing is the job's
+            seconds[timing.stage] = seconds.get(timing.stage, 0.0) + timing.seconds
+    seconds[Stage.GAUSSIAN_REFINEMENT] = seconds.get(Stage.GAUSSIAN_REFINEMENT, 0.0) + refine_s
+    merged = trellis_pb2.ImageTo3DDone()
+    merged.CopyFrom(finished)
+    del merged.timings[:]
+    merged.timings.extend(common_pb2.StageTiming(stage=common_pb2.Stage.ValueType(stage), seconds=value)
+                          for stage, value in seconds.items())
+    del merged.notes[:]
+    merged.notes.extend(dict.fromkeys([*handed_over.notes, *finished.notes]))
+    return merged
 
 
 def _retrying(message_type: type[M], stage: Stage, failure: StageFailed, attempt: int, attempts: int

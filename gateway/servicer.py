@@ -29,15 +29,20 @@ from trellisbox.v1 import gateway_pb2
 
 _log = logging.getLogger(__name__)
 
-def requested_formats(request: gateway_pb2.GenerateRequest) -> frozenset[ArtifactKind]:
+def requested_formats(request: gateway_pb2.GenerateRequest, generation: GenerationParams) -> frozenset[ArtifactKind]:
     """The artifact kinds to return; GLB (plus the refined image when refining) by default."""
-    formats = kinds_from_proto(request.formats, ArtifactKind)
+    hints = {ArtifactKind.GENERATION_STATE: "it is internal to a novel-view Gaussian refinement"}
+    formats = kinds_from_proto(request.formats, set(ArtifactKind) - {ArtifactKind.GENERATION_STATE}, hints=hints)
     if not formats:
         formats = frozenset({ArtifactKind.GLB})
         if request.refine:
             formats |= {ArtifactKind.REFINED_IMAGE}
     if ArtifactKind.REFINED_IMAGE in formats and not request.refine:
         raise InvalidInput("ARTIFACT_KIND_REFINED_IMAGE was requested but refine is false; set refine=true")
+    refinement = generation.gaussian_refinement
+    if ArtifactKind.NOVEL_VIEW in formats and not (refinement.enabled and refinement.novel_views):
+        raise InvalidInput("ARTIFACT_KIND_NOVEL_VIEW was requested but there are no novel views; set "
+                           "generation.gaussian_refinement.enabled and generation.gaussian_refinement.novel_views")
     if not formats & GENERATED_KINDS:
         formats |= {ArtifactKind.GLB}  # the 3D model is the point of the call
     return formats
@@ -175,13 +180,14 @@ class GatewayServicer:
 
     def _job(self, request_id: str, request: gateway_pb2.GenerateRequest,
              context: grpc.aio.ServicerContext[Any, Any]) -> GenerateJob:
+        generation = _seeded(params_from_proto(GenerationParams, request.generation, "generation"))
         job = GenerateJob(
             request_id=request_id,
             images=request.images,
             refine=_seeded(params_from_proto(RefineParams, request.refine_parameters, "refine_parameters"))
             if request.refine else None,
-            generation=_seeded(params_from_proto(GenerationParams, request.generation, "generation")),
-            formats=requested_formats(request),
+            generation=generation,
+            formats=requested_formats(request, generation),
             deadline=time.monotonic() + (context.time_remaining() or self._settings.default_timeout_s),
         )
         _log.info("generate: %d image(s), refine=%s, formats=%s%s", len(job.images), job.refine is not None,

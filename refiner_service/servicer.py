@@ -110,5 +110,5 @@ class RefinerServicer(refiner_pb2_grpc.RefinerServiceServicer):
 def add_refiner_servicer(servicer: RefinerServicer, server: grpc.aio.Server) -> None:
     """Register ``servicer`` like the generated ``add_RefinerServiceServicer_to_server``, with a response serializer
     that sends its pre-encoded chunk events (``bytes``) as they are."""
-    add_streaming_servicer(server, REFINER_SERVICE, "Refine", servicer.Refine, refiner_pb2.RefineRequest,
+    add_streaming_servicer(server, REFINER_SERVICE, {"Refine": (servicer.Refine, refiner_pb2.RefineRequest)},
                            refiner_pb2.RefineResponse)

@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gaussian-refinement", type=int, default=0, metavar="STEPS",
                         help="also fit the generated Gaussians to the image with this step budget "
                              "(docs/gaussian-refinement.md; 0: off, the default)")
+    parser.add_argument("--novel-views", action="store_true",
+                        help="with --gaussian-refinement: also fit to views from around the object refined by the "
+                             "refiner (written as OUT/NAME.novel-N.png)")
     parser.add_argument("--serve", action="store_true", help="keep the stack running until Ctrl-C")
     parser.add_argument("--secure", action="store_true", help="TLS at the gateway, mutual TLS inside and a bearer "
                         "token: a new dev CA and certificates in OUT/tls, the token in OUT/tls/token")
@@ -113,9 +116,13 @@ def main(argv: list[str] | None = None) -> int:
                     stage_progress(_console) as progress:
                 bars = StageBars(progress, f"sending {args.image.name}")
                 try:
-                    refinement = ({"gaussian_refinement": {"enabled": True, "steps": args.gaussian_refinement}}
+                    novel_views = bool(args.gaussian_refinement and args.novel_views)
+                    refinement = ({"gaussian_refinement": {"enabled": True, "steps": args.gaussian_refinement,
+                                                           "novel_views": novel_views}}
                                   if args.gaussian_refinement else {})
-                    result = client.generate([args.image], refine=True, formats=["glb", "refined", "ply"],
+                    result = client.generate([args.image], refine=True,
+                                             formats=["glb", "refined", "ply"] + (["novel_views"] if novel_views
+                                                                                  else []),
                                              generation=refinement, on_progress=bars)
                 except BaseException:
                     bars.finish(done=False)
@@ -123,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                 bars.finish()
             stem = args.image.stem
             written = write_outputs(result, args.out / f"{stem}.glb", args.out / f"{stem}.refined.png",
-                                    args.out / f"{stem}.ply")
+                                    args.out / f"{stem}.ply", args.out / f"{stem}.novel.png")
             print_summary(result, written)
             _explain_backends(result.refiner_backend, result.generator_backend,
                               (args.refiner_backend, args.trellis_backend))

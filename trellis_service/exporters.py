@@ -14,9 +14,10 @@ import numpy as np
 import numpy.typing as npt
 import trimesh
 
-from trellis_service.domain import GeneratedAsset
+from trellis_service.domain import GeneratedAsset, HandedOver
 from trellisbox._domain.artifacts import Artifact
 from trellisbox._domain.errors import ServiceError
+from trellisbox._domain.imaging import encode_png
 from trellisbox._domain.kinds import ArtifactKind
 
 #: DC term of degree-0 spherical harmonics: colour = 0.5 + SH_C0 * f_dc (3DGS convention).
@@ -107,6 +108,16 @@ def written_ply(save_ply: Callable[[str], object]) -> PlyDocument:
     if not data.startswith(b"ply"):
         raise ExportError("save_ply wrote something that is not a PLY file")
     return PlyDocument(data)
+
+
+def encode_result(result: GeneratedAsset | HandedOver) -> list[Artifact]:
+    """An asset's artifacts (:func:`encode_asset`), or a hand-over's: the novel views as PNG (alpha: the object's
+    coverage), then the generation state."""
+    if isinstance(result, GeneratedAsset):
+        return encode_asset(result)
+    views = [Artifact(ArtifactKind.NOVEL_VIEW, encode_png(render), index=index)
+             for index, render in enumerate(result.plan.renders)]
+    return [*views, Artifact(ArtifactKind.GENERATION_STATE, result.state.to_bytes())]
 
 
 def encode_asset(asset: GeneratedAsset) -> list[Artifact]:

@@ -105,6 +105,8 @@ def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     _add_parameters(r, RefineParams, "refine")
     g = p.add_argument_group("generation (TRELLIS)")
     g.add_argument("--ply", type=Path, help="also write the Gaussian splats (PLY) here")
+    g.add_argument("--novel-views-png", type=Path, help="also write the refined novel views here (NAME-0.png, ...; "
+                   "with --gs-enabled --gs-novel-views)")
     _add_parameters(g, GenerationParams, "generation")
 
 
@@ -114,6 +116,8 @@ def _add_fetch_and_cancel(sub: argparse._SubParsersAction[argparse.ArgumentParse
     f.add_argument("-o", "--output", type=Path, required=True, help="where to write the GLB")
     f.add_argument("--refined-png", type=Path, help="also write the refined image(s) here, if the request made them")
     f.add_argument("--ply", type=Path, help="also write the Gaussian splats (PLY) here, if the request made them")
+    f.add_argument("--novel-views-png", type=Path, help="also write the refined novel views here (NAME-0.png, ...), "
+                   "if the request made them")
     f.add_argument("--timeout", type=float, default=900.0, help="deadline in seconds (default %(default)s)")
     add_connection_arguments(f)
     c = sub.add_parser("cancel", help="stop a durable request, or delete its stored result")
@@ -223,7 +227,7 @@ def print_summary(result: GenerationResult, written: Sequence[Path]) -> None:
 
 
 def write_outputs(result: GenerationResult, output: Path, refined_png: Path | None,
-                  ply: Path | None) -> list[Path]:
+                  ply: Path | None, novel_views_png: Path | None = None) -> list[Path]:
     written: list[Path] = []
 
     def write(path: Path, data: bytes) -> None:
@@ -240,6 +244,9 @@ def write_outputs(result: GenerationResult, output: Path, refined_png: Path | No
             write(refined_png if len(refined) == 1 else refined_png.with_stem(f"{refined_png.stem}-{i}"), data)
     if ply is not None and result.gaussian_ply is not None:
         write(ply, result.gaussian_ply)
+    if novel_views_png is not None:
+        for i, data in enumerate(result.novel_views):
+            write(novel_views_png.with_stem(f"{novel_views_png.stem}-{i}"), data)
     return written
 
 
@@ -261,7 +268,8 @@ def _explain(exc: grpc.RpcError, names: Sequence[str], target: str) -> str:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    formats = ["glb"] + (["refined"] if args.refined_png else []) + (["ply"] if args.ply else [])
+    formats = (["glb"] + (["refined"] if args.refined_png else []) + (["ply"] if args.ply else [])
+               + (["novel_views"] if args.novel_views_png else []))
     options: dict[str, Any] = dict(
         refine=args.refine,
         refine_params=given_parameters(args, "refine"),
@@ -328,7 +336,7 @@ def _follow(args: argparse.Namespace, status: str, names: Sequence[str],
     except (OSError, ValueError) as exc:  # a file that cannot be read or written (never its content)
         _console.print(f"error: {exc}", markup=False)
         return 1
-    print_summary(result, write_outputs(result, args.output, args.refined_png, args.ply))
+    print_summary(result, write_outputs(result, args.output, args.refined_png, args.ply, args.novel_views_png))
     return 0
 
 

@@ -38,6 +38,7 @@ FORMATS: dict[str, ArtifactKind] = {
     "glb": ArtifactKind.GLB,
     "ply": ArtifactKind.GAUSSIAN_PLY,
     "refined": ArtifactKind.REFINED_IMAGE,
+    "novel_views": ArtifactKind.NOVEL_VIEW,
 }
 
 
@@ -77,10 +78,17 @@ class GenerationResult:
     def gaussian_ply(self) -> bytes | None:
         return self._first(ArtifactKind.GAUSSIAN_PLY)
 
+    def _all(self, kind: ArtifactKind) -> list[bytes]:
+        return [a.data for a in sorted((a for a in self.artifacts if a.kind == kind), key=lambda a: a.index)]
+
     @property
     def refined_images(self) -> list[bytes]:
-        refined = [a for a in self.artifacts if a.kind == ArtifactKind.REFINED_IMAGE]
-        return [a.data for a in sorted(refined, key=lambda a: a.index)]
+        return self._all(ArtifactKind.REFINED_IMAGE)
+
+    @property
+    def novel_views(self) -> list[bytes]:
+        """The novel views of a Gaussian refinement with ``novel_views``, as the refiner tier refined them (PNG)."""
+        return self._all(ArtifactKind.NOVEL_VIEW)
 
 
 #: How the gateway's messages name a failing stage ("refiner: ...", "trellis: ...").
@@ -131,7 +139,7 @@ def build_request(images: Sequence[ImageInput], *, refine: bool = False,
             multi_image_mode ("stochastic" | "multidiffusion"), sparse_structure / slat (mappings of steps,
             cfg_strength), gaussian_refinement (a mapping: enabled, steps, colours, opacities, positions,
             scales, regularisation, resolution, novel_views, novel_view_strength).
-        formats: Any of "glb", "ply", "refined"; empty for the server default.
+        formats: Any of "glb", "ply", "refined", "novel_views"; empty for the server default.
         request_id: Optional id (letters, digits, ``. _ : -``; at most 128). With one the request is durable: the
             gateway finishes it even when the call breaks, and the same request with the same id, or
             :meth:`TrellisBoxClient.fetch`, gets its result (see :meth:`TrellisBoxClient.generate`).
@@ -300,7 +308,8 @@ def refinement_lines(report: common_pb2.GaussianRefinementReport | None) -> list
     if report is None:
         return []
     lines = [f"gaussian refinement: {report.steps} steps{' (stopped early)' if report.stopped_early else ''}, "
-             f"{report.gaussians} Gaussians at {report.resolution} px, rasteriser {report.rasterizer}"]
+             f"{report.gaussians} Gaussians at {report.resolution} px, rasteriser {report.rasterizer}"
+             + (f", {report.novel_views} refined novel views as extra targets" if report.novel_views else "")]
     for view in report.views:
         lines.append(f"  image {view.image_index}: camera yaw {view.yaw_degrees:.1f}° pitch {view.pitch_degrees:.1f}° "
                      f"distance {view.distance:.2f}, silhouette IoU {view.silhouette_iou:.3f}; "

@@ -160,7 +160,9 @@ class WebApp:
         yield panel.html(), None
         events: queue.Queue[tuple[str, Any]] = queue.Queue()
         client = TrellisBoxClient(self.gateway_target, timeout=self.timeout, **self.connection)
-        formats = ["glb", "ply"] + (["refined"] if refine else [])
+        gaussian = options.get("generation", {}).get("gaussian_refinement", {})
+        novel_views = bool(gaussian.get("enabled") and gaussian.get("novel_views"))
+        formats = ["glb", "ply"] + (["refined"] if refine else []) + (["novel_views"] if novel_views else [])
 
         def run() -> None:
             try:
@@ -227,6 +229,11 @@ class WebApp:
             path.write_bytes(data)
             downloads.append(str(path))
             refined.append((str(path), f"{path.name}"))
+        for i, data in enumerate(result.novel_views):  # shown beside the refined images: both came from the refiner
+            path = folder / f"{stem}.novel-view-{i}.png"
+            path.write_bytes(data)
+            downloads.append(str(path))
+            refined.append((str(path), f"novel view {i + 1} (refined)"))
         timings = ", ".join(f"{stage.lower()} {seconds:.1f} s" for stage, seconds in result.timings.items())
         panel.finish(f"done: refiner {result.refiner_backend or 'not used'}, generator {result.generator_backend}; "
                      f"seed {result.generation_seed}"

@@ -102,7 +102,9 @@ def test_gaussian_refinement_bench_quick(tmp_path: Path) -> None:
     (row,) = data["fit"]
     assert row["gaussians"] == 2000 and row["size"] == 48
     assert all(_positive(row[key]) for key in ("pose_s", "step_s", "iou"))
-    (transfer,) = data["ply_transfer"]
-    table = 2000 * 17 * 4  # 17 float columns per Gaussian
-    assert table < transfer["ply_bytes"] < table + 1024, "the table plus a header"
-    assert _positive(transfer["encode_s"]) and _positive(transfer["decode_s"])
+    (hand_over,) = data["hand_over"]
+    assert hand_over["gaussians"] == 2000 and hand_over["mesh_faces"] == 1280
+    splats, mesh = 2000 * 17 * 4, 642 * 3 * 4 + 1280 * 3 * 4  # 17 float columns per Gaussian; the icosphere
+    assert splats + mesh < hand_over["state_bytes"] < splats + mesh + 4096, "the PLY and the mesh, zip and headers"
+    assert all(_positive(hand_over[key]) for key in ("encode_s", "decode_s", "kept_for_s", "kept_host_mib"))
+    assert hand_over["sent_s"] is None or hand_over["sent_s"] >= hand_over["encode_s"] + hand_over["decode_s"]

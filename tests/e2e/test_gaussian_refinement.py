@@ -5,6 +5,7 @@ on a shared 2-core machine torch's default thread pool makes the refinement many
 
 from __future__ import annotations
 
+import io
 import math
 import subprocess
 import sys
@@ -12,7 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
+from PIL import Image
 
 from tests.e2e.conftest import validate_glb
 from tests.images import png_bytes, rgba_object
@@ -68,12 +71,52 @@ def test_refinement_returns_refined_splats_a_glb_and_the_figures(stack: LocalSta
     assert any("only TRELLIS re-bakes the GLB" in note for note in refined.notes)
 
 
-def test_novel_view_refinement_is_refused_before_any_work(stack: LocalStack) -> None:
-    with TrellisBoxClient(stack.gateway_target, timeout=60) as client, pytest.raises(grpc.RpcError) as caught:
-        client.generate([rgba_object(64)], generation={"gaussian_refinement": {**FAST, "novel_views": True}})
+def test_novel_views_go_through_the_refiner_tier_and_back_into_the_fit(stack: LocalStack, tmp_path: Path) -> None:
+    """The gateway's three calls: TRELLIS hands over (cameras, novel views, the generated Gaussians), the refiner
+    pool refines the novel views in one call, TRELLIS fits to the image and them, and exports."""
+    image = rgba_object(128)
+    updates: list[ProgressUpdate] = []
+    request = {"seed": 4, "mesh_simplify": 0.99,
+               "gaussian_refinement": {**FAST, "novel_views": True, "novel_view_strength": 0.5}}
+    with TrellisBoxClient(stack.gateway_target, timeout=300) as client:
+        result = client.generate([image], generation=request, formats=["glb", "ply", "novel_views"],
+                                 on_progress=updates.append)
+        plain = client.generate([image], generation={"seed": 4, "mesh_simplify": 0.99}, formats=["ply"])
+        with pytest.raises(grpc.RpcError) as caught:  # novel views only come with a novel-view refinement
+            client.generate([image], generation={"gaussian_refinement": FAST}, formats=["novel_views"])
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
-    details = str(caught.value.details())  # type: ignore[attr-defined]
-    assert "generation.gaussian_refinement.novel_views" in details and "not implemented yet" in details
+    assert "ARTIFACT_KIND_NOVEL_VIEW was requested but there are no novel views" in str(
+        caught.value.details())  # type: ignore[attr-defined]
+
+    report = result.gaussian_refinement
+    assert report is not None and report.novel_views == 3 and report.steps == 6
+    (view,) = report.views
+    assert 0.5 < view.silhouette_iou <= 1.0 and view.psnr_after > view.psnr_before
+    assert report.held_out and all(math.isfinite(h.psnr) and math.isfinite(h.ssim) for h in report.held_out)
+
+    assert len(result.novel_views) == 3
+    for data in result.novel_views:
+        novel = Image.open(io.BytesIO(data))
+        assert novel.format == "PNG" and novel.mode == "RGBA" and novel.size == (256, 256)
+        coverage = np.asarray(novel.getchannel("A"))
+        assert 0.02 < (coverage > 127).mean() < 0.9, "the object, seen from around it"
+
+    stages = [u.stage for u in updates]
+    first_fit = stages.index("GAUSSIAN_REFINEMENT")
+    refined_views = [i for i, u in enumerate(updates) if u.stage == "REFINE"]
+    assert refined_views and first_fit < refined_views[0], "the novel views are refined after the cameras are found"
+    assert any(i > refined_views[-1] for i, stage in enumerate(stages) if stage == "GAUSSIAN_REFINEMENT")
+    assert "GAUSSIAN_REFINEMENT" in result.timings and "REFINE" not in result.timings
+
+    assert result.glb is not None and result.gaussian_ply is not None and plain.gaussian_ply is not None
+    path = tmp_path / "novel.glb"
+    path.write_bytes(result.glb)
+    validate_glb(path)
+    before, after = read_splat_ply(plain.gaussian_ply), read_splat_ply(result.gaussian_ply)
+    assert len(before.xyz) == len(after.xyz) == report.gaussians
+    assert (before.f_dc != after.f_dc).any()
+    trellis_log = stack.processes["trellis"].log_path.read_text(errors="replace")
+    assert trellis_log.count("refine Gaussians: 1 image(s) and 3 refined novel view(s)") == 1
 
 
 def test_cli_flags_ask_for_refinement_and_print_the_figures(stack: LocalStack, tmp_path: Path) -> None:
@@ -90,3 +133,20 @@ def test_cli_flags_ask_for_refinement_and_print_the_figures(stack: LocalStack, t
     assert "silhouette IoU" in completed.stderr and "PSNR" in completed.stderr
     assert "gaussian_refinement" in completed.stderr
     assert (tmp_path / "ball.ply").read_bytes().startswith(b"ply")
+
+
+def test_a_hand_over_too_large_for_one_stage_message_is_refused_with_the_reason(tmp_path: Path) -> None:
+    """The state goes back to TRELLIS in one message: a gateway whose messages are capped below it says so (and what
+    to change) instead of failing the stage call."""
+    small = LocalStack(tmp_path, refiner_args=["--backend", "classic"], trellis_args=["--backend", "preview"],
+                       gateway_args=["--max-request-bytes", str(2**20)],
+                       env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}, ready_timeout=120)
+    with small, TrellisBoxClient(small.gateway_target, timeout=240) as client, \
+            pytest.raises(grpc.RpcError) as caught:
+        # The preview's default 20 000 splats: a 1.4 MB state.
+        client.generate([rgba_object(96)], generation={"gaussian_refinement": {**FAST, "novel_views": True}},
+                        formats=["ply"])
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    details = str(caught.value.details())  # type: ignore[attr-defined]
+    assert details.startswith("generation.gaussian_refinement.novel_views: this object's Gaussians and mesh")
+    assert "(1 MiB); refine without novel_views, or raise max_request_bytes" in details

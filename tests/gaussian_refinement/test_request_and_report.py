@@ -8,14 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gateway.servicer import requested_formats
+from tests.images import png_bytes
 from trellis_service.exporters import SplatArrays
 from trellis_service.gaussian_refinement import refine_splats
+from trellis_service.servicer import require_novel_views
+from trellisbox._domain.artifacts import Artifact
 from trellisbox._domain.convert import params_from_proto, params_message
 from trellisbox._domain.errors import InvalidInput
+from trellisbox._domain.kinds import ArtifactKind
 from trellisbox._domain.params import GaussianRefinementParams, GenerationParams, build, from_text
 from trellisbox._runtime.worker import JobContext
 from trellisbox.client import GenerationResult, refinement_lines
-from trellisbox.v1 import common_pb2
+from trellisbox.v1 import common_pb2, gateway_pb2
 from webui.app import WebApp
 from webui.form import ProgressPanel, request_options
 
@@ -44,10 +49,19 @@ def test_the_web_form_sends_its_checkboxes() -> None:
     assert options["generation"] == {"gaussian_refinement": {"enabled": True, "steps": 25, "colours": False}}
 
 
-def test_novel_views_are_refused_with_a_reason() -> None:
-    with pytest.raises(InvalidInput, match=r"^generation\.gaussian_refinement\.novel_views: novel-view refinement "
-                                           r"through the refiner tier is not implemented yet"):
-        build(GenerationParams, {"gaussian_refinement": {"novel_views": True}}, "generation")
+def test_novel_view_artifacts_only_with_novel_views_and_the_hand_over_never() -> None:
+    novel = build(GenerationParams, {"gaussian_refinement": {"enabled": True, "novel_views": True}}, "generation")
+    asked = gateway_pb2.GenerateRequest(formats=[common_pb2.ARTIFACT_KIND_NOVEL_VIEW])
+    assert requested_formats(asked, novel) == {ArtifactKind.NOVEL_VIEW, ArtifactKind.GLB}
+    with pytest.raises(InvalidInput, match=r"^ARTIFACT_KIND_NOVEL_VIEW was requested but there are no novel views; "
+                                           r"set generation\.gaussian_refinement\.enabled and .*novel_views$"):
+        requested_formats(asked, GenerationParams())
+    internal = gateway_pb2.GenerateRequest(formats=[common_pb2.ARTIFACT_KIND_GENERATION_STATE])
+    with pytest.raises(InvalidInput, match=r"formats: ARTIFACT_KIND_GENERATION_STATE is not an artifact this service "
+                                           r"produces; it is internal to a novel-view Gaussian refinement"):
+        requested_formats(internal, novel)
+    with pytest.raises(InvalidInput, match=r"^hand_over_novel_views needs parameters\.gaussian_refinement\.enabled"):
+        require_novel_views(GenerationParams(), "hand_over_novel_views")
 
 
 def test_a_fit_that_may_move_nothing_is_refused() -> None:
@@ -73,3 +87,16 @@ def test_the_web_page_and_the_cli_show_the_figures(tmp_path: Path) -> None:
     page, _ = WebApp("127.0.0.1:1", tmp_path)._show(result, ProgressPanel("sending"), ["mug.png"])
     assert '<div class="tb-refinement">gaussian refinement: 10 steps' in page
     assert "PSNR 18.60 → 21.20 dB" in page
+
+
+def test_the_web_page_shows_the_refined_novel_views(tmp_path: Path) -> None:
+    report = common_pb2.GaussianRefinementReport(steps=4, gaussians=300, resolution=48, rasterizer="torch",
+                                                 novel_views=3)
+    assert refinement_lines(report)[0].endswith(", 3 refined novel views as extra targets")
+    views = [Artifact(ArtifactKind.NOVEL_VIEW, png_bytes(32 + i), index=i) for i in (2, 0, 1)]
+    result = GenerationResult(generator_backend="preview", gaussian_refinement=report, artifacts=views)
+    assert [len(data) for data in result.novel_views] == [len(png_bytes(32 + i)) for i in range(3)], "by index"
+    _, shown = WebApp("127.0.0.1:1", tmp_path)._show(result, ProgressPanel("sending"), ["mug.png"])
+    assert [caption for _, caption in shown["refined"]] == [f"novel view {i} (refined)" for i in (1, 2, 3)]
+    assert [Path(path).read_bytes() for path, _ in shown["refined"]] == result.novel_views
+    assert all(path in shown["downloads"] for path, _ in shown["refined"])

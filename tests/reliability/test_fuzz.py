@@ -7,12 +7,15 @@ well-formed messages with lying or broken images and NaN, infinite, out-of-range
 
 from __future__ import annotations
 
+import io
 import math
+import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -20,6 +23,8 @@ from PIL import Image
 
 from tests.images import encode, huge_png_header, png_bytes, truncated_png
 from tools.stack import LocalStack
+from trellis_service.domain import GenerationState
+from trellis_service.exporters import SplatArrays
 from trellisbox._domain.contract import GATEWAY_SERVICE, REFINER_SERVICE, TRELLIS_SERVICE
 from trellisbox.v1 import common_pb2, gateway_pb2, refiner_pb2, trellis_pb2
 
@@ -174,6 +179,67 @@ def test_well_formed_and_mutated_messages_get_documented_statuses(stack: LocalSt
 def test_raw_bytes_get_documented_statuses(stack: LocalStack, service: str, data: bytes) -> None:
     code = call_raw(targets(stack)[service], METHODS[service], data)
     assert code in DOCUMENTED, f"{service} answered {code.name} to {data[:120]!r}"
+
+
+def _states() -> list[bytes]:
+    """Generation states a RefineGaussians call may carry: a real one (a small ball of Gaussians), and broken ones."""
+    count = 64
+    rng = np.random.default_rng(0)
+    quats = np.tile(np.array([1.0, 0.0, 0.0, 0.0], dtype=np.float32), (count, 1))
+    splats = SplatArrays(xyz=rng.normal(size=(count, 3)).astype(np.float32) * 0.3,
+                         normals=np.zeros((count, 3), np.float32), f_dc=rng.normal(size=(count, 3)).astype(np.float32),
+                         opacity=np.full(count, 2.0, np.float32), scale=np.full((count, 3), -2.5, np.float32),
+                         rotation=quats)
+    good = GenerationState(splats=splats.ply_bytes()).to_bytes()
+    deflated = io.BytesIO()
+    with zipfile.ZipFile(deflated, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("gaussians.ply", b"\0" * 100_000)
+    no_ply = GenerationState(splats=b"not a ply").to_bytes()
+    return [good, good[: len(good) // 2], b"", b"PK\x03\x04" + bytes(60), deflated.getvalue(), no_ply,
+            GenerationState(splats=splats.ply_bytes(), mesh_vertices=np.zeros((3, 2), np.float32),
+                            mesh_faces=np.zeros((1, 3), np.int32)).to_bytes()]
+
+
+STATES = _states()
+
+
+@st.composite
+def refine_gaussians_requests(draw: st.DrawFn) -> bytes:
+    """The second call of a novel-view refinement, as the gateway sends it, with its parts broken in turn; a fit
+    that does run is one step at 32 px."""
+    def camera() -> trellis_pb2.OrbitCamera:
+        return trellis_pb2.OrbitCamera(
+            yaw_degrees=draw(WEIRD_FLOATS), pitch_degrees=draw(st.sampled_from([10.0, 95.0, math.nan])),
+            distance=draw(st.sampled_from([2.4, 0.0, -1.0, math.inf])), size=draw(st.sampled_from([256, 0, 5000])))
+
+    cameras = draw(st.integers(min_value=0, max_value=2))
+    views = draw(st.integers(min_value=0, max_value=4))
+    hand_over = trellis_pb2.NovelViewHandOver(
+        input_cameras=[camera() for _ in range(cameras)],
+        silhouette_iou=[0.9] * draw(st.sampled_from([cameras, 1])),
+        novel_view_cameras=[camera() for _ in range(draw(st.sampled_from([views, 3])))])
+    message = trellis_pb2.RefineGaussiansRequest(
+        images=draw(st.lists(st.sampled_from([*IMAGES[:2], IMAGES[3]]), max_size=2)), hand_over=hand_over,
+        state=draw(st.sampled_from(STATES)), seed=draw(st.sampled_from([0, 2**64 - 1])),
+        novel_views=[common_pb2.Image(data=png_bytes(draw(st.sampled_from([256, 48])))) for _ in range(views)],
+        request_id=draw(st.sampled_from(["", "fuzz", "a\nb"])))
+    message.formats.extend(draw(st.lists(st.integers(min_value=0, max_value=5), max_size=2)))  # type: ignore[arg-type]
+    if draw(st.booleans()):
+        message.parameters.gaussian_refinement.CopyFrom(common_pb2.GaussianRefinementParameters(
+            enabled=True, novel_views=draw(st.booleans()), steps=1, resolution=32))
+    data = message.SerializeToString()
+    if draw(st.booleans()):  # cut the end
+        data = data[: draw(st.integers(min_value=0, max_value=len(data)))]
+    return data
+
+
+@FUZZ
+@given(data=st.one_of(refine_gaussians_requests(), st.binary(max_size=300)))
+def test_the_second_call_of_a_novel_view_refinement_gets_documented_statuses(stack: LocalStack, data: bytes) -> None:
+    """``RefineGaussians`` takes state that went through the gateway; whatever it holds, the call ends with a
+    documented status (a broken state, camera or view: INVALID_ARGUMENT)."""
+    code = call_raw(stack.processes["trellis"].target, f"/{TRELLIS_SERVICE}/RefineGaussians", data)
+    assert code in DOCUMENTED, f"RefineGaussians answered {code.name} to {data[:120]!r}"
 
 
 @FUZZ

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,10 @@ from tests.trellis.trellis_standin import MODELS, write_model_folder, write_stan
 from trellis_service.backends import choose_backend
 from trellis_service.backends.preview import PreviewBackend
 from trellis_service.backends.trellis import TrellisBackend
+from trellis_service.backends.trellis.generation import load_splats
 from trellis_service.config import TrellisSettings
-from trellis_service.exporters import encode_asset
+from trellis_service.domain import GenerationState
+from trellis_service.exporters import SplatArrays, encode_asset
 from trellis_service.gaussian_refinement.gaussians import read_splat_ply
 from trellisbox._domain.errors import Cancelled, ModelUnavailable
 from trellisbox._domain.kinds import ArtifactKind, Stage
@@ -342,8 +345,23 @@ def test_configured_trellis_raises_instead_of_falling_back(model_dir: Path) -> N
         choose_backend(settings, cuda_check=lambda: False)
 
 
+def saved(gaussian: Any, folder: Path) -> bytes:
+    """What upstream's save_ply writes of ``gaussian`` now (its default frame change included)."""
+    path = folder / "saved.ply"
+    gaussian.save_ply(str(path))
+    return path.read_bytes()
+
+
+def assert_same_splats(first: bytes, second: bytes) -> None:
+    """Equal Gaussians: every column exactly but the rotations, which the frame change turns in float arithmetic."""
+    a, b = read_splat_ply(first), read_splat_ply(second)
+    for column in ("xyz", "normals", "f_dc", "opacity", "scale"):
+        np.testing.assert_array_equal(getattr(a, column), getattr(b, column), err_msg=column)
+    np.testing.assert_allclose(a.rotation, b.rotation, atol=1e-6)
+
+
 def test_gaussian_refinement_refines_the_gaussians_and_bakes_the_glb_from_them(
-        standin_root: Path, model_dir: Path, torch_home: Path) -> None:
+        standin_root: Path, model_dir: Path, torch_home: Path, tmp_path: Path) -> None:
     """With refinement asked for, upstream's Gaussian is written (save_ply), fitted to the image, read back
     (load_ply) and only then baked (to_glb): the GLB and the PLY both come from the refined Gaussians."""
     write_standin(standin_root)
@@ -357,7 +375,8 @@ def test_gaussian_refinement_refines_the_gaussians_and_bakes_the_glb_from_them(
     (to_glb,) = named("to_glb", "trellis.utils.postprocessing_utils")
     gaussian = to_glb["app_rep"]
     ply = {a.kind: a.data for a in encode_asset(result)}[PLY]
-    assert gaussian.loaded == [ply], "the bake saw the refined Gaussians, the same ones the PLY carries"
+    assert len(gaussian.loaded) == 1
+    assert_same_splats(saved(gaussian, tmp_path), ply)  # the bake saw the Gaussians the PLY carries
     original = sys.modules["trellis.representations"].expected_ply_bytes()
     assert ply != original and len(ply) == len(original)
     refined = read_splat_ply(ply)
@@ -372,3 +391,75 @@ def test_gaussian_refinement_refines_the_gaussians_and_bakes_the_glb_from_them(
     assert stages.index(Stage.SLAT) < stages.index(Stage.GAUSSIAN_REFINEMENT) < len(stages) - 1
     assert stages.index(Stage.GAUSSIAN_REFINEMENT) < max(i for i, s in enumerate(stages) if s is Stage.EXPORT)
     assert Stage.GAUSSIAN_REFINEMENT in result.timings
+
+
+def test_refined_splats_go_back_into_upstreams_frame_exactly(standin_root: Path, tmp_path: Path) -> None:
+    """Upstream's load_ply cannot take a transform (it fails whenever one is given), so the refined splats go back
+    in TRELLIS's own frame, converted here: saving them again reproduces the file."""
+    write_standin(standin_root)
+    representations = __import__("trellis.representations", fromlist=["generated_gaussian"])
+    generated = representations.generated_gaussian()
+    with pytest.raises(UnboundLocalError):  # upstream's defect, reproduced by the stand-in
+        saved(generated, tmp_path)
+        generated.load_ply(str(tmp_path / "saved.ply"))
+    rng = np.random.default_rng(0)
+    def random(*shape: int) -> np.ndarray:  # type: ignore[type-arg]
+        return rng.normal(size=shape).astype(np.float32)
+
+    quats = random(64, 4)
+    splats = SplatArrays(xyz=random(64, 3), normals=random(64, 3), f_dc=random(64, 3), opacity=random(64),
+                         scale=random(64, 3), rotation=quats / np.linalg.norm(quats, axis=1, keepdims=True))
+    load_splats(generated, splats)
+    assert_same_splats(saved(generated, tmp_path), splats.ply_bytes())
+
+
+def test_novel_views_hand_over_then_refine_and_bake_from_a_fresh_gaussian(
+        standin_root: Path, model_dir: Path, torch_home: Path, tmp_path: Path) -> None:
+    """The two calls of a novel-view refinement on the adapter: the first hands over the Gaussians (save_ply), their
+    init_params and the extracted mesh; the second rebuilds upstream's Gaussian and MeshExtractResult from them,
+    fits to the image and the (here: colour-shifted) novel views, and bakes."""
+    write_standin(standin_root)
+    backend = backend_for(model_dir)
+    backend.load()
+    refinement = GaussianRefinementParams(enabled=True, steps=4, resolution=32, novel_views=True)
+    params = PARAMS.model_copy(update={"gaussian_refinement": refinement})
+    image = object_image(alpha=True)
+    with one_torch_thread():
+        handed = backend.hand_over([image], params, JobContext("test", None, lambda _: None))
+    assert handed.seed == 7 and Stage.GAUSSIAN_REFINEMENT in handed.timings
+    assert not named("to_glb", "trellis.utils.postprocessing_utils"), "nothing is baked before the fit"
+    state = GenerationState.from_bytes(handed.state.to_bytes())
+    assert state.representation == {"aabb": [-0.5, -0.5, -0.5, 1.0, 1.0, 1.0], "sh_degree": 0,
+                                    "mininum_kernel_size": 9e-4, "scaling_bias": 0.004, "opacity_bias": 0.1,
+                                    "scaling_activation": "softplus"}
+    assert state.mesh_vertices is not None and state.mesh_faces is not None
+    assert state.mesh_vertices.shape == (4, 3) and state.mesh_faces.tolist()[0] == [0, 2, 1]
+    generated = sys.modules["trellis.representations"].expected_ply_bytes()
+    assert_same_splats(state.splats, generated)
+    plan = handed.plan
+    assert len(plan.cameras) == 1 and len(plan.poses) == len(plan.renders) == 3
+    assert all(render.mode == "RGBA" and render.size == (256, 256) for render in plan.renders)
+    assert all(np.asarray(render)[..., 3].max() == 255 for render in plan.renders), "the object is in view"
+
+    shifted = [Image.merge("RGBA", (*render.convert("RGB").point(lambda v: min(255, v + 40)).split(),
+                                    render.getchannel("A"))) for render in plan.renders]
+    events: list[ProgressEvent] = []
+    with one_torch_thread():
+        result = backend.refine_handed_over(state, replace(plan, renders=shifted), [image], params, {GLB, PLY}, 7,
+                                            JobContext("test", None, events.append))
+    (to_glb,) = named("to_glb", "trellis.utils.postprocessing_utils")
+    gaussian, mesh = to_glb["app_rep"], to_glb["mesh"]
+    assert gaussian.init_params == state.representation and gaussian.device == "cpu"
+    assert len(gaussian.loaded) == 1
+    ply = {a.kind: a.data for a in encode_asset(result)}[PLY]
+    assert_same_splats(saved(gaussian, tmp_path), ply)
+    assert not np.array_equal(read_splat_ply(ply).f_dc, read_splat_ply(generated).f_dc), "colours moved"
+    assert type(mesh).__name__ == "MeshExtractResult"
+    np.testing.assert_array_equal(mesh.vertices.numpy(), state.mesh_vertices)
+    assert str(mesh.faces.dtype) == "torch.int64"
+    assert to_glb["simplify"] == 0.9 and to_glb["texture_size"] == 512
+    report = result.refinement
+    assert report is not None and report.novel_views == 3 and len(report.views) == 1
+    assert report.views[0].silhouette_iou == plan.cameras[0].iou
+    assert Stage.GAUSSIAN_REFINEMENT in result.timings and Stage.EXPORT in result.timings
+    assert len(named("decode_slat")) == 1, "the second call generates nothing"

@@ -102,28 +102,93 @@ def expected_ply_bytes(count=256):
     return header.encode("ascii") + table.tobytes()
 
 
+#: save_ply's default frame change, and its quaternion (a quarter turn about x).
+SAVE_TRANSFORM = np.array([[1, 0, 0], [0, 0, -1], [0, 1, 0]], dtype=np.float64)
+QUARTER = np.sqrt(0.5)
+
+
+def _read_table(path):
+    with open(path, "rb") as handle:
+        data = handle.read()
+    end = data.index(b"end_header\\n") + len(b"end_header\\n")
+    return np.frombuffer(data, dtype="<f4", offset=end).reshape(-1, len(PLY_PROPERTIES)).astype(np.float64)
+
+
+def _write_table(path, table):
+    header = "\\n".join(["ply", "format binary_little_endian 1.0", f"element vertex {len(table)}"]
+                        + [f"property float {p}" for p in PLY_PROPERTIES] + ["end_header", ""])
+    with open(path, "wb") as handle:
+        handle.write(header.encode("ascii") + table.astype("<f4").tobytes())
+
+
+def _turned(table):
+    """The table in save_ply's frame: positions and normals turned, rotations composed with the turn."""
+    out = table.copy()
+    out[:, 0:3] = table[:, 0:3] @ SAVE_TRANSFORM.T
+    out[:, 3:6] = table[:, 3:6] @ SAVE_TRANSFORM.T
+    w, x, y, z = (table[:, 13 + k] for k in range(4))
+    out[:, 13:17] = np.stack([QUARTER * (w - x), QUARTER * (x + w), QUARTER * (y - z), QUARTER * (z + y)], axis=1)
+    return out
+
+
 class Gaussian:
-    def __init__(self, count=256):
-        self.count = count
+    """Upstream's constructor, ``init_params``, ``save_ply`` (frame change by default) and ``load_ply``, which,
+    like upstream's, fails whenever it is given a transform (it reads ``rotation`` before assigning it)."""
+
+    def __init__(self, aabb, sh_degree=0, mininum_kernel_size=0.0, scaling_bias=0.01, opacity_bias=0.1,
+                 scaling_activation="exp", device="cuda"):
+        self.init_params = {"aabb": aabb, "sh_degree": sh_degree, "mininum_kernel_size": mininum_kernel_size,
+                            "scaling_bias": scaling_bias, "opacity_bias": opacity_bias,
+                            "scaling_activation": scaling_activation}
+        self.device = device
         self.saved_to = []
-        self.loaded = []  # the bytes of each load_ply, in order
-        self.data = expected_ply_bytes(count)
+        self.loaded = []  # the tables of each load_ply (its own frame), in order
+        self.table = None  # in TRELLIS's own (z-up) frame
 
-    def save_ply(self, path, transform=((1, 0, 0), (0, 0, -1), (0, 1, 0))):
+    def save_ply(self, path, transform=[[1, 0, 0], [0, 0, -1], [0, 1, 0]]):
         self.saved_to.append(path)
-        with open(path, "wb") as handle:
-            handle.write(self.data)
+        if transform is not None and not np.array_equal(np.array(transform), SAVE_TRANSFORM):
+            raise NotImplementedError("the stand-in knows only the default transform")
+        _write_table(path, _turned(self.table) if transform is not None else self.table)
 
-    def load_ply(self, path, transform=((1, 0, 0), (0, 0, -1), (0, 1, 0))):
-        with open(path, "rb") as handle:
-            self.data = handle.read()
-        self.loaded.append(self.data)
+    def load_ply(self, path, transform=[[1, 0, 0], [0, 0, -1], [0, 1, 0]]):
+        table = _read_table(path)
+        if transform is not None:
+            raise UnboundLocalError("cannot access local variable 'rotation' where it is not associated with a value")
+        self.table = table
+        self.loaded.append(table)
+
+
+def generated_gaussian():
+    """What decode_slat returns: expected_ply_bytes() once save_ply has turned it."""
+    gaussian = Gaussian(aabb=[-0.5, -0.5, -0.5, 1.0, 1.0, 1.0], mininum_kernel_size=9e-4, scaling_bias=0.004,
+                        opacity_bias=0.1, scaling_activation="softplus")
+    data = expected_ply_bytes()
+    end = data.index(b"end_header\\n") + len(b"end_header\\n")
+    turned = np.frombuffer(data, dtype="<f4", offset=end).reshape(-1, len(PLY_PROPERTIES)).astype(np.float64)
+    table = turned.copy()  # undo the turn: inverse transform on points, conjugate turn on rotations
+    table[:, 0:3] = turned[:, 0:3] @ SAVE_TRANSFORM
+    table[:, 3:6] = turned[:, 3:6] @ SAVE_TRANSFORM
+    w, x, y, z = (turned[:, 13 + k] for k in range(4))
+    table[:, 13:17] = np.stack([QUARTER * (w + x), QUARTER * (x - w), QUARTER * (y + z), QUARTER * (z - y)], axis=1)
+    gaussian.table = table
+    return gaussian
 
 
 class MeshExtractResult:
-    def __init__(self):
-        self.vertices = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=np.float32)
-        self.faces = np.array([[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]], dtype=np.int64)
+    def __init__(self, vertices, faces, vertex_attrs=None, res=64):
+        self.vertices = vertices
+        self.faces = faces.long()
+        self.vertex_attrs = vertex_attrs
+        self.res = res
+        self.success = vertices.shape[0] != 0 and faces.shape[0] != 0
+
+
+def extracted_mesh():
+    import torch
+
+    return MeshExtractResult(torch.tensor([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=torch.float32),
+                             torch.tensor([[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]], dtype=torch.int32))
 '''
 
 _SAMPLERS = '''
@@ -165,7 +230,7 @@ import rembg  # noqa: F401  (upstream imports it at module level for preprocess_
 from PIL import Image
 
 from ..modules import attention, sparse  # noqa: F401  (imports the configured extension modules)
-from ..representations import Gaussian, MeshExtractResult
+from ..representations import extracted_mesh, generated_gaussian
 from . import samplers
 
 CALLS = []
@@ -240,9 +305,9 @@ class TrellisImageTo3DPipeline:
         _record("decode_slat", formats=list(formats))
         result = {}
         if "mesh" in formats:
-            result["mesh"] = [MeshExtractResult()]
+            result["mesh"] = [extracted_mesh()]
         if "gaussian" in formats:
-            result["gaussian"] = [Gaussian()]
+            result["gaussian"] = [generated_gaussian()]
         return result
 
     def run(self, image, num_samples=1, seed=42, sparse_structure_sampler_params={}, slat_sampler_params={},

@@ -22,8 +22,8 @@ from PIL import Image
 from scipy import ndimage
 
 from trellis_service.backends.base import ImageTo3DBackend
-from trellis_service.domain import GeneratedAsset, StageClock
-from trellis_service.exporters import SH_C0, SplatArrays
+from trellis_service.domain import GeneratedAsset, GenerationState, HandedOver, StageClock
+from trellis_service.exporters import SH_C0, ExportError, SplatArrays
 from trellisbox._domain.imaging import has_real_alpha
 from trellisbox._domain.kinds import ArtifactKind, Stage
 from trellisbox._domain.params import GenerationParams, random_seed
@@ -31,7 +31,7 @@ from trellisbox._runtime.model import WeightFreeBackend
 from trellisbox._runtime.worker import JobContext
 
 if TYPE_CHECKING:
-    from trellis_service.gaussian_refinement import RefinementReport
+    from trellis_service.gaussian_refinement import NovelViewPlan, RefinementReport
 
 _log = logging.getLogger(__name__)
 
@@ -318,6 +318,11 @@ def sample_splats(mesh: InflatedMesh, texture: Image.Image, count: int, seed: in
                        scale.astype(f32), rotation.astype(f32))
 
 
+#: Said with every refined preview GLB.
+PREVIEW_GLB_NOTE = ("preview backend: the GLB keeps its projected texture; only TRELLIS re-bakes the GLB from the "
+                    "refined Gaussians")
+
+
 class PreviewBackend(WeightFreeBackend, ImageTo3DBackend):
     """CPU silhouette inflation: no weights, well under two seconds for a 512×512 image."""
 
@@ -379,7 +384,47 @@ class PreviewBackend(WeightFreeBackend, ImageTo3DBackend):
                 refined = refine_splats(splats, images[:1], params.gaussian_refinement, ctx, seed=seed)
             splats, report = refined.splats, refined.report
             if want_glb:
-                notes.append("preview backend: the GLB keeps its projected texture; only TRELLIS re-bakes the GLB "
-                             "from the refined Gaussians")
+                notes.append(PREVIEW_GLB_NOTE)
         return GeneratedAsset(seed=seed, mesh=mesh, splats=splats if want_ply else None, timings=clock.timings,
                               notes=notes, refinement=report)
+
+    def hand_over(self, images: list[Image.Image], params: GenerationParams, ctx: JobContext) -> HandedOver:
+        from trellis_service.gaussian_refinement import plan_novel_views  # torch: only when asked for
+
+        asset = self.generate(images, _unrefined(params), {ArtifactKind.GAUSSIAN_PLY}, ctx)
+        if not isinstance(asset.splats, SplatArrays):
+            raise ExportError("the preview made no Gaussians to refine")
+        clock = StageClock()
+        clock.timings.update(asset.timings)
+        with clock.stage(Stage.GAUSSIAN_REFINEMENT):
+            plan = plan_novel_views(asset.splats, images[:1], params.gaussian_refinement, ctx, seed=asset.seed)
+        return HandedOver(seed=asset.seed, state=GenerationState(splats=asset.splats.ply_bytes()), plan=plan,
+                          timings=clock.timings, notes=asset.notes)
+
+    def refine_handed_over(self, state: GenerationState, plan: NovelViewPlan, images: list[Image.Image],
+                           params: GenerationParams, formats: Set[ArtifactKind], seed: int,
+                           ctx: JobContext) -> GeneratedAsset:
+        from trellis_service.gaussian_refinement import refine_splats  # torch: only when asked for
+        from trellis_service.gaussian_refinement.gaussians import read_splat_ply
+
+        clock = StageClock()
+        with clock.stage(Stage.GAUSSIAN_REFINEMENT):
+            refined = refine_splats(read_splat_ply(state.splats), images[:1], params.gaussian_refinement, ctx,
+                                    seed=seed, plan=plan)
+        mesh: trimesh.Trimesh | None = None
+        notes: list[str] = []
+        if ArtifactKind.GLB in formats:  # the preview's GLB does not depend on the Gaussians: made again, the same
+            made = self.generate(images, _unrefined(params).model_copy(update={"seed": seed}), {ArtifactKind.GLB},
+                                 ctx)
+            mesh, notes = made.mesh, [*made.notes, PREVIEW_GLB_NOTE]
+            for stage, seconds in made.timings.items():
+                clock.timings[stage] = clock.timings.get(stage, 0.0) + seconds
+        return GeneratedAsset(seed=seed, mesh=mesh,
+                              splats=refined.splats if ArtifactKind.GAUSSIAN_PLY in formats else None,
+                              timings=clock.timings, notes=notes, refinement=refined.report)
+
+
+def _unrefined(params: GenerationParams) -> GenerationParams:
+    """``params`` without the Gaussian refinement: what the preview generates before either half of it."""
+    return params.model_copy(update={"gaussian_refinement": params.gaussian_refinement.model_copy(
+        update={"enabled": False})})

@@ -32,8 +32,10 @@ EARLY_STOP_TOLERANCE = 1e-3
 REGULARISER_YAWS: tuple[float, ...] = (60.0, 120.0, 180.0, 240.0, 300.0)
 HELD_OUT_YAWS: tuple[float, ...] = (90.0, 150.0, 210.0, 270.0)
 HELD_OUT_PITCH_OFFSET = 15.0
-#: Ring views closer than this (degrees of yaw) to a target's camera are left to the target.
+#: Ring views closer than this (degrees of yaw) to a photo's camera are left to the photo, and closer than
+#: :data:`NEAR_NOVEL_VIEW_DEGREES` to a novel view's (a lower-weight target) to the novel view.
 NEAR_PHOTO_DEGREES = 40.0
+NEAR_NOVEL_VIEW_DEGREES = 20.0
 #: Step size of a photo's camera during the fit, relative to the camera recovery's.
 CAMERA_RATE = 0.5
 #: Regulariser views rendered per step (round robin).
@@ -188,13 +190,14 @@ def object_region(mask: Tensor, grow: int = 2) -> Tensor:
 # -- the fit ------------------------------------------------------------------------------------------------
 
 
-def ring_poses(anchor: OrbitPose, yaw_offsets: Sequence[float], pitch_offset: float, seen: Sequence[OrbitPose],
+def ring_poses(anchor: OrbitPose, yaw_offsets: Sequence[float], pitch_offset: float, seen: Sequence[FitTarget],
                size: int) -> list[OrbitPose]:
     """Orbit poses at ``yaw_offsets`` from ``anchor``, leaving out those near a target's camera."""
     poses = []
     for offset in yaw_offsets:
         yaw = (anchor.yaw_degrees + offset) % 360.0
-        if any(abs((yaw - pose.yaw_degrees + 180.0) % 360.0 - 180.0) < NEAR_PHOTO_DEGREES for pose in seen):
+        if any(abs((yaw - target.pose.yaw_degrees + 180.0) % 360.0 - 180.0)
+               < (NEAR_PHOTO_DEGREES if target.weight >= 1.0 else NEAR_NOVEL_VIEW_DEGREES) for target in seen):
             continue
         pitch = max(-60.0, min(70.0, anchor.pitch_degrees + pitch_offset))
         poses.append(OrbitPose(yaw, pitch, anchor.distance, (0.0, 0.0), size))
@@ -226,7 +229,7 @@ def fit_gaussians(gaussians: GaussianSet, targets: Sequence[FitTarget], settings
     weights = [target.weight for target in targets]
     # The ring turns around the first photo; views near any target (photo or novel view) are the target's.
     anchor = next((target.pose for target in targets if target.weight >= 1.0), targets[0].pose)
-    seen = [target.pose for target in targets]
+    seen = list(targets)
     small = max(16, size // 2)
     ring = [camera_at(pose, centre, small) for pose in ring_poses(anchor, REGULARISER_YAWS, 0.0, seen, small)]
     held_out_poses = ring_poses(anchor, HELD_OUT_YAWS, HELD_OUT_PITCH_OFFSET, seen, small)

@@ -50,6 +50,10 @@ class ArtifactKind(IntEnum):
     GAUSSIAN_PLY = 2
     #: The refined input image as PNG.
     REFINED_IMAGE = 3
+    #: A view from around the generated object, refined by the refiner tier (novel-view Gaussian refinement).
+    NOVEL_VIEW = 4
+    #: Internal: what the TRELLIS service hands over between the two calls of a novel-view refinement.
+    GENERATION_STATE = 5
 
     @property
     def media_type(self) -> str:
@@ -60,6 +64,8 @@ _MEDIA_TYPES = {
     ArtifactKind.GLB: "model/gltf-binary",
     ArtifactKind.GAUSSIAN_PLY: "application/x-ply",
     ArtifactKind.REFINED_IMAGE: "image/png",
+    ArtifactKind.NOVEL_VIEW: "image/png",
+    ArtifactKind.GENERATION_STATE: "application/zip",
 }
 
 

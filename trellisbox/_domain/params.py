@@ -24,7 +24,7 @@ from enum import StrEnum
 from typing import Any, TypeVar, get_args
 
 import annotated_types
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.fields import FieldInfo
 
 from trellisbox._domain.errors import InvalidInput
@@ -101,16 +101,8 @@ class GaussianRefinementParams(ParamModel):
     resolution: int = param(128, "Edge in pixels of the square renders compared with the input views.",
                             ge=32, le=1024)
     novel_views: bool = param(False, "Also fit to views around the object refined by the SDXL refiner, with "
-                              "lower weight (not implemented yet: asking for it is refused).")
+                              "lower weight.")
     novel_view_strength: float = param(0.2, "Strength of the SDXL refiner on the novel views.", gt=0.0, le=1.0)
-
-    @field_validator("novel_views")
-    @classmethod
-    def _novel_views_not_yet(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("novel-view refinement through the refiner tier is not implemented yet "
-                             "(docs/gaussian-refinement.md); leave it off")
-        return value
 
     @property
     def attributes(self) -> frozenset[str]:

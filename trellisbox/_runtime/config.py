@@ -17,6 +17,10 @@ from trellisbox._domain.imaging import ImageLimits
 from trellisbox._runtime.observability import LogFormat
 from trellisbox._runtime.security import TlsMode, is_loopback
 
+#: The largest response message a service sends: one artifact chunk at the largest ``chunk_bytes`` (3 MiB) with its
+#: fields, or a ``done``. Responses are bounded by this, not by ``max_request_bytes``, which may be set lower.
+MAX_RESPONSE_BYTES = 4 * 2**20
+
 
 class ServiceSettings(BaseSettings):
     """Settings every gRPC service shares."""

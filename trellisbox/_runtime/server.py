@@ -27,7 +27,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from trellisbox._domain.errors import ServiceError
 from trellisbox._runtime import tracing
-from trellisbox._runtime.config import ServiceSettings
+from trellisbox._runtime.config import MAX_RESPONSE_BYTES, ServiceSettings
 from trellisbox._runtime.interceptor import ErrorInterceptor, ServerInterceptor
 from trellisbox._runtime.observability import configure_logging, start_metrics_server
 from trellisbox._runtime.security import describe_tls, is_loopback, server_credentials
@@ -83,7 +83,7 @@ def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
     """Channel arguments every service's server uses."""
     options = [
         ("grpc.max_receive_message_length", settings.max_request_bytes),
-        ("grpc.max_send_message_length", settings.max_request_bytes),
+        ("grpc.max_send_message_length", max(settings.max_request_bytes, MAX_RESPONSE_BYTES)),
         ("grpc.so_reuseport", 0),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),

@@ -74,6 +74,16 @@ class _ArtifactKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Artifact
     """3D Gaussian splats as PLY ("application/x-ply")."""
     ARTIFACT_KIND_REFINED_IMAGE: _ArtifactKind.ValueType  # 3
     """The refined input image as PNG ("image/png")."""
+    ARTIFACT_KIND_NOVEL_VIEW: _ArtifactKind.ValueType  # 4
+    """A view of the generated object from around it, refined by the refiner tier, as PNG with the object's
+    coverage in alpha ("image/png"); index k of the novel views. Only with
+    generation.gaussian_refinement.novel_views.
+    """
+    ARTIFACT_KIND_GENERATION_STATE: _ArtifactKind.ValueType  # 5
+    """Internal to a novel-view refinement: what the TRELLIS service hands over between its two calls (a zip
+    holding the generated Gaussians as PLY and, for TRELLIS, the extracted mesh). The gateway passes it back
+    to TrellisService.RefineGaussians; callers never get it.
+    """
 
 class ArtifactKind(_ArtifactKind, metaclass=_ArtifactKindEnumTypeWrapper):
     """What an artifact is."""
@@ -85,6 +95,16 @@ ARTIFACT_KIND_GAUSSIAN_PLY: ArtifactKind.ValueType  # 2
 """3D Gaussian splats as PLY ("application/x-ply")."""
 ARTIFACT_KIND_REFINED_IMAGE: ArtifactKind.ValueType  # 3
 """The refined input image as PNG ("image/png")."""
+ARTIFACT_KIND_NOVEL_VIEW: ArtifactKind.ValueType  # 4
+"""A view of the generated object from around it, refined by the refiner tier, as PNG with the object's
+coverage in alpha ("image/png"); index k of the novel views. Only with
+generation.gaussian_refinement.novel_views.
+"""
+ARTIFACT_KIND_GENERATION_STATE: ArtifactKind.ValueType  # 5
+"""Internal to a novel-view refinement: what the TRELLIS service hands over between its two calls (a zip
+holding the generated Gaussians as PLY and, for TRELLIS, the extracted mesh). The gateway passes it back
+to TrellisService.RefineGaussians; callers never get it.
+"""
 Global___ArtifactKind: _TypeAlias = ArtifactKind  # noqa: Y015
 
 class _MultiImageMode:
@@ -462,8 +482,8 @@ class GaussianRefinementParameters(_message.Message):
     resolution: _builtins.int
     """Edge in pixels of the square renders compared with the input views. In [32, 1024]; default 128."""
     novel_views: _builtins.bool
-    """Also fit to views around the object refined by the SDXL refiner, with lower weight (not implemented yet:
-    asking for it is refused). True or false; default false.
+    """Also fit to views around the object refined by the SDXL refiner, with lower weight. True or false;
+    default false.
     """
     novel_view_strength: _builtins.float
     """Strength of the SDXL refiner on the novel views. In (0.0, 1.0]; default 0.2."""
@@ -543,6 +563,7 @@ class GaussianRefinementReport(_message.Message):
     GAUSSIANS_FIELD_NUMBER: _builtins.int
     RESOLUTION_FIELD_NUMBER: _builtins.int
     RASTERIZER_FIELD_NUMBER: _builtins.int
+    NOVEL_VIEWS_FIELD_NUMBER: _builtins.int
     steps: _builtins.int
     """Optimiser steps taken, and whether the loss stopped improving before the budget was spent."""
     stopped_early: _builtins.bool
@@ -550,6 +571,8 @@ class GaussianRefinementReport(_message.Message):
     """Gaussians refined, the render edge in pixels and the rasteriser that ran ("torch", "gsplat")."""
     resolution: _builtins.int
     rasterizer: _builtins.str
+    novel_views: _builtins.int
+    """Novel views fitted besides the input images (refined by the refiner tier; 0 without novel_views)."""
     @_builtins.property
     def views(self) -> _containers.RepeatedCompositeFieldContainer[Global___GaussianRefinementView]: ...
     @_builtins.property
@@ -564,10 +587,11 @@ class GaussianRefinementReport(_message.Message):
         gaussians: _builtins.int = ...,
         resolution: _builtins.int = ...,
         rasterizer: _builtins.str = ...,
+        novel_views: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gaussians", b"gaussians", "held_out", b"held_out", "rasterizer", b"rasterizer", "resolution", b"resolution", "steps", b"steps", "stopped_early", b"stopped_early", "views", b"views"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gaussians", b"gaussians", "held_out", b"held_out", "novel_views", b"novel_views", "rasterizer", b"rasterizer", "resolution", b"resolution", "steps", b"steps", "stopped_early", b"stopped_early", "views", b"views"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from trellisbox.v1 import common_pb2 as trellisbox_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btrellisbox/v1/trellis.proto\x12\rtrellisbox.v1\x1a\x1atrellisbox/v1/common.proto\"\xb3\x01\n\x10ImageTo3DRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x06images\x18\x02 \x03(\x0b\x32\x14.trellisbox.v1.Image\x12\x37\n\nparameters\x18\x03 \x01(\x0b\x32#.trellisbox.v1.GenerationParameters\x12,\n\x07\x66ormats\x18\x04 \x03(\x0e\x32\x1b.trellisbox.v1.ArtifactKind\"\xa6\x01\n\x11ImageTo3DResponse\x12+\n\x08progress\x18\x01 \x01(\x0b\x32\x17.trellisbox.v1.ProgressH\x00\x12-\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1c.trellisbox.v1.ArtifactChunkH\x00\x12,\n\x04\x64one\x18\x03 \x01(\x0b\x32\x1c.trellisbox.v1.ImageTo3DDoneH\x00\x42\x07\n\x05\x65vent\"\xc0\x01\n\rImageTo3DDone\x12\x0c\n\x04seed\x18\x01 \x01(\x04\x12+\n\x07timings\x18\x02 \x03(\x0b\x32\x1a.trellisbox.v1.StageTiming\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05notes\x18\x05 \x03(\t\x12\x44\n\x13gaussian_refinement\x18\x06 \x01(\x0b\x32\'.trellisbox.v1.GaussianRefinementReport2b\n\x0eTrellisService\x12P\n\tImageTo3D\x12\x1f.trellisbox.v1.ImageTo3DRequest\x1a .trellisbox.v1.ImageTo3DResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btrellisbox/v1/trellis.proto\x12\rtrellisbox.v1\x1a\x1atrellisbox/v1/common.proto\"\xd2\x01\n\x10ImageTo3DRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x06images\x18\x02 \x03(\x0b\x32\x14.trellisbox.v1.Image\x12\x37\n\nparameters\x18\x03 \x01(\x0b\x32#.trellisbox.v1.GenerationParameters\x12,\n\x07\x66ormats\x18\x04 \x03(\x0e\x32\x1b.trellisbox.v1.ArtifactKind\x12\x1d\n\x15hand_over_novel_views\x18\x05 \x01(\x08\"\xa6\x01\n\x11ImageTo3DResponse\x12+\n\x08progress\x18\x01 \x01(\x0b\x32\x17.trellisbox.v1.ProgressH\x00\x12-\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1c.trellisbox.v1.ArtifactChunkH\x00\x12,\n\x04\x64one\x18\x03 \x01(\x0b\x32\x1c.trellisbox.v1.ImageTo3DDoneH\x00\x42\x07\n\x05\x65vent\"\xac\x01\n\x17RefineGaussiansResponse\x12+\n\x08progress\x18\x01 \x01(\x0b\x32\x17.trellisbox.v1.ProgressH\x00\x12-\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1c.trellisbox.v1.ArtifactChunkH\x00\x12,\n\x04\x64one\x18\x03 \x01(\x0b\x32\x1c.trellisbox.v1.ImageTo3DDoneH\x00\x42\x07\n\x05\x65vent\"\xf5\x01\n\rImageTo3DDone\x12\x0c\n\x04seed\x18\x01 \x01(\x04\x12+\n\x07timings\x18\x02 \x03(\x0b\x32\x1a.trellisbox.v1.StageTiming\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05notes\x18\x05 \x03(\t\x12\x44\n\x13gaussian_refinement\x18\x06 \x01(\x0b\x32\'.trellisbox.v1.GaussianRefinementReport\x12\x33\n\thand_over\x18\x07 \x01(\x0b\x32 .trellisbox.v1.NovelViewHandOver\"}\n\x0bOrbitCamera\x12\x13\n\x0byaw_degrees\x18\x01 \x01(\x01\x12\x15\n\rpitch_degrees\x18\x02 \x01(\x01\x12\x10\n\x08\x64istance\x18\x03 \x01(\x01\x12\x10\n\x08offset_x\x18\x04 \x01(\x01\x12\x10\n\x08offset_y\x18\x05 \x01(\x01\x12\x0c\n\x04size\x18\x06 \x01(\r\"\x96\x01\n\x11NovelViewHandOver\x12\x31\n\rinput_cameras\x18\x01 \x03(\x0b\x32\x1a.trellisbox.v1.OrbitCamera\x12\x16\n\x0esilhouette_iou\x18\x02 \x03(\x01\x12\x36\n\x12novel_view_cameras\x18\x03 \x03(\x0b\x32\x1a.trellisbox.v1.OrbitCamera\"\xb6\x02\n\x16RefineGaussiansRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x06images\x18\x02 \x03(\x0b\x32\x14.trellisbox.v1.Image\x12\x37\n\nparameters\x18\x03 \x01(\x0b\x32#.trellisbox.v1.GenerationParameters\x12,\n\x07\x66ormats\x18\x04 \x03(\x0e\x32\x1b.trellisbox.v1.ArtifactKind\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x33\n\thand_over\x18\x06 \x01(\x0b\x32 .trellisbox.v1.NovelViewHandOver\x12\r\n\x05state\x18\x07 \x01(\x0c\x12)\n\x0bnovel_views\x18\x08 \x03(\x0b\x32\x14.trellisbox.v1.Image2\xc6\x01\n\x0eTrellisService\x12P\n\tImageTo3D\x12\x1f.trellisbox.v1.ImageTo3DRequest\x1a .trellisbox.v1.ImageTo3DResponse0\x01\x12\x62\n\x0fRefineGaussians\x12%.trellisbox.v1.RefineGaussiansRequest\x1a&.trellisbox.v1.RefineGaussiansResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,11 +33,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'trellisbox.v1.trellis_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_IMAGETO3DREQUEST']._serialized_start=75
-  _globals['_IMAGETO3DREQUEST']._serialized_end=254
-  _globals['_IMAGETO3DRESPONSE']._serialized_start=257
-  _globals['_IMAGETO3DRESPONSE']._serialized_end=423
-  _globals['_IMAGETO3DDONE']._serialized_start=426
-  _globals['_IMAGETO3DDONE']._serialized_end=618
-  _globals['_TRELLISSERVICE']._serialized_start=620
-  _globals['_TRELLISSERVICE']._serialized_end=718
+  _globals['_IMAGETO3DREQUEST']._serialized_end=285
+  _globals['_IMAGETO3DRESPONSE']._serialized_start=288
+  _globals['_IMAGETO3DRESPONSE']._serialized_end=454
+  _globals['_REFINEGAUSSIANSRESPONSE']._serialized_start=457
+  _globals['_REFINEGAUSSIANSRESPONSE']._serialized_end=629
+  _globals['_IMAGETO3DDONE']._serialized_start=632
+  _globals['_IMAGETO3DDONE']._serialized_end=877
+  _globals['_ORBITCAMERA']._serialized_start=879
+  _globals['_ORBITCAMERA']._serialized_end=1004
+  _globals['_NOVELVIEWHANDOVER']._serialized_start=1007
+  _globals['_NOVELVIEWHANDOVER']._serialized_end=1157
+  _globals['_REFINEGAUSSIANSREQUEST']._serialized_start=1160
+  _globals['_REFINEGAUSSIANSREQUEST']._serialized_end=1470
+  _globals['_TRELLISSERVICE']._serialized_start=1473
+  _globals['_TRELLISSERVICE']._serialized_end=1671
 # @@protoc_insertion_point(module_scope)

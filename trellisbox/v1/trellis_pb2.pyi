@@ -27,7 +27,13 @@ class ImageTo3DRequest(_message.Message):
     IMAGES_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
     FORMATS_FIELD_NUMBER: _builtins.int
+    HAND_OVER_NOVEL_VIEWS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
+    hand_over_novel_views: _builtins.bool
+    """Set by the gateway when parameters.gaussian_refinement.novel_views is on: generate, recover the input
+    cameras and render the novel views, then hand over (NOVEL_VIEW and GENERATION_STATE artifacts and
+    ImageTo3DDone.hand_over) instead of fitting and exporting. `formats` is what RefineGaussians will write.
+    """
     @_builtins.property
     def images(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]: ...
     @_builtins.property
@@ -43,10 +49,11 @@ class ImageTo3DRequest(_message.Message):
         images: _abc.Iterable[_common_pb2.Image] | None = ...,
         parameters: _common_pb2.GenerationParameters | None = ...,
         formats: _abc.Iterable[_common_pb2.ArtifactKind.ValueType] | None = ...,
+        hand_over_novel_views: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["formats", b"formats", "images", b"images", "parameters", b"parameters", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["formats", b"formats", "hand_over_novel_views", b"hand_over_novel_views", "images", b"images", "parameters", b"parameters", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -83,6 +90,38 @@ class ImageTo3DResponse(_message.Message):
 Global___ImageTo3DResponse: _TypeAlias = ImageTo3DResponse  # noqa: Y015
 
 @_typing.final
+class RefineGaussiansResponse(_message.Message):
+    """The same events as ImageTo3DResponse, field for field (the gateway relays both alike)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def progress(self) -> _common_pb2.Progress: ...
+    @_builtins.property
+    def chunk(self) -> _common_pb2.ArtifactChunk: ...
+    @_builtins.property
+    def done(self) -> Global___ImageTo3DDone: ...
+    def __init__(
+        self,
+        *,
+        progress: _common_pb2.Progress | None = ...,
+        chunk: _common_pb2.ArtifactChunk | None = ...,
+        done: Global___ImageTo3DDone | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "done", b"done", "event", b"event", "progress", b"progress"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "done", b"done", "event", b"event", "progress", b"progress"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["progress", "chunk", "done"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___RefineGaussiansResponse: _TypeAlias = RefineGaussiansResponse  # noqa: Y015
+
+@_typing.final
 class ImageTo3DDone(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -92,6 +131,7 @@ class ImageTo3DDone(_message.Message):
     DEVICE_FIELD_NUMBER: _builtins.int
     NOTES_FIELD_NUMBER: _builtins.int
     GAUSSIAN_REFINEMENT_FIELD_NUMBER: _builtins.int
+    HAND_OVER_FIELD_NUMBER: _builtins.int
     seed: _builtins.int
     backend: _builtins.str
     """Backend that ran ("trellis", "preview") and the device it ran on."""
@@ -106,6 +146,10 @@ class ImageTo3DDone(_message.Message):
     def gaussian_refinement(self) -> _common_pb2.GaussianRefinementReport:
         """Set when the request asked for Gaussian refinement (generation.gaussian_refinement.enabled)."""
 
+    @_builtins.property
+    def hand_over(self) -> Global___NovelViewHandOver:
+        """Set when the request had hand_over_novel_views: the cameras RefineGaussians needs back."""
+
     def __init__(
         self,
         *,
@@ -115,11 +159,135 @@ class ImageTo3DDone(_message.Message):
         device: _builtins.str = ...,
         notes: _abc.Iterable[_builtins.str] | None = ...,
         gaussian_refinement: _common_pb2.GaussianRefinementReport | None = ...,
+        hand_over: Global___NovelViewHandOver | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["gaussian_refinement", b"gaussian_refinement"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["gaussian_refinement", b"gaussian_refinement", "hand_over", b"hand_over"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "device", b"device", "gaussian_refinement", b"gaussian_refinement", "notes", b"notes", "seed", b"seed", "timings", b"timings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "device", b"device", "gaussian_refinement", b"gaussian_refinement", "hand_over", b"hand_over", "notes", b"notes", "seed", b"seed", "timings", b"timings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ImageTo3DDone: _TypeAlias = ImageTo3DDone  # noqa: Y015
+
+@_typing.final
+class OrbitCamera(_message.Message):
+    """A camera on an orbit around the generated object's centre, in the y-up frame of its Gaussian PLY."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    YAW_DEGREES_FIELD_NUMBER: _builtins.int
+    PITCH_DEGREES_FIELD_NUMBER: _builtins.int
+    DISTANCE_FIELD_NUMBER: _builtins.int
+    OFFSET_X_FIELD_NUMBER: _builtins.int
+    OFFSET_Y_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    yaw_degrees: _builtins.float
+    pitch_degrees: _builtins.float
+    distance: _builtins.float
+    """In the object's units."""
+    offset_x: _builtins.float
+    """Shift of the principal point in pixels at `size`, and the render edge it was measured at."""
+    offset_y: _builtins.float
+    size: _builtins.int
+    def __init__(
+        self,
+        *,
+        yaw_degrees: _builtins.float = ...,
+        pitch_degrees: _builtins.float = ...,
+        distance: _builtins.float = ...,
+        offset_x: _builtins.float = ...,
+        offset_y: _builtins.float = ...,
+        size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["distance", b"distance", "offset_x", b"offset_x", "offset_y", b"offset_y", "pitch_degrees", b"pitch_degrees", "size", b"size", "yaw_degrees", b"yaw_degrees"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OrbitCamera: _TypeAlias = OrbitCamera  # noqa: Y015
+
+@_typing.final
+class NovelViewHandOver(_message.Message):
+    """What the first call of a novel-view refinement found, for the second."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INPUT_CAMERAS_FIELD_NUMBER: _builtins.int
+    SILHOUETTE_IOU_FIELD_NUMBER: _builtins.int
+    NOVEL_VIEW_CAMERAS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def input_cameras(self) -> _containers.RepeatedCompositeFieldContainer[Global___OrbitCamera]:
+        """Per input image: its recovered camera and the silhouette overlap there."""
+
+    @_builtins.property
+    def silhouette_iou(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def novel_view_cameras(self) -> _containers.RepeatedCompositeFieldContainer[Global___OrbitCamera]:
+        """Per novel view (the NOVEL_VIEW artifact with the same index): the camera it was rendered from."""
+
+    def __init__(
+        self,
+        *,
+        input_cameras: _abc.Iterable[Global___OrbitCamera] | None = ...,
+        silhouette_iou: _abc.Iterable[_builtins.float] | None = ...,
+        novel_view_cameras: _abc.Iterable[Global___OrbitCamera] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_cameras", b"input_cameras", "novel_view_cameras", b"novel_view_cameras", "silhouette_iou", b"silhouette_iou"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NovelViewHandOver: _TypeAlias = NovelViewHandOver  # noqa: Y015
+
+@_typing.final
+class RefineGaussiansRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    IMAGES_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    FORMATS_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    HAND_OVER_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    NOVEL_VIEWS_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    seed: _builtins.int
+    """Its ImageTo3DDone: the seed, and the hand-over."""
+    state: _builtins.bytes
+    """Its GENERATION_STATE artifact, as it was sent."""
+    @_builtins.property
+    def images(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]:
+        """The images, parameters and formats of the ImageTo3D call that handed over."""
+
+    @_builtins.property
+    def parameters(self) -> _common_pb2.GenerationParameters: ...
+    @_builtins.property
+    def formats(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.ArtifactKind.ValueType]: ...
+    @_builtins.property
+    def hand_over(self) -> Global___NovelViewHandOver: ...
+    @_builtins.property
+    def novel_views(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]:
+        """The refined novel views, one per hand_over.novel_view_cameras, in that order."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        images: _abc.Iterable[_common_pb2.Image] | None = ...,
+        parameters: _common_pb2.GenerationParameters | None = ...,
+        formats: _abc.Iterable[_common_pb2.ArtifactKind.ValueType] | None = ...,
+        seed: _builtins.int = ...,
+        hand_over: Global___NovelViewHandOver | None = ...,
+        state: _builtins.bytes = ...,
+        novel_views: _abc.Iterable[_common_pb2.Image] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hand_over", b"hand_over", "parameters", b"parameters"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["formats", b"formats", "hand_over", b"hand_over", "images", b"images", "novel_views", b"novel_views", "parameters", b"parameters", "request_id", b"request_id", "seed", b"seed", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RefineGaussiansRequest: _TypeAlias = RefineGaussiansRequest  # noqa: Y015

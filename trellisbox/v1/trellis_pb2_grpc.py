@@ -39,6 +39,11 @@ class TrellisServiceStub:
                 request_serializer=trellisbox_dot_v1_dot_trellis__pb2.ImageTo3DRequest.SerializeToString,
                 response_deserializer=trellisbox_dot_v1_dot_trellis__pb2.ImageTo3DResponse.FromString,
                 _registered_method=True)
+        self.RefineGaussians = channel.unary_stream(
+                '/trellisbox.v1.TrellisService/RefineGaussians',
+                request_serializer=trellisbox_dot_v1_dot_trellis__pb2.RefineGaussiansRequest.SerializeToString,
+                response_deserializer=trellisbox_dot_v1_dot_trellis__pb2.RefineGaussiansResponse.FromString,
+                _registered_method=True)
 
 
 class TrellisServiceServicer:
@@ -52,6 +57,15 @@ class TrellisServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RefineGaussians(self, request, context):
+        """The second half of a Gaussian refinement with novel views (docs/gaussian-refinement.md): the gateway sends
+        back what ImageTo3D handed over, with the novel views the refiner tier refined. The fit runs, then the
+        requested artifacts stream back as from ImageTo3D.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrellisServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +73,11 @@ def add_TrellisServiceServicer_to_server(servicer, server):
                     servicer.ImageTo3D,
                     request_deserializer=trellisbox_dot_v1_dot_trellis__pb2.ImageTo3DRequest.FromString,
                     response_serializer=trellisbox_dot_v1_dot_trellis__pb2.ImageTo3DResponse.SerializeToString,
+            ),
+            'RefineGaussians': grpc.unary_stream_rpc_method_handler(
+                    servicer.RefineGaussians,
+                    request_deserializer=trellisbox_dot_v1_dot_trellis__pb2.RefineGaussiansRequest.FromString,
+                    response_serializer=trellisbox_dot_v1_dot_trellis__pb2.RefineGaussiansResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -88,6 +107,33 @@ class TrellisService:
             '/trellisbox.v1.TrellisService/ImageTo3D',
             trellisbox_dot_v1_dot_trellis__pb2.ImageTo3DRequest.SerializeToString,
             trellisbox_dot_v1_dot_trellis__pb2.ImageTo3DResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RefineGaussians(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/trellisbox.v1.TrellisService/RefineGaussians',
+            trellisbox_dot_v1_dot_trellis__pb2.RefineGaussiansRequest.SerializeToString,
+            trellisbox_dot_v1_dot_trellis__pb2.RefineGaussiansResponse.FromString,
             options,
             channel_credentials,
             insecure,

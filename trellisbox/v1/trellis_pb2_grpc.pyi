@@ -35,6 +35,11 @@ class TrellisServiceStub:
     """Generates one 3D asset from one image or several views of one object. Streams progress, then
     the requested artifacts in chunks, then `done`.
     """
+    RefineGaussians: _grpc.UnaryStreamMultiCallable[_trellis_pb2.RefineGaussiansRequest, _trellis_pb2.RefineGaussiansResponse]
+    """The second half of a Gaussian refinement with novel views (docs/gaussian-refinement.md): the gateway sends
+    back what ImageTo3D handed over, with the novel views the refiner tier refined. The fit runs, then the
+    requested artifacts stream back as from ImageTo3D.
+    """
 
 @_typing.type_check_only
 class TrellisServiceAsyncStub(TrellisServiceStub):
@@ -42,6 +47,11 @@ class TrellisServiceAsyncStub(TrellisServiceStub):
     ImageTo3D: _aio.UnaryStreamMultiCallable[_trellis_pb2.ImageTo3DRequest, _trellis_pb2.ImageTo3DResponse]  # type: ignore[assignment]
     """Generates one 3D asset from one image or several views of one object. Streams progress, then
     the requested artifacts in chunks, then `done`.
+    """
+    RefineGaussians: _aio.UnaryStreamMultiCallable[_trellis_pb2.RefineGaussiansRequest, _trellis_pb2.RefineGaussiansResponse]  # type: ignore[assignment]
+    """The second half of a Gaussian refinement with novel views (docs/gaussian-refinement.md): the gateway sends
+    back what ImageTo3D handed over, with the novel views the refiner tier refined. The fit runs, then the
+    requested artifacts stream back as from ImageTo3D.
     """
 
 class TrellisServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -53,6 +63,17 @@ class TrellisServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_trellis_pb2.ImageTo3DResponse], _abc.AsyncIterator[_trellis_pb2.ImageTo3DResponse]]:
         """Generates one 3D asset from one image or several views of one object. Streams progress, then
         the requested artifacts in chunks, then `done`.
+        """
+
+    @_abc_1.abstractmethod
+    def RefineGaussians(
+        self,
+        request: _trellis_pb2.RefineGaussiansRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_trellis_pb2.RefineGaussiansResponse], _abc.AsyncIterator[_trellis_pb2.RefineGaussiansResponse]]:
+        """The second half of a Gaussian refinement with novel views (docs/gaussian-refinement.md): the gateway sends
+        back what ImageTo3D handed over, with the novel views the refiner tier refined. The fit runs, then the
+        requested artifacts stream back as from ImageTo3D.
         """
 
 def add_TrellisServiceServicer_to_server(servicer: TrellisServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

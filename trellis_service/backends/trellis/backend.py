@@ -6,19 +6,22 @@ import gc
 import importlib
 import logging
 from collections.abc import Callable, Mapping, Set
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from trellis_service.backends.base import ImageTo3DBackend
-from trellis_service.backends.trellis.generation import generate_asset
+from trellis_service.backends.trellis.generation import generate_asset, hand_over_asset, refine_handed_over_asset
 from trellis_service.config import TrellisBackendConfig
-from trellis_service.domain import GeneratedAsset
+from trellis_service.domain import GeneratedAsset, GenerationState, HandedOver
 from trellis_service.preflight import PreflightConfig, PreflightResult, run_preflight
 from trellisbox._domain.errors import ModelUnavailable
 from trellisbox._domain.kinds import ArtifactKind
 from trellisbox._domain.params import GenerationParams
 from trellisbox._runtime.worker import JobContext
+
+if TYPE_CHECKING:
+    from trellis_service.gaussian_refinement import NovelViewPlan
 
 _log = logging.getLogger(__name__)
 
@@ -157,3 +160,16 @@ class TrellisBackend(ImageTo3DBackend):
             self.load()
         return generate_asset(self._pipeline, self._postprocessing, images, params, formats, ctx,
                               offline=self.offline, device=self.device)
+
+    def hand_over(self, images: list[Image.Image], params: GenerationParams, ctx: JobContext) -> HandedOver:
+        if self._pipeline is None:
+            self.load()
+        return hand_over_asset(self._pipeline, images, params, ctx, offline=self.offline, device=self.device)
+
+    def refine_handed_over(self, state: GenerationState, plan: NovelViewPlan, images: list[Image.Image],
+                           params: GenerationParams, formats: Set[ArtifactKind], seed: int,
+                           ctx: JobContext) -> GeneratedAsset:
+        if self._pipeline is None:
+            self.load()
+        return refine_handed_over_asset(self._postprocessing, state, plan, images, params, formats, seed, ctx,
+                                        device=self.device)

@@ -3,25 +3,27 @@ CPU-side :class:`~trellis_service.domain.GeneratedAsset` (the GLB bake and the G
 
 from __future__ import annotations
 
+import importlib
 import os
 import tempfile
 from collections.abc import Set
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from PIL import Image
 
 from trellis_service.backends.trellis.instrumentation import instrumented
-from trellis_service.domain import GeneratedAsset, StageClock
+from trellis_service.domain import GeneratedAsset, GenerationState, HandedOver, StageClock
 from trellis_service.exporters import PlyDocument, SplatArrays, written_ply
 from trellis_service.preflight import u2net_path
-from trellisbox._domain.errors import ModelUnavailable
+from trellisbox._domain.errors import InvalidInput, ModelUnavailable
 from trellisbox._domain.imaging import has_real_alpha
 from trellisbox._domain.kinds import ArtifactKind, Stage
 from trellisbox._domain.params import GenerationParams, MultiImageMode, random_seed
 from trellisbox._runtime.worker import JobContext
 
 if TYPE_CHECKING:
-    from trellis_service.gaussian_refinement import RefinementReport
+    from trellis_service.gaussian_refinement import NovelViewPlan, RefinementReport
 
 #: Only what the GLB bake and the PLY need.
 _OUTPUT_FORMATS = ["gaussian", "mesh"]
@@ -47,18 +49,9 @@ def generate_asset(pipeline: Any, postprocessing: Any, images: list[Image.Image]
     """
     seed = params.seed if params.seed is not None else random_seed()
     notes: list[str] = []
-    u2net = u2net_path(os.environ)
-    if offline and not u2net.is_file() and not all(has_real_alpha(image) for image in images):
-        raise ModelUnavailable(
-            f"an input image has no alpha channel, so TRELLIS must remove its background with rembg, but "
-            f"{u2net} is missing and downloads are off. Send RGBA images with a cut-out, or "
-            "install u2net.onnx under U2NET_HOME."
-        )
     clock = StageClock()
     total = export_steps(formats)
-    ctx.raise_if_stopped()
-    with instrumented(pipeline, ctx, clock, params, len(images), total):
-        outputs = _sample(pipeline, images, params, seed, notes)
+    outputs = _generate(pipeline, images, params, seed, notes, ctx, clock, total, offline=offline)
     gaussian, mesh = outputs["gaussian"][0], outputs["mesh"][0]
     glb_mesh: Any = None
     splats: PlyDocument | SplatArrays | None = None
@@ -91,19 +84,138 @@ def generate_asset(pipeline: Any, postprocessing: Any, images: list[Image.Image]
                           refinement=report)
 
 
+def hand_over_asset(pipeline: Any, images: list[Image.Image], params: GenerationParams, ctx: JobContext, *,
+                    offline: bool, device: str = "cuda") -> HandedOver:
+    """The first call of a novel-view refinement: generate, then recover the images' cameras and render the novel
+    views from the generated Gaussians. What the bake needs later travels in the state: the Gaussians (upstream's
+    ``save_ply``), their ``init_params`` and the extracted mesh's vertices and faces (all ``to_glb`` reads of it).
+    Arguments as :func:`generate_asset`."""
+    from trellis_service.gaussian_refinement import plan_novel_views  # torch: only when asked for
+    from trellis_service.gaussian_refinement.gaussians import read_splat_ply
+
+    seed = params.seed if params.seed is not None else random_seed()
+    notes: list[str] = []
+    clock = StageClock()
+    outputs = _generate(pipeline, images, params, seed, notes, ctx, clock, export_steps(set()), offline=offline)
+    gaussian, mesh = outputs["gaussian"][0], outputs["mesh"][0]
+    with clock.stage(Stage.GAUSSIAN_REFINEMENT):
+        ctx.raise_if_stopped()
+        splats = written_ply(gaussian.save_ply).data
+        plan = plan_novel_views(read_splat_ply(splats), images, params.gaussian_refinement, ctx, seed=seed,
+                                device=device)
+    state = GenerationState(splats=splats, mesh_vertices=_host_array(mesh.vertices, np.float32),
+                            mesh_faces=_host_array(mesh.faces, np.int32),
+                            representation=dict(getattr(gaussian, "init_params", {})))
+    return HandedOver(seed=seed, state=state, plan=plan, timings=clock.timings, notes=notes)
+
+
+def refine_handed_over_asset(postprocessing: Any, state: GenerationState, plan: NovelViewPlan,
+                             images: list[Image.Image], params: GenerationParams, formats: Set[ArtifactKind],
+                             seed: int, ctx: JobContext, *, device: str = "cuda") -> GeneratedAsset:
+    """The second call: fit to the images and the refined novel views, then bake the GLB from the refined Gaussians
+    (a fresh upstream ``Gaussian`` with the handed-over ``init_params``, and a ``MeshExtractResult`` of the
+    handed-over mesh)."""
+    from trellis_service.gaussian_refinement import refine_splats  # torch: only when asked for
+    from trellis_service.gaussian_refinement.gaussians import read_splat_ply
+
+    clock = StageClock()
+    with clock.stage(Stage.GAUSSIAN_REFINEMENT):
+        refined = refine_splats(read_splat_ply(state.splats), images, params.gaussian_refinement, ctx, seed=seed,
+                                device=device, plan=plan)
+    glb_mesh: Any = None
+    with clock.stage(Stage.EXPORT):
+        if ArtifactKind.GLB in formats:
+            ctx.raise_if_stopped()
+            ctx.report(Stage.EXPORT, 0, 1, "simplifying and baking the texture")
+            glb_mesh = postprocessing.to_glb(
+                _upstream_gaussian(state, refined.splats, device), _upstream_mesh(state, device),
+                simplify=params.mesh_simplify, texture_size=params.texture_size,
+            )
+        ctx.report(Stage.EXPORT, 1, 1, "done")
+    return GeneratedAsset(seed=seed, mesh=glb_mesh,
+                          splats=refined.splats if ArtifactKind.GAUSSIAN_PLY in formats else None,
+                          timings=clock.timings, refinement=refined.report)
+
+
+#: ``Gaussian.__init__`` arguments upstream keeps in ``init_params``; nothing else is passed on from a state.
+_GAUSSIAN_INIT_PARAMS = frozenset({"aabb", "sh_degree", "mininum_kernel_size", "scaling_bias", "opacity_bias",
+                                   "scaling_activation"})
+
+
+def _upstream_gaussian(state: GenerationState, splats: SplatArrays, device: str) -> Any:
+    unknown = set(state.representation) - _GAUSSIAN_INIT_PARAMS
+    if unknown or "aabb" not in state.representation:
+        raise InvalidInput(f"state: representation.json must hold upstream Gaussian.init_params (aabb, ...); "
+                           f"got {sorted(state.representation)}")
+    representations = importlib.import_module("trellis.representations")
+    gaussian = representations.Gaussian(**state.representation, device=device)
+    load_splats(gaussian, splats)
+    return gaussian
+
+
+def _upstream_mesh(state: GenerationState, device: str) -> Any:
+    import torch
+
+    if state.mesh_vertices is None or state.mesh_faces is None:
+        raise InvalidInput("state: no mesh to bake the GLB on; send the GENERATION_STATE of a TRELLIS ImageTo3D call")
+    representations = importlib.import_module("trellis.representations")
+    return representations.MeshExtractResult(vertices=torch.as_tensor(state.mesh_vertices, device=device),
+                                             faces=torch.as_tensor(state.mesh_faces, device=device))
+
+
+def _host_array(values: Any, dtype: type[np.generic]) -> Any:
+    """A tensor (or array) as a contiguous host array."""
+    if hasattr(values, "detach"):
+        values = values.detach().cpu().numpy()
+    return np.ascontiguousarray(np.asarray(values, dtype=dtype))
+
+
+#: The frame change upstream's ``save_ply`` applies by default (its z-up frame to the y-up of viewers): a quarter
+#: turn about x. Its ``load_ply`` cannot undo it (with a transform it reads a variable it never set), so refined
+#: splats go back in TRELLIS's own frame and are loaded with ``transform=None``.
+SAVE_PLY_TRANSFORM = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]], dtype=np.float32)
+
+
+def to_trellis_frame(splats: SplatArrays) -> SplatArrays:
+    """``splats`` (y-up, as ``save_ply`` wrote them) in TRELLIS's z-up frame: positions and normals times the
+    transform's inverse, rotations composed with it (quaternion of the quarter turn, conjugated, on the left)."""
+    half = np.float32(np.sqrt(0.5))
+    w, x, y, z = (np.asarray(splats.rotation, dtype=np.float32)[:, k] for k in range(4))
+    rotation = np.stack([half * (w + x), half * (x - w), half * (y + z), half * (z - y)], axis=1)
+    return SplatArrays(xyz=np.asarray(splats.xyz, dtype=np.float32) @ SAVE_PLY_TRANSFORM,
+                       normals=np.asarray(splats.normals, dtype=np.float32) @ SAVE_PLY_TRANSFORM,
+                       f_dc=splats.f_dc, opacity=splats.opacity, scale=splats.scale, rotation=rotation)
+
+
 def load_splats(gaussian: Any, splats: SplatArrays) -> None:
-    """Put ``splats`` (y-up PLY frame) into upstream's ``Gaussian`` through its own reader, ``load_ply``, which
-    undoes the frame change ``save_ply`` made."""
+    """Put ``splats`` (y-up PLY frame) into upstream's ``Gaussian`` through its own reader, ``load_ply``, given them
+    in its own frame (see :data:`SAVE_PLY_TRANSFORM`)."""
     with tempfile.TemporaryDirectory(prefix="trellisbox-refined-") as folder:
         path = os.path.join(folder, "refined.ply")
         with open(path, "wb") as handle:
-            handle.write(splats.ply_bytes())
-        gaussian.load_ply(path)
+            handle.write(to_trellis_frame(splats).ply_bytes())
+        gaussian.load_ply(path, transform=None)
 
 
 def export_steps(formats: Set[ArtifactKind]) -> int:
     """Steps of the export stage: decode_slat, then the bake for GLB, then the PLY copy."""
     return 1 + int(ArtifactKind.GLB in formats) + int(ArtifactKind.GAUSSIAN_PLY in formats)
+
+
+def _generate(pipeline: Any, images: list[Image.Image], params: GenerationParams, seed: int, notes: list[str],
+              ctx: JobContext, clock: StageClock, total: int, *, offline: bool) -> dict[str, Any]:
+    """Sample with progress and timing; an image that needs background removal is refused first when rembg's
+    model is missing and downloads are off."""
+    u2net = u2net_path(os.environ)
+    if offline and not u2net.is_file() and not all(has_real_alpha(image) for image in images):
+        raise ModelUnavailable(
+            f"an input image has no alpha channel, so TRELLIS must remove its background with rembg, but "
+            f"{u2net} is missing and downloads are off. Send RGBA images with a cut-out, or "
+            "install u2net.onnx under U2NET_HOME."
+        )
+    ctx.raise_if_stopped()
+    with instrumented(pipeline, ctx, clock, params, len(images), total):
+        return _sample(pipeline, images, params, seed, notes)
 
 
 def _sample(pipeline: Any, images: list[Image.Image], params: GenerationParams, seed: int,
