@@ -6,6 +6,8 @@
                                             #   on a raw relay in the gateway's place
     python -m bench.experiments loop        # latency of small calls while the gateway validates big images
                                             #   (run it in another checkout to compare code versions)
+    python -m bench.experiments faults      # CPU time and page faults per request of every process of the
+                                            #   stack, model services' malloc profile on and off
 
 Each prints its rows and writes ``bench/results/experiment-<name>.json``.
 """
@@ -121,9 +123,49 @@ def loop(procs: Processes, seconds: float, big_side: int = 2048) -> dict[str, An
     return result
 
 
+def _minor_faults(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+
+
+def faults(log_dir: Path, rounds: int, repeats: int) -> list[dict[str, Any]]:
+    """The overhead benchmark's requests (512², classic refiner, preview TRELLIS) through a fresh stack per
+    setting: CPU milliseconds and minor page faults per request in each process. ``default`` runs every process
+    with glibc's allocator defaults (``TRELLISBOX_MALLOC=default``), ``tuned`` with the services' profiles."""
+    from bench.common import thread_cpu_seconds
+    from bench.overhead import GENERATION, ONE_THREAD, REFINE
+    from tools.stack import LocalStack
+
+    data = png(object_image(512))
+    rows = []
+    for round_ in range(rounds):
+        for setting in ("default", "tuned"):
+            env = {**ONE_THREAD, **({"TRELLISBOX_MALLOC": "default"} if setting == "default" else {})}
+            with LocalStack(log_dir / f"faults-{round_}-{setting}", refiner_args=["--backend", "classic"],
+                            trellis_args=["--backend", "preview"], ready_timeout=300, env=env) as stack, \
+                    TrellisBoxClient(stack.gateway_target, timeout=300) as client:
+                pids = {name: stack.processes[name].process.pid for name in ("gateway", "refiner", "trellis")}
+                for case, refine in (("refine_and_3d", True), ("3d_only", False)):
+                    options: dict[str, Any] = {"refine": refine, "generation": GENERATION, "formats": ["glb"],
+                                               **({"refine_params": REFINE} if refine else {})}
+                    for _ in range(3):  # warm-up
+                        client.generate([data], **options)
+                    cpu0 = {name: thread_cpu_seconds(pid) for name, pid in pids.items()}
+                    faults0 = {name: _minor_faults(pid) for name, pid in pids.items()}
+                    for _ in range(repeats):
+                        client.generate([data], **options)
+                    cpu = {name: thread_cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+                    row = {"malloc": setting, "case": case, "requests": repeats,
+                           "cpu_ms_per_request": {name: round(v * 1000 / repeats, 1) for name, v in cpu.items()},
+                           "minor_faults_per_request": {name: round((_minor_faults(pid) - faults0[name]) / repeats)
+                                                        for name, pid in pids.items()}}
+                    rows.append(row)
+                    print(setting, case, row["cpu_ms_per_request"], row["minor_faults_per_request"], flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.experiments", description=__doc__.split("\n\n")[0])
-    parser.add_argument("name", choices=("malloc", "grpc-args", "loop"))
+    parser.add_argument("name", choices=("malloc", "grpc-args", "loop", "faults"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=8.0)
@@ -135,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             data: Any = malloc(procs, args.rounds, args.repeats)
         elif args.name == "grpc-args":
             data = grpc_args(procs, args.rounds, args.repeats)
+        elif args.name == "faults":
+            data = faults(args.log_dir, args.rounds, 15)
         else:
             data = loop(procs, args.seconds)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -102,9 +102,17 @@ def profile(side: int, repeats: int) -> dict[str, Any]:
     def reassemble_refined() -> None:
         assembler = ArtifactAssembler()
         for frame in refine_frames:
+            assembler.feed(*refine_relay(frame).chunk())
+
+    def reassemble_refined_parsed() -> None:
+        assembler = ArtifactAssembler()
+        for frame in refine_frames:
             assembler.feed(refine_relay(frame).message.chunk)
 
     def client_collect() -> None:
+        TrellisBoxClient.collect(iter(trellis_frames))
+
+    def client_collect_parsed() -> None:
         TrellisBoxClient.collect(iter([gateway_pb2.GenerateResponse.FromString(f) for f in trellis_frames]))
 
     gateway_steps = {
@@ -114,7 +122,7 @@ def profile(side: int, repeats: int) -> dict[str, Any]:
         "validation decode": lambda: validate_images(request.images, LIMITS, 8),
         "build + serialize RefineRequest": lambda: refiner_pb2.RefineRequest(
             images=request.images).SerializeToString(),
-        "refined chunks: parse + reassemble": reassemble_refined,
+        "refined chunks: read (data as a view) + reassemble": reassemble_refined,
         "build + serialize ImageTo3DRequest": lambda: trellis_pb2.ImageTo3DRequest(
             images=refined_images).SerializeToString(),
         "relay artifact chunks (frame header only)": lambda: [relay(f).relay() for f in trellis_frames],
@@ -135,8 +143,12 @@ def profile(side: int, repeats: int) -> dict[str, Any]:
         "trellis: decode refined PNG": lambda: decode_images(png_images, LIMITS, 8),
         "trellis: chunk messages of the GLB, built and serialized (sha256 included)": lambda: chunk_messages(
             fresh(glb), trellis_pb2.ImageTo3DResponse),
+        "refiner: chunk messages of the refined image, built and serialized": lambda: chunk_messages(
+            fresh(handoff_artifact), refiner_pb2.RefineResponse),
+        "gateway: refined chunks parsed + reassembled": reassemble_refined_parsed,
+        "client: GLB chunks parsed + reassembled + sha256": client_collect_parsed,
     }
-    client_steps = {"parse + reassemble + sha256 GLB": client_collect}
+    client_steps = {"read chunk frames (data as views) + reassemble + sha256 GLB": client_collect}
     baseline = {
         "decode input once": lambda: decode_images(request.images, LIMITS, 8),
         "classic refine": lambda: refiner.refine(decoded, refine_params, [1], ctx),

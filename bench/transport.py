@@ -5,7 +5,7 @@ Only the streaming phase is timed, at the client: from the arrival of the first 
 arrival of the last one. The TRELLIS servicer starts streaming only after its model job has finished,
 so generation time is not in the window; what is in it is the trellis servicer chunking, both gRPC
 hops, the gateway's relay and the client's reassembly (parse, order and size checks, SHA-256). The
-client code is the same for both rows (``TrellisBoxClient.stream`` + ``collect``).
+client code is the same for both rows (``TrellisBoxClient.frames`` + ``collect``, as ``generate`` reads a call).
 
 Throughput on a shared 2-core machine moves with other people's load, so each row also gives the CPU
 time every process spent per MiB streamed (``/proc/<pid>/stat``, read when the first chunk arrives and
@@ -23,7 +23,9 @@ from typing import Any
 
 from bench.common import Processes, cpu_seconds, object_image, png, summarize, wait_serving
 from tools.stack import LocalStack, free_port
+from trellisbox._domain.artifacts import CHUNK_EVENT_FIELD, read_chunk_frame
 from trellisbox._domain.contract import GATEWAY_SERVICE, TRELLIS_SERVICE
+from trellisbox._domain.wire import single_field
 from trellisbox.client import TrellisBoxClient, build_request
 from trellisbox.v1 import gateway_pb2
 
@@ -51,34 +53,34 @@ def timed_stream(client: TrellisBoxClient, request: gateway_pb2.GenerateRequest,
                  pids: dict[str, int | None]) -> tuple[StreamTiming, Any]:
     """Run one Generate call, timing the chunk phase; returns the timing and the collected result.
 
-    Chunk sizes come from the artifacts' offsets, not from reading ``chunk.data`` (which would copy it).
-    ``pids`` names the processes whose CPU time is taken (None: this one, the client).
+    The call is read as ``TrellisBoxClient.generate`` reads it (``frames`` + ``collect``); only the first chunk is
+    looked into here (its size: what arrived before the window opened). ``pids`` names the processes whose CPU
+    time is taken (None: this one, the client).
     """
-    arrivals: list[tuple[float, int, int, int]] = []  # (time, kind, index, offset)
+    arrivals: list[float] = []
+    first_chunk_bytes = 0
     cpu_start: dict[str, float] = {}
 
-    def watch(responses: Iterator[gateway_pb2.GenerateResponse]) -> Iterator[gateway_pb2.GenerateResponse]:
-        for response in responses:
-            if response.WhichOneof("event") == "chunk":
-                chunk = response.chunk
-                arrivals.append((time.perf_counter(), chunk.kind, chunk.index, chunk.offset))
+    def watch(frames: Iterator[bytes]) -> Iterator[bytes]:
+        nonlocal first_chunk_bytes
+        for frame in frames:
+            if single_field(frame) == CHUNK_EVENT_FIELD:
+                arrivals.append(time.perf_counter())
                 if not cpu_start:
                     cpu_start.update(_cpu(pids))
-            yield response
+                    framed = read_chunk_frame(frame)
+                    first_chunk_bytes = len(framed[1]) if framed is not None else 0
+            yield frame
 
     started = time.perf_counter()
-    result = client.collect(watch(client.stream(request)))
+    result = client.collect(watch(client.frames(request)))
     elapsed = time.perf_counter() - started
     cpu_end = _cpu(pids)
     if not arrivals:
         raise RuntimeError("the call returned no artifact chunk")
-    sizes = {(a.kind, a.index): len(a.data) for a in result.artifacts}
-    total = sum(sizes.values())
-    _, kind, index, _ = arrivals[0]
-    later = [offset for _, k, i, offset in arrivals[1:] if (k, i) == (kind, index)]
-    first = later[0] if later else sizes[(kind, index)]
+    total = sum(len(a.data) for a in result.artifacts)
     cpu = {name: cpu_end[name] - cpu_start[name] for name in pids}
-    timing = StreamTiming(total, total - first, arrivals[-1][0] - arrivals[0][0], elapsed, cpu)
+    timing = StreamTiming(total, total - first_chunk_bytes, arrivals[-1] - arrivals[0], elapsed, cpu)
     return timing, result
 
 

@@ -18,7 +18,7 @@ from gateway.stages import StageClients
 from trellisbox._domain.contract import GATEWAY_SERVICE
 from trellisbox._runtime.config import load_settings
 from trellisbox._runtime.security import TokenFile, TokenInterceptor
-from trellisbox._runtime.server import ServiceSpec, run
+from trellisbox._runtime.server import STREAMING, ServiceSpec, run
 
 _log = logging.getLogger("gateway")
 #: How often readiness looks at the stages' channels.
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         interceptors=interceptors,
     )
     # The gateway only relays: its allocator is tuned for message-sized buffers (see tune_malloc).
-    run(settings, spec, "gateway", streaming_malloc=True)
+    run(settings, spec, "gateway", malloc=STREAMING)
 
 
 if __name__ == "__main__":

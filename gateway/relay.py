@@ -17,13 +17,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeAlias, TypeVar
 
-from trellisbox.v1 import gateway_pb2, refiner_pb2, trellis_pb2
+from trellisbox._domain.artifacts import read_chunk_frame
+from trellisbox._domain.wire import single_field as single_field  # re-exported: gateway.results, tests
+from trellisbox.v1 import common_pb2, gateway_pb2, refiner_pb2, trellis_pb2
 
 #: Field numbers of the events in all three response messages (0: a message with no event set).
 PROGRESS = 1
 CHUNK = 2
 DONE = 3
-_LENGTH_DELIMITED = 2  # protobuf wire type of messages, strings and bytes
 
 M = TypeVar("M", refiner_pb2.RefineResponse, trellis_pb2.ImageTo3DResponse)
 
@@ -43,33 +44,6 @@ def serialize_response(response: Outgoing) -> bytes:
     if isinstance(response, Encoded):
         return response.data
     return response.SerializeToString()
-
-
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    """Decode the base-128 varint at ``pos``; returns (value, position after it)."""
-    value = shift = 0
-    while shift < 64:
-        if pos >= len(data):
-            raise ValueError("truncated varint")
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
-    raise ValueError("varint longer than 10 bytes")
-
-
-def single_field(data: bytes) -> int:
-    """The field number when ``data`` is exactly one length-delimited field (tag, length, payload), else 0."""
-    try:
-        tag, pos = _varint(data, 0)
-        if tag & 7 != _LENGTH_DELIMITED:
-            return 0
-        length, pos = _varint(data, pos)
-    except ValueError:
-        return 0
-    return tag >> 3 if pos + length == len(data) else 0
 
 
 class StageEvent(Generic[M]):
@@ -102,6 +76,19 @@ class StageEvent(Generic[M]):
             message: M = self._type.FromString(self.encoded)
             self._message = message
         return self._message
+
+    def chunk(self) -> tuple[common_pb2.ArtifactChunk, bytes | memoryview]:
+        """This chunk event's chunk, its data apart: from the received bytes, a view of them (no copy of the data).
+
+        Raises:
+            ArtifactProtocolError: the chunk is malformed.
+        """
+        if self.encoded is not None:
+            read = read_chunk_frame(self.encoded)
+            if read is not None:
+                return read
+        chunk = self.message.chunk
+        return chunk, chunk.data
 
     def relay(self) -> Outgoing:
         """This progress or chunk event as the gateway's response: its own bytes when it has them."""

@@ -167,7 +167,7 @@ class Router:
                     if event.field != CHUNK:
                         yield event
                         continue
-                    artifact = assembler.feed(event.message.chunk)
+                    artifact = assembler.feed(*event.chunk())  # the data as a view of the received bytes
                     if artifact is not None:
                         refined[artifact.index] = artifact
                     if forward_chunks:
@@ -295,7 +295,7 @@ class Router:
                     if event.field != CHUNK:
                         yield event
                         continue
-                    artifact = assembler.feed(event.message.chunk)
+                    artifact = assembler.feed(*event.chunk())
                     if artifact is not None:
                         into[len(into)] = artifact
                 return

@@ -9,10 +9,9 @@ import sys
 
 from refiner_service.backends import RefinerBackend, create_backend
 from refiner_service.config import RefinerSettings
-from refiner_service.servicer import RefinerServicer
+from refiner_service.servicer import RefinerServicer, add_refiner_servicer
 from trellisbox._domain.contract import REFINER_SERVICE
 from trellisbox._runtime.model import ModelService, serve_model
-from trellisbox.v1 import refiner_pb2_grpc
 
 
 def _choose_backend(settings: RefinerSettings) -> RefinerBackend:
@@ -25,7 +24,7 @@ SERVICE = ModelService(
     settings=RefinerSettings,
     choose_backend=_choose_backend,
     servicer=RefinerServicer,
-    register=refiner_pb2_grpc.add_RefinerServiceServicer_to_server,
+    register=add_refiner_servicer,
 )
 
 

@@ -18,6 +18,7 @@ from refiner_service.backends import RefinerBackend, seeds_for
 from refiner_service.batching import DynamicBatcher
 from refiner_service.config import RefinerSettings
 from trellisbox._domain.artifacts import Artifact
+from trellisbox._domain.contract import REFINER_SERVICE
 from trellisbox._domain.convert import params_from_proto, timings_to_proto
 from trellisbox._domain.errors import InvalidInput
 from trellisbox._domain.imaging import HANDOFF_MEDIA_TYPE, encode_handoff, encode_png
@@ -27,6 +28,7 @@ from trellisbox._runtime.model import ModelHost
 from trellisbox._runtime.observability import observe_stages, outstanding
 from trellisbox._runtime.servicing import (
     JobEvents,
+    add_streaming_servicer,
     bind_request_id,
     deadline_of,
     decode_request_images,
@@ -71,9 +73,9 @@ class RefinerServicer(refiner_pb2_grpc.RefinerServiceServicer):
             _log.info("dynamic batching on: window %g ms, up to %d images per call (for backends that can share "
                       "a call)", settings.batch_window_ms, settings.max_batch_images)
 
-    async def Refine(
+    async def Refine(  # type: ignore[override]  # may yield pre-encoded chunk events (add_refiner_servicer)
         self, request: refiner_pb2.RefineRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[refiner_pb2.RefineResponse]:
+    ) -> AsyncIterator[refiner_pb2.RefineResponse | bytes]:
         request_id = bind_request_id(request.request_id)
         media_type = output_media_type(request.output_media_type)
         images = await decode_request_images(request.images, self._settings)
@@ -93,8 +95,8 @@ class RefinerServicer(refiner_pb2_grpc.RefinerServiceServicer):
             timings = {Stage.QUEUED: finished.queued_s, Stage.REFINE: finished.run_s + encode_s}
             observe_stages(self._host.service, timings)
             for artifact in artifacts:
-                for chunk in artifact.chunks(self._settings.chunk_bytes):
-                    yield refiner_pb2.RefineResponse(chunk=chunk)
+                for frame in artifact.frames(self._settings.chunk_bytes):
+                    yield frame  # a RefineResponse with its chunk set, already serialized
             yield refiner_pb2.RefineResponse(done=refiner_pb2.RefineDone(
                 seeds=seeds,
                 timings=timings_to_proto(timings),
@@ -103,3 +105,10 @@ class RefinerServicer(refiner_pb2_grpc.RefinerServiceServicer):
             ))
         _log.info("refined %d image(s) in %.2f s (queued %.2f s)", len(images), timings[Stage.REFINE],
                   finished.queued_s)
+
+
+def add_refiner_servicer(servicer: RefinerServicer, server: grpc.aio.Server) -> None:
+    """Register ``servicer`` like the generated ``add_RefinerServiceServicer_to_server``, with a response serializer
+    that sends its pre-encoded chunk events (``bytes``) as they are."""
+    add_streaming_servicer(server, REFINER_SERVICE, {"Refine": (servicer.Refine, refiner_pb2.RefineRequest)},
+                           refiner_pb2.RefineResponse)

@@ -32,11 +32,11 @@ from trellisbox._runtime.observability import observe_stages, outstanding
 from trellisbox._runtime.server import release_memory
 from trellisbox._runtime.servicing import (
     JobEvents,
+    add_streaming_servicer,
     bind_request_id,
     deadline_of,
     decode_request_images,
     encode_off_thread,
-    passthrough_serializer,
 )
 from trellisbox._runtime.worker import JobContext
 from trellisbox.v1 import common_pb2, trellis_pb2
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 _log = logging.getLogger(__name__)
 
 #: Artifacts of at least this size mark a heavy job: its freed pages are returned before its call ends (5-30 ms),
-#: where a light job's are returned after it, off the call's path.
+#: where a light job's are returned once the service is idle (the model worker's idle release), off any call's path.
 HEAVY_JOB_BYTES = 8 * 2**20
 
 #: What TrellisService produces; the refined image comes from the refiner (ask the gateway for it).
@@ -168,9 +168,7 @@ class TrellisServicer:
                     for frame in artifact.frames(self._settings.chunk_bytes):
                         yield frame  # an ImageTo3DResponse with its chunk set, already serialized
             finally:
-                del artifacts
-                if not heavy:  # freed pages back to the system in a thread, off the call's path
-                    asyncio.get_running_loop().run_in_executor(None, partial(release_memory, collect=False))
+                del artifacts  # a light job's freed pages go back to the system once the service is idle (ModelWorker)
             if heavy:  # ... and before the call ends after a heavy job, whose pages are what RSS is made of
                 await asyncio.to_thread(release_memory, collect=False)
         _log.info("generated 3D from %d image(s) in %.2f s (queued %.2f s), seed %d", count,
@@ -271,16 +269,7 @@ class ImageTo3DServicer(Protocol):
 def add_trellis_servicer(servicer: ImageTo3DServicer, server: grpc.aio.Server) -> None:
     """Register ``servicer`` like the generated ``add_TrellisServiceServicer_to_server``, with a response serializer
     that sends its pre-encoded artifact chunks (``bytes``) as they are."""
-    serializer = passthrough_serializer(trellis_pb2.ImageTo3DResponse.SerializeToString)
-    handlers = {
-        "ImageTo3D": grpc.unary_stream_rpc_method_handler(
-            servicer.ImageTo3D, request_deserializer=trellis_pb2.ImageTo3DRequest.FromString,
-            response_serializer=serializer,
-        ),
-        "RefineGaussians": grpc.unary_stream_rpc_method_handler(
-            servicer.RefineGaussians, request_deserializer=trellis_pb2.RefineGaussiansRequest.FromString,
-            response_serializer=serializer,
-        ),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(TRELLIS_SERVICE, handlers),))
-    server.add_registered_method_handlers(TRELLIS_SERVICE, handlers)  # type: ignore[attr-defined]  # stubs lag
+    add_streaming_servicer(server, TRELLIS_SERVICE, {
+        "ImageTo3D": (servicer.ImageTo3D, trellis_pb2.ImageTo3DRequest),
+        "RefineGaussians": (servicer.RefineGaussians, trellis_pb2.RefineGaussiansRequest),
+    }, trellis_pb2.ImageTo3DResponse)

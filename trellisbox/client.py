@@ -22,7 +22,8 @@ from typing import Any, TypeVar
 import grpc
 from PIL import Image
 
-from trellisbox._domain.artifacts import Artifact, ArtifactAssembler
+from trellisbox._domain.artifacts import Artifact, ArtifactAssembler, read_chunk_frame
+from trellisbox._domain.contract import GATEWAY_SERVICE
 from trellisbox._domain.convert import kinds_to_proto, params_message, stage_name
 from trellisbox._domain.imaging import encode_png
 from trellisbox._domain.kinds import ArtifactKind
@@ -101,9 +102,9 @@ def connection_lost(exc: grpc.RpcError) -> bool:
             and not (exc.details() or "").startswith(STAGE_PREFIXES))  # type: ignore[attr-defined]
 
 
-#: The events of a Generate or GetResult call (the same fields).
-Response = gateway_pb2.GenerateResponse | gateway_pb2.GetResultResponse
-R = TypeVar("R", gateway_pb2.GenerateResponse, gateway_pb2.GetResultResponse)
+#: The events of a Generate or GetResult call (the same fields), or one of them as it arrived (serialized).
+Response = gateway_pb2.GenerateResponse | gateway_pb2.GetResultResponse | bytes
+R = TypeVar("R", gateway_pb2.GenerateResponse, gateway_pb2.GetResultResponse, bytes)
 
 
 def _cancelling(call: grpc.CallIterator[R]) -> Generator[R, None, None]:
@@ -190,6 +191,10 @@ class TrellisBoxClient:
         else:
             self._channel = grpc.insecure_channel(target, options=options)
         self._stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
+        # Generate with its events left serialized: collect() reads artifact chunks without copying their bytes.
+        self._generate_frames = self._channel.unary_stream(
+            f"/{GATEWAY_SERVICE}/Generate", request_serializer=gateway_pb2.GenerateRequest.SerializeToString,
+            response_deserializer=None)
         self._timeout = timeout
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
 
@@ -207,6 +212,12 @@ class TrellisBoxClient:
         """The raw response stream; cancel it by closing the iterator."""
         yield from _cancelling(self._stub.Generate(request, timeout=self._timeout, metadata=self._metadata))
 
+    def frames(self, request: gateway_pb2.GenerateRequest) -> Generator[bytes, None, None]:
+        """The response stream with each event as it arrived (a serialized ``GenerateResponse``), for
+        :meth:`collect`, which reads artifact chunks from these without copying them; cancel it by closing the
+        iterator."""
+        yield from _cancelling(self._generate_frames(request, timeout=self._timeout, metadata=self._metadata))
+
     def generate(self, images: Sequence[ImageInput], *,
                  on_progress: Callable[[ProgressUpdate], None] | None = None,
                  reconnects: int = 3, **options: Any) -> GenerationResult:
@@ -222,7 +233,7 @@ class TrellisBoxClient:
         request = build_request(images, **options)
         for attempt in range(reconnects + 1):
             try:
-                return self.collect(self.stream(request), on_progress)
+                return self.collect(self.frames(request), on_progress)
             except grpc.RpcError as exc:
                 if not request.request_id or attempt == reconnects or not connection_lost(exc):
                     raise
@@ -257,10 +268,19 @@ class TrellisBoxClient:
     @staticmethod
     def collect(responses: Iterable[Response],
                 on_progress: Callable[[ProgressUpdate], None] | None = None) -> GenerationResult:
-        """Reassemble artifacts (checking order, size and sha256) and read the done event."""
+        """Reassemble artifacts (checking order, size and sha256) and read the done event. ``responses``: messages
+        (:meth:`stream`) or serialized events (:meth:`frames`: their chunks are read without copying the data)."""
         result = GenerationResult()
         assembler = ArtifactAssembler()
         for response in responses:
+            if isinstance(response, bytes):
+                framed = read_chunk_frame(response)
+                if framed is not None:
+                    artifact = assembler.feed(*framed)
+                    if artifact is not None:
+                        result.artifacts.append(artifact)
+                    continue
+                response = gateway_pb2.GenerateResponse.FromString(response)
             event = response.WhichOneof("event")
             if event == "progress" and on_progress is not None:
                 p = response.progress

@@ -109,3 +109,20 @@ def test_twin_responses_are_the_same_on_the_wire(original: Any, twin: Any) -> No
         ours, theirs = original.DESCRIPTOR.fields_by_number[number], twin.DESCRIPTOR.fields_by_number[number]
         assert (ours.name, ours.message_type.full_name) == (theirs.name, theirs.message_type.full_name)
     assert set(original.DESCRIPTOR.fields_by_number) == set(twin.DESCRIPTOR.fields_by_number)
+
+
+@pytest.mark.parametrize("stage_type", STAGE_TYPES)
+def test_a_chunk_is_read_from_its_received_bytes(stage_type: StageType) -> None:
+    chunk = _chunk()
+    received = stage_type(chunk=chunk).SerializeToString()
+    event = stage_deserializer(stage_type)(received)
+    head, data = event.chunk()
+    assert isinstance(data, memoryview) and data.obj is received and bytes(data) == chunk.data  # a view, no copy
+    assert (head.offset, head.total_bytes, head.kind, head.sha256) == (chunk.offset, chunk.total_bytes, chunk.kind,
+                                                                       chunk.sha256)
+    # A chunk event not in single-field form is parsed, and its data read from the message.
+    tail = stage_type(chunk=common_pb2.ArtifactChunk(data=b"tail")).SerializeToString()
+    parsed = stage_deserializer(stage_type)(received + tail)
+    assert parsed.encoded is None and parsed.field == CHUNK
+    head, data = parsed.chunk()  # protobuf merges the two chunks: the second's data replaces the first's
+    assert data == b"tail" and head.total_bytes == chunk.total_bytes

@@ -4,7 +4,7 @@ import hashlib
 
 import pytest
 
-from trellisbox._domain.artifacts import Artifact, ArtifactAssembler, ArtifactProtocolError
+from trellisbox._domain.artifacts import Artifact, ArtifactAssembler, ArtifactProtocolError, read_chunk_frame
 from trellisbox._domain.convert import params_from_proto, params_to_proto
 from trellisbox._domain.errors import InvalidInput
 from trellisbox._domain.kinds import ArtifactKind
@@ -114,6 +114,46 @@ def test_frames_are_the_chunks_as_every_response(size: int) -> None:
     results = [assembler.feed(gateway_pb2.GenerateResponse.FromString(frame).chunk) for frame in frames]
     assert results[-1] is not None and results[-1].data == data and results[-1].index == 2
     assert results[-1].sha256 == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("size", [0, 1, 4097, 2**20 + 3])
+def test_chunk_frames_are_read_without_parsing_the_data(size: int) -> None:
+    data = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+    artifact = Artifact(ArtifactKind.GLB, data, index=1)
+    expected = list(Artifact(ArtifactKind.GLB, data, index=1).chunks(4096))
+    # Both forms: the servicers' frames (data last) and protobuf's own serialization (data in field order).
+    serialized = [gateway_pb2.GenerateResponse(chunk=c).SerializeToString() for c in expected]
+    for frames in ([*artifact.frames(4096)], serialized):
+        assembler = ArtifactAssembler()
+        results = []
+        for frame, chunk in zip(frames, expected, strict=True):
+            read = read_chunk_frame(frame)
+            assert read is not None
+            head, view = read
+            assert isinstance(view, memoryview) and view.obj is frame  # the data is a view of the frame, not a copy
+            assert bytes(view) == chunk.data and head.data == b""
+            head.data = chunk.data
+            assert head == chunk
+            results.append(assembler.feed(read[0], view))
+        assert results[-1] is not None and results[-1].data == data
+        assert results[-1].sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_read_chunk_frame_leaves_other_events_and_refuses_malformed_chunks() -> None:
+    progress = gateway_pb2.GenerateResponse(progress=common_pb2.Progress(step=1, total=2)).SerializeToString()
+    done = gateway_pb2.GenerateResponse(done=gateway_pb2.GenerateDone(request_id="r")).SerializeToString()
+    assert read_chunk_frame(progress) is None and read_chunk_frame(done) is None
+    frame = next(Artifact(ArtifactKind.GLB, b"x" * 100).frames())
+    # The chunk's declared length says 5 more bytes than there are: not one whole field, so not read as a chunk.
+    assert read_chunk_frame(frame[:-5]) is None
+    # A whole event whose data field claims more bytes than the chunk holds.
+    chunk = common_pb2.ArtifactChunk(total_bytes=100).SerializeToString() + bytes([6 << 3 | 2, 50]) + b"y" * 10
+    with pytest.raises(ArtifactProtocolError, match="malformed artifact chunk"):
+        read_chunk_frame(bytes([2 << 3 | 2, len(chunk)]) + chunk)
+    # A field with a wire type the contract does not use (a group).
+    chunk = bytes([1 << 3 | 3])
+    with pytest.raises(ArtifactProtocolError, match="wire type"):
+        read_chunk_frame(bytes([2 << 3 | 2, len(chunk)]) + chunk)
 
 
 def test_assembler_rejects_gaps_and_bad_checksums() -> None:

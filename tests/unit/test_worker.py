@@ -128,3 +128,44 @@ def test_a_stopped_job_is_logged_with_its_reason_and_stop_latency(caplog: pytest
     line = next(r.getMessage() for r in caplog.records if "late-one stopped" in r.getMessage())
     stopped = re.search(r"its deadline passed; it stopped ([\d.]+) s after it was asked", line)
     assert stopped and float(stopped.group(1)) < 0.5, line
+
+
+def test_memory_is_released_once_the_worker_is_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    released: list[float] = []
+    monkeypatch.setattr("trellisbox._runtime.worker.release_memory", lambda **_: released.append(time.monotonic()))
+    worker = ModelWorker("test", max_queue=2, release_when_idle_s=0.2)
+
+    async def main() -> list[int]:
+        counts = []
+        await _drain(worker, _stepper(1, 0))
+        await asyncio.sleep(0.1)  # jobs that follow each other closely: nothing released in between
+        await _drain(worker, _stepper(1, 0))
+        counts.append(len(released))
+        # A job running when the delay runs out keeps the memory until the worker is idle again.
+        long_job = asyncio.ensure_future(_drain(worker, _stepper(1, 0.4)))
+        await asyncio.sleep(0.3)
+        counts.append(len(released))
+        await long_job
+        for _ in range(100):  # bounded wait for the release, in the loop's default executor
+            if released:
+                break
+            await asyncio.sleep(0.05)
+        counts.append(len(released))
+        return counts
+
+    assert asyncio.run(main()) == [0, 0, 1]
+    worker.shutdown()
+
+
+def test_no_release_without_a_delay(monkeypatch: pytest.MonkeyPatch) -> None:
+    released: list[bool] = []
+    monkeypatch.setattr("trellisbox._runtime.worker.release_memory", lambda **_: released.append(True))
+    worker = ModelWorker("test", max_queue=2)
+
+    async def main() -> None:
+        await _drain(worker, _stepper(1, 0))
+        await asyncio.sleep(0.1)
+
+    asyncio.run(main())
+    assert released == []
+    worker.shutdown()

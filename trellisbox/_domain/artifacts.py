@@ -8,7 +8,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from google.protobuf.message import DecodeError
+
 from trellisbox._domain.kinds import ArtifactKind, artifact_kind, kind_label
+from trellisbox._domain.wire import LENGTH_DELIMITED, length_prefix, read_varint, single_field, skip_field
 from trellisbox.v1 import common_pb2
 
 CHUNK_BYTES = 1024 * 1024
@@ -16,21 +19,6 @@ CHUNK_BYTES = 1024 * 1024
 #: response (``gateway/relay.py``), ``data`` in ``ArtifactChunk``.
 CHUNK_EVENT_FIELD = 2
 CHUNK_DATA_FIELD = 6
-_LENGTH_DELIMITED = 2
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _length_prefix(field_number: int, length: int) -> bytes:
-    """Tag and length of a length-delimited field (protobuf wire format)."""
-    return _varint(field_number << 3 | _LENGTH_DELIMITED) + _varint(length)
 
 
 class ArtifactProtocolError(Exception):
@@ -74,8 +62,8 @@ class Artifact:
         response and serializing it copies each byte four times.
         """
         for head, piece in self._cut(chunk_bytes):
-            fields = head.SerializeToString() + _length_prefix(CHUNK_DATA_FIELD, len(piece))
-            yield b"".join((_length_prefix(CHUNK_EVENT_FIELD, len(fields) + len(piece)), fields, piece))
+            fields = head.SerializeToString() + length_prefix(CHUNK_DATA_FIELD, len(piece))
+            yield b"".join((length_prefix(CHUNK_EVENT_FIELD, len(fields) + len(piece)), fields, piece))
 
     def _cut(self, chunk_bytes: int) -> Iterator[tuple[common_pb2.ArtifactChunk, memoryview]]:
         """Each chunk without its data, and a view of that data.
@@ -121,6 +109,39 @@ class _Partial:
     digest: hashlib._Hash = field(default_factory=hashlib.sha256)
 
 
+def read_chunk_frame(frame: bytes) -> tuple[common_pb2.ArtifactChunk, memoryview] | None:
+    """Read a serialized response event without copying its artifact bytes: when ``frame`` is a response whose event
+    is an artifact chunk (field 2 of every response message of the contract), the chunk without its data, and a view
+    of the data inside ``frame``; None for any other event.
+
+    Parsing the response instead copies the 1 MiB of data into the message, and reading ``chunk.data`` copies it
+    once more; here only the chunk's small fields are parsed (by protobuf), wherever they are in the message.
+
+    Raises:
+        ArtifactProtocolError: the chunk is malformed.
+    """
+    if single_field(frame) != CHUNK_EVENT_FIELD:
+        return None
+    view = memoryview(frame)
+    head = bytearray()
+    data = view[:0]
+    try:
+        pos = read_varint(frame, read_varint(frame, 0)[1])[1]  # past the event's tag and length: the chunk's fields
+        while pos < len(frame):
+            start = pos
+            tag, pos = read_varint(frame, pos)
+            end = skip_field(frame, tag, pos)
+            if tag == CHUNK_DATA_FIELD << 3 | LENGTH_DELIMITED:  # the data; of several, the last counts (protobuf)
+                data = view[read_varint(frame, pos)[1]:end]
+            else:
+                head += view[start:end]
+            pos = end
+        chunk = common_pb2.ArtifactChunk.FromString(bytes(head))
+    except (ValueError, DecodeError) as exc:
+        raise ArtifactProtocolError(f"malformed artifact chunk: {exc}") from None
+    return chunk, data
+
+
 class ArtifactAssembler:
     """Reassembles chunked artifacts and verifies order, size and checksum.
 
@@ -134,8 +155,9 @@ class ArtifactAssembler:
         self._max_bytes = max_bytes
         self._open: dict[tuple[int, int], _Partial] = {}
 
-    def feed(self, chunk: common_pb2.ArtifactChunk) -> Artifact | None:
-        """Add one chunk; returns the artifact when this chunk completes it."""
+    def feed(self, chunk: common_pb2.ArtifactChunk, data: bytes | memoryview | None = None) -> Artifact | None:
+        """Add one chunk; returns the artifact when this chunk completes it. ``data``: the chunk's bytes when they
+        were read apart from ``chunk`` (:func:`read_chunk_frame`), else ``chunk.data``."""
         key = (chunk.kind, chunk.index)
         total = chunk.total_bytes
         if total > self._max_bytes:
@@ -147,7 +169,8 @@ class ArtifactAssembler:
             raise ArtifactProtocolError(
                 f"chunk at offset {chunk.offset} but {partial.received} bytes received so far"
             )
-        data = chunk.data  # protobuf hands out a new copy on every access: read it once
+        if data is None:
+            data = chunk.data  # protobuf hands out a new copy on every access: read it once
         partial.received += len(data)
         if partial.received > total:
             raise ArtifactProtocolError(f"received {partial.received} bytes, more than total {total}")

@@ -40,7 +40,7 @@ from trellisbox._runtime.config import ServiceSettings, load_settings
 from trellisbox._runtime.devices import GpuMemoryCollector, gpu_memory_bytes
 from trellisbox._runtime.lease import LeaseSettings, make_gpu_turns, residency_hooks
 from trellisbox._runtime.observability import configure_logging
-from trellisbox._runtime.server import ServiceSpec, run
+from trellisbox._runtime.server import MODEL, ServiceSpec, run
 from trellisbox._runtime.worker import ModelWorker
 
 _log = logging.getLogger(__name__)
@@ -134,6 +134,11 @@ class ModelSettings(ServiceSettings, LeaseSettings):
 S = TypeVar("S", bound=ModelSettings)
 
 
+#: A model service returns its free heap pages to the system once it has had no job for this long: jobs that follow
+#: each other reuse the memory (see :data:`~trellisbox._runtime.server.MODEL`), an idle service still shrinks.
+RELEASE_WHEN_IDLE_S = 2.0
+
+
 class ModelHost(Generic[B]):
     """The model thread of a service, its GPU turns in shared placement, and its backend once chosen.
 
@@ -151,7 +156,7 @@ class ModelHost(Generic[B]):
         hooks = residency_hooks(lease.residency, to_gpu=self._mover("to_gpu"), to_host=self._mover("to_host"),
                                 load=self._mover("load"), unload=self._mover("unload"))
         self.turns = make_gpu_turns(lease, service, queue_depth=lambda: self.worker.queue_depth, hooks=hooks)
-        self.worker = ModelWorker(service, max_queue, gpu_turn=self.turns)
+        self.worker = ModelWorker(service, max_queue, gpu_turn=self.turns, release_when_idle_s=RELEASE_WHEN_IDLE_S)
 
     @property
     def backend(self) -> B | None:
@@ -298,4 +303,4 @@ def serve_model(service: ModelService[S, B], argv: list[str]) -> None:
         on_shutdown=host.close,
         readiness=host.lease_readiness if host.turns is not None else None,
     )
-    run(settings, spec, service.label)
+    run(settings, spec, service.label, malloc=MODEL)

@@ -195,28 +195,52 @@ async def serve(settings: ServiceSettings, spec: ServiceSpec) -> None:
     _log.info("stopped")
 
 
-#: glibc ``mallopt`` parameters (malloc.h) and the values the services use; see :func:`tune_malloc`.
+#: glibc ``mallopt`` parameters (malloc.h); see :func:`tune_malloc`.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-MALLOC_MMAP_THRESHOLD = 4 * 2**20
-MALLOC_TRIM_THRESHOLD = 16 * 2**20
-_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+_M_ARENA_MAX = -8
+_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_",
+               "MALLOC_ARENA_MAX")
 
 
-def tune_malloc() -> str:
-    """Keep message-sized buffers in the heap, where freed memory is reused instead of faulted in again.
+@dataclass(frozen=True)
+class MallocProfile:
+    """glibc allocator settings for one kind of process (:func:`tune_malloc`).
 
-    For a process that only streams, like the gateway: every relayed chunk allocates and frees a few
-    buffers of about 1 MiB (the received message, the frame sent on). glibc serves such sizes with fresh
-    ``mmap`` regions, or with heap top it has just trimmed, until the process happens to free a larger
-    block (its dynamic threshold), and a streaming process never does: every byte then costs a page fault
-    on first touch, several times the cost of copying it. This serves allocations up to 4 MiB (the largest
-    chunk is 3 MiB) from the heap and keeps up to 16 MiB of free heap instead of returning it.
-    docs/benchmarks.md has the measurement (the gateway's CPU per relayed MiB drops by about a quarter).
-    The model services do not call it: their numpy/torch arrays of 4-32 MiB are better served by
-    glibc's dynamic threshold, which their first generation already raises.
+    Args:
+        mmap_threshold: Allocations up to this size come from the heap, where freed memory is reused, instead of
+            fresh ``mmap`` regions that fault in every page again.
+        trim_threshold: Free memory at the heap's top that is kept instead of returned to the system.
+        arenas: At most this many malloc arenas (0: glibc's default, up to 8 per core).
+    """
 
-    Only on glibc, not when the operator set any ``MALLOC_*_`` tunable in the environment, and not with
+    name: str
+    mmap_threshold: int
+    trim_threshold: int
+    arenas: int = 0
+
+
+#: The gateway: it only relays. Every relayed chunk allocates and frees a few buffers of about 1 MiB (the
+#: received message, the frame sent on), which glibc would serve from fresh ``mmap`` regions or heap top it has
+#: just trimmed, since a streaming process never frees the larger block that raises glibc's dynamic threshold.
+#: Measured: the gateway's CPU per relayed MiB drops by about a quarter (docs/benchmarks.md).
+STREAMING = MallocProfile("streaming", mmap_threshold=4 * 2**20, trim_threshold=16 * 2**20)
+
+#: A model service: the model runs on its own thread, the input is decoded and the outputs encoded on others, and
+#: each thread allocating gets its own arena, so memory one stage freed is never reused by the next: every job
+#: faulted in its working set afresh (~6,000 page faults per 512² preview job, 7,000 per classic refine, against
+#: ~700 for the same work on one thread). One arena (the GIL serializes the Python side anyway), a 32 MiB mmap
+#: threshold (the most glibc's dynamic threshold would reach: numpy/torch arrays up to that size are reused) and a
+#: 128 MiB trim threshold keep a warm job's memory for the next one: page faults per job drop to under a hundred.
+#: The model worker returns it to the system once the service is idle (``ModelWorker(release_when_idle_s=...)``), and
+#: the TRELLIS servicer after every heavy job.
+MODEL = MallocProfile("model", mmap_threshold=32 * 2**20, trim_threshold=128 * 2**20, arenas=1)
+
+
+def tune_malloc(profile: MallocProfile = STREAMING) -> str:
+    """Apply ``profile`` to glibc's allocator (see :data:`STREAMING` and :data:`MODEL` for why).
+
+    Only on glibc, not when the operator set any ``MALLOC_*`` tunable in the environment, and not with
     ``TRELLISBOX_MALLOC=default``.
 
     Returns:
@@ -235,10 +259,14 @@ def tune_malloc() -> str:
     except (OSError, AttributeError):
         return "malloc: default (not glibc)"
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    if mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD) != 1 or mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD) != 1:
+    settings = [(_M_MMAP_THRESHOLD, profile.mmap_threshold), (_M_TRIM_THRESHOLD, profile.trim_threshold)]
+    if profile.arenas:
+        settings.append((_M_ARENA_MAX, profile.arenas))
+    if not all(mallopt(param, value) == 1 for param, value in settings):
         return "malloc: default (mallopt refused)"
-    return (f"malloc: mmap threshold {MALLOC_MMAP_THRESHOLD // 2**20} MiB, "
-            f"trim threshold {MALLOC_TRIM_THRESHOLD // 2**20} MiB")
+    arenas = f", {profile.arenas} arena{'s' if profile.arenas > 1 else ''}" if profile.arenas else ""
+    return (f"malloc ({profile.name}): mmap threshold {profile.mmap_threshold // 2**20} MiB, "
+            f"trim threshold {profile.trim_threshold // 2**20} MiB{arenas}")
 
 
 def settle_heap() -> None:
@@ -264,14 +292,16 @@ def release_memory(*, collect: bool = True, trim: bool = True) -> None:
             ctypes.CDLL(None).malloc_trim(0)
 
 
-def run(settings: ServiceSettings, spec: ServiceSpec, service_label: str, *, streaming_malloc: bool = False) -> None:
-    """Entry point for a service's ``__main__``; ``streaming_malloc`` applies :func:`tune_malloc` (the gateway)."""
+def run(settings: ServiceSettings, spec: ServiceSpec, service_label: str, *,
+        malloc: MallocProfile | None = None) -> None:
+    """Entry point for a service's ``__main__``; ``malloc``: the allocator settings to apply (:func:`tune_malloc`),
+    before any thread starts."""
     configure_logging(service_label, settings.log_level, settings.log_format,
                       trace_ids=tracing.current_ids if settings.traced else None)
     if settings.traced:
         tracing.start(settings, service_label)
-    if streaming_malloc:
-        _log.info("%s", tune_malloc())
+    if malloc is not None:
+        _log.info("%s", tune_malloc(malloc))
     try:
         asyncio.run(serve(settings, spec))
     finally:

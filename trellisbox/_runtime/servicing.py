@@ -11,7 +11,7 @@ import asyncio
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from functools import partial
 from typing import Any, Generic, TypeVar
 
@@ -80,6 +80,22 @@ def passthrough_serializer(serialize: Callable[[Any], bytes]) -> Callable[[Any],
         return response if isinstance(response, bytes) else serialize(response)
 
     return serializer
+
+
+def add_streaming_servicer(server: grpc.aio.Server, service: str,
+                           methods: Mapping[str, tuple[Callable[..., AsyncIterator[Any]], Any]],
+                           response_type: Any) -> None:
+    """Register a service's server-streaming methods (name: handler and request message class) like a generated
+    ``add_..._to_server`` does, with a response serializer that sends pre-encoded events (``bytes``, e.g.
+    :meth:`Artifact.frames`) as they are and serializes ``response_type`` messages."""
+    serializer = passthrough_serializer(response_type.SerializeToString)
+    handlers = {
+        method: grpc.unary_stream_rpc_method_handler(
+            handler, request_deserializer=request_type.FromString, response_serializer=serializer)
+        for method, (handler, request_type) in methods.items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)  # type: ignore[attr-defined]  # stubs lag
 
 
 class JobEvents(Generic[T]):

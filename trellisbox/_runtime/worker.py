@@ -17,11 +17,13 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from functools import partial
 from typing import Generic, TypeVar
 
 from trellisbox._domain.errors import Cancelled, DeadlineExceeded, QueueFull
 from trellisbox._domain.kinds import Stage
 from trellisbox._runtime.observability import IN_FLIGHT, QUEUE_DEPTH, STAGE
+from trellisbox._runtime.server import release_memory
 
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -115,16 +117,22 @@ class ModelWorker:
         service: Name used in metrics and thread names.
         max_queue: Jobs that may wait while one runs; one more is refused with ``QueueFull``.
         gpu_turn: Optional context manager factory entered around each job (the GPU lease).
+        release_when_idle_s: Once no job has been waiting or running for this long, return the heap's free pages
+            to the system (``release_memory``, in a thread). Jobs that follow each other closely reuse the memory
+            the last one freed instead of faulting it in again; an idle service still gives it back. None: never.
     """
 
     def __init__(self, service: str, max_queue: int,
-                 gpu_turn: Callable[[JobContext], AbstractContextManager[None]] | None = None) -> None:
+                 gpu_turn: Callable[[JobContext], AbstractContextManager[None]] | None = None,
+                 release_when_idle_s: float | None = None) -> None:
         self._service = service
         self._max_queue = max_queue
         self._gpu_turn = gpu_turn
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{service}-model")
         self._admitted = 0  # waiting + running; touched only on the event loop thread
         self._running = 0
+        self._release_when_idle_s = release_when_idle_s
+        self._idle_release: asyncio.TimerHandle | None = None
 
     @property
     def queue_depth(self) -> int:
@@ -194,6 +202,8 @@ class ModelWorker:
             self._admitted -= 1
             self._running -= 1
             self._publish()
+            if self._admitted == 0:
+                self._schedule_release(loop)
             events.put_nowait(None)
             if not done.cancelled():
                 # Mark the outcome as seen: a job that stopped because its caller went away has nobody
@@ -213,9 +223,24 @@ class ModelWorker:
             if not future.done():
                 ctx.cancel()  # the caller went away: stop the job at its next step
 
+    def _schedule_release(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Release memory ``release_when_idle_s`` from now, unless a job is admitted meanwhile (then after it)."""
+        if self._release_when_idle_s is None:
+            return
+        if self._idle_release is not None:
+            self._idle_release.cancel()
+        self._idle_release = loop.call_later(self._release_when_idle_s, self._release_if_idle, loop)
+
+    def _release_if_idle(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._idle_release = None
+        if self._admitted == 0:
+            loop.run_in_executor(None, partial(release_memory, collect=False))
+
     def _started(self) -> None:
         self._running += 1
         self._publish()
 
     def shutdown(self) -> None:
+        if self._idle_release is not None:
+            self._idle_release.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
