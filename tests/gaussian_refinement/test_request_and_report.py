@@ -12,6 +12,7 @@ from gateway.servicer import requested_formats
 from tests.images import png_bytes
 from trellis_service.exporters import SplatArrays
 from trellis_service.gaussian_refinement import refine_splats
+from trellis_service.gaussian_refinement.novel_views import novel_view_size
 from trellis_service.servicer import require_novel_views
 from trellisbox._domain.artifacts import Artifact
 from trellisbox._domain.convert import params_from_proto, params_message
@@ -100,3 +101,8 @@ def test_the_web_page_shows_the_refined_novel_views(tmp_path: Path) -> None:
     assert [caption for _, caption in shown["refined"]] == [f"novel view {i} (refined)" for i in (1, 2, 3)]
     assert [Path(path).read_bytes() for path, _ in shown["refined"]] == result.novel_views
     assert all(path in shown["downloads"] for path, _ in shown["refined"])
+
+
+@pytest.mark.parametrize(("resolution", "size"), [(32, 256), (128, 256), (150, 296), (256, 512), (1024, 512)])
+def test_novel_views_are_rendered_at_a_size_the_refiner_takes_as_it_is(resolution: int, size: int) -> None:
+    assert novel_view_size(resolution) == size

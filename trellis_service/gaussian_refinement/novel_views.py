@@ -47,8 +47,9 @@ class NovelViewPlan:
 
 
 def novel_view_size(resolution: int) -> int:
-    """The novel views' edge for a fit at ``resolution``: twice it, within what a refiner works well at."""
-    return min(NOVEL_VIEW_MAX_SIZE, max(NOVEL_VIEW_MIN_SIZE, 2 * resolution))
+    """The novel views' edge for a fit at ``resolution``: twice it, within what a refiner works well at, and a
+    multiple of 8 (the SDXL VAE's scale: the refiner then works at exactly this size)."""
+    return min(NOVEL_VIEW_MAX_SIZE, max(NOVEL_VIEW_MIN_SIZE, 2 * resolution)) // 8 * 8
 
 
 def plan_poses(anchor: OrbitPose, size: int) -> list[OrbitPose]:
