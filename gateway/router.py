@@ -247,6 +247,10 @@ class Router:
                 first_done.hand_over.novel_view_cameras):
             raise StageFailed("trellis", "INTERNAL", "the hand-over for novel views is incomplete")
         held = 2 * (len(states[0].data) + sum(len(view.data) for view in views))  # the artifacts and the requests
+        # Before the refiner runs: the second call's message can be no larger than this (a refined view comes back
+        # as uncompressed RGBA at most, PNG's worst case a little over it).
+        self._check_fits(sum(image.ByteSize() for image in images) + len(states[0].data) + sum(
+            int(camera.size**2 * 4 * 1.01) + 4096 for camera in first_done.hand_over.novel_view_cameras))
         async with self._budget.hold_when_free(held, job.remaining()):
             refine_started = time.monotonic()
             base = job.refine if job.refine is not None else RefineParams()
@@ -269,12 +273,7 @@ class Router:
                              for i in range(len(views))])
             params_to_proto(job.generation, finish.parameters)
             del handed, views, states, refined, novel_images
-            if finish.ByteSize() > self._max_message_bytes:
-                raise InvalidInput(
-                    f"generation.gaussian_refinement.novel_views: this object's Gaussians and mesh with the images "
-                    f"make {finish.ByteSize() / 2**20:.0f} MiB, more than one message to the TRELLIS service may carry "
-                    f"({self._max_message_bytes / 2**20:.0f} MiB); refine without novel_views, or raise "
-                    "max_request_bytes on the gateway and the TRELLIS service")
+            self._check_fits(finish.ByteSize())
             async for event in self._relayed(lambda: self._stages.refine_gaussians(finish, timeout=job.remaining()),
                                              job):
                 if event.field == DONE:
@@ -282,6 +281,15 @@ class Router:
                         done=_merged(first_done, event.message.done, refine_s)))
                 else:
                     yield event
+
+    def _check_fits(self, nbytes: int) -> None:
+        """A novel-view refinement's second call must fit one message to the TRELLIS service."""
+        if nbytes > self._max_message_bytes:
+            raise InvalidInput(
+                f"generation.gaussian_refinement.novel_views: this object's Gaussians and mesh with the images make "
+                f"{nbytes / 2**20:.0f} MiB, more than one message to the TRELLIS service may carry "
+                f"({self._max_message_bytes / 2**20:.0f} MiB); refine without novel_views, or raise max_request_bytes "
+                "on the gateway and the TRELLIS service")
 
     async def _collected(self, call: Callable[[], TrellisCall], job: GenerateJob, into: dict[int, Artifact]
                          ) -> AsyncIterator[StageEvent[trellis_pb2.ImageTo3DResponse]]:

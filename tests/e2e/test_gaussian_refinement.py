@@ -146,6 +146,7 @@ def test_a_hand_over_too_large_for_one_stage_message_is_refused_with_the_reason(
         # The preview's default 20 000 splats: a 1.4 MB state.
         client.generate([rgba_object(96)], generation={"gaussian_refinement": {**FAST, "novel_views": True}},
                         formats=["ply"])
+    assert "refine 3 image(s)" not in small.processes["refiner"].log_path.read_text(), "refused before refining"
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
     details = str(caught.value.details())  # type: ignore[attr-defined]
     assert details.startswith("generation.gaussian_refinement.novel_views: this object's Gaussians and mesh")
