@@ -271,11 +271,11 @@ class WebApp:
                     gr.Examples(examples=[[[str(EXAMPLE_IMAGE)]]], inputs=[files], label="Example")
                 with gr.Column(scale=1, min_width=300):
                     status = gr.HTML(elem_id="progress")
-                    refined = gr.Gallery(label="Refined image(s)", columns=4, height=300, object_fit="contain",
-                                         preview=True, elem_id="refined", interactive=False)
+                    refined = gr.Gallery(label="Refined image(s) and novel views", columns=4, height=300,
+                                         object_fit="contain", preview=True, elem_id="refined", interactive=False)
                     glb_view = gr.Model3D(label="3D model (GLB)", elem_id="glb-viewer", height=360)
                     ply_view = gr.Model3D(label="Gaussian splats (PLY)", elem_id="ply-viewer", height=300)
-                    downloads = gr.File(label="Downloads (GLB, PLY, refined PNG)", file_count="multiple",
+                    downloads = gr.File(label="Downloads (GLB, PLY, refined PNGs)", file_count="multiple",
                                         elem_id="downloads", interactive=False)
             files.change(self.preview, inputs=[files], outputs=[previews, upload_error])
             shown = gr.State(None)
