@@ -4,12 +4,14 @@ the scene fitted to the photo gets its input view back without spoiling the view
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from tests.gaussian_refinement.scenes import asymmetric_object, photo
-from trellis_service.exporters import SH_C0
+from trellis_service.exporters import SH_C0, SplatArrays
+from trellis_service.gaussian_refinement import plan_novel_views, refine_splats
 from trellis_service.gaussian_refinement.cameras import OrbitPose, camera_at
 from trellis_service.gaussian_refinement.fit import (
     NOVEL_VIEW_WEIGHT,
@@ -26,6 +28,7 @@ from trellis_service.gaussian_refinement.pose import recover_pose
 from trellis_service.gaussian_refinement.rasterizer import TorchRasterizer
 from trellis_service.gaussian_refinement.views import target_view
 from trellisbox._domain.params import GaussianRefinementParams
+from trellisbox._runtime.worker import JobContext
 
 RASTERIZER = TorchRasterizer()
 
@@ -124,3 +127,36 @@ def test_lower_weight_novel_view_targets_correct_the_unseen_side() -> None:
 
         assert psnr(helped.gaussians) >= psnr(alone.gaussians) + 3.0
     assert helped.after[0].psnr > helped.before[0].psnr, "the photo is still fitted"
+
+
+def test_the_stage_with_novel_views_corrects_the_side_no_photo_shows() -> None:
+    """The two halves of a novel-view refinement as the TRELLIS service runs them (plan_novel_views, then
+    refine_splats with the plan), with a perfect refiner standing in for the refiner tier (the ground truth rendered
+    from the planned cameras): the back of the object comes out closer to the truth than with the photo alone, the
+    photo is still fitted, and held-out views are reported."""
+    truth = asymmetric_object(count=300)
+    start = perturbed(truth, seed=3)
+    centre, _ = truth.centre_and_radius()
+    image = photo(truth, OrbitPose(0.0, 10.0, 2.4), 96, RASTERIZER)
+    params = GaussianRefinementParams(enabled=True, steps=40, resolution=40, novel_views=True, opacities=False)
+    context = JobContext("known-answer", None, lambda _: None)
+    splats = start.to_splats()
+    plan = plan_novel_views(splats, [image], params, context, seed=0)
+    assert [round((pose.yaw_degrees - plan.cameras[0].pose.yaw_degrees) % 360) for pose in plan.poses] == [90, 180, 270]
+    perfect = [photo(truth, pose, pose.size, RASTERIZER) for pose in plan.poses]
+    helped = refine_splats(splats, [image], params, context, plan=replace(plan, renders=perfect))
+    alone = refine_splats(splats, [image], params.model_copy(update={"novel_views": False}), context, seed=0)
+
+    assert helped.report.novel_views == 3 and alone.report.novel_views == 0
+    assert helped.report.views[0].after.psnr > helped.report.views[0].before.psnr
+    assert helped.report.held_out, "two held-out views stay clear of the photo and the novel views"
+    back = camera_at(OrbitPose(plan.cameras[0].pose.yaw_degrees + 170.0, 10.0, 2.4), centre, 40)
+    with torch.no_grad():
+        expected = RASTERIZER.render(truth.activated(), back, torch.zeros(3))
+        region = object_region(expected.alpha, grow=1)
+
+        def psnr(refined: SplatArrays) -> float:
+            drawn = GaussianSet.from_splats(refined).activated()
+            return scores(RASTERIZER.render(drawn, back, torch.zeros(3)).colour, expected.colour, region).psnr
+
+        assert psnr(helped.splats) >= psnr(alone.splats) + 3.0
