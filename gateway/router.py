@@ -232,7 +232,7 @@ class Router:
         request = trellis_pb2.ImageTo3DRequest(request_id=job.request_id, images=images, hand_over_novel_views=True,
                                                formats=_generated_formats(job))
         params_to_proto(job.generation, request.parameters)
-        handed: dict[int, Artifact] = {}
+        handed: list[Artifact] = []
         first_done = trellis_pb2.ImageTo3DDone()
         async for event in self._collected(lambda: self._stages.image_to_3d(request, timeout=job.remaining()), job,
                                            handed):
@@ -240,9 +240,9 @@ class Router:
                 first_done = event.message.done
             else:
                 yield event
-        views = sorted((artifact for artifact in handed.values() if artifact.kind == ArtifactKind.NOVEL_VIEW),
+        views = sorted((artifact for artifact in handed if artifact.kind == ArtifactKind.NOVEL_VIEW),
                        key=lambda artifact: artifact.index)
-        states = [artifact for artifact in handed.values() if artifact.kind == ArtifactKind.GENERATION_STATE]
+        states = [artifact for artifact in handed if artifact.kind == ArtifactKind.GENERATION_STATE]
         if not first_done.HasField("hand_over") or len(states) != 1 or len(views) != len(
                 first_done.hand_over.novel_view_cameras):
             raise StageFailed("trellis", "INTERNAL", "the hand-over for novel views is incomplete")
@@ -291,7 +291,7 @@ class Router:
                 f"({self._max_message_bytes / 2**20:.0f} MiB); refine without novel_views, or raise max_request_bytes "
                 "on the gateway and the TRELLIS service")
 
-    async def _collected(self, call: Callable[[], TrellisCall], job: GenerateJob, into: dict[int, Artifact]
+    async def _collected(self, call: Callable[[], TrellisCall], job: GenerateJob, into: list[Artifact]
                          ) -> AsyncIterator[StageEvent[trellis_pb2.ImageTo3DResponse]]:
         """A TRELLIS call whose artifacts are the next call's input: assembled into ``into`` in arrival order (not
         relayed), its other events relayed; retried from the start on another replica."""
@@ -305,7 +305,7 @@ class Router:
                         continue
                     artifact = assembler.feed(*event.chunk())
                     if artifact is not None:
-                        into[len(into)] = artifact
+                        into.append(artifact)
                 return
             except StageFailed as failure:
                 if not self._retryable(failure, attempt, job):

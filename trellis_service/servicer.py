@@ -110,7 +110,8 @@ class TrellisServicer:
         self, request: trellis_pb2.RefineGaussiansRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[trellis_pb2.ImageTo3DResponse | bytes]:
         request_id, formats, params, images = await self._accepted(request, "RefineGaussians")
-        refined_views = await decode_request_images(request.novel_views, self._settings, handoff=True)
+        refined_views = await decode_request_images(request.novel_views, self._settings, handoff=True,
+                                                    field="novel_views")
         state = await asyncio.to_thread(read_state, request.state)
         plan = plan_from_proto(request.hand_over, refined_views)
         backend = self._host.require()

@@ -9,9 +9,13 @@ import zipfile
 import numpy as np
 import pytest
 
+from tests.images import png_bytes, truncated_png
 from trellis_service.domain import GenerationState
 from trellis_service.servicer import read_state
+from trellisbox._domain.convert import decode_images
 from trellisbox._domain.errors import InvalidInput
+from trellisbox._domain.imaging import ImageLimits
+from trellisbox.v1 import common_pb2
 
 VERTICES = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=np.float32)
 FACES = np.array([[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]], dtype=np.int32)
@@ -75,3 +79,12 @@ def test_the_service_also_refuses_a_state_whose_ply_is_not_gaussians() -> None:
            + "end_header\n").encode() + bytes(40)
     with pytest.raises(InvalidInput, match=r"^state: gaussians\.ply: "):
         read_state(GenerationState(splats=cut).to_bytes())
+
+
+def test_a_broken_novel_view_is_named_as_such() -> None:
+    """RefineGaussians decodes its refined views with the images' rules, and names the field they came in."""
+    views = [common_pb2.Image(data=png_bytes(32)), common_pb2.Image(data=truncated_png(32))]
+    with pytest.raises(InvalidInput, match=r"^novel_views\[1\] is truncated or corrupt"):
+        decode_images(views, ImageLimits(), 8, handoff=True, field="novel_views")
+    with pytest.raises(InvalidInput, match=r"^no novel_views: "):
+        decode_images([], ImageLimits(), 8, field="novel_views")

@@ -184,21 +184,22 @@ def kinds_to_proto(kinds: Iterable[ArtifactKind]) -> list[common_pb2.ArtifactKin
 
 
 def decoded_images(images: Sequence[common_pb2.Image], limits: ImageLimits, max_count: int, *,
-                   handoff: bool = False) -> Iterator[Image.Image]:
-    """Decode a request's images one by one, naming the offending one (``images[i]``) in errors; ``handoff`` also
-    accepts the stages' hand-off format (:func:`~trellisbox._domain.imaging.decode_image`)."""
+                   handoff: bool = False, field: str = "images") -> Iterator[Image.Image]:
+    """Decode a request's images one by one, naming the offending one (``images[i]``; ``field`` names the request's
+    field) in errors; ``handoff`` also accepts the stages' hand-off format
+    (:func:`~trellisbox._domain.imaging.decode_image`)."""
     if not images:
-        raise InvalidInput("no images: send at least one PNG, JPEG or WebP image")
+        raise InvalidInput(f"no {field}: send at least one PNG, JPEG or WebP image")
     if len(images) > max_count:
-        raise InvalidInput(f"{len(images)} images sent; at most {max_count} per request")
+        raise InvalidInput(f"{len(images)} {field} sent; at most {max_count} per request")
     for i, image in enumerate(images):
-        yield decode_image(image.data, image.media_type, limits, label=f"images[{i}]", handoff=handoff)
+        yield decode_image(image.data, image.media_type, limits, label=f"{field}[{i}]", handoff=handoff)
 
 
 def decode_images(images: Sequence[common_pb2.Image], limits: ImageLimits, max_count: int, *,
-                  handoff: bool = False) -> list[Image.Image]:
+                  handoff: bool = False, field: str = "images") -> list[Image.Image]:
     """Every image of a request, decoded."""
-    return list(decoded_images(images, limits, max_count, handoff=handoff))
+    return list(decoded_images(images, limits, max_count, handoff=handoff, field=field))
 
 
 def validate_images(images: Sequence[common_pb2.Image], limits: ImageLimits, max_count: int) -> None:

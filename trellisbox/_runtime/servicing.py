@@ -59,11 +59,12 @@ def deadline_of(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
 
 
 async def decode_request_images(images: Sequence[common_pb2.Image], settings: ServiceSettings, *,
-                                handoff: bool = False) -> list[Image.Image]:
+                                handoff: bool = False, field: str = "images") -> list[Image.Image]:
     """Decode (and so validate) a request's images; CPU work, so off the event loop: other calls and health
-    checks stay responsive meanwhile. ``handoff``: also accept the refiner's hand-off format (TRELLIS)."""
+    checks stay responsive meanwhile. ``handoff``: also accept the refiner's hand-off format (TRELLIS); ``field``:
+    the request field errors name."""
     return await asyncio.to_thread(partial(decode_images, images, settings.image_limits, settings.max_images,
-                                           handoff=handoff))
+                                           handoff=handoff, field=field))
 
 
 async def validate_request_images(images: Sequence[common_pb2.Image], settings: ServiceSettings) -> None:
