@@ -127,9 +127,10 @@ class ByteBudget:
 
     The gateway reads a request only once the budget has room for the largest one (``max_request_bytes``): until
     then HTTP/2 flow control keeps its bytes at the client, so any number of uploads at once cannot take the
-    gateway's memory. Requests waiting for room get it in the order they came. A request whose decode would go over
-    the budget is refused (``RESOURCE_EXHAUSTED``, with a retry hint) before any of its images is decoded. One
-    request is always let in when nothing is held, however large (the transport's ``max_request_bytes`` bounds it).
+    gateway's memory. Requests waiting for room get it in the order they came. A request held while routed counts
+    twice (it and the stage request built from it); when that goes over the budget it is refused
+    (``RESOURCE_EXHAUSTED``, with a retry hint). One request is always let in when nothing is held, however large
+    (the transport's ``max_request_bytes`` bounds it).
 
     Args:
         max_bytes: The budget.

@@ -83,10 +83,10 @@ class GatewaySettings(ServiceSettings):
     )
     max_held_bytes: int = Field(
         512 * 2**20, ge=2**20, description="Request bytes the gateway holds at once: a request is read only when "
-        "max_request_bytes fit (until then HTTP/2 flow control keeps its bytes at the client), then counts its bytes "
-        "plus its costliest decode (read from the image headers) while validated, and its bytes while routed. A decode "
-        "that does not fit is refused with RESOURCE_EXHAUSTED before any decoding. Bounds the gateway's memory under "
-        "any number of large uploads (docs/reliability.md)."
+        "max_request_bytes fit (until then HTTP/2 flow control keeps its bytes at the client), then counts twice its "
+        "bytes (it and the stage request built from it) until it ends; a request for which that does not fit is "
+        "refused with RESOURCE_EXHAUSTED. The gateway never decodes images. Bounds the gateway's memory under any "
+        "number of large uploads (docs/reliability.md)."
     )
     receive_timeout_s: float = Field(
         120.0, gt=0, description="How long a request may take to arrive once the gateway reads it, and to wait for "

@@ -49,7 +49,7 @@ class GenerateJob:
 
     Args:
         request_id: Correlates logs and metrics across the three services.
-        images: The caller's encoded images, already validated by decoding them once.
+        images: The caller's encoded images, already checked (``check_image``): the first stage decodes them.
         refine: Refinement parameters, or None to skip refinement.
         generation: Image-to-3D parameters.
         formats: Requested ``ArtifactKind`` values.

@@ -19,12 +19,11 @@ from gateway.router import GENERATED_KINDS, GenerateJob, Router
 from trellisbox._domain.contract import GATEWAY_SERVICE
 from trellisbox._domain.convert import kinds_from_proto, params_from_proto
 from trellisbox._domain.errors import DeadlineExceeded, InvalidInput, NotFound
-from trellisbox._domain.imaging import decode_cost
 from trellisbox._domain.kinds import ArtifactKind
 from trellisbox._domain.params import GenerationParams, RefineParams, random_seed
 from trellisbox._runtime.interceptor import parse_request
 from trellisbox._runtime.server import release_memory
-from trellisbox._runtime.servicing import bind_request_id, validate_request_images
+from trellisbox._runtime.servicing import bind_request_id, check_request_images
 from trellisbox.v1 import gateway_pb2
 
 _log = logging.getLogger(__name__)
@@ -160,18 +159,14 @@ class GatewayServicer:
         return parse_request(gateway_pb2.GenerateRequest, data), hold
 
     async def _validate(self, request: gateway_pb2.GenerateRequest, hold: Hold) -> None:
-        """Validate the images by decoding them, holding the costliest decode meanwhile; refused before decoding when
-        that is more than the request's reservation and the budget has no room for it now."""
+        """Check the images without decoding them: format, declared type, size, pixel count, and a PNG's structure and
+        checksums. The stage that first reads the pixels decodes them and refuses what only decoding finds (a JPEG cut
+        short) before its model runs, with the same message; decoding here too would cost every request a few ms per
+        image before any stage starts (docs/benchmarks.md). The stages get the caller's bytes, not a re-encoding."""
         size = request.ByteSize()
-        # Images are decoded one at a time, so the peak is the request plus its costliest decode (from headers).
-        cost = max((decode_cost(image.data, self._settings.image_limits) for image in request.images), default=0)
-        hold.resize(max(size + cost, 2 * size))
-        # Decoding once here is the validation: format, size, pixel count, truncation (a 4096² PNG takes a few
-        # hundred ms, off the event loop). The stages get the caller's bytes, not a re-encoding.
-        await validate_request_images(request.images, self._settings)
-        # The decoded pixels are gone; until the job ends the gateway holds the request and the stage request built
-        # from it.
+        # Until the job ends the gateway holds the request and the stage request built from it.
         hold.resize(2 * size)
+        await check_request_images(request.images, self._settings, size)
 
     def _wait_s(self, context: grpc.aio.ServicerContext[Any, Any]) -> float:
         """How long a request may wait for room in the byte budget."""

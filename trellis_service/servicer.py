@@ -12,6 +12,7 @@ import asyncio
 import logging
 import math
 from collections.abc import AsyncIterator, Callable, Iterable
+from concurrent.futures import Future
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -22,6 +23,7 @@ from trellis_service.backends.base import ImageTo3DBackend
 from trellis_service.config import TrellisSettings
 from trellis_service.domain import GeneratedAsset, GenerationState, HandedOver
 from trellis_service.exporters import ExportError, encode_result
+from trellisbox._domain.artifacts import Artifact
 from trellisbox._domain.contract import TRELLIS_SERVICE
 from trellisbox._domain.convert import kinds_from_proto, params_from_proto, progress_to_proto, timings_to_proto
 from trellisbox._domain.errors import InvalidInput
@@ -36,7 +38,7 @@ from trellisbox._runtime.servicing import (
     bind_request_id,
     deadline_of,
     decode_request_images,
-    encode_off_thread,
+    start_encoding,
 )
 from trellisbox._runtime.worker import JobContext
 from trellisbox.v1 import common_pb2, trellis_pb2
@@ -47,8 +49,9 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger(__name__)
 
-#: Artifacts of at least this size mark a heavy job: its freed pages are returned before its call ends (5-30 ms),
-#: where a light job's are returned once the service is idle (the model worker's idle release), off any call's path.
+#: Artifacts of at least this size mark a heavy job: its garbage is collected and its freed pages returned before its
+#: call ends (5-30 ms), where a light job's are once the service is idle (the model worker's idle release), off any
+#: call's path.
 HEAVY_JOB_BYTES = 8 * 2**20
 
 #: What TrellisService produces; the refined image comes from the refiner (ask the gateway for it).
@@ -143,14 +146,21 @@ class TrellisServicer:
         """Run ``work`` on the model thread, relay its progress, encode its artifacts off the model thread, stream
         them in chunks, then ``done``."""
         backend = self._host.require()
+
+        def work_then_encode(ctx: JobContext) -> tuple[GeneratedAsset | HandedOver,
+                                                       Future[tuple[list[Artifact], float]]]:
+            result = work(ctx)
+            return result, start_encoding(partial(encode_result, result))  # from the model thread: no wait for the loop
+
         with outstanding(self._host.service, count):  # what autoscaling counts: requests, not jobs
-            job = JobEvents(self._host.worker.run(work, request_id=request_id, deadline=deadline_of(context)))
+            job = JobEvents(self._host.worker.run(work_then_encode, request_id=request_id,
+                                                  deadline=deadline_of(context)))
             async for progress in job.progress():
                 yield trellis_pb2.ImageTo3DResponse(progress=progress)
             finished = job.finished
-            result = finished.value
+            result, encoding = finished.value
             yield trellis_pb2.ImageTo3DResponse(progress=progress_to_proto(Stage.EXPORT, 0, 1, _writing(result)))
-            artifacts, encode_s = await encode_off_thread(partial(encode_result, result))
+            artifacts, encode_s = await asyncio.wrap_future(encoding)
             timings = {Stage.QUEUED: finished.queued_s, **result.timings}
             timings[Stage.EXPORT] = timings.get(Stage.EXPORT, 0.0) + encode_s
             done = trellis_pb2.ImageTo3DDone(seed=result.seed, timings=timings_to_proto(timings), backend=backend.name,
@@ -159,9 +169,7 @@ class TrellisServicer:
                 done.hand_over.CopyFrom(hand_over_to_proto(result.plan))
             elif result.refinement is not None:
                 done.gaussian_refinement.CopyFrom(refinement_to_proto(result.refinement))
-            del job, finished, result  # the mesh and splats: only the encoded artifacts are needed from here on
-            # Their reference cycles, now: under a millisecond, as the warm service's heap is frozen (settle_heap).
-            release_memory(trim=False)
+            del job, finished, result, encoding  # the mesh and splats: only the encoded artifacts are needed now
             observe_stages(self._host.service, timings)
             heavy = sum(len(artifact.data) for artifact in artifacts) >= HEAVY_JOB_BYTES
             try:
@@ -169,9 +177,13 @@ class TrellisServicer:
                     for frame in artifact.frames(self._settings.chunk_bytes):
                         yield frame  # an ImageTo3DResponse with its chunk set, already serialized
             finally:
-                del artifacts  # a light job's freed pages go back to the system once the service is idle (ModelWorker)
-            if heavy:  # ... and before the call ends after a heavy job, whose pages are what RSS is made of
-                await asyncio.to_thread(release_memory, collect=False)
+                del artifacts
+            if heavy:
+                # A heavy job's memory is what RSS is made of: its reference cycles (trimesh's caches hold big arrays in
+                # them) collected and the free pages returned before the call ends. A light job's are collected and
+                # returned once the service is idle (ModelWorker), or by the interpreter's own collections meanwhile:
+                # not on every request's path.
+                await asyncio.to_thread(release_memory)
         _log.info("generated 3D from %d image(s) in %.2f s (queued %.2f s), seed %d", count,
                   sum(timings.values()) - timings[Stage.QUEUED], timings[Stage.QUEUED], done.seed)
         yield trellis_pb2.ImageTo3DResponse(done=done)

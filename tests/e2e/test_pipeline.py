@@ -119,6 +119,23 @@ def test_bad_input_through_the_stack_keeps_every_service_up(stack: LocalStack) -
     assert _all_serving(stack)
 
 
+@pytest.mark.parametrize("refine,stage", [(True, "refiner"), (False, "trellis")])
+def test_what_only_decoding_finds_is_refused_by_the_first_stage_before_its_model_runs(
+        stack: LocalStack, refine: bool, stage: str) -> None:
+    # The gateway checks images without decoding them; a JPEG cut short opens and passes there, and the stage that
+    # reads the pixels first refuses it while decoding, before queueing a job: no stage progress, one clear error.
+    jpeg = encode(rgba_object(256).convert("RGB"), "JPEG")
+    request = build_request([jpeg[: len(jpeg) * 3 // 4]], refine=refine)
+    events: list[Any] = []
+    with TrellisBoxClient(stack.gateway_target, timeout=60) as client, pytest.raises(grpc.RpcError) as info:
+        events.extend(client.stream(request))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert info.value.details().startswith(f"{stage}: images[0] is truncated or corrupt")  # type: ignore[attr-defined]
+    assert not [event for event in events if event.WhichOneof("event") != "progress"
+                or event.progress.stage != common_pb2.STAGE_QUEUED], events
+    assert _all_serving(stack)
+
+
 def test_deadline_is_propagated(stack: LocalStack) -> None:
     with TrellisBoxClient(stack.gateway_target, timeout=0.3) as client, pytest.raises(grpc.RpcError) as info:
         client.generate([png_bytes(256)], refine=True, refine_params={"num_inference_steps": 200, "strength": 1.0})

@@ -2,14 +2,16 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Callable
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from tests.images import encode, huge_png_header, png_bytes, rgba_object, truncated_png
 from trellisbox._domain.errors import InvalidInput
 from trellisbox._domain.imaging import (
     ImageLimits,
+    check_image,
     decode_image,
     encode_handoff,
     encode_png,
@@ -32,6 +34,11 @@ def test_jpeg_and_webp_decode_to_rgb(fmt: str, media_type: str) -> None:
     assert image.mode == "RGB" and image.size == (64, 64)
 
 
+def _flipped(data: bytes, offset_from_end: int) -> bytes:
+    position = len(data) - offset_from_end
+    return data[:position] + bytes([data[position] ^ 1]) + data[position + 1:]
+
+
 @pytest.mark.parametrize(
     "data,media_type,message",
     [
@@ -47,10 +54,35 @@ def test_jpeg_and_webp_decode_to_rgb(fmt: str, media_type: str) -> None:
         (encode(Image.new("RGB", (4, 64)), "PNG"), "", "at least 8 px"),
     ],
 )
-def test_bad_images_are_invalid_input_with_actionable_messages(data: bytes, media_type: str, message: str) -> None:
+@pytest.mark.parametrize("read", [decode_image, check_image], ids=["decode", "check"])
+def test_bad_images_are_invalid_input_with_actionable_messages(data: bytes, media_type: str, message: str,
+                                                               read: Callable[..., object]) -> None:
+    # The gateway's check (no decoding) and the model services' decode refuse each with the same message.
     with pytest.raises(InvalidInput, match="images\\[3\\]") as info:
-        decode_image(data, media_type, label="images[3]")
+        read(data, media_type, label="images[3]")
     assert message in str(info.value)
+
+
+def test_the_check_reads_no_pixels_and_leaves_what_only_decoding_finds_to_the_decode(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    jpeg = encode(rgba_object(256).convert("RGB"), "JPEG")
+    cut_jpeg = jpeg[: len(jpeg) * 3 // 4]  # within the scan data: the header opens
+    with monkeypatch.context() as patched:
+        def no_decoding(self: object) -> None:
+            raise AssertionError("check_image decoded pixels")
+
+        patched.setattr(ImageFile.ImageFile, "load", no_decoding)
+        # The last is a 1×1 PNG whose header says 4096×4096: its checksums hold, and decoding it would fail.
+        for data in (png_bytes(), jpeg, encode(rgba_object(64), "WEBP"), huge_png_header(4096, 4096)):
+            check_image(data)
+        check_image(cut_jpeg)  # a JPEG's end is only found by decoding it ...
+    with pytest.raises(InvalidInput, match="is truncated or corrupt"):
+        decode_image(cut_jpeg, label="images[0]")  # ... which the stage that reads the pixels does first
+    # A PNG cut after its pixel data, and one with a bit flipped in it: the check refuses both by the chunks' structure
+    # and checksums, where decoding need not notice.
+    for damaged in (png_bytes()[:-8], _flipped(png_bytes(), 60)):
+        with pytest.raises(InvalidInput, match=r"^images\[0\] is truncated or corrupt \(broken PNG file"):
+            check_image(damaged, label="images[0]")
 
 
 def test_byte_limit() -> None:

@@ -17,7 +17,7 @@ from google.protobuf.message import Message
 from PIL import Image
 
 from trellisbox._domain.errors import InvalidInput
-from trellisbox._domain.imaging import ImageLimits, decode_image
+from trellisbox._domain.imaging import ImageLimits, check_image, decode_image
 from trellisbox._domain.kinds import ArtifactKind, Stage, artifact_kind, kind_label, known_stage
 from trellisbox._domain.params import ParamModel, build, field_named, model_type, scalar_type
 from trellisbox.v1 import common_pb2
@@ -183,17 +183,24 @@ def kinds_to_proto(kinds: Iterable[ArtifactKind]) -> list[common_pb2.ArtifactKin
 # -- images -------------------------------------------------------------------------------------------------
 
 
-def decoded_images(images: Sequence[common_pb2.Image], limits: ImageLimits, max_count: int, *,
-                   handoff: bool = False, field: str = "images") -> Iterator[Image.Image]:
-    """Decode a request's images one by one, naming the offending one (``images[i]``; ``field`` names the request's
-    field) in errors; ``handoff`` also accepts the stages' hand-off format
-    (:func:`~trellisbox._domain.imaging.decode_image`)."""
+def _numbered(images: Sequence[common_pb2.Image], max_count: int, field: str
+              ) -> Iterator[tuple[str, common_pb2.Image]]:
+    """A request's images with the name errors give each (``images[i]``; ``field`` names the request's field), once
+    their count is within bounds."""
     if not images:
         raise InvalidInput(f"no {field}: send at least one PNG, JPEG or WebP image")
     if len(images) > max_count:
         raise InvalidInput(f"{len(images)} {field} sent; at most {max_count} per request")
     for i, image in enumerate(images):
-        yield decode_image(image.data, image.media_type, limits, label=f"{field}[{i}]", handoff=handoff)
+        yield f"{field}[{i}]", image
+
+
+def decoded_images(images: Sequence[common_pb2.Image], limits: ImageLimits, max_count: int, *,
+                   handoff: bool = False, field: str = "images") -> Iterator[Image.Image]:
+    """Decode a request's images one by one, naming the offending one in errors; ``handoff`` also accepts the stages'
+    hand-off format (:func:`~trellisbox._domain.imaging.decode_image`)."""
+    for label, image in _numbered(images, max_count, field):
+        yield decode_image(image.data, image.media_type, limits, label=label, handoff=handoff)
 
 
 def decode_images(images: Sequence[common_pb2.Image], limits: ImageLimits, max_count: int, *,
@@ -202,7 +209,8 @@ def decode_images(images: Sequence[common_pb2.Image], limits: ImageLimits, max_c
     return list(decoded_images(images, limits, max_count, handoff=handoff, field=field))
 
 
-def validate_images(images: Sequence[common_pb2.Image], limits: ImageLimits, max_count: int) -> None:
-    """Decode each image to validate it, keeping none: at most one decoded image in memory at a time."""
-    for _ in decoded_images(images, limits, max_count):
-        pass
+def check_images(images: Sequence[common_pb2.Image], limits: ImageLimits, max_count: int) -> None:
+    """Check a request's images without decoding them (:func:`~trellisbox._domain.imaging.check_image`), naming the
+    offending one in errors."""
+    for label, image in _numbered(images, max_count, "images"):
+        check_image(image.data, image.media_type, limits, label=label)

@@ -1,8 +1,9 @@
 """The image codec shared by every service: decode with limits, encode PNG, keep alpha.
 
-All untrusted image bytes go through :func:`decode_image`, which checks size, format and pixel count
-from the header before decoding, and turns every decoder failure into an actionable
-:class:`~trellisbox._domain.errors.InvalidInput`.
+All untrusted image bytes go through :func:`decode_image` (the model services), which checks size, format and pixel
+count from the header before decoding, and turns every decoder failure into an actionable
+:class:`~trellisbox._domain.errors.InvalidInput`, or through :func:`check_image` (the gateway, which forwards the
+caller's bytes): the same checks without decoding the pixels.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,36 +57,19 @@ def _pixel_limit(pixels: int) -> str:
     return f"{pixels:,}" + (f" ({side}×{side})" if side * side == pixels else "")
 
 
-def decode_cost(data: bytes, limits: ImageLimits) -> int:
-    """Bytes that decoding ``data`` holds at its peak: a copy of the encoded bytes and RGBA pixels, the pixel count
-    read from the header alone (cheap; nothing is decoded) and capped at what :func:`decode_image` would accept.
-    Bytes whose header does not open cost nothing: :func:`decode_image` opens the header the same way first and
-    refuses them there, before reading further."""
+def header_pixels(data: bytes) -> int:
+    """Width × height as the header says (nothing is decoded); 0 when the bytes do not open as an image (decoding them
+    refuses them at once)."""
     try:
         width, height = Image.open(io.BytesIO(data)).size
     except Exception:
         return 0
-    return min(len(data), limits.max_bytes) + 4 * min(width * height, limits.max_pixels)
+    return int(width * height)
 
 
-def decode_image(data: bytes, media_type: str = "", limits: ImageLimits | None = None,
-                 label: str = "image", *, handoff: bool = False) -> Image.Image:
-    """Decode untrusted bytes into an RGB or RGBA image.
-
-    Args:
-        data: Encoded PNG, JPEG or WebP bytes.
-        media_type: Declared media type; empty to sniff. A declared type must match the bytes.
-        limits: Size bounds; defaults to :class:`ImageLimits()`.
-        label: How the image is named in error messages, e.g. ``"images[2]"``.
-        handoff: Also accept the stages' hand-off format (:data:`HANDOFF_MEDIA_TYPE`, uncompressed TIFF).
-
-    Returns:
-        A fully decoded image in mode ``RGBA`` when the input carries transparency, else ``RGB``.
-
-    Raises:
-        InvalidInput: empty, too large, not an image, unsupported format, truncated or corrupt.
-    """
-    limits = limits or ImageLimits()
+def _open(data: bytes, media_type: str, limits: ImageLimits, label: str, handoff: bool) -> Image.Image:
+    """Open untrusted bytes and check everything the header tells (size, format, declared type, pixel count, sides);
+    nothing is decoded yet."""
     if not data:
         raise InvalidInput(f"{label} is empty: send the encoded PNG, JPEG or WebP bytes")
     if len(data) > limits.max_bytes:
@@ -130,10 +115,54 @@ def decode_image(data: bytes, media_type: str = "", limits: ImageLimits | None =
         )
     if min(width, height) < limits.min_side:
         raise InvalidInput(f"{label} is {width}×{height}; each side must be at least {limits.min_side} px")
+    return image
+
+
+def _truncated_or_corrupt(label: str, exc: BaseException) -> InvalidInput:
+    return InvalidInput(f"{label} is truncated or corrupt ({exc}); re-export the file")
+
+
+def check_image(data: bytes, media_type: str = "", limits: ImageLimits | None = None, label: str = "image") -> None:
+    """Check untrusted image bytes without decoding their pixels: for a service that only forwards them (the gateway).
+
+    Everything :func:`decode_image` checks from the header (size, format, declared type, pixel count, sides), and for
+    PNG the file's structure to its end, every chunk's checksum included: a truncated or damaged upload is refused
+    here. What only decoding finds (a JPEG cut short, a deflate stream broken under valid checksums) is refused by
+    :func:`decode_image` in the model service that first reads the pixels, before its model runs. Costs about 0.4 ms
+    per MiB of PNG (checksums) against 100-150 ms per MiB of pixels to decode.
+
+    Raises:
+        InvalidInput: as :func:`decode_image`, for what can be told without decoding.
+    """
+    image = _open(data, media_type, limits or ImageLimits(), label, handoff=False)
+    try:
+        image.verify()  # PNG: chunk structure and CRCs up to IEND; JPEG and WebP: nothing (Pillow's no-op)
+    except (OSError, ValueError, SyntaxError, struct.error) as exc:
+        raise _truncated_or_corrupt(label, exc) from None
+
+
+def decode_image(data: bytes, media_type: str = "", limits: ImageLimits | None = None,
+                 label: str = "image", *, handoff: bool = False) -> Image.Image:
+    """Decode untrusted bytes into an RGB or RGBA image.
+
+    Args:
+        data: Encoded PNG, JPEG or WebP bytes.
+        media_type: Declared media type; empty to sniff. A declared type must match the bytes.
+        limits: Size bounds; defaults to :class:`ImageLimits()`.
+        label: How the image is named in error messages, e.g. ``"images[2]"``.
+        handoff: Also accept the stages' hand-off format (:data:`HANDOFF_MEDIA_TYPE`, uncompressed TIFF).
+
+    Returns:
+        A fully decoded image in mode ``RGBA`` when the input carries transparency, else ``RGB``.
+
+    Raises:
+        InvalidInput: empty, too large, not an image, unsupported format, truncated or corrupt.
+    """
+    image = _open(data, media_type, limits or ImageLimits(), label, handoff)
     try:
         image.load()
     except (OSError, ValueError, SyntaxError) as exc:
-        raise InvalidInput(f"{label} is truncated or corrupt ({exc}); re-export the file") from None
+        raise _truncated_or_corrupt(label, exc) from None
     return normalize_mode(image)
 
 

@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from functools import partial
 from typing import Generic, TypeVar
 
 from trellisbox._domain.errors import Cancelled, DeadlineExceeded, QueueFull
@@ -117,9 +116,10 @@ class ModelWorker:
         service: Name used in metrics and thread names.
         max_queue: Jobs that may wait while one runs; one more is refused with ``QueueFull``.
         gpu_turn: Optional context manager factory entered around each job (the GPU lease).
-        release_when_idle_s: Once no job has been waiting or running for this long, return the heap's free pages
-            to the system (``release_memory``, in a thread). Jobs that follow each other closely reuse the memory
-            the last one freed instead of faulting it in again; an idle service still gives it back. None: never.
+        release_when_idle_s: Once no job has been waiting or running for this long, collect the jobs' reference
+            cycles and return the heap's free pages to the system (``release_memory``, in a thread). Jobs that follow
+            each other closely reuse the memory the last one freed instead of faulting it in again; an idle service
+            still gives it back. None: never.
     """
 
     def __init__(self, service: str, max_queue: int,
@@ -234,7 +234,7 @@ class ModelWorker:
     def _release_if_idle(self, loop: asyncio.AbstractEventLoop) -> None:
         self._idle_release = None
         if self._admitted == 0:
-            loop.run_in_executor(None, partial(release_memory, collect=False))
+            loop.run_in_executor(None, release_memory)  # the last jobs' reference cycles, then the free pages
 
     def _started(self) -> None:
         self._running += 1
