@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                         print("overhead ...", flush=True)
                         pids: dict[str, int | None] = {name: stack.processes[name].process.pid
                                                        for name in ("gateway", "refiner", "trellis")}
-                        results["overhead"] = overhead.run(stack.gateway_target, quick, 2 if quick else 15,
+                        results["overhead"] = overhead.run(stack.gateway_target, quick, 2 if quick else overhead.PAIRS,
                                                            {**pids, "client": None})
                     if "transport" in args.only:
                         print("transport ...", flush=True)

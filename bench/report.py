@@ -90,6 +90,9 @@ def render(results: dict[str, Any]) -> str:
             _row(["", "bare grpcio server → client, same bytes", _med(t["bare"]["mib_s"], " MiB/s"),
                   _spread(t["bare"]["mib_s"], " MiB/s"), str(t["bare"]["mib_s"]["n"])]),
             _row(["", "**served / bare**", f"**{t['ratio_to_bare']:.2f}×**", "", ""]),
+            *([_row(["", "whole call (request → done, generation included), served / bare",
+                     f"{t['served']['request_s']['median']:.3f} / {t['bare']['request_s']['median']:.3f} s", "",
+                     str(t["served"]["request_s"]["n"])])] if "request_s" in t["served"] else []),
             _row(["", "CPU ms per MiB streamed, served: " + _cpu_names(t["served"]) + "; bare: "
                   + _cpu_names(t["bare"]), _cpu_values(t["served"]) + "; " + _cpu_values(t["bare"]), "",
                   str(t["served"]["mib_s"]["n"])]),

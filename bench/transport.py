@@ -122,6 +122,7 @@ def _row(timings: list[StreamTiming]) -> dict[str, Any]:
     return {
         "mib_s": summarize([t.mib_s for t in timings], 1),
         "stream_s": summarize([t.window_s for t in timings], 4),
+        "request_s": summarize([t.request_s for t in timings], 4),  # the whole call: what moved out of the window
         "artifact_mib": round(timings[0].total_bytes / MIB, 2),
         "cpu_ms_per_mib": {name: round(sum(t.cpu_s[name] for t in timings) * 1000 / mib, 2)
                            for name in timings[0].cpu_s},

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Sequence
+from functools import partial
 from typing import Any
 
 import grpc
@@ -27,12 +28,13 @@ from trellisbox._domain.params import RefineParams, random_seed
 from trellisbox._runtime.model import ModelHost
 from trellisbox._runtime.observability import observe_stages, outstanding
 from trellisbox._runtime.servicing import (
+    INLINE_PIXELS,
     JobEvents,
     add_streaming_servicer,
     bind_request_id,
     deadline_of,
     decode_request_images,
-    encode_off_thread,
+    encode_outputs,
 )
 from trellisbox.v1 import refiner_pb2, refiner_pb2_grpc
 
@@ -91,7 +93,10 @@ class RefinerServicer(refiner_pb2_grpc.RefinerServiceServicer):
             async for progress in job.progress():
                 yield refiner_pb2.RefineResponse(progress=progress)
             finished = job.finished
-            artifacts, encode_s = await encode_off_thread(lambda: encode_refined(finished.value, media_type))
+            refined = finished.value
+            artifacts, encode_s = await encode_outputs(
+                partial(encode_refined, refined, media_type),
+                inline=media_type == HANDOFF_MEDIA_TYPE and sum(i.width * i.height for i in refined) <= INLINE_PIXELS)
             timings = {Stage.QUEUED: finished.queued_s, Stage.REFINE: finished.run_s + encode_s}
             observe_stages(self._host.service, timings)
             for artifact in artifacts:

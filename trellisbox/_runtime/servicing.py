@@ -61,12 +61,12 @@ def deadline_of(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-#: Requests whose images are at most this many pixels in all (read from their headers) and this many bytes are decoded
-#: on the event loop: a decode of up to ~10 ms, against the ~1 ms a hand-off to a thread and back costs on a loaded
-#: host (measured: a 512² PNG took 3-6 ms through a thread, 2.6 ms inline). Larger ones go to a thread, so the loop
-#: never stalls long on one caller's images.
-_DECODE_INLINE_PIXELS = 1024 * 1024
-_DECODE_INLINE_BYTES = 2**20
+#: Image work on at most this many pixels in all runs on the event loop: decoding a request's images (read from their
+#: headers; also at most INLINE_BYTES encoded) and writing the refined images' hand-off form. That is up to ~10 ms,
+#: against the ~1 ms a hand-off to a thread and back costs on a loaded host (measured: a 512² PNG took 3-6 ms
+#: through a thread, 2.6 ms inline). Larger work goes to a thread, so the loop never stalls long on one request.
+INLINE_PIXELS = 1024 * 1024
+_INLINE_BYTES = 2**20
 
 
 async def decode_request_images(images: Sequence[common_pb2.Image], settings: ServiceSettings, *,
@@ -76,8 +76,8 @@ async def decode_request_images(images: Sequence[common_pb2.Image], settings: Se
     ``field``: the request field errors name."""
     decode = partial(decode_images, images, settings.image_limits, settings.max_images, handoff=handoff, field=field)
     # ByteSize first: reading ``image.data`` copies the bytes, which is cheap only for small images.
-    if (sum(image.ByteSize() for image in images) <= _DECODE_INLINE_BYTES
-            and sum(header_pixels(image.data) for image in images) <= _DECODE_INLINE_PIXELS):
+    if (sum(image.ByteSize() for image in images) <= _INLINE_BYTES
+            and sum(header_pixels(image.data) for image in images) <= INLINE_PIXELS):
         return decode()
     return await asyncio.to_thread(decode)
 
@@ -158,19 +158,30 @@ _ENCODERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="encode")
 
 
 def start_encoding(encode: Callable[[], list[Artifact]]) -> Future[tuple[list[Artifact], float]]:
-    """Start an output encoder in an encoding thread; the future gives the artifacts and the seconds encoding took.
-    Callable from any thread: a model job calls it as it returns, so encoding does not wait for the event loop to hear
-    that the job finished (about a millisecond on a loaded host)."""
+    """Start an output encoder in an encoding thread; the future gives the artifacts, hashed, and the seconds encoding
+    and hashing took. Callable from any thread: a model job calls it as it returns, so encoding does not wait for the
+    event loop to hear that the job finished (about a millisecond on a loaded host).
 
-    def timed() -> tuple[list[Artifact], float]:
-        started = time.perf_counter()
-        artifacts = encode()
-        return artifacts, time.perf_counter() - started
-
-    return _ENCODERS.submit(contextvars.copy_context().run, timed)  # log lines keep the request id
+    The SHA-256 the last chunk carries is computed here rather than as the chunks are sent: the event loop, which
+    every call of the service shares, then spends on an artifact only what sending it costs (0.67 ms less per MiB
+    on it; docs/benchmarks.md)."""
+    return _ENCODERS.submit(contextvars.copy_context().run, _encoded, encode)  # log lines keep the request id
 
 
-async def encode_off_thread(encode: Callable[[], list[Artifact]]) -> tuple[list[Artifact], float]:
-    """Run an output encoder in an encoding thread (:func:`start_encoding`) and wait for it: neither the event loop
-    nor the model thread waits for it. Returns the artifacts and the seconds it took."""
+async def encode_outputs(encode: Callable[[], list[Artifact]], *, inline: bool = False
+                         ) -> tuple[list[Artifact], float]:
+    """Run an output encoder and hash its artifacts; returns them and the seconds it took. In an encoding thread
+    (:func:`start_encoding`): neither the event loop nor the model thread waits for it; or, with ``inline``, on the
+    event loop, for an encoder that only copies pixels out (the hand-off form of at most :data:`INLINE_PIXELS`),
+    which costs less than the trip to a thread and back."""
+    if inline:
+        return _encoded(encode)
     return await asyncio.wrap_future(start_encoding(encode))
+
+
+def _encoded(encode: Callable[[], list[Artifact]]) -> tuple[list[Artifact], float]:
+    started = time.perf_counter()
+    artifacts = encode()
+    for artifact in artifacts:
+        artifact.sha256  # noqa: B018 - hashed once, while the bytes are fresh: sending them is then all that is left
+    return artifacts, time.perf_counter() - started
