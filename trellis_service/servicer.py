@@ -149,6 +149,7 @@ class TrellisServicer:
         def work_then_encode(ctx: JobContext) -> tuple[GeneratedAsset | HandedOver,
                                                        Future[tuple[list[Artifact], float]]]:
             result = work(ctx)
+            ctx.raise_if_stopped()  # the caller went away as the job finished: nobody needs the files
             return result, start_encoding(partial(encode_result, result))  # from the model thread: no wait for the loop
 
         with outstanding(self._host.service, count):  # what autoscaling counts: requests, not jobs

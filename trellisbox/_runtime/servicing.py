@@ -62,7 +62,7 @@ def deadline_of(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
 
 
 #: Image work on at most this many pixels in all runs on the event loop: decoding a request's images (read from their
-#: headers; also at most INLINE_BYTES encoded) and writing the refined images' hand-off form. That is up to ~10 ms,
+#: headers; also at most _INLINE_BYTES encoded) and writing the refined images' hand-off form. That is up to ~10 ms,
 #: against the ~1 ms a hand-off to a thread and back costs on a loaded host (measured: a 512² PNG took 3-6 ms
 #: through a thread, 2.6 ms inline). Larger work goes to a thread, so the loop never stalls long on one request.
 INLINE_PIXELS = 1024 * 1024
