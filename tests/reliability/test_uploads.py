@@ -111,8 +111,8 @@ def test_large_valid_invalid_and_slow_uploads_stay_under_the_ceiling(stack: Loca
         "ceiling_mib": round(ceiling_mib), "seconds": round(took, 1)})
     assert not any(thread.is_alive() for thread in threads), "a call hung"
     assert sum(outcomes.values()) == len(cases)
-    # Bytes that are no image cost no decode and are always told so; a corrupt PNG's decode needs room in the budget,
-    # and without room it is refused cleanly before decoding (a retry gets the verdict).
+    # Bytes that are no image are always told so; a corrupt PNG is refused by the gateway's check (its chunk checksums)
+    # once it has room in the budget, and without room it is refused cleanly (a retry gets the verdict).
     assert by_kind["not an image"] == {"INVALID_ARGUMENT": 6}, by_kind
     assert set(by_kind["corrupt"]) <= {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"}, by_kind
     assert by_kind["corrupt"].get("INVALID_ARGUMENT", 0) >= 1, by_kind
