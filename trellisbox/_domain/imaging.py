@@ -128,8 +128,8 @@ def check_image(data: bytes, media_type: str = "", limits: ImageLimits | None = 
     Everything :func:`decode_image` checks from the header (size, format, declared type, pixel count, sides), and for
     PNG the file's structure to its end, every chunk's checksum included: a truncated or damaged upload is refused
     here. What only decoding finds (a JPEG cut short, a deflate stream broken under valid checksums) is refused by
-    :func:`decode_image` in the model service that first reads the pixels, before its model runs. Costs about 0.4 ms
-    per MiB of PNG (checksums) against 100-150 ms per MiB of pixels to decode.
+    :func:`decode_image` in the model service that first reads the pixels, before its model runs. Measured: 0.03 ms
+    for a 512² PNG and 5 ms for a 14 MB 2048² one (0.4 ms per MiB: checksums), against 2.6 and 137 ms to decode.
 
     Raises:
         InvalidInput: as :func:`decode_image`, for what can be told without decoding.

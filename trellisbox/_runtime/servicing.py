@@ -62,7 +62,8 @@ def deadline_of(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
 
 
 #: Image work on at most this many pixels in all runs on the event loop: decoding a request's images (read from their
-#: headers; also at most _INLINE_BYTES encoded) and writing the refined images' hand-off form. That is up to ~10 ms,
+#: headers; also at most _INLINE_BYTES encoded, the bound under which the gateway checks a request's images on the
+#: loop too) and writing the refined images' hand-off form. That is up to ~10 ms,
 #: against the ~1 ms a hand-off to a thread and back costs on a loaded host (measured: a 512² PNG took 3-6 ms
 #: through a thread, 2.6 ms inline). Larger work goes to a thread, so the loop never stalls long on one request.
 INLINE_PIXELS = 1024 * 1024
@@ -82,16 +83,11 @@ async def decode_request_images(images: Sequence[common_pb2.Image], settings: Se
     return await asyncio.to_thread(decode)
 
 
-#: Below this many request bytes the gateway checks the images on the event loop: the check reads headers and PNG
-#: checksums (~0.4 ms per MiB), less than a thread hand-off costs; larger requests are checked in a thread.
-_CHECK_INLINE_BYTES = 2**20
-
-
 async def check_request_images(images: Sequence[common_pb2.Image], settings: ServiceSettings, size: int) -> None:
     """Check a request's images without decoding them (:func:`~trellisbox._domain.imaging.check_image`): for a
     service that only forwards the caller's bytes (the gateway). ``size``: the request's bytes."""
     check = partial(check_images, images, settings.image_limits, settings.max_images)
-    if size < _CHECK_INLINE_BYTES:
+    if size <= _INLINE_BYTES:  # headers and PNG checksums, ~0.4 ms per MiB: less than a thread hand-off below that
         check()
     else:
         await asyncio.to_thread(check)
