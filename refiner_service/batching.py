@@ -41,7 +41,7 @@ from trellisbox._domain.errors import Cancelled, DeadlineExceeded, ServiceError
 from trellisbox._domain.params import RefineParams
 from trellisbox._runtime.model import ModelHost
 from trellisbox._runtime.observability import REQUEST_ID
-from trellisbox._runtime.worker import Finished, JobContext, ProgressEvent, log_stop
+from trellisbox._runtime.worker import Finished, JobContext, ProgressEvent, ProgressGate, log_stop
 
 _log = logging.getLogger(__name__)
 
@@ -72,10 +72,11 @@ class _Member:
     seeds: Sequence[int]
     params: RefineParams
     ctx: JobContext
+    progress: ProgressGate  # ctx reports through it
     events: asyncio.Queue[_Item]
     loop: asyncio.AbstractEventLoop
     submitted: float
-    ended: bool = False  # its final item (result or error) is in ``events``
+    ended: bool = False  # its final item (result or error) is in ``events`` or on its way there
 
     @property
     def request_id(self) -> str:
@@ -137,10 +138,8 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[_Item] = asyncio.Queue()
 
-        def report(event: ProgressEvent) -> None:
-            _post(loop, events.put_nowait, event)
-
-        member = _Member(images, seeds, params, JobContext(request_id, deadline, report), events, loop,
+        gate = ProgressGate(events.put_nowait, loop, self._worker.progress_interval_s)
+        member = _Member(images, seeds, params, JobContext(request_id, deadline, gate), gate, events, loop,
                          time.monotonic())
         backend = self._host.require()
         shares = self._enabled and backend.supports_batching
@@ -285,7 +284,7 @@ class DynamicBatcher:
         """Hand ``member`` its final item (event loop only)."""
         if not member.ended:
             member.ended = True
-            member.events.put_nowait(item)
+            member.progress.finish(lambda: member.events.put_nowait(item))  # its newest progress, then the end
 
     def _job(self, group: _Group) -> dict[int, Images | ServiceError]:
         """The group's job, on the model thread: seal, drop stopped members, run one model call."""

@@ -110,9 +110,11 @@ async def consume(stream: AsyncIterator[ProgressEvent | Finished[list[Image.Imag
 
 
 def make_batcher(backend: RefinerBackend, window_s: float = 0.3, max_images: int = 4,
-                 max_queue: int = 8) -> tuple[DynamicBatcher, ModelWorker]:
-    """A batcher over a host that has loaded and warmed up ``backend`` (spy on it only after this)."""
-    host: ModelHost[RefinerBackend] = ModelHost("batch-test", max_queue, LeaseSettings())
+                 max_queue: int = 8, progress_interval_s: float = 0.0) -> tuple[DynamicBatcher, ModelWorker]:
+    """A batcher over a host that has loaded and warmed up ``backend`` (spy on it only after this); every progress
+    event goes out unless ``progress_interval_s`` says otherwise."""
+    host: ModelHost[RefinerBackend] = ModelHost("batch-test", max_queue, LeaseSettings(),
+                                                progress_interval_s=progress_interval_s)
     host.start(lambda: backend)
     return DynamicBatcher(host, window_s=window_s, max_images=max_images), host.worker
 
@@ -217,6 +219,25 @@ def test_concurrent_requests_share_one_call(backend: SDXLBackend, monkeypatch: p
         assert finished.queued_s >= 0 and finished.run_s > 0
         expected = backend.refine([inputs[i]], params[i], [40 + i])[0]
         assert max_diff(finished.value[0], expected) <= TOLERANCE
+
+
+def test_each_member_of_a_batch_gets_its_own_rate_limited_progress(backend: SDXLBackend) -> None:
+    """The shared call reports each step to every member; each member's gate lets the first and last through (the
+    tiny model's steps come well within the interval), independently of the other members'."""
+    batcher, worker = make_batcher(backend, progress_interval_s=30.0)
+    inputs = [scene(64, seed=1), scene(64, seed=2)]
+    params = [RefineParams(prompt=p, **FAST) for p in ("a vase", "a lamp")]
+
+    async def main() -> list[tuple[list[ProgressEvent], Any]]:
+        return await asyncio.gather(*(consume(request(batcher, [image], p, [7 + i], f"g{i}"))
+                                      for i, (image, p) in enumerate(zip(inputs, params, strict=True))))
+
+    results = asyncio.run(main())
+    worker.shutdown()
+    for progress, finished in results:
+        assert isinstance(finished, Finished), finished
+        assert [(e.stage, e.step, e.total) for e in progress] == [(Stage.REFINE, 1, 5), (Stage.REFINE, 5, 5)]
+        assert "batch of 2 images" in progress[0].message
 
 
 def test_a_request_alone_takes_the_unbatched_path_bit_for_bit(backend: SDXLBackend,

@@ -141,6 +141,21 @@ def call(stub: refiner_pb2_grpc.RefinerServiceStub, request: refiner_pb2.RefineR
     return progress, images, done
 
 
+def assert_rate_limited_steps(progress: list[common_pb2.Progress], total: int, images: int) -> None:
+    """What the service's default progress interval guarantees however fast the steps come: each image's count
+    begins at step 1 and ends at ``total`` (``of total``), rising; steps in between may be left out."""
+    assert progress and all(p.stage == common_pb2.STAGE_REFINE and p.total == total for p in progress), progress
+    runs: list[list[int]] = []
+    for p in progress:
+        if p.step == 1:
+            runs.append([])
+        assert runs, f"the first event is step {p.step}, not 1"
+        runs[-1].append(p.step)
+    assert [(run[0], run[-1]) for run in runs] == [(1, total)] * images, runs
+    assert all(run == sorted(set(run)) for run in runs), runs
+    assert [p.message for p in progress if p.step == 1] == [f"image {i}/{images}" for i in range(1, images + 1)]
+
+
 def direct_diffusers(folder: Path, image: Image.Image, seed: int, **kwargs: Any) -> Image.Image:
     from diffusers import StableDiffusionXLImg2ImgPipeline
 
@@ -171,8 +186,7 @@ def test_refine_matches_diffusers_pixel_for_pixel(stub: refiner_pb2_grpc.Refiner
     progress, images, done = call(stub, request)
 
     effective = int(10 * 0.6)
-    assert [(p.stage, p.step, p.total) for p in progress] == \
-        [(common_pb2.STAGE_REFINE, s, effective) for s in range(1, effective + 1)] * 2
+    assert_rate_limited_steps(progress, effective, images=2)
     assert list(done.seeds) == [1234, 1235]
     assert done.backend == "sdxl" and done.device == "cpu"
     assert [t.stage for t in done.timings] == [common_pb2.STAGE_QUEUED, common_pb2.STAGE_REFINE]
@@ -264,7 +278,9 @@ def test_missing_weights_keep_readiness_off(tmp_path: Path, cache_home: Path) ->
 
 
 def test_classic_service(tmp_path: Path, cache_home: Path) -> None:
-    process = _start(tmp_path, ["--backend", "classic", "--chunk-bytes", str(CHUNK_BYTES)], cache_home)
+    # Every step as it happens (the sdxl service above runs with the default interval): the flag reaches the worker.
+    process = _start(tmp_path, ["--backend", "classic", "--chunk-bytes", str(CHUNK_BYTES),
+                                "--progress-interval-s", "0"], cache_home)
     try:
         process.wait_ready(SERVICE, 60)
         with grpc.insecure_channel(process.target) as channel:

@@ -169,3 +169,94 @@ def test_no_release_without_a_delay(monkeypatch: pytest.MonkeyPatch) -> None:
     asyncio.run(main())
     assert released == []
     worker.shutdown()
+
+
+# -- the progress gate: a fast job's events at a bounded rate, every stage's start and end kept -------------------
+
+def _progress(items: list[object]) -> list[tuple[Stage, int, int]]:
+    return [(i.stage, i.step, i.total) for i in items if isinstance(i, ProgressEvent)]
+
+
+def _two_stages(ctx: JobContext) -> str:
+    """Stage PREPROCESS in 20 steps, then EXPORT in 10, all at once (a fast CPU model)."""
+    for step in range(21):
+        ctx.report(Stage.PREPROCESS, step, 20)
+    for step in range(11):
+        ctx.report(Stage.EXPORT, step, 10)
+    return "ok"
+
+
+def test_without_an_interval_every_event_goes_out() -> None:
+    worker = ModelWorker("test", max_queue=2, progress_interval_s=0)
+    progress = _progress(asyncio.run(_drain(worker, _two_stages)))
+    assert progress == [(Stage.PREPROCESS, s, 20) for s in range(21)] + [(Stage.EXPORT, s, 10) for s in range(11)]
+    worker.shutdown()
+
+
+def test_a_fast_job_sends_each_stage_start_and_end_and_nothing_in_between() -> None:
+    worker = ModelWorker("test", max_queue=2, progress_interval_s=5.0)  # far longer than the job
+    items = asyncio.run(_drain(worker, _two_stages))
+    assert _progress(items) == [(Stage.PREPROCESS, 0, 20), (Stage.PREPROCESS, 20, 20),
+                                (Stage.EXPORT, 0, 10), (Stage.EXPORT, 10, 10)]
+    assert isinstance(items[-1], Finished) and items[-1].value == "ok"
+    worker.shutdown()
+
+
+def test_slow_steps_all_go_out() -> None:
+    worker = ModelWorker("test", max_queue=2, progress_interval_s=0.02)
+    progress = _progress(asyncio.run(_drain(worker, _stepper(5, 0.05))))  # a step every 50 ms
+    assert progress == [(Stage.REFINE, s, 5) for s in range(1, 6)]
+    worker.shutdown()
+
+
+def test_a_held_step_goes_out_when_the_interval_ends_without_waiting_for_the_next() -> None:
+    """Step 2 comes right after step 1 and is held; the job then waits for the caller to have seen it. The gate's
+    timer must deliver it: otherwise the job waits out its 10 s bound and the test fails."""
+    worker = ModelWorker("test", max_queue=2, progress_interval_s=0.05)
+    seen_two = threading.Event()
+    waited: list[bool] = []
+
+    def job(ctx: JobContext) -> str:
+        ctx.report(Stage.REFINE, 1, 4)
+        ctx.report(Stage.REFINE, 2, 4)
+        waited.append(seen_two.wait(10))
+        ctx.report(Stage.REFINE, 4, 4)
+        return "ok"
+
+    async def main() -> list[tuple[Stage, int, int]]:
+        got = []
+        async for item in worker.run(job, request_id="r"):
+            if isinstance(item, ProgressEvent):
+                got.append((item.stage, item.step, item.total))
+                if item.step == 2:
+                    seen_two.set()
+        return got
+
+    assert asyncio.run(main()) == [(Stage.REFINE, 1, 4), (Stage.REFINE, 2, 4), (Stage.REFINE, 4, 4)]
+    assert waited == [True]
+    worker.shutdown()
+
+
+def test_the_newest_held_step_is_the_one_that_goes_out_in_order() -> None:
+    """Steps 2..9 come within one interval: only the newest (9) goes out when it ends, before the stage's last."""
+    worker = ModelWorker("test", max_queue=2, progress_interval_s=0.05)
+    seen: list[int] = []
+    got_nine = threading.Event()
+
+    def job(ctx: JobContext) -> str:
+        for step in range(1, 10):
+            ctx.report(Stage.REFINE, step, 10)
+        got_nine.wait(10)
+        ctx.report(Stage.REFINE, 10, 10)
+        return "ok"
+
+    async def main() -> None:
+        async for item in worker.run(job, request_id="r"):
+            if isinstance(item, ProgressEvent):
+                seen.append(item.step)
+                if item.step == 9:
+                    got_nine.set()
+
+    asyncio.run(main())
+    assert seen == [1, 9, 10]
+    worker.shutdown()

@@ -129,6 +129,13 @@ class ModelSettings(ServiceSettings, LeaseSettings):
         "new replica gets traffic within seconds (make bench measures it); calls in flight on a closing connection "
         "go on, up to longest_call_s."
     )
+    progress_interval_s: float = Field(
+        0.1, ge=0, le=60, description="How often, at most, a request's progress goes out: the newest step, at most "
+        "once per interval; a new stage (or the refiner's next image) at once, after the last step of the one "
+        "before; the final step just before the result. Steps that a newer one replaced within an interval are "
+        "left out. Each event wakes this service, the gateway and the client, which slows a fast CPU model "
+        "(docs/benchmarks.md). 0: every step as it happens."
+    )
 
 
 S = TypeVar("S", bound=ModelSettings)
@@ -146,9 +153,12 @@ class ModelHost(Generic[B]):
         service: Service label ("refiner", "trellis") for metrics, lease records and logs.
         max_queue: Jobs that may wait for the model thread; one more is refused with ``QueueFull``.
         lease: The placement and lease settings.
+        progress_interval_s: How often, at most, a job's progress goes to the event loop, except for an event
+            that opens a part of the job (:class:`~trellisbox._runtime.worker.ProgressGate`); 0: every event.
     """
 
-    def __init__(self, service: str, max_queue: int, lease: LeaseSettings) -> None:
+    def __init__(self, service: str, max_queue: int, lease: LeaseSettings, *,
+                 progress_interval_s: float = 0.0) -> None:
         self.service = service
         self.lease = lease
         self._backend: B | None = None
@@ -156,7 +166,8 @@ class ModelHost(Generic[B]):
         hooks = residency_hooks(lease.residency, to_gpu=self._mover("to_gpu"), to_host=self._mover("to_host"),
                                 load=self._mover("load"), unload=self._mover("unload"))
         self.turns = make_gpu_turns(lease, service, queue_depth=lambda: self.worker.queue_depth, hooks=hooks)
-        self.worker = ModelWorker(service, max_queue, gpu_turn=self.turns, release_when_idle_s=RELEASE_WHEN_IDLE_S)
+        self.worker = ModelWorker(service, max_queue, gpu_turn=self.turns, release_when_idle_s=RELEASE_WHEN_IDLE_S,
+                                  progress_interval_s=progress_interval_s)
 
     @property
     def backend(self) -> B | None:
@@ -293,7 +304,8 @@ def serve_model(service: ModelService[S, B], argv: list[str]) -> None:
     settings = load_settings(service.settings, argv)
     # Before the backend is chosen, so the WARNING that says which backend runs is formatted and kept.
     configure_logging(service.label, settings.log_level, settings.log_format)
-    host: ModelHost[B] = ModelHost(service.label, settings.max_queue, settings)
+    host: ModelHost[B] = ModelHost(service.label, settings.max_queue, settings,
+                                   progress_interval_s=settings.progress_interval_s)
     servicer = service.servicer(host, settings)
     spec = ServiceSpec(
         name=service.name,

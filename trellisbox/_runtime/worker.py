@@ -38,6 +38,94 @@ class ProgressEvent:
     message: str = ""
 
 
+class ProgressGate:
+    """Hands a job's progress events to its caller's event loop at most once per ``interval_s``, newest first.
+
+    Each hand-off wakes the service's event loop (which takes the GIL from the model thread), and each event wakes the
+    gateway and the client; a fast CPU model reports a step every few milliseconds, so the events themselves slowed
+    the model down (docs/benchmarks.md). Progress is state, not a log: a caller needs the newest step a few times a
+    second, every stage, and each stage's final step. So:
+
+    - an event goes out at once when it is the job's first, opens a new part of the job (a new stage, or a step
+      count that starts again, as the refiner's next image does), or comes ``interval_s`` or more after the last
+      hand-off;
+    - any other event is held, and a newer one replaces it; the held event goes out when the interval ends, or with
+      the event that opens the next part (the part's final state, then the new part, in one hand-off), or just
+      before the job's result (:meth:`finish`), whichever comes first.
+
+    Events reach the caller in the order reported; only steps that a newer step of the same part replaced within
+    one interval are left out. ``interval_s`` 0 hands every event over as it comes.
+
+    Args:
+        deliver: Puts one event on the caller's stream; called on ``loop``'s thread.
+        loop: The caller's event loop.
+        interval_s: The least time between two hand-offs, except for an event that opens a part of the job.
+    """
+
+    def __init__(self, deliver: Callable[[ProgressEvent], None], loop: asyncio.AbstractEventLoop,
+                 interval_s: float) -> None:
+        self._deliver = deliver
+        self._loop = loop
+        self._interval_s = interval_s
+        self._lock = threading.Lock()  # the model thread reports; the loop's timer and finish take what is held
+        self._last: ProgressEvent | None = None
+        self._last_at = 0.0
+        self._held: ProgressEvent | None = None
+        self._timer_set = False
+
+    def __call__(self, event: ProgressEvent) -> None:
+        """Report ``event`` (any thread; never blocks)."""
+        with self._lock:
+            now = time.monotonic()
+            newest = self._held or self._last
+            # A new stage, or a count that starts again (the refiner's next image): a part of the job the caller
+            # must see begin, after the newest state of the part before it.
+            opens = newest is None or event.stage != newest.stage or event.step < newest.step
+            if self._interval_s <= 0 or opens or now - self._last_at >= self._interval_s:
+                held, self._held = self._held, None
+                out = [held, event] if held is not None and opens else [event]
+                self._last, self._last_at = event, now
+                # Under the lock: what the timer hands off later was reported later, and is queued after this.
+                self._hand_off(out, threadsafe=True)
+                return
+            self._held = event
+            if self._timer_set:
+                return
+            self._timer_set = True
+            delay = self._last_at + self._interval_s - now
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody is left to tell
+            self._loop.call_soon_threadsafe(self._loop.call_later, delay, self._send_held)
+
+    def finish(self, then: Callable[[], None]) -> None:
+        """On the loop's thread, as the job's stream ends: hand off the held event (the job's newest state), then
+        call ``then`` (which puts the stream's last item), after every event already on its way."""
+        with self._lock:
+            held, self._held = self._held, None
+        self._loop.call_soon(self._deliver_then, [held] if held is not None else [], then)
+
+    def _send_held(self) -> None:
+        with self._lock:
+            self._timer_set = False
+            held, self._held = self._held, None
+            if held is not None:
+                self._last, self._last_at = held, time.monotonic()
+                self._hand_off([held], threadsafe=False)
+
+    def _hand_off(self, events: list[ProgressEvent], *, threadsafe: bool) -> None:
+        # Both ways append to the loop's one queue of callbacks, so hand-offs arrive in the order they were made.
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody is left to tell
+            if threadsafe:
+                self._loop.call_soon_threadsafe(self._deliver_then, events, None)
+            else:
+                self._loop.call_soon(self._deliver_then, events, None)
+
+    def _deliver_then(self, events: list[ProgressEvent], then: Callable[[], None] | None) -> None:
+        for event in events:
+            self._deliver(event)
+        if then is not None:
+            then()
+
+
 @dataclass(frozen=True)
 class Finished(Generic[T]):
     """The job's return value; always the last item of :meth:`ModelWorker.run`.
@@ -120,12 +208,15 @@ class ModelWorker:
             cycles and return the heap's free pages to the system (``release_memory``, in a thread). Jobs that follow
             each other closely reuse the memory the last one freed instead of faulting it in again; an idle service
             still gives it back. None: never.
+        progress_interval_s: How often, at most, a job's progress goes to the event loop, except for an event
+            that opens a part of the job (:class:`ProgressGate`); 0: every event as it comes.
     """
 
     def __init__(self, service: str, max_queue: int,
                  gpu_turn: Callable[[JobContext], AbstractContextManager[None]] | None = None,
-                 release_when_idle_s: float | None = None) -> None:
+                 release_when_idle_s: float | None = None, progress_interval_s: float = 0.0) -> None:
         self._service = service
+        self.progress_interval_s = progress_interval_s
         self._max_queue = max_queue
         self._gpu_turn = gpu_turn
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{service}-model")
@@ -167,10 +258,8 @@ class ModelWorker:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[ProgressEvent | None] = asyncio.Queue()
 
-        def report(event: ProgressEvent) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
-
-        ctx = JobContext(request_id, deadline, report)
+        gate = ProgressGate(events.put_nowait, loop, self.progress_interval_s)
+        ctx = JobContext(request_id, deadline, gate)
         position = self.queue_depth
         self._admitted += 1
         self._publish()
@@ -204,7 +293,7 @@ class ModelWorker:
             self._publish()
             if self._admitted == 0:
                 self._schedule_release(loop)
-            events.put_nowait(None)
+            gate.finish(lambda: events.put_nowait(None))  # the job's newest progress, then the end of the stream
             if not done.cancelled():
                 # Mark the outcome as seen: a job that stopped because its caller went away has nobody
                 # left to read its Cancelled, and asyncio would log "exception was never retrieved".

@@ -155,7 +155,11 @@ Global___Image: _TypeAlias = Image  # noqa: Y015
 
 @_typing.final
 class Progress(_message.Message):
-    """A progress event: `step` of `total` within `stage`."""
+    """A progress event: `step` of `total` within `stage`. Progress is state, not a log: each event is the
+    newest at the time it is sent, at most one per the service's progress interval (0.1 s by default), except
+    that each stage (and each image of a refinement) opens with its first event at once and ends with its last
+    step, so fast steps in between may be left out.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
