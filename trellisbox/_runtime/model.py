@@ -133,8 +133,8 @@ class ModelSettings(ServiceSettings, LeaseSettings):
         0.1, ge=0, le=60, description="How often, at most, a request's progress goes out: the newest step, at most "
         "once per interval; a new stage (or the refiner's next image) at once, after the last step of the one "
         "before; the final step just before the result. Steps that a newer one replaced within an interval are "
-        "left out. Each event wakes this service, the gateway and the client, which slows a fast CPU model "
-        "(docs/benchmarks.md). 0: every step as it happens."
+        "left out. Each event wakes this service, the gateway and the client: CPU spent per step on a fast "
+        "model (docs/benchmarks.md). 0: every step as it happens."
     )
 
 

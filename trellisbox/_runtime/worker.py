@@ -42,9 +42,9 @@ class ProgressGate:
     """Hands a job's progress events to its caller's event loop at most once per ``interval_s``, newest first.
 
     Each hand-off wakes the service's event loop (which takes the GIL from the model thread), and each event wakes the
-    gateway and the client; a fast CPU model reports a step every few milliseconds, so the events themselves slowed
-    the model down (docs/benchmarks.md). Progress is state, not a log: a caller needs the newest step a few times a
-    second, every stage, and each stage's final step. So:
+    gateway and the client; a fast CPU model reports a step every few milliseconds, and relaying every one cost the
+    gateway and the client 1-1.5 ms of CPU per request each (docs/benchmarks.md). Progress is state, not a log: a
+    caller needs the newest step a few times a second, every stage, and each stage's final step. So:
 
     - an event goes out at once when it is the job's first, opens a new part of the job (a new stage, or a step
       count that starts again, as the refiner's next image does), or comes ``interval_s`` or more after the last
