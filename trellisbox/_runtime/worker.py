@@ -86,7 +86,7 @@ class ProgressGate:
                 out = [held, event] if held is not None and opens else [event]
                 self._last, self._last_at = event, now
                 # Under the lock: what the timer hands off later was reported later, and is queued after this.
-                self._hand_off(out, threadsafe=True)
+                self._hand_off(out)
                 return
             self._held = event
             if self._timer_set:
@@ -109,15 +109,13 @@ class ProgressGate:
             held, self._held = self._held, None
             if held is not None:
                 self._last, self._last_at = held, time.monotonic()
-                self._hand_off([held], threadsafe=False)
+                self._hand_off([held])
 
-    def _hand_off(self, events: list[ProgressEvent], *, threadsafe: bool) -> None:
-        # Both ways append to the loop's one queue of callbacks, so hand-offs arrive in the order they were made.
+    def _hand_off(self, events: list[ProgressEvent]) -> None:
+        # From the model thread or the loop's timer alike: one queue of callbacks, so hand-offs arrive in the order
+        # they were made (and finish's, queued on the same loop, after them).
         with contextlib.suppress(RuntimeError):  # the loop closed: nobody is left to tell
-            if threadsafe:
-                self._loop.call_soon_threadsafe(self._deliver_then, events, None)
-            else:
-                self._loop.call_soon(self._deliver_then, events, None)
+            self._loop.call_soon_threadsafe(self._deliver_then, events, None)
 
     def _deliver_then(self, events: list[ProgressEvent], then: Callable[[], None] | None) -> None:
         for event in events:
