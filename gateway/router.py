@@ -12,11 +12,10 @@ worker at its next step.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -63,20 +62,6 @@ class GenerateJob:
     generation: GenerationParams
     formats: frozenset[ArtifactKind]
     deadline: float
-    #: Stage calls past their ``done`` whose trailing status is still on its way (see ``Router._stream``).
-    _ending: set[asyncio.Task[None]] = field(default_factory=set, compare=False, repr=False)
-
-    async def stage_calls_ended(self) -> None:
-        """Wait until every stage call of this job has ended (a call's stage request is in memory until then): the
-        request's bytes stay in the byte budget until this returns."""
-        while self._ending:
-            await asyncio.wait(set(self._ending))
-
-    def end_call_in_background(self, stage: str, call: grpc.aio.UnaryStreamCall[Any, Any]) -> None:
-        """Let a stage call that sent its ``done`` end on its own, and log a status other than OK."""
-        task = asyncio.get_running_loop().create_task(_trailing_status(stage, call))
-        self._ending.add(task)
-        task.add_done_callback(self._ending.discard)
 
     def remaining(self) -> float:
         return max(self.deadline - time.monotonic(), 0.001)
@@ -178,8 +163,7 @@ class Router:
             # Held back until the stage completed, so that a retry on another replica can start over cleanly.
             chunks: list[StageEvent[refiner_pb2.RefineResponse]] = []
             try:
-                call = self._stages.refine(request, timeout=job.remaining())
-                async for event in self._stream("refiner", call, job):
+                async for event in self._stream("refiner", self._stages.refine(request, timeout=job.remaining())):
                     if event.field != CHUNK:
                         yield event
                         continue
@@ -220,7 +204,7 @@ class Router:
         for attempt in range(1, self._attempts + 1):
             relayed_chunk = False
             try:
-                async for event in self._stream("trellis", call(), job):
+                async for event in self._stream("trellis", call()):
                     relayed_chunk = relayed_chunk or event.field == CHUNK
                     yield event
                 return
@@ -315,7 +299,7 @@ class Router:
             assembler = ArtifactAssembler()
             into.clear()
             try:
-                async for event in self._stream("trellis", call(), job):
+                async for event in self._stream("trellis", call()):
                     if event.field != CHUNK:
                         yield event
                         continue
@@ -333,21 +317,11 @@ class Router:
         The stage gets the same request, seeds included, so it gives the same result."""
         return failure.code == "UNAVAILABLE" and attempt < self._attempts and job.remaining() > 1.0
 
-    async def _stream(self, stage: str, call: grpc.aio.UnaryStreamCall[Any, _Event], job: GenerateJob
-                      ) -> AsyncIterator[_Event]:
-        """Iterate a stage call up to its ``done``; its failures become ``StageFailed`` with the stage's own status
-        code.
-
-        ``done`` is a stage's last message (the contract), so the request goes on as soon as it arrives: the call's
-        trailing status is awaited in the background (:meth:`GenerateJob.stage_calls_ended`), not on every
-        request's path (a loopback round of its own, plus whatever the stage does after sending ``done``)."""
-        finished = False
+    async def _stream(self, stage: str, call: grpc.aio.UnaryStreamCall[Any, _Event]) -> AsyncIterator[_Event]:
+        """Iterate a stage call; its failures become ``StageFailed`` with the stage's own status code."""
         try:
             async for event in call:
-                finished = event.field == DONE
                 yield event
-                if finished:
-                    return
         except grpc.aio.AioRpcError as exc:
             retry_after_s = 1.0 if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else None  # a stage's full queue
             raise StageFailed(stage, exc.code().name, exc.details() or exc.code().name,
@@ -355,16 +329,7 @@ class Router:
         except ArtifactProtocolError as exc:
             raise StageFailed(stage, "INTERNAL", str(exc)) from exc
         finally:
-            if finished:
-                job.end_call_in_background(stage, call)
-            else:
-                call.cancel()  # no-op when finished; stops the stage when we leave early
-
-
-async def _trailing_status(stage: str, call: grpc.aio.UnaryStreamCall[Any, Any]) -> None:
-    code = await call.code()
-    if code != grpc.StatusCode.OK:  # after done nothing is lost, but a stage that ends so is worth a look
-        _log.warning("the %s call ended with %s after its done event: %s", stage, code.name, await call.details())
+            call.cancel()  # no-op when finished; stops the stage when we leave early
 
 
 def _generated_formats(job: GenerateJob) -> list[common_pb2.ArtifactKind.ValueType]:

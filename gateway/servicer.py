@@ -74,7 +74,6 @@ class GatewayServicer:
         self._router = router
         self._budget = budget
         self._jobs = jobs
-        self._releasing: set[asyncio.Task[None]] = set()
 
     async def Generate(self, requests: AsyncIterator[bytes],
                        context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Outgoing]:
@@ -95,17 +94,12 @@ class GatewayServicer:
             await self._validate(request, hold)
             job = self._job(request_id, request, context)
             if fingerprint is None:
-                try:
-                    async for response in self._router.generate(job):
-                        yield response
-                finally:
-                    # The call ends now; the request's bytes stay held until the job's stage calls have ended too.
-                    self._release_when_ended(job, held.pop_all())
+                async for response in self._router.generate(job):
+                    yield response
                 return
-            # The job runs as the gateway's, holding the request until it (and its stage calls) ended; this call
-            # only follows it.
+            # The job runs as the gateway's, holding the request until it ends; this call only follows it.
             followed = await self._jobs.start(request_id, fingerprint, lambda: self._router.generate(job),
-                                              _then_release(job, held.pop_all()))
+                                              held.pop_all())
         async for response in followed:
             yield response
 
@@ -130,11 +124,6 @@ class GatewayServicer:
         return gateway_pb2.CancelResponse(outcome=gateway_pb2.CancelResponse.OUTCOME_STOPPED
                                           if outcome is CancelOutcome.STOPPED
                                           else gateway_pb2.CancelResponse.OUTCOME_DELETED)
-
-    def _release_when_ended(self, job: GenerateJob, held: AsyncExitStack) -> None:
-        task = asyncio.get_running_loop().create_task(_then_release(job, held).aclose())
-        self._releasing.add(task)  # a strong reference: the loop keeps only weak ones
-        task.add_done_callback(self._releasing.discard)
 
     @staticmethod
     def _named(given: str) -> str:
@@ -220,12 +209,3 @@ def add_gateway_servicer(servicer: GatewayServicer, server: grpc.aio.Server) -> 
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(GATEWAY_SERVICE, handlers),))
     server.add_registered_method_handlers(GATEWAY_SERVICE, handlers)  # type: ignore[attr-defined]  # stubs lag
-
-
-def _then_release(job: GenerateJob, held: AsyncExitStack) -> AsyncExitStack:
-    """``held`` (the request's bytes in the byte budget, and what follows their release), closed once ``job``'s stage
-    calls have ended: a stage call left to end after its ``done`` still has its stage request in memory."""
-    stack = AsyncExitStack()
-    stack.push_async_exit(held)
-    stack.push_async_callback(job.stage_calls_ended)  # first: exit callbacks run last in, first out
-    return stack
