@@ -34,9 +34,13 @@ def silent_server() -> Iterator[socket.socket]:
 def test_ctrl_c_says_cancelled_and_exits_130_without_a_traceback(silent_server: socket.socket,
                                                                  tmp_path: Path) -> None:
     port = int(silent_server.getsockname()[1])
+    # As a terminal starts it in the foreground: SIGINT at its default. A suite started in the background by a
+    # non-interactive shell has SIGINT ignored, and an ignored signal stays ignored across exec (Python then
+    # installs no KeyboardInterrupt handler), so the CLI would rightly never see this Ctrl-C.
     process = subprocess.Popen([*CLI, "generate", str(EXAMPLE_IMAGE), "-o", str(tmp_path / "x.glb"),
                                 "--target", f"127.0.0.1:{port}"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         silent_server.settimeout(60)
         connection, _ = silent_server.accept()  # the CLI has started its call: past imports, waiting on the reply
