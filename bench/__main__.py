@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                         pids: dict[str, int | None] = {name: stack.processes[name].process.pid
                                                        for name in ("gateway", "refiner", "trellis")}
                         results["overhead"] = overhead.run(stack.gateway_target, quick, 2 if quick else overhead.PAIRS,
-                                                           {**pids, "client": None})
+                                                           {**pids, "client": None}, procs)
                     if "transport" in args.only:
                         print("transport ...", flush=True)
                         results["transport"] = transport.run(stack, procs, quick, 1 if quick else 5)

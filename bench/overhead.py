@@ -14,16 +14,21 @@ so the pairs measure the serving path rather than a model's variance. The servic
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
-from bench.common import object_image, png, summarize, thread_cpu_seconds
+from bench.common import Processes, object_image, png, summarize, thread_cpu_seconds, wait_serving
 from trellis_service.exporters import encode_asset
+from trellisbox._domain.contract import GATEWAY_SERVICE
 from trellisbox._domain.imaging import decode_image
 from trellisbox._domain.kinds import ArtifactKind
 from trellisbox._domain.params import GenerationParams, RefineParams
 from trellisbox._runtime.worker import JobContext
-from trellisbox.client import TrellisBoxClient
+from trellisbox.client import TrellisBoxClient, build_request
+from trellisbox.v1 import gateway_pb2
 
 IMAGE_SIDE = 512
 #: Served / in-process pairs per case. The backends' own time varies by 10-20 % from run to run here (130-170 ms for
@@ -63,17 +68,61 @@ class InProcess:
         return glb, {"REFINE": t1 - t0, "3D": t2 - t1}
 
 
+class GrpcFloor:
+    """The gRPC floor of a 3D-only call: ``TrellisBoxClient`` → a raw relay → a bare server (``bench/stubs.py``), the
+    request's bytes forwarded, ``progress`` events and the GLB back in the same 1 MiB chunks. Two hops and the bytes
+    of the served call, with nothing of this project in them: served time outside the stages minus this is what the
+    project's own code (the gateway, the TRELLIS servicer's decode and framing, the client's checks) adds to gRPC's.
+
+    Args:
+        procs: Starts and stops the two stand-in processes.
+        glb: The artifact the bare server streams.
+        progress: Progress events it sends first (as many as the served call delivered).
+    """
+
+    def __init__(self, procs: Processes, glb: bytes, progress: int) -> None:
+        self._procs = procs
+        self._tmp = tempfile.TemporaryDirectory(prefix="bench-floor-")
+        path = Path(self._tmp.name) / "glb.bin"
+        path.write_bytes(glb)
+        self._glb = glb
+        self._bare = procs.start("floor-bare", "bench.stubs", ["--mode", "bare", "--file", str(path),
+                                                                "--progress", str(progress)])
+        self._relay = procs.start("floor-relay", "bench.stubs", ["--mode", "relay", "--forward-request",
+                                                                  "--upstream", self._bare.target])
+        wait_serving(self._bare.target, GATEWAY_SERVICE, 60, self._bare)
+        wait_serving(self._relay.target, GATEWAY_SERVICE, 60, self._relay)
+        self._client = TrellisBoxClient(self._relay.target, timeout=60)
+
+    def call(self, request: gateway_pb2.GenerateRequest) -> float:
+        """Seconds for one call, from send to the end of the stream (the GLB reassembled and checked)."""
+        started = time.perf_counter()
+        result = self._client.collect(self._client.frames(request))
+        elapsed = time.perf_counter() - started
+        if result.glb != self._glb:
+            raise RuntimeError("the floor's call returned other bytes than the served GLB")
+        return elapsed
+
+    def close(self) -> None:
+        self._client.close()
+        self._procs.stop(self._relay)
+        self._procs.stop(self._bare)
+        self._tmp.cleanup()
+
+
 def _cpu(pids: dict[str, int | None]) -> dict[str, float]:
     return {name: thread_cpu_seconds(pid) for name, pid in pids.items()}
 
 
-def run(gateway_target: str, quick: bool, repeats: int, pids: dict[str, int | None] | None = None) -> dict[str, Any]:
-    """``pids``: the stack's processes by name (None: this one, the client), whose CPU time per request is taken."""
+def run(gateway_target: str, quick: bool, repeats: int, pids: dict[str, int | None] | None = None,
+        procs: Processes | None = None) -> dict[str, Any]:
+    """``pids``: the stack's processes by name (None: this one, the client), whose CPU time per request is taken;
+    ``procs``: where given, the 3D-only pairs are each followed by a call of :class:`GrpcFloor`."""
     data = png(object_image(IMAGE_SIDE))
     local = InProcess()
     pids = pids or {"client": None}
     cases: dict[str, dict[str, Any]] = {}
-    with TrellisBoxClient(gateway_target, timeout=300) as client:
+    with TrellisBoxClient(gateway_target, timeout=300) as client, contextlib.ExitStack() as floors:
         for name, refine in (("refine_and_3d", True), ("3d_only", False)):
             options: dict[str, Any] = {"refine": refine, "generation": GENERATION, "formats": ["glb"]}
             if refine:
@@ -89,16 +138,27 @@ def run(gateway_target: str, quick: bool, repeats: int, pids: dict[str, int | No
             identical = True
             served_cpu: dict[str, float] = dict.fromkeys(pids, 0.0)
             local_cpu = 0.0
+            floor: GrpcFloor | None = None
+            floor_ms: list[float] = []
+            progress_events: list[object] = []
+            request = build_request([data], **options)  # what generate() sends
             for i in range(repeats + 1):  # the first pair warms both paths up and is not counted
                 cpu0 = _cpu(pids)
                 t0 = time.perf_counter()
-                result = client.generate([data], **options)
+                result = client.generate([data], on_progress=progress_events.append if i == 0 else None, **options)
                 t1 = time.perf_counter()
                 cpu1 = _cpu(pids)
                 glb, stages = local.run(data, refine)
                 t2 = time.perf_counter()
                 cpu2 = thread_cpu_seconds()
                 identical &= result.glb == glb
+                if procs is not None and not refine:
+                    if floor is None:  # after the warm-up pair: as many events as the served call delivered
+                        floor = GrpcFloor(procs, glb, len(progress_events))
+                        floors.callback(floor.close)
+                        floor.call(request)
+                    else:
+                        floor_ms.append(floor.call(request) * 1000)
                 if i > 0:
                     served_s.append(t1 - t0)
                     local_s.append(t2 - t1)
@@ -134,6 +194,10 @@ def run(gateway_target: str, quick: bool, repeats: int, pids: dict[str, int | No
                     + ("the refiner call is its stage" if refine else "low noise") + ")":
                         summarize(outside_stages_ms, 1),
                 },
+                **({"grpc_floor_ms": summarize(floor_ms, 1),
+                    "outside_stages_over_floor_ms": summarize(
+                        [o - f for o, f in zip(outside_stages_ms, floor_ms, strict=True)], 1),
+                    "floor_progress_events": len(progress_events)} if floor_ms else {}),
                 "identical_glb": identical,
                 "glb_bytes": len(glb),
             }

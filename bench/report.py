@@ -39,6 +39,17 @@ def _row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _floor_rows(t: dict[str, Any]) -> list[str]:
+    """The transport's two-hop floor: the bare server's stream through a raw gRPC relay, and served against it."""
+    floor = t["relay_floor"]
+    return [
+        _row(["", "bare grpcio server → raw grpcio relay → client (two hops, nothing of this project)",
+              _med(floor["mib_s"], " MiB/s"), _spread(floor["mib_s"], " MiB/s"), str(floor["mib_s"]["n"])]),
+        _row(["", f"**served / raw-relay floor** (floor / bare: {t['floor_ratio_to_bare']:.2f}×)",
+              f"**{t['ratio_to_relay_floor']:.2f}×**", "", ""]),
+    ]
+
+
 def render(results: dict[str, Any]) -> str:
     m = results["machine"]
     lines = [
@@ -78,6 +89,15 @@ def render(results: dict[str, Any]) -> str:
                 if stats:
                     lines.append(_row(["", f"of the added time: {label}", _med(stats, " ms"),
                                        _spread(stats, " ms"), n]))
+            if "grpc_floor_ms" in c:
+                lines += [
+                    _row(["", "gRPC floor of this call: client → raw grpcio relay → bare server, the same request, "
+                          f"{c['floor_progress_events']} progress events and the GLB (nothing of this project)",
+                          _med(c["grpc_floor_ms"], " ms"), _spread(c["grpc_floor_ms"], " ms"), n]),
+                    _row(["", "**served time outside the stages − that floor** (per pair)",
+                          f"**{_med(c['outside_stages_over_floor_ms'], ' ms')}**",
+                          _spread(c["outside_stages_over_floor_ms"], " ms"), n]),
+                ]
     t = results.get("transport")
     if t:
         size = sum(a["bytes"] for a in t["artifacts"]) / 2**20
@@ -90,11 +110,14 @@ def render(results: dict[str, Any]) -> str:
             _row(["", "bare grpcio server → client, same bytes", _med(t["bare"]["mib_s"], " MiB/s"),
                   _spread(t["bare"]["mib_s"], " MiB/s"), str(t["bare"]["mib_s"]["n"])]),
             _row(["", "**served / bare**", f"**{t['ratio_to_bare']:.2f}×**", "", ""]),
+            *(_floor_rows(t) if "relay_floor" in t else []),
             *([_row(["", "whole call (request → done, generation included), served / bare",
                      f"{t['served']['request_s']['median']:.3f} / {t['bare']['request_s']['median']:.3f} s", "",
                      str(t["served"]["request_s"]["n"])])] if "request_s" in t["served"] else []),
             _row(["", "CPU ms per MiB streamed, served: " + _cpu_names(t["served"]) + "; bare: "
-                  + _cpu_names(t["bare"]), _cpu_values(t["served"]) + "; " + _cpu_values(t["bare"]), "",
+                  + _cpu_names(t["bare"]) + ("; floor: " + _cpu_names(t["relay_floor"]) if "relay_floor" in t else ""),
+                  _cpu_values(t["served"]) + "; " + _cpu_values(t["bare"])
+                  + ("; " + _cpu_values(t["relay_floor"]) if "relay_floor" in t else ""), "",
                   str(t["served"]["mib_s"]["n"])]),
         ]
         for row in t.get("chunk_sweep", []):

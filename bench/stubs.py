@@ -6,10 +6,12 @@
     gateway (refiner scaling, gateway memory).
 ``bare``: the transport baseline. A plain ``grpc.aio.server()`` with default options that serves
     ``GatewayService/Generate`` by writing the bytes of ``--file`` as pre-encoded ``GenerateResponse``
-    chunk messages, ``--chunk-bytes`` each: no validation, no stage, no protobuf work per request.
+    chunk messages, ``--chunk-bytes`` each: no validation, no stage, no protobuf work per request. It serves
+    the same messages as ``TrellisService/ImageTo3D`` too, so a ``relay`` can stand in front of it.
 ``relay``: the least a relay can do: ``GatewayService/Generate`` forwards ``--upstream``'s
     ``TrellisService/ImageTo3D`` messages as raw bytes, with ``--grpc-args`` (JSON list of [name, value])
-    on both its channel and its server. Experiments use it to vary transport arguments.
+    on both its channel and its server. The transport benchmark puts it in front of ``bare`` (the floor of
+    any gRPC relay in Python); experiments use it to vary transport arguments.
 """
 
 from __future__ import annotations
@@ -86,15 +88,18 @@ def gateway_malloc() -> str:
 
 async def _serve_raw_generate(host: str, port: int,
                               generate: Callable[[bytes, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[bytes]],
-                              grpc_args: list[tuple[str, Any]] | None = None) -> None:
+                              grpc_args: list[tuple[str, Any]] | None = None,
+                              also_image_to_3d: bool = False) -> None:
     """A bare grpcio server (none of the project's bootstrap) whose ``GatewayService/Generate`` yields raw
-    frames: the baseline of the transport benchmark and the relay of the grpc-args experiment."""
-    handler = grpc.method_handlers_generic_handler(GATEWAY_SERVICE, {
-        "Generate": grpc.unary_stream_rpc_method_handler(
-            generate, request_deserializer=lambda b: b, response_serializer=lambda b: b),
-    })
+    frames: the baseline of the transport benchmark and the relay of the grpc-args experiment;
+    ``also_image_to_3d``: ``TrellisService/ImageTo3D`` yields the same (an upstream for a relay)."""
+    method = grpc.unary_stream_rpc_method_handler(generate, request_deserializer=lambda b: b,
+                                                  response_serializer=lambda b: b)
+    handlers = [grpc.method_handlers_generic_handler(GATEWAY_SERVICE, {"Generate": method})]
+    if also_image_to_3d:
+        handlers.append(grpc.method_handlers_generic_handler(TRELLIS_SERVICE, {"ImageTo3D": method}))
     server = grpc.aio.server(options=grpc_args or [])
-    server.add_generic_rpc_handlers((handler,))
+    server.add_generic_rpc_handlers(handlers)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     server.add_insecure_port(f"{host}:{port}")
@@ -103,9 +108,13 @@ async def _serve_raw_generate(host: str, port: int,
     await server.wait_for_termination()
 
 
-async def _serve_bare(host: str, port: int, files: list[Path], chunk_bytes: int) -> None:
+async def _serve_bare(host: str, port: int, files: list[Path], chunk_bytes: int, progress: int = 0) -> None:
     kinds = (common_pb2.ARTIFACT_KIND_GLB, common_pb2.ARTIFACT_KIND_GAUSSIAN_PLY)
     frames = [
+        gateway_pb2.GenerateResponse(progress=common_pb2.Progress(stage=common_pb2.STAGE_SLAT, step=step,
+                                                                  total=progress, message="bare")).SerializeToString()
+        for step in range(1, progress + 1)
+    ] + [
         gateway_pb2.GenerateResponse(chunk=chunk).SerializeToString()
         for kind, path in zip(kinds, files, strict=False)
         for chunk in Artifact(kind, path.read_bytes()).chunks(chunk_bytes)
@@ -116,16 +125,17 @@ async def _serve_bare(host: str, port: int, files: list[Path], chunk_bytes: int)
         for frame in frames:
             yield frame
 
-    await _serve_raw_generate(host, port, generate)
+    await _serve_raw_generate(host, port, generate, also_image_to_3d=True)
 
 
-async def _serve_relay(host: str, port: int, upstream: str, grpc_args: list[tuple[str, Any]]) -> None:
+async def _serve_relay(host: str, port: int, upstream: str, grpc_args: list[tuple[str, Any]],
+                       forward_request: bool = False) -> None:
     channel = grpc.aio.insecure_channel(upstream, options=grpc_args)
     image_to_3d = channel.unary_stream(f"/{TRELLIS_SERVICE}/ImageTo3D", request_serializer=lambda b: b,
                                        response_deserializer=lambda b: b)
 
     async def generate(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
-        async for message in image_to_3d(b"", timeout=120):
+        async for message in image_to_3d(request if forward_request else b"", timeout=120):
             yield message
 
     await _serve_raw_generate(host, port, generate, grpc_args)
@@ -141,17 +151,21 @@ def main() -> None:
     parser.add_argument("--artifact-bytes", type=int, default=8 * 2**20)
     parser.add_argument("--chunk-bytes", type=int, default=2**20)
     parser.add_argument("--file", type=Path, nargs="+", help="bare: GLB (and PLY) whose bytes it streams")
+    parser.add_argument("--progress", type=int, default=0, help="bare: progress events sent before the artifacts")
+    parser.add_argument("--forward-request", action="store_true",
+                        help="relay: send the request's bytes upstream as they came (else an empty request)")
     args = parser.parse_args()
     if args.mode == "relay":
         gateway_malloc()  # it stands in for the gateway
         asyncio.run(_serve_relay(args.host, args.port, args.upstream,
-                                 [(name, value) for name, value in json.loads(args.grpc_args)]))
+                                 [(name, value) for name, value in json.loads(args.grpc_args)],
+                                 args.forward_request))
     elif args.mode == "trellis":
         serve_trellis(args.host, args.port, args.artifact_bytes, args.chunk_bytes)
     else:
         if args.file is None:
             parser.error("--mode bare needs --file")
-        asyncio.run(_serve_bare(args.host, args.port, args.file, args.chunk_bytes))
+        asyncio.run(_serve_bare(args.host, args.port, args.file, args.chunk_bytes, args.progress))
 
 
 if __name__ == "__main__":

@@ -104,7 +104,11 @@ def measure(target: str, request: gateway_pb2.GenerateRequest, repeats: int, pid
     return timings, result
 
 
-def bare_rate(procs: Processes, files: list[Path], chunk_bytes: int, repeats: int) -> list[StreamTiming]:
+def bare_rate(procs: Processes, files: list[Path], chunk_bytes: int, repeats: int, *, with_relay: bool = False
+              ) -> tuple[list[StreamTiming], list[StreamTiming] | None]:
+    """The bare grpcio server's stream of ``files`` to the client; with ``with_relay``, also the same stream through
+    a raw relay in front of it (``bench/stubs.py --mode relay``: what any gRPC relay in Python costs at least, the
+    floor of the served row's two hops)."""
     port = free_port()
     bare = procs.start("bare", "bench.stubs", ["--mode", "bare", "--chunk-bytes", str(chunk_bytes),
                                                 "--file", *map(str, files)], port=port)
@@ -112,7 +116,16 @@ def bare_rate(procs: Processes, files: list[Path], chunk_bytes: int, repeats: in
         wait_serving(bare.target, GATEWAY_SERVICE, 60, bare)
         timings, _ = measure(bare.target, gateway_pb2.GenerateRequest(), repeats,
                              {"bare server": bare.process.pid, "client": None})
-        return timings
+        if not with_relay:
+            return timings, None
+        relay = procs.start("raw-relay", "bench.stubs", ["--mode", "relay", "--upstream", bare.target])
+        try:
+            wait_serving(relay.target, GATEWAY_SERVICE, 60, relay)
+            relayed, _ = measure(relay.target, gateway_pb2.GenerateRequest(), repeats,
+                                 {"bare server": bare.process.pid, "raw relay": relay.process.pid, "client": None})
+        finally:
+            procs.stop(relay)
+        return timings, relayed
     finally:
         procs.stop(bare)
 
@@ -141,8 +154,9 @@ def run(stack: LocalStack, procs: Processes, quick: bool, repeats: int) -> dict[
             path = Path(tmp) / f"{getattr(artifact.kind, 'name', artifact.kind)}.bin"
             path.write_bytes(artifact.data)
             files.append(path)
-        bare = bare_rate(procs, files, 2**20, max(repeats, 5))
-    served_row, bare_row = _row(served), _row(bare)
+        bare, relayed = bare_rate(procs, files, 2**20, max(repeats, 5), with_relay=True)
+    assert relayed is not None  # nosec B101  # for mypy: asked for above
+    served_row, bare_row, floor_row = _row(served), _row(bare), _row(relayed)
     ratio = served_row["mib_s"]["median"] / bare_row["mib_s"]["median"]
     return {
         "method": "client-side first chunk -> last chunk; bytes after the first chunk / that time",
@@ -151,6 +165,11 @@ def run(stack: LocalStack, procs: Processes, quick: bool, repeats: int) -> dict[
         "served": served_row,
         "bare": bare_row,
         "ratio_to_bare": round(ratio, 3),
+        # The same bytes from the bare server through a raw relay: two hops and three processes, as served, with
+        # nothing of this project in them. Served against it: what the project's code costs over gRPC's own floor.
+        "relay_floor": floor_row,
+        "ratio_to_relay_floor": round(served_row["mib_s"]["median"] / floor_row["mib_s"]["median"], 3),
+        "floor_ratio_to_bare": round(floor_row["mib_s"]["median"] / bare_row["mib_s"]["median"], 3),
     }
 
 
@@ -175,7 +194,7 @@ def run_chunk_sweep(procs: Processes, gateway_args: list[str], sizes: list[int],
             procs.stop(gateway)
             procs.stop(stub)
             payload_path.write_bytes(result.artifacts[0].data)
-            bare = bare_rate(procs, [payload_path], chunk, repeats)
+            bare, _ = bare_rate(procs, [payload_path], chunk, repeats)
             served_row, bare_row = _row(served), _row(bare)
             rows.append({"chunk_bytes": chunk, "served": served_row, "bare": bare_row,
                          "ratio_to_bare": round(served_row["mib_s"]["median"] / bare_row["mib_s"]["median"], 3)})

@@ -45,9 +45,14 @@ def test_quick_bench_writes_results_and_table(tmp_path: Path) -> None:
         figures = overhead["cases"][case]
         assert _number(figures["ratio"]["median"]) and math.isfinite(figures["added_ms"]["median"])
         assert figures["identical_glb"] is True  # served and in-process give the same bytes
+    floor = overhead["cases"]["3d_only"]
+    assert _number(floor["grpc_floor_ms"]["median"]) and floor["floor_progress_events"] >= 1
+    assert math.isfinite(floor["outside_stages_over_floor_ms"]["median"])
     transport = json.loads((out / "transport.json").read_text())
     assert _number(transport["ratio_to_bare"])
     assert _number(transport["served"]["mib_s"]["median"]) and _number(transport["bare"]["mib_s"]["median"])
+    assert _number(transport["ratio_to_relay_floor"]) and _number(transport["floor_ratio_to_bare"])
+    assert set(transport["relay_floor"]["cpu_ms_per_mib"]) == {"bare server", "raw relay", "client"}
     scaling = json.loads((out / "scaling.json").read_text())
     assert [row["replicas"] for row in scaling["rows"]] == [1, 2, 4]
     assert all(_number(row["ratio_to_one"]) for row in scaling["rows"])
@@ -63,6 +68,7 @@ def test_quick_bench_writes_results_and_table(tmp_path: Path) -> None:
     assert text.startswith("# Benchmarks\n\nHand-written method text stays.") and text.endswith("Tail.\n")
     table = text.split(BEGIN, 1)[1].split(END, 1)[0]
     assert "old table" not in table
-    for label in ("served / in-process", "served / bare", "refiner scaling, 4 replicas", "cold start, gateway",
-                  "gateway memory", "GPU lease hand-off"):
+    for label in ("served / in-process", "served / bare", "served / raw-relay floor", "gRPC floor of this call",
+                  "refiner scaling, 4 replicas",
+                  "cold start, gateway", "gateway memory", "GPU lease hand-off"):
         assert label in table, label
