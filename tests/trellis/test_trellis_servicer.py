@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Set
+from collections.abc import Callable, Set
 from typing import Any
 
 import pytest
@@ -31,9 +31,13 @@ from trellisbox.v1 import common_pb2, trellis_pb2
 class FakeContext:
     def __init__(self, timeout: float | None = None) -> None:
         self._deadline = time.monotonic() + timeout if timeout is not None else None
+        self.done_callbacks: list[Callable[[Any], None]] = []  # grpc runs them once the call has ended
 
     def time_remaining(self) -> float | None:
         return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        self.done_callbacks.append(callback)
 
 
 class ScriptedBackend(ImageTo3DBackend):
@@ -96,7 +100,10 @@ async def collect(servicer: TrellisServicer, context: Any) -> list[trellis_pb2.I
 
 
 def test_stream_order_and_done() -> None:
-    responses = asyncio.run(collect(make_servicer(ScriptedBackend()), FakeContext()))
+    context = FakeContext()
+    responses = asyncio.run(collect(make_servicer(ScriptedBackend()), context))
+    assert len(context.done_callbacks) == 1  # the job's reference cycles, collected after the call, off its path
+    context.done_callbacks[0](context)
     kinds = [r.WhichOneof("event") for r in responses]
     assert kinds[:4] == ["progress"] * 4 and kinds[-1] == "done"  # 3 steps, then "writing" the files
     assert set(kinds[4:-1]) == {"chunk"} and len(kinds[4:-1]) == 5
