@@ -10,8 +10,8 @@
     the same messages as ``TrellisService/ImageTo3D`` too, so a ``relay`` can stand in front of it.
 ``relay``: the least a relay can do: ``GatewayService/Generate`` forwards ``--upstream``'s
     ``TrellisService/ImageTo3D`` messages as raw bytes, with ``--grpc-args`` (JSON list of [name, value])
-    on both its channel and its server. The transport benchmark puts it in front of ``bare`` (the floor of
-    any gRPC relay in Python); experiments use it to vary transport arguments.
+    on both its channel and its server. The benchmarks put it in front of ``bare``: two hops with nothing but
+    gRPC on them, the reference the served path is measured against; experiments use it to vary transport arguments.
 """
 
 from __future__ import annotations
