@@ -18,6 +18,7 @@ from typing import Any
 from PIL import Image
 
 from tools.stack import ServiceProcess, health_status, start_service
+from trellisbox._domain.contract import GATEWAY_SERVICE
 from trellisbox._domain.imaging import synthetic_object
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,6 +151,14 @@ class Processes:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def start_raw_relay(procs: Processes, upstream: str, *args: str, name: str = "raw-relay") -> ServiceProcess:
+    """``bench/stubs.py --mode relay`` in front of ``upstream`` (a ``TrellisService/ImageTo3D``), SERVING;
+    ``args``: more of its flags (``--forward-request``, ``--grpc-args``)."""
+    relay = procs.start(name, "bench.stubs", ["--mode", "relay", "--upstream", upstream, *args])
+    wait_serving(relay.target, GATEWAY_SERVICE, 60, relay)
+    return relay
 
 
 def rss_kib(pid: int) -> dict[str, int]:

@@ -24,10 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO, Processes, machine_info, object_image, png, summarize, wait_serving
+from bench.common import REPO, Processes, machine_info, object_image, png, start_raw_relay, summarize, wait_serving
 from bench.load import closed_loop
 from bench.transport import MIB, _row, measure
-from tools.stack import free_port
 from trellisbox._domain.contract import GATEWAY_SERVICE, TRELLIS_SERVICE
 from trellisbox.client import TrellisBoxClient, build_request
 
@@ -72,9 +71,7 @@ def grpc_args(procs: Processes, rounds: int, repeats: int) -> list[dict[str, Any
     rows = []
     for _ in range(rounds):
         for name, args in GRPC_ARGS.items():
-            relay = procs.start("relay", "bench.stubs", ["--mode", "relay", "--upstream", stub.target,
-                                                         "--grpc-args", json.dumps(args)], port=free_port())
-            wait_serving(relay.target, GATEWAY_SERVICE, 60, relay)
+            relay = start_raw_relay(procs, stub.target, "--grpc-args", json.dumps(args), name="relay")
             timings, _ = measure(relay.target, _small_request(), repeats,
                                  {"trellis stub": stub.process.pid, "relay": relay.process.pid, "client": None})
             procs.stop(relay)

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import Processes, object_image, png, summarize, thread_cpu_seconds, wait_serving
+from bench.common import Processes, object_image, png, start_raw_relay, summarize, thread_cpu_seconds, wait_serving
 from trellis_service.exporters import encode_asset
 from trellisbox._domain.contract import GATEWAY_SERVICE
 from trellisbox._domain.imaging import decode_image
@@ -88,10 +88,8 @@ class GrpcFloor:
         self._glb = glb
         self._bare = procs.start("floor-bare", "bench.stubs", ["--mode", "bare", "--file", str(path),
                                                                 "--progress", str(progress)])
-        self._relay = procs.start("floor-relay", "bench.stubs", ["--mode", "relay", "--forward-request",
-                                                                  "--upstream", self._bare.target])
         wait_serving(self._bare.target, GATEWAY_SERVICE, 60, self._bare)
-        wait_serving(self._relay.target, GATEWAY_SERVICE, 60, self._relay)
+        self._relay = start_raw_relay(procs, self._bare.target, "--forward-request", name="floor-relay")
         self._client = TrellisBoxClient(self._relay.target, timeout=60)
 
     def call(self, request: gateway_pb2.GenerateRequest) -> float:

@@ -14,6 +14,7 @@ after the last): the cost of the code path, which load barely moves.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import Processes, cpu_seconds, object_image, png, summarize, wait_serving
-from tools.stack import LocalStack, free_port
+from bench.common import Processes, cpu_seconds, object_image, png, start_raw_relay, summarize, wait_serving
+from tools.stack import LocalStack, ServiceProcess, free_port
 from trellisbox._domain.artifacts import CHUNK_EVENT_FIELD, read_chunk_frame
 from trellisbox._domain.contract import GATEWAY_SERVICE, TRELLIS_SERVICE
 from trellisbox._domain.wire import single_field
@@ -104,30 +105,33 @@ def measure(target: str, request: gateway_pb2.GenerateRequest, repeats: int, pid
     return timings, result
 
 
-def bare_rate(procs: Processes, files: list[Path], chunk_bytes: int, repeats: int, *, with_relay: bool = False
-              ) -> tuple[list[StreamTiming], list[StreamTiming] | None]:
-    """The bare grpcio server's stream of ``files`` to the client; with ``with_relay``, also the same stream through
-    a raw relay in front of it (``bench/stubs.py --mode relay``: what any gRPC relay in Python costs at least, the
-    floor of the served row's two hops)."""
-    port = free_port()
+@contextlib.contextmanager
+def bare_server(procs: Processes, files: list[Path], chunk_bytes: int) -> Iterator[ServiceProcess]:
+    """The bare grpcio server streaming ``files`` in ``chunk_bytes`` chunks, SERVING, stopped on exit."""
     bare = procs.start("bare", "bench.stubs", ["--mode", "bare", "--chunk-bytes", str(chunk_bytes),
-                                                "--file", *map(str, files)], port=port)
+                                                "--file", *map(str, files)], port=free_port())
     try:
         wait_serving(bare.target, GATEWAY_SERVICE, 60, bare)
-        timings, _ = measure(bare.target, gateway_pb2.GenerateRequest(), repeats,
-                             {"bare server": bare.process.pid, "client": None})
-        if not with_relay:
-            return timings, None
-        relay = procs.start("raw-relay", "bench.stubs", ["--mode", "relay", "--upstream", bare.target])
-        try:
-            wait_serving(relay.target, GATEWAY_SERVICE, 60, relay)
-            relayed, _ = measure(relay.target, gateway_pb2.GenerateRequest(), repeats,
-                                 {"bare server": bare.process.pid, "raw relay": relay.process.pid, "client": None})
-        finally:
-            procs.stop(relay)
-        return timings, relayed
+        yield bare
     finally:
         procs.stop(bare)
+
+
+def bare_rate(procs: Processes, files: list[Path], chunk_bytes: int, repeats: int) -> list[StreamTiming]:
+    with bare_server(procs, files, chunk_bytes) as bare:
+        return measure(bare.target, gateway_pb2.GenerateRequest(), repeats,
+                       {"bare server": bare.process.pid, "client": None})[0]
+
+
+def relay_rate(procs: Processes, bare: ServiceProcess, repeats: int) -> list[StreamTiming]:
+    """The bare server's stream through a raw relay (``bench/stubs.py --mode relay``): two hops and three processes,
+    as served, with nothing but grpcio on the path."""
+    relay = start_raw_relay(procs, bare.target)
+    try:
+        return measure(relay.target, gateway_pb2.GenerateRequest(), repeats,
+                       {"bare server": bare.process.pid, "raw relay": relay.process.pid, "client": None})[0]
+    finally:
+        procs.stop(relay)
 
 
 def _row(timings: list[StreamTiming]) -> dict[str, Any]:
@@ -154,8 +158,10 @@ def run(stack: LocalStack, procs: Processes, quick: bool, repeats: int) -> dict[
             path = Path(tmp) / f"{getattr(artifact.kind, 'name', artifact.kind)}.bin"
             path.write_bytes(artifact.data)
             files.append(path)
-        bare, relayed = bare_rate(procs, files, 2**20, max(repeats, 5), with_relay=True)
-    assert relayed is not None  # nosec B101  # for mypy: asked for above
+        with bare_server(procs, files, 2**20) as server:
+            bare = measure(server.target, gateway_pb2.GenerateRequest(), max(repeats, 5),
+                           {"bare server": server.process.pid, "client": None})[0]
+            relayed = relay_rate(procs, server, max(repeats, 5))
     served_row, bare_row, floor_row = _row(served), _row(bare), _row(relayed)
     ratio = served_row["mib_s"]["median"] / bare_row["mib_s"]["median"]
     return {
@@ -166,7 +172,7 @@ def run(stack: LocalStack, procs: Processes, quick: bool, repeats: int) -> dict[
         "bare": bare_row,
         "ratio_to_bare": round(ratio, 3),
         # The same bytes from the bare server through a raw relay: two hops and three processes, as served, with
-        # nothing of this project in them. Served against it: what the project's code costs over gRPC's own floor.
+        # nothing of this project in them. Served against it: how close the whole served path comes to bare gRPC.
         "relay_floor": floor_row,
         "ratio_to_relay_floor": round(served_row["mib_s"]["median"] / floor_row["mib_s"]["median"], 3),
         "floor_ratio_to_bare": round(floor_row["mib_s"]["median"] / bare_row["mib_s"]["median"], 3),
@@ -194,7 +200,7 @@ def run_chunk_sweep(procs: Processes, gateway_args: list[str], sizes: list[int],
             procs.stop(gateway)
             procs.stop(stub)
             payload_path.write_bytes(result.artifacts[0].data)
-            bare, _ = bare_rate(procs, [payload_path], chunk, repeats)
+            bare = bare_rate(procs, [payload_path], chunk, repeats)
             served_row, bare_row = _row(served), _row(bare)
             rows.append({"chunk_bytes": chunk, "served": served_row, "bare": bare_row,
                          "ratio_to_bare": round(served_row["mib_s"]["median"] / bare_row["mib_s"]["median"], 3)})
