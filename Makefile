@@ -29,7 +29,7 @@ NOVEL_VIEWS ?=
 SECURE ?=
 STACK_FLAGS = $(if $(SECURE),--secure) --placement $(PLACEMENT) $(if $(REFINER_MODEL),--refiner-model $(REFINER_MODEL)) $(if $(TRELLIS_MODEL),--trellis-model $(TRELLIS_MODEL))
 
-.PHONY: install proto run demo test lint browser bench reliability device-wheels k8s-validate images clean
+.PHONY: install proto run demo test lint browser bench bench-ray reliability device-wheels k8s-validate images clean
 
 install: $(INSTALLED) $(VALIDATOR)
 
@@ -84,6 +84,20 @@ bench: install
 	$(PY) -m bench.refiner_gpu $(if $(filter quick,$(REFINER_BENCH)),--quick)
 	$(PY) -m bench.gaussian_refinement $(if $(filter quick,$(REFINER_BENCH)),--quick)
 	$(PY) -m bench --out bench/results --docs docs/benchmarks.md
+
+# This stack against the same pipeline on Ray Serve, in one run (docs/benchmarks.md, "Against Ray Serve"). Ray is
+# not a dependency of the project: it goes into its own virtual environment with the project. About 6 minutes.
+RAY_VENV ?= .venv-ray
+$(RAY_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(RAY_VENV)
+	$(RAY_VENV)/bin/python -m pip install -q --upgrade pip
+	$(RAY_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(RAY_VENV)/bin/python -m pip install -q -e '.[trellis,refiner]' 'ray[serve]==2.60.0'
+	touch $@
+
+bench-ray: $(RAY_VENV)/.installed
+	$(RAY_VENV)/bin/python -m bench.ray_serve --ray-mode default
+	$(RAY_VENV)/bin/python -m bench.ray_serve --ray-mode throughput
 
 # Reliability scenarios (tests/reliability: fuzz, burst, replica and service kills, long calls, memory) against
 # real services on loopback; they run in `make test` too. This writes what they measured into docs/reliability.md.

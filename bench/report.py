@@ -180,12 +180,18 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def write_section(path: Path, begin: str, end: str, body: str) -> None:
+    """Replace what lies between the markers ``begin`` and ``end`` in ``path`` with ``body`` (the markers are appended
+    when missing; the file is created with :data:`SKELETON` when it does not exist)."""
+    text = path.read_text() if path.exists() else SKELETON
+    if begin not in text or end not in text:
+        text = text.rstrip("\n") + "\n\n" + begin + "\n" + end + "\n"
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(head + begin + "\n" + body + "\n" + end + tail)
+
+
 def write_docs(path: Path, results: dict[str, Any]) -> None:
     """Replace the generated section of ``path`` (created with a skeleton when missing)."""
-    text = path.read_text() if path.exists() else SKELETON
-    if BEGIN not in text or END not in text:
-        text = text.rstrip("\n") + "\n\n" + BEGIN + "\n" + END + "\n"
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(head + BEGIN + "\n" + render(results) + "\n" + END + tail)
+    write_section(path, BEGIN, END, render(results))
