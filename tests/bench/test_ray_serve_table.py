@@ -38,6 +38,8 @@ def test_the_table_is_rendered_from_the_results_and_is_the_one_in_the_docs(tmp_p
                        f"{run['streaming']['mib_s']['ray']['median']} MiB/s",
                        f"{run['idle']['ray']['processes']} processes"):
             assert figure in table, figure
+        assert f"**{run['concurrent']['ours']['requests_per_s']}**" in table
+        assert f"{run['concurrent']['ray']['requests_per_s']}" in table
     stale = "docs/benchmarks.md is stale: python -m bench.ray_serve --render"
     assert table == _table(ROOT / "docs" / "benchmarks.md"), stale
 
