@@ -20,6 +20,8 @@ same work per byte. Figures, all from one run:
   per-triplet differences, 3D only and refine + 3D.
 - *Artifact streaming*: the preview backend's large GLB + PLY (54 MiB, as ``bench/transport.py``), first chunk to
   last chunk at the client; this project and Ray alternate.
+- *Throughput*: requests per second with 16 closed-loop clients (refine + 3D), each on its own connection, in two
+  12 s windows per stack, ordered this project, Ray, Ray, this project.
 - *Idle memory and CPU*: proportional set size (PSS: shared pages counted once) summed over every process of each
   stack once warm, and the CPU each stack burns in 5 s with no request.
 
