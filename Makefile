@@ -86,7 +86,8 @@ bench: install
 	$(PY) -m bench --out bench/results --docs docs/benchmarks.md
 
 # This stack against the same pipeline on Ray Serve, in one run (docs/benchmarks.md, "Against Ray Serve"). Ray is
-# not a dependency of the project: it goes into its own virtual environment with the project. About 6 minutes.
+# not a dependency of the project: it goes into its own virtual environment with the project. About 7 minutes here
+# (5-8), plus the first install.
 RAY_VENV ?= .venv-ray
 $(RAY_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(RAY_VENV)

@@ -45,7 +45,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO, machine_info, object_image, png, summarize, write_json
+from bench.common import REPO, cpu_seconds, machine_info, object_image, png, summarize, write_json
 from bench.overhead import GENERATION, ONE_THREAD, REFINE, InProcess
 from bench.report import write_section
 from bench.transport import MIB, StreamTiming, timed_stream
@@ -225,9 +225,8 @@ def footprint(processes: list[Any], idle_s: float = 5.0) -> dict[str, Any]:
     def cpu() -> float:
         total = 0.0
         for process in alive:
-            with contextlib.suppress(psutil.Error):
-                times = process.cpu_times()
-                total += times.user + times.system
+            with contextlib.suppress(OSError):  # one that has just ended
+                total += cpu_seconds(process.pid)
         return total
 
     pss = 0
