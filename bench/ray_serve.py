@@ -48,21 +48,18 @@ from typing import Any
 from bench.common import REPO, cpu_seconds, machine_info, object_image, png, summarize, write_json
 from bench.overhead import GENERATION, ONE_THREAD, REFINE, InProcess
 from bench.report import write_section
-from bench.transport import MIB, StreamTiming, timed_stream
+from bench.transport import MIB, StreamTiming, big_generation, big_image, big_request, timed_stream
 from tools.stack import LocalStack, free_port
+from trellisbox._domain.artifacts import CHUNK_BYTES
 from trellisbox._domain.imaging import decode_image
 from trellisbox._domain.kinds import ArtifactKind
 from trellisbox._domain.params import GenerationParams, RefineParams
 from trellisbox._runtime.worker import JobContext
-from trellisbox.client import TrellisBoxClient, build_request
+from trellisbox.client import TrellisBoxClient
 
 IMAGE_SIDE = 512
 TRIPLETS = 31
 STREAM_REPEATS = 5
-#: What the transport benchmark streams: a full-resolution mesh with a 4096² noise texture, GLB + PLY.
-BIG_GENERATION = {"seed": 1, "mesh_simplify": 0.0, "texture_size": 4096}
-BIG_SIDE = 1024
-CHUNK_BYTES = 2**20
 
 
 # --- the Ray Serve application (built only where ray is installed) -------------------------------------------------
@@ -100,7 +97,7 @@ def build_app() -> Any:
 
             if isinstance(image, bytes):
                 image = decode_image(image)
-            generation = BIG_GENERATION if big else GENERATION
+            generation = big_generation(quick=False) if big else GENERATION
             formats = {ArtifactKind.GLB, ArtifactKind.GAUSSIAN_PLY} if big else {ArtifactKind.GLB}
             result = self._backend.generate([image], GenerationParams(**generation),  # type: ignore[arg-type]
                                             formats, self._ctx)
@@ -284,8 +281,7 @@ def per_request(ours: TrellisBoxClient, ray: RayClient, local: InProcess, data: 
 
 def streaming(ours: TrellisBoxClient, ray: RayClient, repeats: int) -> dict[str, Any]:
     """The 54 MiB GLB + PLY streamed by each stack, alternating; MiB/s from the first chunk to the last."""
-    data = png(object_image(BIG_SIDE, seed=7, noisy=True))
-    request = build_request([data], generation=BIG_GENERATION, formats=["glb", "ply"])
+    data, request = big_image(quick=False), big_request(quick=False)
     timings: dict[str, list[StreamTiming]] = {"ours": [], "ray": []}
     identical = True
     for i in range(repeats + 1):
@@ -461,8 +457,8 @@ def main(argv: list[str] | None = None) -> int:
                     ours.generate([data], refine=refine, generation=GENERATION, formats=["glb"])
                     ray_client.generate(data, refine)
                 ours_processes = [p for pid in ours_pids for p in _tree(pid)]
-                ray_processes = [p for p in _tree(os.getpid())[1:]
-                                 if p.pid not in {q.pid for q in ours_processes}]
+                ours_tree = {p.pid for p in ours_processes}
+                ray_processes = [p for p in _tree(os.getpid())[1:] if p.pid not in ours_tree]
                 print("idle footprint ...", flush=True)
                 results["idle"] = {"ours": footprint(ours_processes), "ray": footprint(ray_processes)}
                 for name, refine in (("3d_only", False), ("refine_and_3d", True)):

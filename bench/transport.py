@@ -85,12 +85,19 @@ def timed_stream(client: TrellisBoxClient, request: gateway_pb2.GenerateRequest,
     return timing, result
 
 
-def big_request(quick: bool) -> gateway_pb2.GenerateRequest:
+def big_image(quick: bool) -> bytes:
+    """The PNG of the large-artifact request: a noisy object, whose baked texture does not compress."""
+    return png(object_image(512 if quick else 1024, seed=7, noisy=True))
+
+
+def big_generation(quick: bool) -> dict[str, Any]:
     """Preview settings that make a large GLB (+ PLY): full-resolution mesh, 4096² texture of noise."""
-    side, texture = (512, 2048) if quick else (1024, 4096)
-    return build_request([png(object_image(side, seed=7, noisy=True))],
-                         generation={"seed": 1, "mesh_simplify": 0.0, "texture_size": texture},
-                         formats=["glb", "ply"])
+    return {"seed": 1, "mesh_simplify": 0.0, "texture_size": 2048 if quick else 4096}
+
+
+def big_request(quick: bool) -> gateway_pb2.GenerateRequest:
+    """The large-artifact request: :func:`big_image` with :func:`big_generation`, GLB and PLY."""
+    return build_request([big_image(quick)], generation=big_generation(quick), formats=["glb", "ply"])
 
 
 def measure(target: str, request: gateway_pb2.GenerateRequest, repeats: int, pids: dict[str, int | None],
