@@ -8,6 +8,8 @@
                                             #   (run it in another checkout to compare code versions)
     python -m bench.experiments faults      # CPU time and page faults per request of every process of the
                                             #   stack, model services' malloc profile on and off
+    python -m bench.experiments client      # the client's CPU per MiB received, step by step, and its check
+                                            #   of each chunk (CRC-32C) against hashing (SHA-256)
 
 Each prints its rows and writes ``bench/results/experiment-<name>.json``.
 """
@@ -15,20 +17,26 @@ Each prints its rows and writes ``bench/results/experiment-<name>.json``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import crc32c
 
 from bench.common import REPO, Processes, machine_info, object_image, png, start_raw_relay, summarize, wait_serving
 from bench.load import closed_loop
 from bench.transport import MIB, _row, measure
+from trellisbox._domain.artifacts import read_chunk_frame
 from trellisbox._domain.contract import GATEWAY_SERVICE, TRELLIS_SERVICE
 from trellisbox.client import TrellisBoxClient, build_request
+from trellisbox.v1 import gateway_pb2
 
 ARTIFACT_BYTES = 48 * MIB
 
@@ -160,9 +168,80 @@ def faults(log_dir: Path, rounds: int, repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _drain(frames: Iterator[bytes]) -> None:
+    for _ in frames:
+        pass
+
+
+def _read(frames: Iterator[bytes]) -> None:
+    for frame in frames:
+        read_chunk_frame(frame)
+
+
+def _read_crc32c(frames: Iterator[bytes]) -> None:
+    for frame in frames:
+        read = read_chunk_frame(frame)
+        if read is not None:
+            crc32c.crc32c(read[1])
+
+
+def _read_sha256(frames: Iterator[bytes]) -> None:
+    digest = hashlib.sha256()
+    for frame in frames:
+        read = read_chunk_frame(frame)
+        if read is not None:
+            digest.update(read[1])
+
+
+CLIENT_STEPS: dict[str, Callable[[Iterator[bytes]], object]] = {
+    "receive: gRPC only, frames dropped": _drain,
+    "+ chunk frames read (read_chunk_frame)": _read,
+    "+ CRC-32C of each chunk": _read_crc32c,
+    "+ SHA-256 of each chunk instead": _read_sha256,
+    "TrellisBoxClient.collect: read, checked, kept": TrellisBoxClient.collect,
+}
+
+
+def client(procs: Processes, rounds: int, repeats: int) -> list[dict[str, Any]]:
+    """The client (this process) reading the transport benchmark's sizes (41.4 + 13.0 MiB, incompressible, 1 MiB
+    chunks) from a bare server: CPU milliseconds per MiB of each step in :data:`CLIENT_STEPS`, and of the whole
+    ``collect`` on chunks without a CRC-32C (a server older than the field: checked with SHA-256, as every client did
+    before the field). Steps and servers alternate within each round."""
+    from bench.stubs import _payload
+
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-client-") as tmp:
+        files = [Path(tmp) / "glb.bin", Path(tmp) / "ply.bin"]
+        for path, size in zip(files, (round(41.4 * MIB), 13 * MIB), strict=True):
+            path.write_bytes(_payload(size))
+        mib = sum(path.stat().st_size for path in files) / MIB
+        servers = {chunks: procs.start(f"bare-{chunks}", "bench.stubs", [
+            "--mode", "bare", "--file", *map(str, files), *(["--legacy-chunks"] if chunks == "legacy" else [])])
+            for chunks in ("with CRC-32C", "legacy")}
+        for server in servers.values():
+            wait_serving(server.target, GATEWAY_SERVICE, 60, server)
+        cases = [(name, "with CRC-32C", step) for name, step in CLIENT_STEPS.items()]
+        cases.append(("TrellisBoxClient.collect on chunks without CRC-32C: SHA-256 of the whole (before)", "legacy",
+                      TrellisBoxClient.collect))
+        for round_ in range(rounds):
+            order = cases if round_ % 2 == 0 else cases[::-1]
+            for name, chunks, step in order:
+                with TrellisBoxClient(servers[chunks].target, timeout=60, max_message_bytes=64 * MIB) as client:
+                    step(client.frames(gateway_pb2.GenerateRequest()))  # warm-up
+                    cpu = []
+                    for _ in range(repeats):
+                        started = time.process_time()
+                        step(client.frames(gateway_pb2.GenerateRequest()))
+                        cpu.append((time.process_time() - started) * 1000 / mib)
+                rows.append({"round": round_, "step": name, "chunks": chunks,
+                             "cpu_ms_per_mib": summarize(cpu, 3)})
+                print(f"{round_} {name}: {rows[-1]['cpu_ms_per_mib']['median']:.2f} ms/MiB", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.experiments", description=__doc__.split("\n\n")[0])
-    parser.add_argument("name", choices=("malloc", "grpc-args", "loop", "faults"))
+    parser.add_argument("name", choices=("malloc", "grpc-args", "loop", "faults", "client"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=8.0)
@@ -176,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
             data = grpc_args(procs, args.rounds, args.repeats)
         elif args.name == "faults":
             data = faults(args.log_dir, args.rounds, 15)
+        elif args.name == "client":
+            data = client(procs, args.rounds, args.repeats)
         else:
             data = loop(procs, args.seconds)
     args.out.mkdir(parents=True, exist_ok=True)

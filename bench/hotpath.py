@@ -135,19 +135,19 @@ def profile(side: int, repeats: int) -> dict[str, Any]:
     trellis_steps = {
         "parse ImageTo3DRequest": lambda: trellis_pb2.ImageTo3DRequest.FromString(trellis_wire),
         "decode refined image: hand-off TIFF": lambda: decode_images(refined_images, LIMITS, 8, handoff=True),
-        "chunk frames of the GLB (sha256 included)": lambda: list(fresh(glb).frames()),
+        "chunk frames of the GLB (sha256, crc32c included)": lambda: list(fresh(glb).frames()),
     }
     before = {  # what the steps above replaced
         "refiner: encode refined image as PNG (now only when the caller asks for it)": lambda: encode_refined(refined),
         "trellis: decode refined PNG": lambda: decode_images(png_images, LIMITS, 8),
-        "trellis: chunk messages of the GLB, built and serialized (sha256 included)": lambda: chunk_messages(
+        "trellis: chunk messages of the GLB, built and serialized (sha256, crc32c included)": lambda: chunk_messages(
             fresh(glb), trellis_pb2.ImageTo3DResponse),
         "refiner: chunk messages of the refined image, built and serialized": lambda: chunk_messages(
             fresh(handoff_artifact), refiner_pb2.RefineResponse),
         "gateway: refined chunks parsed + reassembled": reassemble_refined_parsed,
-        "client: GLB chunks parsed + reassembled + sha256": client_collect_parsed,
+        "client: GLB chunks parsed + reassembled + checked": client_collect_parsed,
     }
-    client_steps = {"read chunk frames (data as views) + reassemble + sha256 GLB": client_collect}
+    client_steps = {"read chunk frames (data as views) + reassemble + crc32c per chunk": client_collect}
     baseline = {
         "decode input once": lambda: decode_images(request.images, LIMITS, 8),
         "classic refine": lambda: refiner.refine(decoded, refine_params, [1], ctx),

@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import Counter
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import grpc
 
 GENERATE = "/trellisbox.v1.GatewayService/Generate"
+T = TypeVar("T")
+_loops = threading.local()
+
+
+def _run(work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work`` on this thread's one event loop, left open for the life of the process. grpc.aio binds its
+    completion-queue poller to every loop that uses it, and goes on calling into a loop that ``asyncio.run`` has
+    closed ("Event loop is closed" from ``PollerCompletionQueue._handle_events``, grpc/grpc#25364)."""
+    runner = getattr(_loops, "runner", None)
+    if runner is None:
+        runner = _loops.runner = asyncio.Runner()
+    return runner.run(work)
 
 
 def _identity(data: bytes) -> bytes:
@@ -30,7 +45,7 @@ class LoadResult:
 
 
 async def _closed_loop(target: str, request: bytes, clients: int, warm_s: float, window_s: float,
-                       call_timeout: float) -> LoadResult:
+                       call_timeout: float, stop: threading.Event | None) -> LoadResult:
     options = [("grpc.max_receive_message_length", 64 * 2**20), ("grpc.max_send_message_length", 64 * 2**20)]
     async with grpc.aio.insecure_channel(target, options=options) as channel:
         generate = channel.unary_stream(GENERATE, request_serializer=_identity, response_deserializer=_identity)
@@ -39,8 +54,11 @@ async def _closed_loop(target: str, request: bytes, clients: int, warm_s: float,
         done: list[tuple[float, float]] = []
         errors: Counter[str] = Counter()
 
+        def running() -> bool:
+            return time.monotonic() < window_end and not (stop is not None and stop.is_set())
+
         async def client() -> None:
-            while time.monotonic() < window_end:
+            while running():
                 begun = time.monotonic()
                 try:
                     async for _ in generate(request, timeout=call_timeout):
@@ -52,8 +70,9 @@ async def _closed_loop(target: str, request: bytes, clients: int, warm_s: float,
                 done.append((begun, time.monotonic()))
 
         tasks = [asyncio.create_task(client()) for _ in range(clients)]
-        # Stop at the end of the window: calls still in flight are cancelled (bounded in time).
-        await asyncio.wait(tasks, timeout=max(0.0, window_end - time.monotonic()) + 0.01)
+        # Stop at the end of the window, or once ``stop`` is set: calls still in flight are cancelled.
+        while running() and not all(task.done() for task in tasks):
+            await asyncio.wait(tasks, timeout=min(0.1, max(0.0, window_end - time.monotonic()) + 0.01))
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -63,9 +82,10 @@ async def _closed_loop(target: str, request: bytes, clients: int, warm_s: float,
 
 
 def closed_loop(target: str, request: bytes, clients: int, warm_s: float, window_s: float,
-                call_timeout: float = 60.0) -> LoadResult:
-    """Run ``clients`` back-to-back Generate loops; count calls that finish inside [warm_s, warm_s + window_s]."""
-    return asyncio.run(_closed_loop(target, request, clients, warm_s, window_s, call_timeout))
+                call_timeout: float = 60.0, stop: threading.Event | None = None) -> LoadResult:
+    """Run ``clients`` back-to-back Generate loops; count calls that finish inside [warm_s, warm_s + window_s].
+    ``stop``: ends the loops early when set (from another thread)."""
+    return _run(_closed_loop(target, request, clients, warm_s, window_s, call_timeout, stop))
 
 
 async def _stalled(target: str, request: bytes, streams: int, stall_s: float, call_timeout: float) -> int:
@@ -96,4 +116,4 @@ async def _stalled(target: str, request: bytes, streams: int, stall_s: float, ca
 def stalled_streams(target: str, request: bytes, streams: int, stall_s: float, call_timeout: float = 60.0) -> int:
     """Open ``streams`` calls, read one message on each, stop reading for ``stall_s`` once all have started,
     then drain them. Returns how many completed. Buffering in between is bounded only by flow control."""
-    return asyncio.run(_stalled(target, request, streams, stall_s, call_timeout))
+    return _run(_stalled(target, request, streams, stall_s, call_timeout))

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import io
 import itertools
 import json
 import os
@@ -44,6 +45,8 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+
+import crc32c
 
 from bench.common import REPO, cpu_seconds, machine_info, object_image, png, summarize, write_json
 from bench.overhead import GENERATION, ONE_THREAD, REFINE, InProcess
@@ -163,7 +166,8 @@ class RayStack:
 
 
 class RayClient:
-    """HTTP calls to the Ray application on one keep-alive session; hashes what it receives, as ours does."""
+    """HTTP calls to the Ray application on one keep-alive session; checks and keeps what it receives, as ours
+    does."""
 
     def __init__(self, url: str) -> None:
         import requests
@@ -175,14 +179,14 @@ class RayClient:
         response = self._session.post(self._url, data=data, params={"refine": "1" if refine else "0"}, timeout=300)
         response.raise_for_status()
         glb = response.content
-        hashlib.sha256(glb).digest()  # the client's work per byte, as TrellisBoxClient verifies each artifact's hash
+        crc32c.crc32c(glb)  # the client's check per byte, as TrellisBoxClient checks each chunk's CRC-32C
         return glb
 
     def stream(self, data: bytes) -> tuple[StreamTiming, bytes]:
-        """One streaming call, timed like ``bench.transport.timed_stream``: first chunk to last at the client; with
-        the SHA-256 of all that arrived."""
+        """One streaming call, timed like ``bench.transport.timed_stream``: first chunk to last at the client, which
+        checks each piece's CRC-32C and keeps the bytes, as ours does; with the SHA-256 of all that arrived."""
         started = time.perf_counter()
-        digest = hashlib.sha256()
+        kept = io.BytesIO()
         total = first = 0
         arrivals: list[float] = []
         with self._session.post(self._url, data=data, params={"stream": "1"}, stream=True, timeout=600) as response:
@@ -191,10 +195,12 @@ class RayClient:
                 arrivals.append(time.perf_counter())
                 if not first:
                     first = len(piece)
-                digest.update(piece)
+                crc32c.crc32c(piece)
+                kept.write(piece)
                 total += len(piece)
         elapsed = time.perf_counter() - started
-        return StreamTiming(total, total - first, arrivals[-1] - arrivals[0], elapsed, {}), digest.digest()
+        digest = hashlib.sha256(kept.getvalue()).digest()
+        return StreamTiming(total, total - first, arrivals[-1] - arrivals[0], elapsed, {}), digest
 
     def close(self) -> None:
         self._session.close()

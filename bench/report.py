@@ -50,6 +50,14 @@ def _floor_rows(t: dict[str, Any]) -> list[str]:
     ]
 
 
+def _cpu_bound_row(b: dict[str, Any]) -> str:
+    """The most the served stream can reach on these cores at its CPU per MiB (the row below)."""
+    return _row(["", f"most the served stream can reach on the {b['cores']} cores here at the CPU per MiB below: "
+                     f"cores / {b['served_cpu_ms_per_mib']:.2f} ms (all its processes together; bare: "
+                     f"{b['bare_cpu_ms_per_mib']:.2f} ms)",
+                 f"{b['served_max_mib_s']:.0f} MiB/s ({b['ratio_to_bare_max']:.2f}× bare)", "", ""])
+
+
 def render(results: dict[str, Any]) -> str:
     m = results["machine"]
     lines = [
@@ -114,6 +122,7 @@ def render(results: dict[str, Any]) -> str:
             *([_row(["", "whole call (request → done, generation included), served / bare",
                      f"{t['served']['request_s']['median']:.3f} / {t['bare']['request_s']['median']:.3f} s", "",
                      str(t["served"]["request_s"]["n"])])] if "request_s" in t["served"] else []),
+            *([_cpu_bound_row(t["cpu_bound"])] if "cpu_bound" in t else []),
             _row(["", "CPU ms per MiB streamed, served: " + _cpu_names(t["served"]) + "; bare: "
                   + _cpu_names(t["bare"]) + ("; floor: " + _cpu_names(t["relay_floor"]) if "relay_floor" in t else ""),
                   _cpu_values(t["served"]) + "; " + _cpu_values(t["bare"])

@@ -68,8 +68,9 @@ def _replica_changes(procs: Processes, dns: LoopbackDns, replicas: list[ServiceP
                                                         "--refiner-target", dns.target(NAME, port),
                                                         "--trellis-target", stub.target],
                           env={"GRPC_DNS_RESOLVER": "ares"})
+    stop = threading.Event()
     load = threading.Thread(target=closed_loop, args=(gateway.target, request, 8, 0.0, 60.0 if quick else 90.0),
-                            daemon=True)
+                            kwargs={"stop": stop}, daemon=True)
     try:
         wait_serving(gateway.target, GATEWAY_SERVICE, 60, gateway)
         load.start()
@@ -90,6 +91,9 @@ def _replica_changes(procs: Processes, dns: LoopbackDns, replicas: list[ServiceP
                 break
             time.sleep(0.05)
     finally:
+        stop.set()
+        if load.is_alive():
+            load.join(30)
         procs.stop(gateway)
     return {
         "method": "8 closed-loop clients on the gateway; the replica is added to (then removed from) the DNS answer "

@@ -108,14 +108,21 @@ async def _serve_raw_generate(host: str, port: int,
     await server.wait_for_termination()
 
 
-async def _serve_bare(host: str, port: int, files: list[Path], chunk_bytes: int, progress: int = 0) -> None:
+def _legacy(chunk: common_pb2.ArtifactChunk) -> common_pb2.ArtifactChunk:
+    """The chunk as a server older than the ``crc32c`` field sent it."""
+    chunk.ClearField("crc32c")
+    return chunk
+
+
+async def _serve_bare(host: str, port: int, files: list[Path], chunk_bytes: int, progress: int = 0,
+                      legacy: bool = False) -> None:
     kinds = (common_pb2.ARTIFACT_KIND_GLB, common_pb2.ARTIFACT_KIND_GAUSSIAN_PLY)
     frames = [
         gateway_pb2.GenerateResponse(progress=common_pb2.Progress(stage=common_pb2.STAGE_SLAT, step=step,
                                                                   total=progress, message="bare")).SerializeToString()
         for step in range(1, progress + 1)
     ] + [
-        gateway_pb2.GenerateResponse(chunk=chunk).SerializeToString()
+        gateway_pb2.GenerateResponse(chunk=_legacy(chunk) if legacy else chunk).SerializeToString()
         for kind, path in zip(kinds, files, strict=False)
         for chunk in Artifact(kind, path.read_bytes()).chunks(chunk_bytes)
     ]
@@ -152,6 +159,8 @@ def main() -> None:
     parser.add_argument("--chunk-bytes", type=int, default=2**20)
     parser.add_argument("--file", type=Path, nargs="+", help="bare: GLB (and PLY) whose bytes it streams")
     parser.add_argument("--progress", type=int, default=0, help="bare: progress events sent before the artifacts")
+    parser.add_argument("--legacy-chunks", action="store_true",
+                        help="bare: chunks without their CRC-32C, as servers older than that field send them")
     parser.add_argument("--forward-request", action="store_true",
                         help="relay: send the request's bytes upstream as they came (else an empty request)")
     args = parser.parse_args()
@@ -165,7 +174,8 @@ def main() -> None:
     else:
         if args.file is None:
             parser.error("--mode bare needs --file")
-        asyncio.run(_serve_bare(args.host, args.port, args.file, args.chunk_bytes, args.progress))
+        asyncio.run(_serve_bare(args.host, args.port, args.file, args.chunk_bytes, args.progress,
+                                args.legacy_chunks))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import grpc
 from PIL import Image
 
 from trellisbox._domain.artifacts import Artifact, ArtifactAssembler, read_chunk_frame
+from trellisbox._domain.artifacts import ArtifactProtocolError as ArtifactProtocolError  # public: what collect raises
 from trellisbox._domain.contract import GATEWAY_SERVICE
 from trellisbox._domain.convert import kinds_to_proto, params_message, stage_name
 from trellisbox._domain.imaging import encode_png
@@ -229,6 +230,8 @@ class TrellisBoxClient:
 
         Raises:
             grpc.RpcError: with the server's status code and message (e.g. INVALID_ARGUMENT).
+            ArtifactProtocolError: an artifact arrived damaged (a chunk whose CRC-32C does not match its data) or
+                out of order; it is not returned.
         """
         request = build_request(images, **options)
         for attempt in range(reconnects + 1):
@@ -268,8 +271,9 @@ class TrellisBoxClient:
     @staticmethod
     def collect(responses: Iterable[Response],
                 on_progress: Callable[[ProgressUpdate], None] | None = None) -> GenerationResult:
-        """Reassemble artifacts (checking order, size and sha256) and read the done event. ``responses``: messages
-        (:meth:`stream`) or serialized events (:meth:`frames`: their chunks are read without copying the data)."""
+        """Reassemble artifacts (checking order, size and each chunk's CRC-32C) and read the done event.
+        ``responses``: messages (:meth:`stream`) or serialized events (:meth:`frames`: their chunks are read without
+        copying the data)."""
         result = GenerationResult()
         assembler = ArtifactAssembler()
         for response in responses:

@@ -53,6 +53,10 @@ def test_quick_bench_writes_results_and_table(tmp_path: Path) -> None:
     assert _number(transport["served"]["mib_s"]["median"]) and _number(transport["bare"]["mib_s"]["median"])
     assert _number(transport["ratio_to_relay_floor"]) and _number(transport["floor_ratio_to_bare"])
     assert set(transport["relay_floor"]["cpu_ms_per_mib"]) == {"bare server", "raw relay", "client"}
+    bound = transport["cpu_bound"]  # cores / the served processes' CPU per MiB, together
+    served_cpu = sum(transport["served"]["cpu_ms_per_mib"].values())
+    assert bound["served_cpu_ms_per_mib"] == pytest.approx(served_cpu, abs=0.02)
+    assert bound["served_max_mib_s"] == pytest.approx(bound["cores"] * 1000 / bound["served_cpu_ms_per_mib"], rel=0.01)
     scaling = json.loads((out / "scaling.json").read_text())
     assert [row["replicas"] for row in scaling["rows"]] == [1, 2, 4]
     assert all(_number(row["ratio_to_one"]) for row in scaling["rows"])
@@ -69,6 +73,7 @@ def test_quick_bench_writes_results_and_table(tmp_path: Path) -> None:
     table = text.split(BEGIN, 1)[1].split(END, 1)[0]
     assert "old table" not in table
     for label in ("served / in-process", "served / bare", "served / raw-relay floor", "gRPC floor of this call",
+                  "most the served stream can reach",
                   "refiner scaling, 4 replicas",
                   "cold start, gateway", "gateway memory", "GPU lease hand-off"):
         assert label in table, label

@@ -20,7 +20,9 @@ from PIL import Image
 
 from tests.e2e.conftest import validate_glb
 from tests.images import encode, png_bytes, rgba_object
+from tests.proxy import LoopbackProxy
 from tools.stack import LocalStack, health_status
+from trellisbox import ArtifactProtocolError
 from trellisbox._domain.contract import GATEWAY_SERVICE, REFINER_SERVICE, TRELLIS_SERVICE
 from trellisbox.client import ProgressUpdate, TrellisBoxClient, build_request
 from trellisbox.v1 import common_pb2
@@ -101,6 +103,20 @@ def test_without_refine_the_refiner_is_not_called(stack: LocalStack) -> None:
         result = client.generate([png_bytes(64)])
     assert result.refiner_backend == "" and result.refine_seeds == []
     assert result.glb is not None and result.refined_images == []
+
+
+def test_an_artifact_damaged_on_its_way_is_refused_not_returned(stack: LocalStack) -> None:
+    """One bit flipped in the middle of the GLB between the gateway and the client, framing left intact (nothing
+    below checks the data on loopback): the CRC-32C of its chunk, set where TRELLIS cut it, refuses it at the client."""
+    with TrellisBoxClient(stack.gateway_target, timeout=180) as client:
+        glb = client.generate([png_bytes(64)], generation={"seed": 3}).glb
+    assert glb is not None and len(glb) > 20_000  # the progress events before it are a few kB: the flip lands in it
+    with LoopbackProxy(stack.gateway_target, flip_download_bit_at=len(glb) // 2) as proxy, \
+            TrellisBoxClient(proxy.target, timeout=180) as client:
+        with pytest.raises(ArtifactProtocolError, match=r"crc32c mismatch for ARTIFACT_KIND_GLB\[0\] in the chunk "
+                                                        r"at offset 0"):
+            client.generate([png_bytes(64)], generation={"seed": 3})
+        assert client.generate([png_bytes(64)], generation={"seed": 3}).glb == glb  # one flip per connection: done
 
 
 def test_several_views_use_the_first_for_preview_and_say_so(stack: LocalStack) -> None:

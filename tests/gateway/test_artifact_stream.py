@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 
+import crc32c
 import pytest
 
 from trellisbox._domain.artifacts import Artifact, ArtifactAssembler, ArtifactProtocolError
@@ -56,11 +57,62 @@ def test_protocol_errors() -> None:
         ArtifactAssembler().feed(oversized)
     with pytest.raises(ArtifactProtocolError, match="exceeds"):
         ArtifactAssembler(max_bytes=100).feed(chunks[0])
+
+
+def _without_crc32c(chunk: common_pb2.ArtifactChunk) -> common_pb2.ArtifactChunk:
+    """The chunk as a server older than the ``crc32c`` field sends it."""
+    legacy = common_pb2.ArtifactChunk()
+    legacy.CopyFrom(chunk)
+    legacy.ClearField("crc32c")
+    return legacy
+
+
+def test_each_chunk_carries_the_crc32c_of_its_data() -> None:
+    assert crc32c.crc32c(b"123456789") == 0xE3069283  # the Castagnoli check value: what other languages' CRC-32C give
+    data = os.urandom(2500)
+    chunks = list(Artifact(GLB, data).chunks(1000))
+    assert [c.crc32c for c in chunks] == [crc32c.crc32c(data[i:i + 1000]) for i in range(0, 2500, 1000)]
+    assert all(c.HasField("crc32c") for c in chunks)
+    empty = list(Artifact(GLB, b"").chunks())
+    assert empty[0].HasField("crc32c") and empty[0].crc32c == 0
+
+
+@pytest.mark.parametrize("where", [0, 1, 2])
+def test_a_chunk_whose_data_changed_on_the_way_is_refused_where_it_arrives(where: int) -> None:
+    chunks = list(Artifact(GLB, os.urandom(3000)).chunks(1000))
+    damaged = common_pb2.ArtifactChunk()
+    damaged.CopyFrom(chunks[where])
+    damaged.data = bytes([damaged.data[0] ^ 1]) + damaged.data[1:]  # one bit
+    assembler = ArtifactAssembler()
+    for chunk in chunks[:where]:
+        assert assembler.feed(chunk) is None
+    with pytest.raises(ArtifactProtocolError,
+                       match=rf"crc32c mismatch for ARTIFACT_KIND_GLB\[0\] in the chunk at offset {where * 1000}"):
+        assembler.feed(damaged)
+    with pytest.raises(ArtifactProtocolError, match="crc32c mismatch"):  # as a view, read from a frame
+        ArtifactAssembler().feed(chunks[0], memoryview(b"y" + chunks[0].data[1:]))
+
+
+def test_chunks_without_crc32c_are_checked_against_the_sha256() -> None:
+    data = os.urandom(3000)
+    legacy = [_without_crc32c(c) for c in Artifact(GLB, data).chunks(1000)]
+    assembler = ArtifactAssembler()
+    artifact = [assembler.feed(c) for c in legacy][-1]
+    assert artifact is not None and artifact.data == data
+    assert artifact.__dict__["sha256"] == hashlib.sha256(data).hexdigest()  # verified on arrival, so already known
     bad = common_pb2.ArtifactChunk()
-    bad.CopyFrom(chunks[2])
+    bad.CopyFrom(legacy[2])
     bad.sha256 = "0" * 64
     assembler = ArtifactAssembler()
-    assembler.feed(chunks[0])
-    assembler.feed(chunks[1])
+    assembler.feed(legacy[0])
+    assembler.feed(legacy[1])
     with pytest.raises(ArtifactProtocolError, match=r"sha256 mismatch for ARTIFACT_KIND_GLB\[0\]"):
         assembler.feed(bad)
+
+
+def test_a_chunk_without_crc32c_after_chunks_with_one_is_refused() -> None:
+    chunks = list(Artifact(GLB, os.urandom(3000)).chunks(1000))
+    assembler = ArtifactAssembler()
+    assembler.feed(chunks[0])
+    with pytest.raises(ArtifactProtocolError, match="offset 1000 of ARTIFACT_KIND_GLB\\[0\\] has no crc32c"):
+        assembler.feed(_without_crc32c(chunks[1]))

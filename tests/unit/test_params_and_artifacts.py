@@ -165,6 +165,6 @@ def test_assembler_rejects_gaps_and_bad_checksums() -> None:
     assembler.feed(chunks[1])
     last = common_pb2.ArtifactChunk()
     last.CopyFrom(chunks[2])
-    last.sha256 = "0" * 64
-    with pytest.raises(ArtifactProtocolError, match="sha256"):
+    last.data = b"y" + last.data[1:]
+    with pytest.raises(ArtifactProtocolError, match="crc32c mismatch"):
         assembler.feed(last)

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 
+import crc32c
 from google.protobuf.message import DecodeError
 
 from trellisbox._domain.kinds import ArtifactKind, artifact_kind, kind_label
@@ -22,7 +23,7 @@ CHUNK_DATA_FIELD = 6
 
 
 class ArtifactProtocolError(Exception):
-    """Chunks arrived out of order, with a wrong size, or with a checksum that does not match."""
+    """Chunks arrived out of order, with a wrong size, or with a checksum that does not match their data."""
 
 
 @dataclass(frozen=True)
@@ -43,11 +44,13 @@ class Artifact:
 
     @cached_property
     def sha256(self) -> str:
-        """Hex SHA-256 of ``data`` (computed once)."""
+        """Hex SHA-256 of ``data``: computed once, when first asked for (or already known from cutting or, from a
+        server whose chunks carry no CRC-32C, from verifying the artifact)."""
         return hashlib.sha256(self.data).hexdigest()
 
     def chunks(self, chunk_bytes: int = CHUNK_BYTES) -> Iterator[common_pb2.ArtifactChunk]:
-        """The artifact as ordered chunks; the last carries the SHA-256 of the whole."""
+        """The artifact as ordered chunks, each with the CRC-32C of its data; the last carries the SHA-256 of the
+        whole."""
         for head, piece in self._cut(chunk_bytes):
             head.data = bytes(piece)
             yield head
@@ -68,9 +71,9 @@ class Artifact:
     def _cut(self, chunk_bytes: int) -> Iterator[tuple[common_pb2.ArtifactChunk, memoryview]]:
         """Each chunk without its data, and a view of that data.
 
-        The hash is computed piece by piece as the chunks are cut (each piece is hashed while it is still
+        The SHA-256 is computed piece by piece as the chunks are cut (each piece is hashed while it is still
         in cache, and the last chunk is not held back by a pass over the whole artifact); an artifact
-        chunked again reuses it.
+        chunked again reuses it. Each piece's CRC-32C, for the receivers' check, costs a fifteenth of that.
         """
         view = memoryview(self.data)
         total = len(view)
@@ -94,6 +97,7 @@ class Artifact:
                 total_bytes=total,
                 offset=offset,
                 sha256=self.sha256 if last else "",
+                crc32c=crc32c.crc32c(piece),
             ), piece
             if last:
                 return
@@ -102,11 +106,11 @@ class Artifact:
 
 @dataclass
 class _Partial:
-    """An artifact being received: its bytes so far and their running hash."""
+    """An artifact being received: its bytes so far, and their running SHA-256 where its chunks carry no CRC-32C."""
 
+    digest: hashlib._Hash | None
     buffer: io.BytesIO = field(default_factory=io.BytesIO)
     received: int = 0
-    digest: hashlib._Hash = field(default_factory=hashlib.sha256)
 
 
 def read_chunk_frame(frame: bytes) -> tuple[common_pb2.ArtifactChunk, memoryview] | None:
@@ -143,12 +147,17 @@ def read_chunk_frame(frame: bytes) -> tuple[common_pb2.ArtifactChunk, memoryview
 
 
 class ArtifactAssembler:
-    """Reassembles chunked artifacts and verifies order, size and checksum.
+    """Reassembles chunked artifacts and verifies their order, their size and each chunk's CRC-32C.
 
-    Each chunk is hashed on arrival, while its bytes are in cache, and appended to a ``BytesIO``, whose
+    Each chunk is checked on arrival, while its bytes are in cache, and appended to a ``BytesIO``, whose
     ``getvalue()`` hands its buffer over as the artifact's ``bytes`` without copying it: one copy of
-    every byte in all, and no second pass for the hash. (Fresh memory is what costs: the first write
-    to a page faults it in, so each avoided copy of a whole artifact matters more than the copy itself.)
+    every byte in all, and no second pass. (Fresh memory is what costs: the first write to a page faults
+    it in, so each avoided copy of a whole artifact matters more than the copy itself.)
+
+    The CRC-32C of each chunk, set where the artifact was cut, is what guards the bytes end to end: it
+    costs 0.05 ms per MiB here, where hashing the artifact with SHA-256 cost 0.8, a third of all the client
+    spent per MiB received. The last chunk's SHA-256 is left to :attr:`Artifact.sha256`, computed when asked
+    for. Chunks from a server older than the CRC-32C field are checked against that SHA-256 instead.
     """
 
     def __init__(self, max_bytes: int = 2**31) -> None:
@@ -164,7 +173,8 @@ class ArtifactAssembler:
             raise ArtifactProtocolError(f"artifact of {total} bytes exceeds {self._max_bytes}")
         partial = self._open.get(key)
         if partial is None:
-            partial = self._open[key] = _Partial()
+            digest = None if chunk.HasField("crc32c") else hashlib.sha256()
+            partial = self._open[key] = _Partial(digest)
         if chunk.offset != partial.received:
             raise ArtifactProtocolError(
                 f"chunk at offset {chunk.offset} but {partial.received} bytes received so far"
@@ -174,19 +184,26 @@ class ArtifactAssembler:
         partial.received += len(data)
         if partial.received > total:
             raise ArtifactProtocolError(f"received {partial.received} bytes, more than total {total}")
-        partial.digest.update(data)
+        if chunk.HasField("crc32c"):
+            if crc32c.crc32c(data) != chunk.crc32c:
+                raise ArtifactProtocolError(f"crc32c mismatch for {kind_label(chunk.kind)}[{chunk.index}] in the "
+                                            f"chunk at offset {chunk.offset}")
+        elif partial.digest is None:
+            raise ArtifactProtocolError(f"the chunk at offset {chunk.offset} of {kind_label(chunk.kind)}"
+                                        f"[{chunk.index}] has no crc32c, unlike the chunks before it")
+        if partial.digest is not None:
+            partial.digest.update(data)
         partial.buffer.write(data)
         if partial.received < total:
             return None
         del self._open[key]
-        sha256 = partial.digest.hexdigest()
-        if chunk.sha256 and chunk.sha256 != sha256:
-            raise ArtifactProtocolError(
-                f"sha256 mismatch for {kind_label(chunk.kind)}[{chunk.index}]"
-            )
         artifact = Artifact(kind=artifact_kind(chunk.kind), data=partial.buffer.getvalue(), index=chunk.index,
                             media_type=chunk.media_type)
-        artifact.__dict__["sha256"] = sha256  # already known: fills the cached_property
+        if partial.digest is not None:
+            sha256 = partial.digest.hexdigest()
+            if chunk.sha256 and chunk.sha256 != sha256:
+                raise ArtifactProtocolError(f"sha256 mismatch for {kind_label(chunk.kind)}[{chunk.index}]")
+            artifact.__dict__["sha256"] = sha256  # already known: fills the cached_property
         return artifact
 
     @property

@@ -204,6 +204,7 @@ class ArtifactChunk(_message.Message):
     OFFSET_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
+    CRC32C_FIELD_NUMBER: _builtins.int
     kind: Global___ArtifactKind.ValueType
     media_type: _builtins.str
     index: _builtins.int
@@ -214,7 +215,12 @@ class ArtifactChunk(_message.Message):
     """Byte offset of `data` within the artifact."""
     data: _builtins.bytes
     sha256: _builtins.str
-    """Hex SHA-256 of the whole artifact; set on the last chunk only."""
+    """Hex SHA-256 of the whole artifact (its content digest); set on the last chunk only."""
+    crc32c: _builtins.int
+    """CRC-32C (Castagnoli) of this chunk's `data`, set by the service that cut the artifact and passed on
+    unchanged: receivers check each chunk with it as it arrives. Servers older than this field leave it
+    unset; their chunks are checked against `sha256` once the artifact is complete.
+    """
     def __init__(
         self,
         *,
@@ -225,12 +231,15 @@ class ArtifactChunk(_message.Message):
         offset: _builtins.int = ...,
         data: _builtins.bytes = ...,
         sha256: _builtins.str = ...,
+        crc32c: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_crc32c", b"_crc32c", "crc32c", b"crc32c"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "index", b"index", "kind", b"kind", "media_type", b"media_type", "offset", b"offset", "sha256", b"sha256", "total_bytes", b"total_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_crc32c", b"_crc32c", "crc32c", b"crc32c", "data", b"data", "index", b"index", "kind", b"kind", "media_type", b"media_type", "offset", b"offset", "sha256", b"sha256", "total_bytes", b"total_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__crc32c: _TypeAlias = _typing.Literal["crc32c"]  # noqa: Y015
+    _WhichOneofArgType__crc32c: _TypeAlias = _typing.Literal["_crc32c", b"_crc32c"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__crc32c) -> _WhichOneofReturnType__crc32c | None: ...
 
 Global___ArtifactChunk: _TypeAlias = ArtifactChunk  # noqa: Y015
 
