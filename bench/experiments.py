@@ -32,6 +32,7 @@ import crc32c
 
 from bench.common import REPO, Processes, machine_info, object_image, png, start_raw_relay, summarize, wait_serving
 from bench.load import closed_loop
+from bench.stubs import payload
 from bench.transport import MIB, _row, measure
 from trellisbox._domain.artifacts import read_chunk_frame
 from trellisbox._domain.contract import GATEWAY_SERVICE, TRELLIS_SERVICE
@@ -207,13 +208,11 @@ def client(procs: Processes, rounds: int, repeats: int) -> list[dict[str, Any]]:
     chunks) from a bare server: CPU milliseconds per MiB of each step in :data:`CLIENT_STEPS`, and of the whole
     ``collect`` on chunks without a CRC-32C (a server older than the field: checked with SHA-256, as every client did
     before the field). Steps and servers alternate within each round."""
-    from bench.stubs import _payload
-
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-client-") as tmp:
         files = [Path(tmp) / "glb.bin", Path(tmp) / "ply.bin"]
         for path, size in zip(files, (round(41.4 * MIB), 13 * MIB), strict=True):
-            path.write_bytes(_payload(size))
+            path.write_bytes(payload(size))
         mib = sum(path.stat().st_size for path in files) / MIB
         servers = {chunks: procs.start(f"bare-{chunks}", "bench.stubs", [
             "--mode", "bare", "--file", *map(str, files), *(["--legacy-chunks"] if chunks == "legacy" else [])])

@@ -36,7 +36,7 @@ from trellisbox._runtime.server import ServiceSpec, serve
 from trellisbox.v1 import common_pb2, gateway_pb2, trellis_pb2
 
 
-def _payload(size: int) -> bytes:
+def payload(size: int) -> bytes:
     """Deterministic, incompressible bytes (a GLB with a noisy texture compresses about as badly)."""
     out = bytearray()
     counter = 0
@@ -48,7 +48,7 @@ def _payload(size: int) -> bytes:
 
 class StubTrellis:
     def __init__(self, artifact_bytes: int, chunk_bytes: int) -> None:
-        self._artifact = Artifact(common_pb2.ARTIFACT_KIND_GLB, _payload(artifact_bytes))
+        self._artifact = Artifact(common_pb2.ARTIFACT_KIND_GLB, payload(artifact_bytes))
         self._chunk_bytes = chunk_bytes
 
     async def ImageTo3D(self, request: trellis_pb2.ImageTo3DRequest,

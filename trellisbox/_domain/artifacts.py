@@ -44,8 +44,8 @@ class Artifact:
 
     @cached_property
     def sha256(self) -> str:
-        """Hex SHA-256 of ``data``: computed once, when first asked for (or already known from cutting or, from a
-        server whose chunks carry no CRC-32C, from verifying the artifact)."""
+        """Hex SHA-256 of ``data``, computed once, when first asked for. Already known where the artifact was cut,
+        and where it was checked with it (chunks from a server older than the CRC-32C field)."""
         return hashlib.sha256(self.data).hexdigest()
 
     def chunks(self, chunk_bytes: int = CHUNK_BYTES) -> Iterator[common_pb2.ArtifactChunk]:
