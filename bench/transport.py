@@ -15,7 +15,6 @@ after the last): the cost of the code path, which load barely moves.
 from __future__ import annotations
 
 import contextlib
-import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,7 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import Processes, cpu_seconds, object_image, png, start_raw_relay, summarize, wait_serving
+from bench.common import (
+    Processes,
+    cpu_seconds,
+    object_image,
+    png,
+    start_raw_relay,
+    summarize,
+    usable_cores,
+    wait_serving,
+)
 from tools.stack import LocalStack, ServiceProcess, free_port
 from trellisbox._domain.artifacts import CHUNK_EVENT_FIELD, read_chunk_frame
 from trellisbox._domain.contract import GATEWAY_SERVICE, TRELLIS_SERVICE
@@ -158,7 +166,7 @@ def cpu_bound(served: dict[str, Any], bare: dict[str, Any]) -> dict[str, Any]:
     """The most the served stream can reach on this machine's cores at the CPU it spends per MiB, all its processes
     together: no scheduling gets more MiB/s out of the cores than ``cores / CPU per MiB``. Against the bare stream as
     measured, that bounds "served / bare" from above, whatever the relay does with its time."""
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     served_cpu = sum(served["cpu_ms_per_mib"].values())
     most = cores * 1000 / served_cpu
     return {"cores": cores, "served_cpu_ms_per_mib": round(served_cpu, 2),

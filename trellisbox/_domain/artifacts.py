@@ -171,10 +171,10 @@ class ArtifactAssembler:
         total = chunk.total_bytes
         if total > self._max_bytes:
             raise ArtifactProtocolError(f"artifact of {total} bytes exceeds {self._max_bytes}")
+        checked = chunk.HasField("crc32c")  # False from a server older than the field
         partial = self._open.get(key)
         if partial is None:
-            digest = None if chunk.HasField("crc32c") else hashlib.sha256()
-            partial = self._open[key] = _Partial(digest)
+            partial = self._open[key] = _Partial(None if checked else hashlib.sha256())
         if chunk.offset != partial.received:
             raise ArtifactProtocolError(
                 f"chunk at offset {chunk.offset} but {partial.received} bytes received so far"
@@ -184,7 +184,7 @@ class ArtifactAssembler:
         partial.received += len(data)
         if partial.received > total:
             raise ArtifactProtocolError(f"received {partial.received} bytes, more than total {total}")
-        if chunk.HasField("crc32c"):
+        if checked:
             if crc32c.crc32c(data) != chunk.crc32c:
                 raise ArtifactProtocolError(f"crc32c mismatch for {kind_label(chunk.kind)}[{chunk.index}] in the "
                                             f"chunk at offset {chunk.offset}")
