@@ -9,6 +9,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess  # nosec B404 - benchmark children: this interpreter, fixed module names
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -166,6 +168,20 @@ def start_raw_relay(procs: Processes, upstream: str, *args: str, name: str = "ra
     return relay
 
 
+def run_child(module: str, args: Sequence[str], env: dict[str, str] | None = None,
+              timeout: float = 1200) -> dict[str, Any]:
+    """Run ``python -m <module> <args>`` in a fresh process and return the JSON object its last output line holds.
+
+    The child starts with glibc's allocator defaults plus ``env``: any ``MALLOC_*`` or ``GLIBC_TUNABLES`` of this
+    process is left out, so that what the child measures does not depend on how the benchmark itself was started.
+    """
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,  # nosec B603
+                          check=True, cwd=REPO, env={**inherited, **(env or {})}, timeout=timeout)
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
 def rss_kib(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM (peak) of a process, KiB."""
     out: dict[str, int] = {}
@@ -185,6 +201,12 @@ def cpu_seconds(pid: int | None = None) -> float:
         return time.process_time()
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def minor_faults(pid: int | None = None) -> int:
+    """Minor page faults of a process so far (``None``: this one): each first touch of a fresh page."""
+    stat = Path(f"/proc/{pid if pid is not None else 'self'}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[7])
 
 
 def thread_cpu_seconds(pid: int | None = None) -> float:

@@ -10,6 +10,12 @@
                                             #   stack, model services' malloc profile on and off
     python -m bench.experiments client      # the client's CPU per MiB received, step by step, and its check
                                             #   of each chunk (CRC-32C) against hashing (SHA-256)
+    python -m bench.experiments processes   # the same 3D-only job in fresh processes: how much one process's
+                                            #   compute differs from the next, benchmark-like and service-like
+    python -m bench.experiments small-chunks  # one 3D-only call's GLB through a raw relay in smaller chunks
+                                            #   (would the two hops overlap?)
+    python -m bench.experiments grpc-experiments  # gRPC core's read-path experiments (GRPC_EXPERIMENTS) on the
+                                            #   whole stream: stub TRELLIS, raw relay and client
 
 Each prints its rows and writes ``bench/results/experiment-<name>.json``.
 """
@@ -30,7 +36,19 @@ from typing import Any
 
 import crc32c
 
-from bench.common import REPO, Processes, machine_info, object_image, png, start_raw_relay, summarize, wait_serving
+from bench.common import (
+    REPO,
+    Processes,
+    cpu_seconds,
+    machine_info,
+    minor_faults,
+    object_image,
+    png,
+    run_child,
+    start_raw_relay,
+    summarize,
+    wait_serving,
+)
 from bench.load import closed_loop
 from bench.stubs import payload
 from bench.transport import MIB, _row, measure
@@ -129,10 +147,6 @@ def loop(procs: Processes, seconds: float, big_side: int = 2048) -> dict[str, An
     return result
 
 
-def _minor_faults(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
-
-
 def faults(log_dir: Path, rounds: int, repeats: int) -> list[dict[str, Any]]:
     """The overhead benchmark's requests (512², classic refiner, preview TRELLIS) through a fresh stack per
     setting: CPU milliseconds and minor page faults per request in each process. ``default`` runs every process
@@ -156,13 +170,13 @@ def faults(log_dir: Path, rounds: int, repeats: int) -> list[dict[str, Any]]:
                     for _ in range(3):  # warm-up
                         client.generate([data], **options)
                     cpu0 = {name: thread_cpu_seconds(pid) for name, pid in pids.items()}
-                    faults0 = {name: _minor_faults(pid) for name, pid in pids.items()}
+                    faults0 = {name: minor_faults(pid) for name, pid in pids.items()}
                     for _ in range(repeats):
                         client.generate([data], **options)
                     cpu = {name: thread_cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
                     row = {"malloc": setting, "case": case, "requests": repeats,
                            "cpu_ms_per_request": {name: round(v * 1000 / repeats, 1) for name, v in cpu.items()},
-                           "minor_faults_per_request": {name: round((_minor_faults(pid) - faults0[name]) / repeats)
+                           "minor_faults_per_request": {name: round((minor_faults(pid) - faults0[name]) / repeats)
                                                         for name, pid in pids.items()}}
                     rows.append(row)
                     print(setting, case, row["cpu_ms_per_request"], row["minor_faults_per_request"], flush=True)
@@ -238,15 +252,183 @@ def client(procs: Processes, rounds: int, repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
+#: The two arms of :func:`processes`: the overhead benchmark's in-process run (glibc's allocator defaults, the main
+#: thread), and the TRELLIS service's (its allocator profile, applied before any thread starts, and a worker thread).
+PROCESS_ARMS = ("benchmark-like", "service-like")
+
+
+def compute_in_this_process(arm: str, jobs: int) -> dict[str, Any]:
+    """A child of :func:`processes`: the overhead benchmark's 3D-only in-process job (decode, preview generate, GLB
+    export), ``jobs`` times after one warm-up, as ``arm`` runs it; wall and CPU milliseconds and minor page faults
+    per job (medians)."""
+    import resource
+
+    from bench.overhead import InProcess
+    from trellisbox._runtime.allocator import MODEL, tune_malloc
+
+    if arm == "service-like":
+        tune_malloc(MODEL)
+    data = png(object_image(512))
+    local = InProcess()
+    per_job: list[tuple[float, float, int]] = []
+
+    def run() -> None:
+        for i in range(jobs + 1):
+            faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            cpu0, wall0 = time.thread_time(), time.perf_counter()
+            local.run(data, False)
+            wall, cpu = time.perf_counter() - wall0, time.thread_time() - cpu0
+            if i:
+                per_job.append((wall, cpu, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0))
+
+    if arm == "service-like":
+        worker = threading.Thread(target=run, name="model")
+        worker.start()
+        worker.join()
+    else:
+        run()
+    return {"arm": arm, "jobs": jobs, "wall_ms": round(statistics.median(w for w, _, _ in per_job) * 1000, 1),
+            "cpu_ms": round(statistics.median(c for _, c, _ in per_job) * 1000, 1),
+            "minor_faults": statistics.median(f for _, _, f in per_job)}
+
+
+def processes(rounds: int, jobs: int) -> dict[str, Any]:
+    """The overhead benchmark compares the TRELLIS service's compute with the same compute in the benchmark process:
+    two processes. This runs that compute in ``2 * rounds`` fresh processes, the two arms of :data:`PROCESS_ARMS`
+    alternating, each the median of ``jobs`` jobs: how far one process's time is from the next one's, and whether the
+    service's way of running it (allocator profile, worker thread) is slower by itself."""
+    from bench.overhead import ONE_THREAD
+
+    rows = []
+    for round_ in range(rounds):
+        for arm in PROCESS_ARMS:
+            child = run_child("bench.experiments", ["processes", "--child", arm, "--repeats", str(jobs)], ONE_THREAD)
+            rows.append({"round": round_, **child})
+            print(json.dumps(rows[-1]), flush=True)
+    walls = {arm: [row["wall_ms"] for row in rows if row["arm"] == arm] for arm in PROCESS_ARMS}
+    paired = [service - benchmark for benchmark, service in zip(*walls.values(), strict=True)]
+    summary = {arm: {**summarize(values, 1), "sd": round(statistics.stdev(values), 1)} for arm, values in walls.items()}
+    summary["service-like − benchmark-like, per round"] = {**summarize(paired, 1),
+                                                            "mean": round(statistics.fmean(paired), 1)}
+    print(json.dumps(summary, indent=1), flush=True)
+    return {"processes": rows, "summary": summary}
+
+
+#: Chunk sizes of :func:`small_chunks`: the served default, and smaller ones that would let the relay start sending
+#: a piece of the GLB while the next one is still arriving.
+SMALL_CHUNKS = (MIB, 256 * 1024, 128 * 1024)
+
+
+def small_chunks(procs: Processes, repeats: int) -> dict[str, Any]:
+    """One 3D-only call's bytes (the overhead benchmark's 512² request, 5 progress events, its 0.74 MiB GLB) from a bare
+    server through a raw relay to ``TrellisBoxClient``, the GLB cut in each of :data:`SMALL_CHUNKS`; the calls
+    alternate between the sizes. Wall milliseconds per call."""
+    from bench.overhead import GENERATION, InProcess
+
+    data = png(object_image(512))
+    glb, _ = InProcess().run(data, False)
+    request = build_request([data], generation=GENERATION, formats=["glb"])
+    with tempfile.TemporaryDirectory(prefix="bench-small-chunks-") as tmp:
+        path = Path(tmp) / "glb.bin"
+        path.write_bytes(glb)
+        clients: dict[int, TrellisBoxClient] = {}
+        for size in SMALL_CHUNKS:
+            bare = procs.start(f"bare-{size}", "bench.stubs", ["--mode", "bare", "--file", str(path), "--progress",
+                                                               "5", "--chunk-bytes", str(size)])
+            wait_serving(bare.target, GATEWAY_SERVICE, 60, bare)
+            relay = start_raw_relay(procs, bare.target, "--forward-request", name=f"relay-{size}")
+            clients[size] = TrellisBoxClient(relay.target, timeout=60)
+        wall_ms: dict[int, list[float]] = {size: [] for size in SMALL_CHUNKS}
+        try:
+            for i in range(repeats + 1):  # the first round warms every path up
+                for size, client in clients.items():
+                    started = time.perf_counter()
+                    result = client.collect(client.frames(request))
+                    if result.glb != glb:
+                        raise RuntimeError(f"{size}-byte chunks: the GLB came back changed")
+                    if i:
+                        wall_ms[size].append((time.perf_counter() - started) * 1000)
+        finally:
+            for client in clients.values():
+                client.close()
+    rows = {f"{size // 1024} KiB chunks": summarize(values, 2) for size, values in wall_ms.items()}
+    for name, row in rows.items():
+        print(f"{name}: {row['median']:.2f} ms per call (p10 {row['p10']:.2f})", flush=True)
+    return {"glb_bytes": len(glb), "wall_ms_per_call": rows}
+
+
+#: The settings of :func:`grpc_experiments`: gRPC core's experiments on the read path, named in ``GRPC_EXPERIMENTS``
+#: (``src/core/lib/experiments/experiments.yaml`` in grpc/grpc).
+GRPC_EXPERIMENT_SETTINGS = {
+    "defaults": "",
+    "tcp_rcv_lowat (SO_RCVLOWAT: fewer wake-ups on reads)": "tcp_rcv_lowat",
+    "tcp_frame_size_tuning (reads sized to the message)": "tcp_frame_size_tuning",
+    "both": "tcp_rcv_lowat,tcp_frame_size_tuning",
+}
+
+
+def stream_in_this_process(target: str, repeats: int) -> dict[str, Any]:
+    """A child of :func:`grpc_experiments`: ``repeats`` streams of the stub's artifact from ``target`` after one
+    warm-up; this process's CPU milliseconds per MiB and the median MiB/s."""
+    request = _small_request()
+    with TrellisBoxClient(target, timeout=120) as client:
+        client.collect(client.frames(request))
+        mib, rates = 0.0, []
+        cpu0 = time.process_time()
+        for _ in range(repeats):
+            started = time.perf_counter()
+            size = sum(len(artifact.data) for artifact in client.collect(client.frames(request)).artifacts) / MIB
+            rates.append(size / (time.perf_counter() - started))
+            mib += size
+        return {"cpu_ms_per_mib": round((time.process_time() - cpu0) * 1000 / mib, 3),
+                "mib_s": round(statistics.median(rates), 1)}
+
+
+def grpc_experiments(procs: Processes, rounds: int, repeats: int) -> list[dict[str, Any]]:
+    """The stub TRELLIS's 48 MiB through a raw relay to a client, every process started with each setting of
+    :data:`GRPC_EXPERIMENT_SETTINGS` (gRPC reads ``GRPC_EXPERIMENTS`` once, as a process starts: the client is a
+    child too); settings alternate within each round. CPU milliseconds per MiB of each process, MiB/s."""
+    rows = []
+    for round_ in range(rounds):
+        for name, experiments in GRPC_EXPERIMENT_SETTINGS.items():
+            env = {"GRPC_EXPERIMENTS": experiments}
+            stub = procs.start("stub", "bench.stubs", ["--mode", "trellis", "--artifact-bytes", str(ARTIFACT_BYTES)],
+                               env=env)
+            wait_serving(stub.target, TRELLIS_SERVICE, 60, stub)
+            relay = procs.start("relay", "bench.stubs", ["--mode", "relay", "--upstream", stub.target], env=env)
+            wait_serving(relay.target, GATEWAY_SERVICE, 60, relay)
+            pids = {"trellis stub": stub.process.pid, "relay": relay.process.pid}
+            before = {process: cpu_seconds(pid) for process, pid in pids.items()}
+            measured = run_child("bench.experiments", ["grpc-experiments", "--child", relay.target, "--repeats",
+                                                    str(repeats)], env)
+            mib = (repeats + 1) * ARTIFACT_BYTES / MIB  # the child's warm-up call went through them too
+            cpu = {process: round((cpu_seconds(pid) - before[process]) * 1000 / mib, 3)
+                   for process, pid in pids.items()}
+            procs.stop(relay)
+            procs.stop(stub)
+            rows.append({"round": round_, "setting": name, "mib_s": measured["mib_s"],
+                         "cpu_ms_per_mib": {**cpu, "client": measured["cpu_ms_per_mib"]}})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.experiments", description=__doc__.split("\n\n")[0])
-    parser.add_argument("name", choices=("malloc", "grpc-args", "loop", "faults", "client"))
+    parser.add_argument("name", choices=("malloc", "grpc-args", "loop", "faults", "client", "processes", "small-chunks",
+                                         "grpc-experiments"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()) / "trellisbox-bench-experiments")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # the arm or target of a child process (processes, ...)
     args = parser.parse_args(argv)
+    if args.child is not None:  # a child of an experiment: its result as one JSON line
+        if args.name == "processes":
+            print(json.dumps(compute_in_this_process(args.child, args.repeats)))
+        else:
+            print(json.dumps(stream_in_this_process(args.child, args.repeats)))
+        return 0
     with Processes(args.log_dir) as procs:
         if args.name == "malloc":
             data: Any = malloc(procs, args.rounds, args.repeats)
@@ -256,6 +438,12 @@ def main(argv: list[str] | None = None) -> int:
             data = faults(args.log_dir, args.rounds, 15)
         elif args.name == "client":
             data = client(procs, args.rounds, args.repeats)
+        elif args.name == "processes":
+            data = processes(args.rounds, args.repeats)
+        elif args.name == "small-chunks":
+            data = small_chunks(procs, args.repeats)
+        elif args.name == "grpc-experiments":
+            data = grpc_experiments(procs, args.rounds, args.repeats)
         else:
             data = loop(procs, args.seconds)
     args.out.mkdir(parents=True, exist_ok=True)

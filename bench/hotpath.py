@@ -58,7 +58,7 @@ def fresh(artifact: Artifact) -> Artifact:
 
 def gc_costs(repeats: int) -> dict[str, float]:
     """A full cyclic collection in this process (the modules and backends the services load), then with the heap
-    frozen as a warm service freezes it (``trellisbox._runtime.server.settle_heap``)."""
+    frozen as a warm service freezes it (``trellisbox._runtime.allocator.settle_heap``)."""
     import gc
 
     before = timed(gc.collect, repeats)

@@ -20,7 +20,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import Processes, object_image, png, start_raw_relay, summarize, thread_cpu_seconds, wait_serving
+from bench.common import (
+    Processes,
+    minor_faults,
+    object_image,
+    png,
+    start_raw_relay,
+    summarize,
+    thread_cpu_seconds,
+    wait_serving,
+)
 from trellis_service.exporters import encode_asset
 from trellisbox._domain.contract import GATEWAY_SERVICE
 from trellisbox._domain.imaging import decode_image
@@ -112,6 +121,11 @@ def _cpu(pids: dict[str, int | None]) -> dict[str, float]:
     return {name: thread_cpu_seconds(pid) for name, pid in pids.items()}
 
 
+def _faults(trellis_pid: int | None) -> tuple[int, int]:
+    """Minor page faults so far: the TRELLIS service's (0 when it is not known) and this process's."""
+    return (minor_faults(trellis_pid) if trellis_pid is not None else 0), minor_faults()
+
+
 def run(gateway_target: str, quick: bool, repeats: int, pids: dict[str, int | None] | None = None,
         procs: Processes | None = None) -> dict[str, Any]:
     """``pids``: the stack's processes by name (None: this one, the client), whose CPU time per request is taken;
@@ -119,6 +133,7 @@ def run(gateway_target: str, quick: bool, repeats: int, pids: dict[str, int | No
     data = png(object_image(IMAGE_SIDE))
     local = InProcess()
     pids = pids or {"client": None}
+    trellis_pid = pids.get("trellis")
     cases: dict[str, dict[str, Any]] = {}
     with TrellisBoxClient(gateway_target, timeout=300) as client, contextlib.ExitStack() as floors:
         for name, refine in (("refine_and_3d", True), ("3d_only", False)):
@@ -139,16 +154,20 @@ def run(gateway_target: str, quick: bool, repeats: int, pids: dict[str, int | No
             floor: GrpcFloor | None = None
             floor_ms: list[float] = []
             progress_events: list[object] = []
+            # Where the compute runs: fresh pages faulted in by the TRELLIS service per request, and by this process per
+            # in-process run (the same decode, generate and export; each process has its own allocator settings).
+            page_faults: dict[str, list[int]] = {"TRELLIS service, per served request": [],
+                                                 "this process, per in-process run": []}
             request = build_request([data], **options)  # what generate() sends
             for i in range(repeats + 1):  # the first pair warms both paths up and is not counted
-                cpu0 = _cpu(pids)
+                cpu0, faults0 = _cpu(pids), _faults(trellis_pid)
                 t0 = time.perf_counter()
                 result = client.generate([data], on_progress=progress_events.append if i == 0 else None, **options)
                 t1 = time.perf_counter()
-                cpu1 = _cpu(pids)
+                cpu1, faults1 = _cpu(pids), _faults(trellis_pid)
                 glb, stages = local.run(data, refine)
                 t2 = time.perf_counter()
-                cpu2 = thread_cpu_seconds()
+                cpu2, faults2 = thread_cpu_seconds(), _faults(None)
                 identical &= result.glb == glb
                 if procs is not None and not refine:
                     if floor is None:  # after the warm-up pair: as many events as the served call delivered
@@ -160,6 +179,8 @@ def run(gateway_target: str, quick: bool, repeats: int, pids: dict[str, int | No
                 if i > 0:
                     served_s.append(t1 - t0)
                     local_s.append(t2 - t1)
+                    page_faults["TRELLIS service, per served request"].append(faults1[0] - faults0[0])
+                    page_faults["this process, per in-process run"].append(faults2[1] - faults1[1])
                     for process in pids:
                         served_cpu[process] += cpu1[process] - cpu0[process]
                     local_cpu += cpu2 - cpu1["client"]
@@ -196,6 +217,8 @@ def run(gateway_target: str, quick: bool, repeats: int, pids: dict[str, int | No
                     "outside_stages_over_floor_ms": summarize(
                         [o - f for o, f in zip(outside_stages_ms, floor_ms, strict=True)], 1),
                     "floor_progress_events": len(progress_events)} if floor_ms else {}),
+                **({"minor_faults": {where: summarize(counts, 0) for where, counts in page_faults.items()}}
+                   if trellis_pid is not None else {}),
                 "identical_glb": identical,
                 "glb_bytes": len(glb),
             }

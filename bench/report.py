@@ -58,6 +58,22 @@ def _cpu_bound_row(b: dict[str, Any]) -> str:
                  f"{b['served_max_mib_s']:.0f} MiB/s ({b['ratio_to_bare_max']:.2f}× bare)", "", ""])
 
 
+def _fresh_client_rows(t: dict[str, Any]) -> list[str]:
+    """The client's CPU per MiB in a fresh process, per allocator setting, against the bare server's (bare row)."""
+    server = t["bare"]["cpu_ms_per_mib"]["bare server"]
+    rows = []
+    for name, streams in t["fresh_client"].items():
+        client = [streams[which]["cpu_ms_per_mib"]["client"] for which in ("served", "bare")]
+        rows.append(_row([
+            "", f"client in a fresh process, {name}: CPU ms per MiB on the served / bare stream, and × the bare "
+                f"server's {server:.2f} (bare row); MiB/s in the spread column",
+            f"{client[0]:.2f} / {client[1]:.2f} ({client[0] / server:.1f}× / {client[1] / server:.1f}×)",
+            f"{_med(streams['served']['mib_s'])} / {_med(streams['bare']['mib_s'])} MiB/s",
+            f"{streams['served']['mib_s']['n']} / {streams['bare']['mib_s']['n']}",
+        ]))
+    return rows
+
+
 def render(results: dict[str, Any]) -> str:
     m = results["machine"]
     lines = [
@@ -97,6 +113,12 @@ def render(results: dict[str, Any]) -> str:
                 if stats:
                     lines.append(_row(["", f"of the added time: {label}", _med(stats, " ms"),
                                        _spread(stats, " ms"), n]))
+            if "minor_faults" in c:
+                faults = c["minor_faults"]
+                lines.append(_row(["", "minor page faults of the compute: " + "; ".join(faults),
+                                   " / ".join(f"{stats['median']:.0f}" for stats in faults.values()),
+                                   " / ".join(f"{stats['p10']:.0f}–{stats['p90']:.0f}" for stats in faults.values()),
+                                   n]))
             if "grpc_floor_ms" in c:
                 lines += [
                     _row(["", "gRPC floor of this call: client → raw grpcio relay → bare server, the same request, "
@@ -128,6 +150,7 @@ def render(results: dict[str, Any]) -> str:
                   _cpu_values(t["served"]) + "; " + _cpu_values(t["bare"])
                   + ("; " + _cpu_values(t["relay_floor"]) if "relay_floor" in t else ""), "",
                   str(t["served"]["mib_s"]["n"])]),
+            *(_fresh_client_rows(t) if "fresh_client" in t else []),
         ]
         for row in t.get("chunk_sweep", []):
             lines.append(_row([

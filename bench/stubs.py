@@ -78,9 +78,9 @@ def serve_trellis(host: str, port: int, artifact_bytes: int, chunk_bytes: int) -
 
 
 def gateway_malloc() -> str:
-    """The gateway's allocator settings (``trellisbox._runtime.server.tune_malloc``), where this tree has them."""
+    """The gateway's allocator settings (``trellisbox._runtime.allocator.tune_malloc``), where this tree has them."""
     try:
-        from trellisbox._runtime.server import tune_malloc
+        from trellisbox._runtime.allocator import tune_malloc
     except ImportError:  # a tree from before the tuning: glibc's defaults, like its gateway
         return "malloc: default"
     return tune_malloc()

@@ -8,13 +8,16 @@ hops, the gateway's relay and the client's reassembly (parse, order and size che
 client code is the same for both rows (``TrellisBoxClient.frames`` + ``collect``, as ``generate`` reads a call).
 
 Throughput on a shared 2-core machine moves with other people's load, so each row also gives the CPU
-time every process spent per MiB streamed (``/proc/<pid>/stat``, read when the first chunk arrives and
-after the last): the cost of the code path, which load barely moves.
+time every process spent per MiB streamed (``/proc/<pid>/task/*/schedstat``, read when the first chunk arrives
+and after the last): the cost of the code path, which load barely moves.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -24,11 +27,12 @@ from typing import Any
 
 from bench.common import (
     Processes,
-    cpu_seconds,
     object_image,
     png,
+    run_child,
     start_raw_relay,
     summarize,
+    thread_cpu_seconds,
     usable_cores,
     wait_serving,
 )
@@ -36,6 +40,7 @@ from tools.stack import LocalStack, ServiceProcess, free_port
 from trellisbox._domain.artifacts import CHUNK_EVENT_FIELD, read_chunk_frame
 from trellisbox._domain.contract import GATEWAY_SERVICE, TRELLIS_SERVICE
 from trellisbox._domain.wire import single_field
+from trellisbox._runtime.allocator import RECEIVING
 from trellisbox.client import TrellisBoxClient, build_request
 from trellisbox.v1 import gateway_pb2
 
@@ -56,7 +61,8 @@ class StreamTiming:
 
 
 def _cpu(pids: dict[str, int | None]) -> dict[str, float]:
-    return {name: cpu_seconds(pid) for name, pid in pids.items()}
+    # Per thread, to the nanosecond: /proc/<pid>/stat counts in 10 ms ticks, a tenth of a bare stream's 5 calls.
+    return {name: thread_cpu_seconds(pid) for name, pid in pids.items()}
 
 
 def timed_stream(client: TrellisBoxClient, request: gateway_pb2.GenerateRequest,
@@ -115,6 +121,7 @@ def measure(target: str, request: gateway_pb2.GenerateRequest, repeats: int, pid
     result = None
     with TrellisBoxClient(target, timeout=600, max_message_bytes=64 * MIB) as client:
         for i in range(warmup + repeats):
+            result = None  # a client handling one result at a time has let the last one go before the next call
             timing, result = timed_stream(client, request, pids)
             if i >= warmup:
                 timings.append(timing)
@@ -174,12 +181,32 @@ def cpu_bound(served: dict[str, Any], bare: dict[str, Any]) -> dict[str, Any]:
             "served_max_mib_s": round(most, 1), "ratio_to_bare_max": round(most / bare["mib_s"]["median"], 3)}
 
 
+#: The client processes of :func:`fresh_clients`: glibc's defaults, and the receiving profile (what the ``trellisbox``
+#: command applies, and any program gets from :meth:`~trellisbox._runtime.allocator.MallocProfile.environment`).
+CLIENT_ALLOCATORS: dict[str, dict[str, str]] = {"glibc defaults": {}, "receiving profile": RECEIVING.environment()}
+
+
+def fresh_clients(target: str, served: bool, quick: bool, repeats: int,
+                  pids: dict[str, int]) -> dict[str, dict[str, Any]]:
+    """The same streams read by a client in a fresh process, once with each of :data:`CLIENT_ALLOCATORS`.
+
+    The client of the other rows is this benchmark process, whose allocator has been shaped by all it ran before
+    (glibc raises its mmap threshold each time a larger block is freed), so its CPU per MiB depends on what ran
+    first. A fresh process has no such history: these rows are what a program that receives artifacts spends.
+    ``served``: the served request (its generation runs for every call) rather than the bare server's stream.
+    """
+    args = [target, "--repeats", str(repeats), "--pids", json.dumps(pids), *(["--served"] if served else []),
+            *(["--quick"] if quick else [])]
+    return {name: run_child("bench.transport", args, env) for name, env in CLIENT_ALLOCATORS.items()}
+
+
 def run(stack: LocalStack, procs: Processes, quick: bool, repeats: int) -> dict[str, Any]:
     """Headline: the real TRELLIS service (preview) through the real gateway vs a bare grpcio stream."""
     request = big_request(quick)
-    pids: dict[str, int | None] = {"trellis": stack.processes["trellis"].process.pid,
-                                   "gateway": stack.processes["gateway"].process.pid, "client": None}
-    served, result = measure(stack.gateway_target, request, repeats, pids)
+    stack_pids = {"trellis": stack.processes["trellis"].process.pid,
+                  "gateway": stack.processes["gateway"].process.pid}
+    served, result = measure(stack.gateway_target, request, repeats, {**stack_pids, "client": None})
+    fresh_served = fresh_clients(stack.gateway_target, True, quick, 1 if quick else 3, stack_pids)
     with tempfile.TemporaryDirectory(prefix="bench-transport-") as tmp:
         files = []
         for artifact in result.artifacts:
@@ -190,6 +217,8 @@ def run(stack: LocalStack, procs: Processes, quick: bool, repeats: int) -> dict[
             bare = measure(server.target, gateway_pb2.GenerateRequest(), max(repeats, 5),
                            {"bare server": server.process.pid, "client": None})[0]
             relayed = relay_rate(procs, server, max(repeats, 5))
+            fresh_bare = fresh_clients(server.target, False, quick, max(repeats, 5),
+                                       {"bare server": server.process.pid})
     served_row, bare_row, floor_row = _row(served), _row(bare), _row(relayed)
     ratio = served_row["mib_s"]["median"] / bare_row["mib_s"]["median"]
     return {
@@ -206,6 +235,8 @@ def run(stack: LocalStack, procs: Processes, quick: bool, repeats: int) -> dict[
         "floor_ratio_to_bare": round(floor_row["mib_s"]["median"] / bare_row["mib_s"]["median"], 3),
         # The most the served path's CPU per MiB lets it reach on these cores, against bare.
         "cpu_bound": cpu_bound(served_row, bare_row),
+        # Both streams read by a client in a fresh process, with glibc's defaults and with the receiving profile.
+        "fresh_client": {name: {"served": fresh_served[name], "bare": fresh_bare[name]} for name in CLIENT_ALLOCATORS},
     }
 
 
@@ -235,3 +266,22 @@ def run_chunk_sweep(procs: Processes, gateway_args: list[str], sizes: list[int],
             rows.append({"chunk_bytes": chunk, "served": served_row, "bare": bare_row,
                          "ratio_to_bare": round(served_row["mib_s"]["median"] / bare_row["mib_s"]["median"], 3)})
     return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One client process of :func:`fresh_clients`: its row (``_row``) as one JSON line."""
+    parser = argparse.ArgumentParser(prog="python -m bench.transport", description=main.__doc__)
+    parser.add_argument("target")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--pids", default="{}", help="JSON: the other processes whose CPU per MiB is taken, by name")
+    parser.add_argument("--served", action="store_true", help="send the served request, not the bare server's")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    request = big_request(args.quick) if args.served else gateway_pb2.GenerateRequest()
+    timings, _ = measure(args.target, request, args.repeats, {**json.loads(args.pids), "client": None})
+    print(json.dumps(_row(timings)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,9 +16,10 @@ from gateway.router import Router
 from gateway.servicer import GatewayServicer, add_gateway_servicer
 from gateway.stages import StageClients
 from trellisbox._domain.contract import GATEWAY_SERVICE
+from trellisbox._runtime.allocator import STREAMING
 from trellisbox._runtime.config import load_settings
 from trellisbox._runtime.security import TokenFile, TokenInterceptor
-from trellisbox._runtime.server import STREAMING, ServiceSpec, run
+from trellisbox._runtime.server import ServiceSpec, run
 
 _log = logging.getLogger("gateway")
 #: How often readiness looks at the stages' channels.

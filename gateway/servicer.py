@@ -21,8 +21,8 @@ from trellisbox._domain.convert import kinds_from_proto, params_from_proto
 from trellisbox._domain.errors import DeadlineExceeded, InvalidInput, NotFound
 from trellisbox._domain.kinds import ArtifactKind
 from trellisbox._domain.params import GenerationParams, RefineParams, random_seed
+from trellisbox._runtime.allocator import release_memory
 from trellisbox._runtime.interceptor import parse_request
-from trellisbox._runtime.server import release_memory
 from trellisbox._runtime.servicing import bind_request_id, check_request_images
 from trellisbox.v1 import gateway_pb2
 

@@ -29,9 +29,9 @@ from trellisbox._domain.convert import kinds_from_proto, params_from_proto, prog
 from trellisbox._domain.errors import InvalidInput
 from trellisbox._domain.kinds import ArtifactKind, Stage
 from trellisbox._domain.params import GenerationParams
+from trellisbox._runtime.allocator import release_memory
 from trellisbox._runtime.model import ModelHost
 from trellisbox._runtime.observability import observe_stages, outstanding
-from trellisbox._runtime.server import release_memory
 from trellisbox._runtime.servicing import (
     JobEvents,
     add_streaming_servicer,

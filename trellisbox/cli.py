@@ -33,6 +33,7 @@ from trellisbox._domain.params import (
     scalar_type,
     walk,
 )
+from trellisbox._runtime.allocator import RECEIVING, tune_malloc
 from trellisbox.client import GenerationResult, ProgressUpdate, TrellisBoxClient, connection_lost, refinement_lines
 
 _console = Console(stderr=True)
@@ -353,6 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return web_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    tune_malloc(RECEIVING)  # this process receives artifacts: their pages reused, not faulted in anew (allocator.py)
     commands = {"generate": run_generate, "fetch": run_fetch, "cancel": run_cancel}
     return commands[args.command](args)
 

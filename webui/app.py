@@ -29,6 +29,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr
 
 import trellisbox
+from trellisbox._runtime.allocator import RECEIVING, tune_malloc
 from trellisbox.cli import add_connection_arguments, connection_options
 from trellisbox.client import GenerationResult, ProgressUpdate, TrellisBoxClient, refinement_lines
 from webui.form import (
@@ -307,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s web %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up requests
+    logging.info("%s", tune_malloc(RECEIVING))  # it receives every artifact it shows (trellisbox/_runtime/allocator.py)
     if args.port and _port_taken(args.host, args.port):
         print(f"port {args.port} is already in use on {args.host}: choose another with --port", file=sys.stderr)
         return 1

@@ -57,6 +57,12 @@ def test_quick_bench_writes_results_and_table(tmp_path: Path) -> None:
     served_cpu = sum(transport["served"]["cpu_ms_per_mib"].values())
     assert bound["served_cpu_ms_per_mib"] == pytest.approx(served_cpu, abs=0.02)
     assert bound["served_max_mib_s"] == pytest.approx(bound["cores"] * 1000 / bound["served_cpu_ms_per_mib"], rel=0.01)
+    fresh = transport["fresh_client"]  # both streams read by a client in a fresh process, per allocator setting
+    assert set(fresh) == {"glibc defaults", "receiving profile"}
+    for streams in fresh.values():
+        assert set(streams["served"]["cpu_ms_per_mib"]) == {"trellis", "gateway", "client"}
+        assert set(streams["bare"]["cpu_ms_per_mib"]) == {"bare server", "client"}
+        assert all(_number(streams[which]["mib_s"]["median"]) for which in ("served", "bare"))
     scaling = json.loads((out / "scaling.json").read_text())
     assert [row["replicas"] for row in scaling["rows"]] == [1, 2, 4]
     assert all(_number(row["ratio_to_one"]) for row in scaling["rows"])
@@ -73,7 +79,7 @@ def test_quick_bench_writes_results_and_table(tmp_path: Path) -> None:
     table = text.split(BEGIN, 1)[1].split(END, 1)[0]
     assert "old table" not in table
     for label in ("served / in-process", "served / bare", "served / raw-relay floor", "gRPC floor of this call",
-                  "most the served stream can reach",
+                  "most the served stream can reach", "client in a fresh process, receiving profile",
                   "refiner scaling, 4 replicas",
                   "cold start, gateway", "gateway memory", "GPU lease hand-off"):
         assert label in table, label

@@ -36,11 +36,12 @@ from prometheus_client import REGISTRY, Gauge, Info
 from pydantic import Field
 
 from trellisbox._domain.errors import Unavailable
+from trellisbox._runtime.allocator import MODEL
 from trellisbox._runtime.config import ServiceSettings, load_settings
 from trellisbox._runtime.devices import GpuMemoryCollector, gpu_memory_bytes
 from trellisbox._runtime.lease import LeaseSettings, make_gpu_turns, residency_hooks
 from trellisbox._runtime.observability import configure_logging
-from trellisbox._runtime.server import MODEL, ServiceSpec, run
+from trellisbox._runtime.server import ServiceSpec, run
 from trellisbox._runtime.worker import ModelWorker
 
 _log = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ S = TypeVar("S", bound=ModelSettings)
 
 
 #: A model service returns its free heap pages to the system once it has had no job for this long: jobs that follow
-#: each other reuse the memory (see :data:`~trellisbox._runtime.server.MODEL`), an idle service still shrinks.
+#: each other reuse the memory (see :data:`~trellisbox._runtime.allocator.MODEL`), an idle service still shrinks.
 RELEASE_WHEN_IDLE_S = 2.0
 
 

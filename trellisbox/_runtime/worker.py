@@ -21,8 +21,8 @@ from typing import Generic, TypeVar
 
 from trellisbox._domain.errors import Cancelled, DeadlineExceeded, QueueFull
 from trellisbox._domain.kinds import Stage
+from trellisbox._runtime.allocator import release_memory
 from trellisbox._runtime.observability import IN_FLIGHT, QUEUE_DEPTH, STAGE
-from trellisbox._runtime.server import release_memory
 
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
