@@ -4,8 +4,10 @@ against a bare grpcio server streaming the same bytes in the same chunks, in the
 Only the streaming phase is timed, at the client: from the arrival of the first artifact chunk to the
 arrival of the last one. The TRELLIS servicer starts streaming only after its model job has finished,
 so generation time is not in the window; what is in it is the trellis servicer chunking, both gRPC
-hops, the gateway's relay and the client's reassembly (parse, order and size checks, SHA-256). The
+hops, the gateway's relay and the client's reassembly (order and size checks, the CRC-32C of each chunk). The
 client code is the same for both rows (``TrellisBoxClient.frames`` + ``collect``, as ``generate`` reads a call).
+It runs in this process for the headline rows, and in fresh processes for the rows of :func:`fresh_clients`
+(``python -m bench.transport TARGET ...`` is one of those).
 
 Throughput on a shared 2-core machine moves with other people's load, so each row also gives the CPU
 time every process spent per MiB streamed (``/proc/<pid>/task/*/schedstat``, read when the first chunk arrives

@@ -77,14 +77,14 @@ STREAMING = MallocProfile("streaming", mmap_threshold=4 * 2**20, trim_threshold=
 #: the TRELLIS servicer after every heavy job.
 MODEL = MallocProfile("model", mmap_threshold=32 * 2**20, trim_threshold=128 * 2**20, arenas=1)
 
-#: A client receiving artifacts: the ``trellisbox`` command, and any program that starts with
-#: :meth:`MallocProfile.environment` of this (README, "Performance"). The client keeps each artifact whole, then lets it
-#: go once it is written out. glibc serves a block above 32 MiB (the highest mmap threshold it takes) from a fresh
-#: ``mmap`` region, and with its defaults smaller ones often too (the dynamic threshold only rises once such a block is
-#: freed): every page of every artifact, and of many 1 MiB messages, is faulted in anew, about 400 faults per MiB
-#: received. No ``mmap`` and a 256 MiB trim threshold: the next call reuses the pages the last one freed. Measured on
-#: the transport benchmark's stream, in a fresh client process (docs/benchmarks.md): CPU per MiB received, checked and
-#: kept, down by more than half. The cost: up to 256 MiB freed is kept for the next artifact, not handed back.
+#: A client receiving artifacts: the ``trellisbox`` command and the web form, and any program started with the
+#: :meth:`MallocProfile.environment` of this (README, "Python client"). The client keeps each artifact whole, then lets
+#: it go once it is written out or shown. glibc serves a block above 32 MiB (the highest mmap threshold it takes) from
+#: a fresh ``mmap`` region, and with its defaults smaller ones often too (the dynamic threshold only rises once such a
+#: block is freed): every page of every artifact, and of many 1 MiB messages, is faulted in anew. No ``mmap`` and a
+#: 256 MiB trim threshold: the next call reuses the pages the last one freed. Measured in a fresh client process on the
+#: transport benchmark's streams (docs/benchmarks.md, eighth round): 0.4-0.75 ms less CPU per MiB received, checked and
+#: kept, a third or more of what the client spent. The cost: up to 256 MiB freed is kept for the next artifact.
 RECEIVING = MallocProfile("receiving", mmap_threshold=None, trim_threshold=256 * 2**20)
 
 
