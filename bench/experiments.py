@@ -39,7 +39,6 @@ import crc32c
 from bench.common import (
     REPO,
     Processes,
-    cpu_seconds,
     machine_info,
     minor_faults,
     object_image,
@@ -367,27 +366,11 @@ GRPC_EXPERIMENT_SETTINGS = {
 }
 
 
-def stream_in_this_process(target: str, repeats: int) -> dict[str, Any]:
-    """A child of :func:`grpc_experiments`: ``repeats`` streams of the stub's artifact from ``target`` after one
-    warm-up; this process's CPU milliseconds per MiB and the median MiB/s."""
-    request = _small_request()
-    with TrellisBoxClient(target, timeout=120) as client:
-        client.collect(client.frames(request))
-        mib, rates = 0.0, []
-        cpu0 = time.process_time()
-        for _ in range(repeats):
-            started = time.perf_counter()
-            size = sum(len(artifact.data) for artifact in client.collect(client.frames(request)).artifacts) / MIB
-            rates.append(size / (time.perf_counter() - started))
-            mib += size
-        return {"cpu_ms_per_mib": round((time.process_time() - cpu0) * 1000 / mib, 3),
-                "mib_s": round(statistics.median(rates), 1)}
-
-
 def grpc_experiments(procs: Processes, rounds: int, repeats: int) -> list[dict[str, Any]]:
     """The stub TRELLIS's 48 MiB through a raw relay to a client, every process started with each setting of
     :data:`GRPC_EXPERIMENT_SETTINGS` (gRPC reads ``GRPC_EXPERIMENTS`` once, as a process starts: the client is a
-    child too); settings alternate within each round. CPU milliseconds per MiB of each process, MiB/s."""
+    child too); settings alternate within each round. CPU milliseconds per MiB of each process while the stream
+    runs, and MiB/s, as the transport benchmark measures them."""
     rows = []
     for round_ in range(rounds):
         for name, experiments in GRPC_EXPERIMENT_SETTINGS.items():
@@ -398,16 +381,13 @@ def grpc_experiments(procs: Processes, rounds: int, repeats: int) -> list[dict[s
             relay = procs.start("relay", "bench.stubs", ["--mode", "relay", "--upstream", stub.target], env=env)
             wait_serving(relay.target, GATEWAY_SERVICE, 60, relay)
             pids = {"trellis stub": stub.process.pid, "relay": relay.process.pid}
-            before = {process: cpu_seconds(pid) for process, pid in pids.items()}
-            measured = run_child("bench.experiments", ["grpc-experiments", "--child", relay.target, "--repeats",
-                                                    str(repeats)], env)
-            mib = (repeats + 1) * ARTIFACT_BYTES / MIB  # the child's warm-up call went through them too
-            cpu = {process: round((cpu_seconds(pid) - before[process]) * 1000 / mib, 3)
-                   for process, pid in pids.items()}
+            # The client: the transport benchmark's, in a child that starts with the setting (bench.transport).
+            measured = run_child("bench.transport", [relay.target, "--repeats", str(repeats), "--pids",
+                                                     json.dumps(pids)], env)
             procs.stop(relay)
             procs.stop(stub)
-            rows.append({"round": round_, "setting": name, "mib_s": measured["mib_s"],
-                         "cpu_ms_per_mib": {**cpu, "client": measured["cpu_ms_per_mib"]}})
+            rows.append({"round": round_, "setting": name, "mib_s": measured["mib_s"]["median"],
+                         "cpu_ms_per_mib": measured["cpu_ms_per_mib"]})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -421,13 +401,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()) / "trellisbox-bench-experiments")
-    parser.add_argument("--child", help=argparse.SUPPRESS)  # the arm or target of a child process (processes, ...)
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # the arm a child of `processes` runs
     args = parser.parse_args(argv)
-    if args.child is not None:  # a child of an experiment: its result as one JSON line
-        if args.name == "processes":
-            print(json.dumps(compute_in_this_process(args.child, args.repeats)))
-        else:
-            print(json.dumps(stream_in_this_process(args.child, args.repeats)))
+    if args.child is not None:  # a child of `processes`: its result as one JSON line
+        print(json.dumps(compute_in_this_process(args.child, args.repeats)))
         return 0
     with Processes(args.log_dir) as procs:
         if args.name == "malloc":
