@@ -260,8 +260,6 @@ def compute_in_this_process(arm: str, jobs: int) -> dict[str, Any]:
     """A child of :func:`processes`: the overhead benchmark's 3D-only in-process job (decode, preview generate, GLB
     export), ``jobs`` times after one warm-up, as ``arm`` runs it; wall and CPU milliseconds and minor page faults
     per job (medians)."""
-    import resource
-
     from bench.overhead import InProcess
     from trellisbox._runtime.allocator import MODEL, tune_malloc
 
@@ -273,12 +271,12 @@ def compute_in_this_process(arm: str, jobs: int) -> dict[str, Any]:
 
     def run() -> None:
         for i in range(jobs + 1):
-            faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            faults0 = minor_faults()
             cpu0, wall0 = time.thread_time(), time.perf_counter()
             local.run(data, False)
             wall, cpu = time.perf_counter() - wall0, time.thread_time() - cpu0
             if i:
-                per_job.append((wall, cpu, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0))
+                per_job.append((wall, cpu, minor_faults() - faults0))
 
     if arm == "service-like":
         worker = threading.Thread(target=run, name="model")
@@ -306,7 +304,8 @@ def processes(rounds: int, jobs: int) -> dict[str, Any]:
             print(json.dumps(rows[-1]), flush=True)
     walls = {arm: [row["wall_ms"] for row in rows if row["arm"] == arm] for arm in PROCESS_ARMS}
     paired = [service - benchmark for benchmark, service in zip(*walls.values(), strict=True)]
-    summary = {arm: {**summarize(values, 1), "sd": round(statistics.stdev(values), 1)} for arm, values in walls.items()}
+    summary = {arm: {**summarize(values, 1), "sd": round(statistics.stdev(values), 1) if len(values) > 1 else None}
+               for arm, values in walls.items()}
     summary["service-like − benchmark-like, per round"] = {**summarize(paired, 1),
                                                             "mean": round(statistics.fmean(paired), 1)}
     print(json.dumps(summary, indent=1), flush=True)
