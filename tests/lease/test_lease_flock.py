@@ -106,7 +106,7 @@ def test_timeout_cancel_and_abandoned_waits_pass_the_lock_on(tmp_path: Path) -> 
     started = time.monotonic()
     with pytest.raises(LeaseTimeout, match="held by another contender"):
         b.acquire(timeout=0.2)
-    assert 0.15 < time.monotonic() - started < 1.0
+    assert 0.15 < time.monotonic() - started < 3.0  # gave up at about its timeout; margin for stalls
     stop = threading.Event()
     threading.Timer(0.1, stop.set).start()
     with pytest.raises(AcquireCancelled):

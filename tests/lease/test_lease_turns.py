@@ -50,14 +50,17 @@ class FakeService:
     """A model service in miniature: a queue of jobs run one at a time through a GpuTurns guard."""
 
     def __init__(self, name: str, lease_dir: Path, gpu: FakeGpu, *, jobs: int, job_s: float, max_hold_s: float,
-                 record: Path | None = None, swap_s: float = 0.0) -> None:
+                 record: Path | None = None, swap_s: float = 0.0, watch_peer: bool = False) -> None:
         self.name, self.gpu, self.job_s, self.swap_s = name, gpu, job_s, swap_s
+        self.watch_peer = watch_peer
         self.pending = jobs
         self.lease = FlockLease("gpu-0", name, lease_dir, service=name,
                                 recorder=LeaseRecorder(record) if record else None)
         self.turns = GpuTurns(self.lease, name, queue_depth=lambda: self.pending, on_acquire=self._to_gpu,
                               on_release=self._park, max_hold_s=max_hold_s)
         self.waits: list[float] = []
+        # With watch_peer: per turn (numbered by swaps), how many of its jobs started while a peer waited.
+        self.jobs_with_peer_waiting: dict[int, int] = {}
 
     def _to_gpu(self) -> None:
         time.sleep(self.swap_s)
@@ -71,6 +74,9 @@ class FakeService:
         asked = time.monotonic()
         with self.turns(JobContext(f"{self.name}-job", None, lambda _: None)):
             self.waits.append(time.monotonic() - asked)
+            if self.watch_peer and self.lease.peer_waiting():
+                turn = self.turns.stats.swaps
+                self.jobs_with_peer_waiting[turn] = self.jobs_with_peer_waiting.get(turn, 0) + 1
             self.gpu.busy.enter(self.name)
             if self.gpu.resident != self.name:
                 self.gpu.errors.append(f"{self.name} computed while {self.gpu.resident} was resident")
@@ -123,8 +129,16 @@ def test_without_batching_contenders_alternate_at_about_2n_swaps(tmp_path: Path,
 
 
 def test_bounded_hold_and_waiting_peer_gets_the_gpu(tmp_path: Path, record_path: Path) -> None:
+    """A holder with work queued yields to a waiting peer once it has held for max_hold_s.
+
+    Counted in jobs, not seconds, so that a stalled thread on shared CPUs cannot fail it: every job
+    sleeps at least ``job`` s, so after j jobs of one turn the holder has held for at least j × job,
+    and it keeps the GPU past a job's end only while it has held for less than max_hold. At most
+    max_hold / job + 1 of its jobs can therefore start while the peer waits.
+    """
     gpu, max_hold, job = FakeGpu(), 0.15, 0.01
-    busy = FakeService("trellis", tmp_path, gpu, jobs=120, job_s=job, max_hold_s=max_hold, record=record_path)
+    busy = FakeService("trellis", tmp_path, gpu, jobs=1_000_000, job_s=job, max_hold_s=max_hold,
+                       record=record_path, watch_peer=True)
     light = FakeService("refiner", tmp_path, gpu, jobs=0, job_s=job, max_hold_s=max_hold, record=record_path)
     runner = threading.Thread(target=busy.run_all)
     runner.start()
@@ -134,18 +148,19 @@ def test_bounded_hold_and_waiting_peer_gets_the_gpu(tmp_path: Path, record_path:
             light.pending = 1
             light.run_one()
     finally:
+        busy.pending = 0  # the busy service had work queued all along; stop it now
         runner.join(timeout=30)
+    assert not runner.is_alive()
     for s in (busy, light):
         s.turns.close()
-    slack = 0.25  # scheduling on 2 shared CPUs
-    assert max(light.waits) < max_hold + job + slack, f"peer waited {max(light.waits):.3f} s"
-    assert busy.turns.stats.yields >= 3
+    assert len(light.waits) == 3 and light.turns.stats.swaps == 3  # the peer got the GPU for every job
+    assert busy.turns.stats.yields >= 3  # ... each time because the busy holder yielded with work queued
     assert not gpu.errors and not gpu.busy.violations
-    # The busy holder's turns that ended in a yield are bounded by max_hold + one job.
+    bound = max_hold / job + 1
+    # Usually none: the peer arrives during a job whose end is past max_hold, and the holder yields there.
+    assert max(busy.jobs_with_peer_waiting.values(), default=0) <= bound, busy.jobs_with_peer_waiting
     turns = check_records(record_path)["turns"]
-    busy_turns = [t for t in turns if t.contender.startswith("trellis")]
-    assert len(busy_turns) >= 4
-    assert max(t.length for t in busy_turns[:-1]) < max_hold + job + slack
+    assert len([t for t in turns if t.contender.startswith("trellis")]) >= 3
 
 
 def test_lease_wait_and_hold_are_histograms_per_turn(tmp_path: Path) -> None:
