@@ -16,6 +16,8 @@
                                             #   (would the two hops overlap?)
     python -m bench.experiments grpc-experiments  # gRPC core's read-path experiments (GRPC_EXPERIMENTS) on the
                                             #   whole stream: stub TRELLIS, raw relay and client
+    python -m bench.experiments gateway-hop  # one 3D-only call's bytes through the gateway and through a raw
+                                            #   grpcio relay, from the same bare server: what the gateway adds
 
 Each prints its rows and writes ``bench/results/experiment-<name>.json``.
 """
@@ -46,13 +48,14 @@ from bench.common import (
     run_child,
     start_raw_relay,
     summarize,
+    thread_cpu_seconds,
     wait_serving,
 )
 from bench.load import closed_loop
 from bench.stubs import payload
 from bench.transport import MIB, _row, measure
 from trellisbox._domain.artifacts import read_chunk_frame
-from trellisbox._domain.contract import GATEWAY_SERVICE, TRELLIS_SERVICE
+from trellisbox._domain.contract import GATEWAY_SERVICE, REFINER_SERVICE, TRELLIS_SERVICE
 from trellisbox.client import TrellisBoxClient, build_request
 from trellisbox.v1 import gateway_pb2
 
@@ -391,10 +394,68 @@ def grpc_experiments(procs: Processes, rounds: int, repeats: int) -> list[dict[s
     return rows
 
 
+def gateway_hop(procs: Processes, rounds: int, repeats: int) -> dict[str, Any]:
+    """What the gateway's own code adds to a call, against gRPC's: the overhead benchmark's 3D-only request and its
+    GLB (6 progress events, as the served call delivers, and 1 MiB chunks) from one bare server (``bench/stubs.py``),
+    through the project's gateway (a classic refiner behind it, not called) or through the raw grpcio relay of the
+    gRPC floor row, calls alternating. Per round: medians of the wall milliseconds per call, of the CPU milliseconds
+    per call of the hop (gateway or relay), the bare server and the client, and of the per-pair wall difference."""
+    from bench.overhead import GENERATION, GrpcFloor, InProcess
+
+    data = png(object_image(512))
+    glb, _ = InProcess().run(data, False)
+    request = build_request([data], generation=GENERATION, formats=["glb"])
+    floor = GrpcFloor(procs, glb, 6)
+    refiner = procs.start("refiner", "refiner_service", ["--backend", "classic"])
+    wait_serving(refiner.target, REFINER_SERVICE, 60, refiner)
+    gateway = procs.start("gateway", "gateway", ["--refiner-target", refiner.target,
+                                                 "--trellis-target", floor.bare.target])
+    wait_serving(gateway.target, GATEWAY_SERVICE, 60, gateway)
+    hops = {"gateway": (gateway.process.pid, TrellisBoxClient(gateway.target, timeout=60)),
+            "raw relay": (floor.relay.process.pid, TrellisBoxClient(floor.relay.target, timeout=60))}
+    bare_pid = floor.bare.process.pid
+    rows = []
+    try:
+        for round_ in range(rounds):
+            per_call: dict[str, dict[str, list[float]]] = {
+                hop: {"wall_ms": [], "hop_cpu_ms": [], "bare_cpu_ms": [], "client_cpu_ms": []} for hop in hops}
+            for i in range(repeats + 1):  # the first call of each warms up
+                for hop, (pid, client) in hops.items():
+                    hop0, bare0, client0 = thread_cpu_seconds(pid), thread_cpu_seconds(bare_pid), thread_cpu_seconds()
+                    started = time.perf_counter()
+                    result = client.collect(client.frames(request))
+                    wall = time.perf_counter() - started
+                    client1, hop1, bare1 = thread_cpu_seconds(), thread_cpu_seconds(pid), thread_cpu_seconds(bare_pid)
+                    if result.glb != glb:
+                        raise RuntimeError(f"the {hop} returned other bytes than the GLB")
+                    if i:
+                        for key, value in (("wall_ms", wall), ("hop_cpu_ms", hop1 - hop0),
+                                           ("bare_cpu_ms", bare1 - bare0), ("client_cpu_ms", client1 - client0)):
+                            per_call[hop][key].append(value * 1000)
+            walls = [per_call["gateway"]["wall_ms"], per_call["raw relay"]["wall_ms"]]
+            rows.append({"round": round_, **{hop: {key: round(statistics.median(values), 2)
+                                                   for key, values in figures.items()}
+                                             for hop, figures in per_call.items()},
+                         "gateway − raw relay, wall ms per pair": round(statistics.median(
+                             g - r for g, r in zip(*walls, strict=True)), 2)})
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        for _, client in hops.values():
+            client.close()
+        procs.stop(gateway)
+        procs.stop(refiner)
+        floor.close()
+    summary = {f"{figure}, gateway − raw relay (per round)":
+               [round(row["gateway"][figure] - row["raw relay"][figure], 2) for row in rows]
+               for figure in ("wall_ms", "hop_cpu_ms", "client_cpu_ms", "bare_cpu_ms")}
+    print(json.dumps(summary, indent=1), flush=True)
+    return {"glb_bytes": len(glb), "calls_per_hop_per_round": repeats, "rounds": rows, "summary": summary}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.experiments", description=__doc__.split("\n\n")[0])
     parser.add_argument("name", choices=("malloc", "grpc-args", "loop", "faults", "client", "processes", "small-chunks",
-                                         "grpc-experiments"))
+                                         "grpc-experiments", "gateway-hop"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=8.0)
@@ -420,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
             data = small_chunks(procs, args.repeats)
         elif args.name == "grpc-experiments":
             data = grpc_experiments(procs, args.rounds, args.repeats)
+        elif args.name == "gateway-hop":
+            data = gateway_hop(procs, args.rounds, args.repeats)
         else:
             data = loop(procs, args.seconds)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -95,11 +95,11 @@ class GrpcFloor:
         path = Path(self._tmp.name) / "glb.bin"
         path.write_bytes(glb)
         self._glb = glb
-        self._bare = procs.start("floor-bare", "bench.stubs", ["--mode", "bare", "--file", str(path),
-                                                                "--progress", str(progress)])
-        wait_serving(self._bare.target, GATEWAY_SERVICE, 60, self._bare)
-        self._relay = start_raw_relay(procs, self._bare.target, "--forward-request", name="floor-relay")
-        self._client = TrellisBoxClient(self._relay.target, timeout=60)
+        self.bare = procs.start("floor-bare", "bench.stubs", ["--mode", "bare", "--file", str(path),
+                                                               "--progress", str(progress)])
+        wait_serving(self.bare.target, GATEWAY_SERVICE, 60, self.bare)
+        self.relay = start_raw_relay(procs, self.bare.target, "--forward-request", name="floor-relay")
+        self._client = TrellisBoxClient(self.relay.target, timeout=60)
 
     def call(self, request: gateway_pb2.GenerateRequest) -> float:
         """Seconds for one call, from send to the end of the stream (the GLB reassembled and checked)."""
@@ -112,8 +112,8 @@ class GrpcFloor:
 
     def close(self) -> None:
         self._client.close()
-        self._procs.stop(self._relay)
-        self._procs.stop(self._bare)
+        self._procs.stop(self.relay)
+        self._procs.stop(self.bare)
         self._tmp.cleanup()
 
 

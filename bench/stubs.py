@@ -105,6 +105,8 @@ async def _serve_raw_generate(host: str, port: int,
     server.add_insecure_port(f"{host}:{port}")
     await server.start()
     await health.set(GATEWAY_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    if also_image_to_3d:  # a gateway in front of it asks before routing
+        await health.set(TRELLIS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     await server.wait_for_termination()
 
 
