@@ -73,7 +73,7 @@ test: install browser
 	K8S_VERSION=$(K8S_VERSION) $(PY) -m tests.k8s.validate
 	K8S_VERSION=$(K8S_VERSION) $(PY) -m pytest -q
 
-# Serving benchmarks (docs/benchmarks.md): real services on loopback, about 4 minutes on 2 CPU cores.
+# Serving benchmarks (docs/benchmarks.md): real services on loopback, about 8 minutes on 2 CPU cores.
 # Writes bench/results/*.json and regenerates the table in docs/benchmarks.md (lease figures included).
 # The refiner benchmarks (docs/refiner-performance.md) run the full-size architecture on a CUDA host and a
 # reduced one on a CPU; set REFINER_BENCH=full to run them at their CPU defaults instead of --quick.

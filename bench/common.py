@@ -175,11 +175,17 @@ def run_child(module: str, args: Sequence[str], env: dict[str, str] | None = Non
     The child starts with glibc's allocator defaults plus ``env``: any ``MALLOC_*`` or ``GLIBC_TUNABLES`` of this
     process is left out, so that what the child measures does not depend on how the benchmark itself was started.
     """
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,  # nosec B603
-                          check=True, cwd=REPO, env={**inherited, **(env or {})}, timeout=timeout)
+                          check=True, cwd=REPO, env=child_env(env), timeout=timeout)
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
+
+
+def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a benchmark's child process: this one's, less any ``MALLOC_*`` or ``GLIBC_TUNABLES``
+    (glibc's allocator defaults), plus ``env``."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    return {**inherited, **(env or {})}
 
 
 def rss_kib(pid: int) -> dict[str, int]:

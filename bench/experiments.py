@@ -18,6 +18,8 @@
                                             #   whole stream: stub TRELLIS, raw relay and client
     python -m bench.experiments gateway-hop  # one 3D-only call's bytes through the gateway and through a raw
                                             #   grpcio relay, from the same bare server: what the gateway adds
+    python -m bench.experiments process-pairs  # the same 3D-only job in two identical processes alive at once,
+                                            #   jobs alternating, a fresh pair each round: process or drift?
 
 Each prints its rows and writes ``bench/results/experiment-<name>.json``.
 """
@@ -28,6 +30,7 @@ import argparse
 import hashlib
 import json
 import statistics
+import subprocess  # nosec B404  # the benchmark's own child processes
 import sys
 import tempfile
 import threading
@@ -41,6 +44,7 @@ import crc32c
 from bench.common import (
     REPO,
     Processes,
+    child_env,
     machine_info,
     minor_faults,
     object_image,
@@ -315,6 +319,72 @@ def processes(rounds: int, jobs: int) -> dict[str, Any]:
     return {"processes": rows, "summary": summary}
 
 
+def serve_jobs() -> None:
+    """A child of :func:`process_pairs`: runs the overhead benchmark's 3D-only in-process job (the benchmark's way:
+    glibc's defaults, main thread) each time a line arrives on stdin, and answers with its wall milliseconds."""
+    from bench.overhead import InProcess
+
+    data = png(object_image(512))
+    local = InProcess()
+    for _ in sys.stdin:
+        started = time.perf_counter()
+        local.run(data, False)
+        print(json.dumps({"wall_ms": (time.perf_counter() - started) * 1000}), flush=True)
+
+
+def process_pairs(rounds: int, pairs: int) -> dict[str, Any]:
+    """Is the process lottery of :func:`processes` the processes, or the machine's speed drifting between them?
+
+    Each round starts two identical children (:func:`serve_jobs`), warms both up, then runs ``pairs`` jobs in each,
+    alternating A B B A so that a drift of the machine's speed weighs on both alike. Per round: each child's median,
+    and the median of the per-pair differences A − B. Drift cancels in that difference; what is left, and varies from
+    round to round beyond its own noise, belongs to the processes."""
+    from bench.overhead import ONE_THREAD
+
+    command = [sys.executable, "-m", "bench.experiments", "process-pairs", "--child", "serve-jobs"]
+    rows = []
+    for round_ in range(rounds):
+        children = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,  # nosec B603
+                                     cwd=REPO, env=child_env(ONE_THREAD)) for _ in range(2)]
+        try:
+            def job(child: subprocess.Popen[str]) -> float:
+                assert child.stdin is not None and child.stdout is not None  # nosec B101  # for mypy: pipes
+                child.stdin.write("run\n")
+                child.stdin.flush()
+                wall: float = json.loads(child.stdout.readline())["wall_ms"]
+                return wall
+
+            for _ in range(3):  # warm-up
+                for child in children:
+                    job(child)
+            walls: list[list[float]] = [[], []]
+            for i in range(pairs):
+                order = (0, 1) if i % 2 == 0 else (1, 0)
+                for which in order:
+                    walls[which].append(job(children[which]))
+        finally:
+            for child in children:
+                assert child.stdin is not None  # nosec B101  # for mypy: a pipe
+                child.stdin.close()
+                child.wait(timeout=60)
+        differences = [a - b for a, b in zip(*walls, strict=True)]
+        half = len(differences) // 2
+        rows.append({"round": round_, "A_ms": round(statistics.median(walls[0]), 1),
+                     "B_ms": round(statistics.median(walls[1]), 1),
+                     "A_minus_B_ms": round(statistics.median(differences), 1),
+                     # the same difference from each half of the round: how steady it is within one pair of processes
+                     "A_minus_B_halves_ms": [round(statistics.median(differences[:half]), 1),
+                                             round(statistics.median(differences[half:]), 1)],
+                     "jobs_ms": {"A": [round(x) for x in walls[0]], "B": [round(x) for x in walls[1]]}})
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "jobs_ms"}), flush=True)
+    across = [row["A_minus_B_ms"] for row in rows]
+    summary = {"A − B per round": {**summarize(across, 1), "sd": round(statistics.stdev(across), 1)
+                                   if len(across) > 1 else None},
+               "A, B medians per round": summarize([row[k] for row in rows for k in ("A_ms", "B_ms")], 1)}
+    print(json.dumps(summary, indent=1), flush=True)
+    return {"pairs_per_round": pairs, "rounds": rows, "summary": summary}
+
+
 #: Chunk sizes of :func:`small_chunks`: the served default, and smaller ones that would let the relay start sending
 #: a piece of the GLB while the next one is still arriving.
 SMALL_CHUNKS = (MIB, 256 * 1024, 128 * 1024)
@@ -455,7 +525,7 @@ def gateway_hop(procs: Processes, rounds: int, repeats: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.experiments", description=__doc__.split("\n\n")[0])
     parser.add_argument("name", choices=("malloc", "grpc-args", "loop", "faults", "client", "processes", "small-chunks",
-                                         "grpc-experiments", "gateway-hop"))
+                                         "grpc-experiments", "gateway-hop", "process-pairs"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=8.0)
@@ -463,6 +533,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()) / "trellisbox-bench-experiments")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # the arm a child of `processes` runs
     args = parser.parse_args(argv)
+    if args.child == "serve-jobs":  # a child of `process-pairs`: one job per line read
+        serve_jobs()
+        return 0
     if args.child is not None:  # a child of `processes`: its result as one JSON line
         print(json.dumps(compute_in_this_process(args.child, args.repeats)))
         return 0
@@ -483,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
             data = grpc_experiments(procs, args.rounds, args.repeats)
         elif args.name == "gateway-hop":
             data = gateway_hop(procs, args.rounds, args.repeats)
+        elif args.name == "process-pairs":
+            data = process_pairs(args.rounds, args.repeats)
         else:
             data = loop(procs, args.seconds)
     args.out.mkdir(parents=True, exist_ok=True)
