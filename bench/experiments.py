@@ -66,6 +66,16 @@ from trellisbox.v1 import gateway_pb2
 ARTIFACT_BYTES = 48 * MIB
 
 
+def _3d_only_call() -> tuple[gateway_pb2.GenerateRequest, bytes]:
+    """The overhead benchmark's 3D-only call (its 512² image and generation settings, GLB only) and the GLB it returns,
+    computed in this process: what the experiments that replay that call's bytes send and expect back."""
+    from bench.overhead import GENERATION, InProcess
+
+    data = png(object_image(512))
+    glb, _ = InProcess().run(data, False)
+    return build_request([data], generation=GENERATION, formats=["glb"]), glb
+
+
 def _small_request() -> Any:
     return build_request([png(object_image(64))], generation={"seed": 1})
 
@@ -332,6 +342,15 @@ def serve_jobs() -> None:
         print(json.dumps({"wall_ms": (time.perf_counter() - started) * 1000}), flush=True)
 
 
+def _job_in(child: subprocess.Popen[str]) -> float:
+    """Have a :func:`serve_jobs` child run one job; its wall milliseconds."""
+    assert child.stdin is not None and child.stdout is not None  # nosec B101  # for mypy: pipes
+    child.stdin.write("run\n")
+    child.stdin.flush()
+    wall: float = json.loads(child.stdout.readline())["wall_ms"]
+    return wall
+
+
 def process_pairs(rounds: int, pairs: int) -> dict[str, Any]:
     """Is the process lottery of :func:`processes` the processes, or the machine's speed drifting between them?
 
@@ -347,21 +366,14 @@ def process_pairs(rounds: int, pairs: int) -> dict[str, Any]:
         children = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,  # nosec B603
                                      cwd=REPO, env=child_env(ONE_THREAD)) for _ in range(2)]
         try:
-            def job(child: subprocess.Popen[str]) -> float:
-                assert child.stdin is not None and child.stdout is not None  # nosec B101  # for mypy: pipes
-                child.stdin.write("run\n")
-                child.stdin.flush()
-                wall: float = json.loads(child.stdout.readline())["wall_ms"]
-                return wall
-
             for _ in range(3):  # warm-up
                 for child in children:
-                    job(child)
+                    _job_in(child)
             walls: list[list[float]] = [[], []]
             for i in range(pairs):
                 order = (0, 1) if i % 2 == 0 else (1, 0)
                 for which in order:
-                    walls[which].append(job(children[which]))
+                    walls[which].append(_job_in(children[which]))
         finally:
             for child in children:
                 assert child.stdin is not None  # nosec B101  # for mypy: a pipe
@@ -394,11 +406,7 @@ def small_chunks(procs: Processes, repeats: int) -> dict[str, Any]:
     """One 3D-only call's bytes (the overhead benchmark's 512² request, 5 progress events, its 0.74 MiB GLB) from a bare
     server through a raw relay to ``TrellisBoxClient``, the GLB cut in each of :data:`SMALL_CHUNKS`; the calls
     alternate between the sizes. Wall milliseconds per call."""
-    from bench.overhead import GENERATION, InProcess
-
-    data = png(object_image(512))
-    glb, _ = InProcess().run(data, False)
-    request = build_request([data], generation=GENERATION, formats=["glb"])
+    request, glb = _3d_only_call()
     with tempfile.TemporaryDirectory(prefix="bench-small-chunks-") as tmp:
         path = Path(tmp) / "glb.bin"
         path.write_bytes(glb)
@@ -466,15 +474,14 @@ def grpc_experiments(procs: Processes, rounds: int, repeats: int) -> list[dict[s
 
 def gateway_hop(procs: Processes, rounds: int, repeats: int) -> dict[str, Any]:
     """What the gateway's own code adds to a call, against gRPC's: the overhead benchmark's 3D-only request and its
-    GLB (6 progress events, as the served call delivers, and 1 MiB chunks) from one bare server (``bench/stubs.py``),
-    through the project's gateway (a classic refiner behind it, not called) or through the raw grpcio relay of the
-    gRPC floor row, calls alternating. Per round: medians of the wall milliseconds per call, of the CPU milliseconds
-    per call of the hop (gateway or relay), the bare server and the client, and of the per-pair wall difference."""
-    from bench.overhead import GENERATION, GrpcFloor, InProcess
+    GLB (6 progress events, the most the served call delivers, its progress being rate-bounded; 1 MiB chunks) from one
+    bare server (``bench/stubs.py``), through the project's gateway (a classic refiner behind it, not called) or
+    through the raw grpcio relay of the gRPC floor row, calls alternating. Per round: medians of the wall
+    milliseconds per call, of the CPU milliseconds per call of the hop (gateway or relay), the bare server and the
+    client, and of the per-pair wall difference."""
+    from bench.overhead import GrpcFloor
 
-    data = png(object_image(512))
-    glb, _ = InProcess().run(data, False)
-    request = build_request([data], generation=GENERATION, formats=["glb"])
+    request, glb = _3d_only_call()
     floor = GrpcFloor(procs, glb, 6)
     refiner = procs.start("refiner", "refiner_service", ["--backend", "classic"])
     wait_serving(refiner.target, REFINER_SERVICE, 60, refiner)
