@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -120,6 +121,18 @@ def test_timeout_cancel_and_abandoned_waits_pass_the_lock_on(tmp_path: Path) -> 
     b.release()
 
 
+def _locked_by_someone(lock_path: Path) -> bool:
+    """Whether some descriptor holds the exclusive flock on ``lock_path`` now (a fresh probe, not a lease)."""
+    fd = os.open(lock_path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def test_peer_waiting_and_wait_for_peer(tmp_path: Path) -> None:
     a, b = FlockLease("gpu-0", "a", tmp_path), FlockLease("gpu-0", "b", tmp_path)
     a.acquire()
@@ -127,9 +140,14 @@ def test_peer_waiting_and_wait_for_peer(tmp_path: Path) -> None:
     thread = threading.Thread(target=b.acquire, kwargs={"timeout": 5})
     thread.start()
     assert wait_until(a.peer_waiting, 2), "a waiting contender must be visible to the holder"
+    assert a.wait_for_peer(0.1) is False  # a still holds the lock, so b cannot take its turn: the grace runs out
+    assert a.held and not b.held
     a.release()
-    assert a.wait_for_peer(2) is True  # returns once b has taken its turn
-    assert b.held
+    # Returns once b has taken its turn. Its value says whether a saw b still waiting, which depends on
+    # whether b's thread took the lock before this line ran: the property is that b holds it afterwards.
+    a.wait_for_peer(2)
+    assert _locked_by_someone(a.lock_path), "wait_for_peer returned before the waiting peer had the lock"
+    assert wait_until(lambda: b.held, 2)
     thread.join()
     assert not a.peer_waiting() and not b.peer_waiting()
     b.release()
