@@ -20,6 +20,11 @@
                                             #   grpcio relay, from the same bare server: what the gateway adds
     python -m bench.experiments process-pairs  # the same 3D-only job in two identical processes alive at once,
                                             #   jobs alternating, a fresh pair each round: process or drift?
+    python -m bench.experiments grpc-costs  # gRPC's own cost per call, per message and per MiB, one hop and two
+                                            #   (bare servers, raw relays): what the gRPC floor is made of
+    python -m bench.experiments stage-gap   # the TRELLIS service's stage times called directly and through the
+                                            #   gateway, alternating, by progress interval, against the same
+                                            #   compute in this process
 
 Each prints its rows and writes ``bench/results/experiment-<name>.json``.
 """
@@ -529,10 +534,205 @@ def gateway_hop(procs: Processes, rounds: int, repeats: int) -> dict[str, Any]:
     return {"glb_bytes": len(glb), "calls_per_hop_per_round": repeats, "rounds": rows, "summary": summary}
 
 
+#: The call shapes of :func:`grpc_costs`: (progress events, the artifact's size as a multiple of the 3D-only GLB, or
+#: None for 1 KiB). Messages and bytes vary one at a time around the served 3D-only call (6 events, one GLB).
+GRPC_COST_SHAPES = ((0, 1.0), (6, 1.0), (24, 1.0), (6, None), (6, 4.0))
+
+
+def _shape_name(progress: int, glb_multiple: float | None) -> str:
+    return f"{progress} progress, {'1 KiB' if glb_multiple is None else f'{glb_multiple:g} × GLB'}"
+
+
+def _fit_costs(points: list[tuple[int, float, float]]) -> dict[str, float]:
+    """Least squares of ``ms = per call + per message × messages + per MiB × MiB`` over (messages, MiB, ms)."""
+    import numpy as np
+
+    design = np.array([[1.0, messages, mib] for messages, mib, _ in points])
+    (per_call, per_message, per_mib), *_ = np.linalg.lstsq(design, np.array([ms for *_, ms in points]), rcond=None)
+    return {"per_call_ms": round(float(per_call), 3), "per_message_ms": round(float(per_message), 3),
+            "per_mib_ms": round(float(per_mib), 3)}
+
+
+def grpc_costs(procs: Processes, rounds: int, repeats: int) -> dict[str, Any]:
+    """What gRPC alone charges for a call, a message and a MiB, on this machine: the shapes of :data:`GRPC_COST_SHAPES`
+    from bare servers (``bench/stubs.py``), each reached directly (one hop) and through a raw relay (two hops, the gRPC
+    floor row's path), by ``TrellisBoxClient`` with the 3D-only request; calls alternate over every shape and path.
+    Per round: the median wall milliseconds per shape and path, and the least-squares fit of per call, per message
+    (progress, chunk, done) and per MiB for each path. The fit, at the served 3D-only call's shape, is what its gRPC
+    floor is made of."""
+    request, glb = _3d_only_call()
+    with tempfile.TemporaryDirectory(prefix="bench-grpc-costs-") as tmp:
+        paths: dict[tuple[str, str], tuple[TrellisBoxClient, bytes, int]] = {}
+        for progress, multiple in GRPC_COST_SHAPES:
+            artifact = b"\x00" * 1024 if multiple is None else glb * int(multiple)
+            name = _shape_name(progress, multiple)
+            path = Path(tmp) / f"{len(paths)}.bin"
+            path.write_bytes(artifact)
+            bare = procs.start(f"bare-{len(paths)}", "bench.stubs", ["--mode", "bare", "--file", str(path),
+                                                                      "--progress", str(progress)])
+            wait_serving(bare.target, GATEWAY_SERVICE, 60, bare)
+            relay = start_raw_relay(procs, bare.target, "--forward-request", name=f"relay-{len(paths)}")
+            messages = progress + -(-len(artifact) // MIB) + 1  # progress, 1 MiB chunks, done
+            for hops, target in (("1 hop", bare.target), ("2 hops", relay.target)):
+                paths[(name, hops)] = (TrellisBoxClient(target, timeout=60), artifact, messages)
+        rows: list[dict[str, Any]] = []
+        try:
+            for round_ in range(rounds):
+                wall_ms: dict[tuple[str, str], list[float]] = {key: [] for key in paths}
+                for i in range(repeats + 1):  # the first call of each path warms it up
+                    for key, (client, artifact, _) in paths.items():
+                        started = time.perf_counter()
+                        result = client.collect(client.frames(request))
+                        wall = time.perf_counter() - started
+                        if result.glb != artifact:
+                            raise RuntimeError(f"{key}: other bytes came back")
+                        if i:
+                            wall_ms[key].append(wall * 1000)
+                medians = {key: statistics.median(values) for key, values in wall_ms.items()}
+                fits = {hops: _fit_costs([(paths[key][2], len(paths[key][1]) / MIB, ms)
+                                          for key, ms in medians.items() if key[1] == hops])
+                        for hops in ("1 hop", "2 hops")}
+                rows.append({"round": round_, "median_ms": {f"{name}, {hops}": round(ms, 2)
+                                                            for (name, hops), ms in medians.items()},
+                             "fit": fits})
+                print(json.dumps(rows[-1]), flush=True)
+        finally:
+            for client, _, _ in paths.values():
+                client.close()
+    served = (6 + -(-len(glb) // MIB) + 1, len(glb) / MIB)  # the served 3D-only call: 6 events, the GLB, done
+    summary: dict[str, Any] = {}
+    for hops in ("1 hop", "2 hops"):
+        for term in ("per_call_ms", "per_message_ms", "per_mib_ms"):
+            summary[f"{hops}: {term}"] = summarize([row["fit"][hops][term] for row in rows], 3)
+        summary[f"{hops}: the 3D-only call's shape, fitted ms"] = summarize(
+            [row["fit"][hops]["per_call_ms"] + row["fit"][hops]["per_message_ms"] * served[0]
+             + row["fit"][hops]["per_mib_ms"] * served[1] for row in rows], 2)
+        summary[f"{hops}: the 3D-only call's shape, measured ms"] = summarize(
+            [row["median_ms"][f"{_shape_name(6, 1.0)}, {hops}"] for row in rows], 2)
+    print(json.dumps(summary, indent=1), flush=True)
+    return {"glb_bytes": len(glb), "shapes": [_shape_name(*shape) for shape in GRPC_COST_SHAPES],
+            "calls_per_path_per_round": repeats, "rounds": rows, "summary": summary}
+
+
+#: The TRELLIS services of :func:`stage_gap`, by their progress interval: the default, and one long enough that only
+#: each stage's first event and the job's last go out (the fewest the gate sends).
+STAGE_GAP_INTERVALS = {"progress every 0.1 s (default)": "0.1", "progress at stage starts only (60 s)": "60"}
+
+
+def _staged_ms(timings: dict[str, float]) -> float:
+    """The TRELLIS service's own stage times (all but the queue), in milliseconds."""
+    return sum(seconds for stage, seconds in timings.items() if stage != "QUEUED") * 1000
+
+
+def stage_gap(procs: Processes, rounds: int, repeats: int) -> dict[str, Any]:
+    """Does the path around the TRELLIS service slow its compute? The overhead benchmark finds its stage times a few ms
+    above the same compute in the benchmark process. Here the same service process is called directly (the
+    ``TrellisService`` stub, one hop) and through the gateway (the served path: every progress event relayed to the
+    client), calls alternating, for each of :data:`STAGE_GAP_INTERVALS`. Per round: medians of the service's stage
+    times and of its CPU per call, by path, and of the per-pair difference (gateway − direct); and of the same compute
+    in this process after each pair of calls (the overhead benchmark's in-process run, with the SHA-256 the service
+    puts on the GLB), and of the direct call's stage times minus it."""
+    import grpc
+
+    from bench.overhead import GENERATION, ONE_THREAD, InProcess
+    from trellis_service.exporters import encode_asset
+    from trellisbox._domain.convert import params_to_proto, stage_name
+    from trellisbox._domain.imaging import decode_image
+    from trellisbox._domain.kinds import ArtifactKind
+    from trellisbox._domain.params import GenerationParams
+    from trellisbox.v1 import common_pb2, trellis_pb2
+
+    request, glb = _3d_only_call()
+    direct_request = trellis_pb2.ImageTo3DRequest(images=request.images, formats=[common_pb2.ARTIFACT_KIND_GLB])
+    params_to_proto(GenerationParams(**GENERATION), direct_request.parameters)  # type: ignore[arg-type]
+    refiner = procs.start("refiner", "refiner_service", ["--backend", "classic"], env=ONE_THREAD)
+    wait_serving(refiner.target, REFINER_SERVICE, 60, refiner)
+    arms = {}
+    for arm, interval in STAGE_GAP_INTERVALS.items():
+        trellis = procs.start(f"trellis-{interval}", "trellis_service", ["--backend", "preview"],
+                              env={**ONE_THREAD, "TRELLISBOX_TRELLIS_PROGRESS_INTERVAL_S": interval})
+        wait_serving(trellis.target, TRELLIS_SERVICE, 120, trellis)
+        gateway = procs.start(f"gateway-{interval}", "gateway", ["--refiner-target", refiner.target,
+                                                                  "--trellis-target", trellis.target], env=ONE_THREAD)
+        wait_serving(gateway.target, GATEWAY_SERVICE, 60, gateway)
+        channel = grpc.insecure_channel(trellis.target, options=[("grpc.max_receive_message_length", 64 * MIB)])
+        call = channel.unary_stream(f"/{TRELLIS_SERVICE}/ImageTo3D",
+                                    request_serializer=trellis_pb2.ImageTo3DRequest.SerializeToString,
+                                    response_deserializer=trellis_pb2.ImageTo3DResponse.FromString)
+        arms[arm] = (trellis.process.pid, call, channel, TrellisBoxClient(gateway.target, timeout=60))
+
+    def direct(call: Any) -> tuple[dict[str, float], bytes]:
+        timings: dict[str, float] = {}
+        data = bytearray()
+        for response in call(direct_request, timeout=60):
+            if response.HasField("chunk"):
+                data += response.chunk.data
+            elif response.HasField("done"):
+                timings = {stage_name(t.stage): t.seconds for t in response.done.timings}
+        return timings, bytes(data)
+
+    local = InProcess()
+    images = [decode_image(request.images[0].data)]
+
+    def in_process_ms() -> float:
+        """The overhead benchmark's in-process 3D-only run without its decode (outside the service's stages too), with
+        the GLB's SHA-256 (inside them)."""
+        started = time.perf_counter()
+        result = local.preview.generate(images, GenerationParams(**GENERATION),  # type: ignore[arg-type]
+                                        {ArtifactKind.GLB}, local.ctx)
+        glb_here = encode_asset(result)[0].data
+        hashlib.sha256(glb_here).digest()
+        if glb_here != glb:
+            raise RuntimeError("the in-process GLB differs from the served one")
+        return (time.perf_counter() - started) * 1000
+
+    rows: list[dict[str, Any]] = []
+    try:
+        for round_ in range(rounds):
+            per_call: dict[str, dict[str, list[float]]] = {
+                arm: {key: [] for key in ("direct stages ms", "gateway stages ms", "direct TRELLIS CPU ms",
+                                          "gateway TRELLIS CPU ms", "gateway − direct stages ms",
+                                          "direct − in-process ms")} for arm in arms}
+            in_process: list[float] = []
+            for i in range(repeats + 1):  # the first pair of each arm warms it up
+                for arm, (pid, call, _, client) in arms.items():
+                    cpu0 = thread_cpu_seconds(pid)
+                    timings, data = direct(call)
+                    cpu1 = thread_cpu_seconds(pid)
+                    result = client.collect(client.frames(request))
+                    cpu2 = thread_cpu_seconds(pid)
+                    if data != glb or result.glb != glb:
+                        raise RuntimeError(f"{arm}: the GLB came back changed")
+                    here_ms = in_process_ms()
+                    if i:
+                        in_process.append(here_ms)
+                        figures = per_call[arm]
+                        figures["direct − in-process ms"].append(_staged_ms(timings) - here_ms)
+                        figures["direct stages ms"].append(_staged_ms(timings))
+                        figures["gateway stages ms"].append(_staged_ms(result.timings))
+                        figures["direct TRELLIS CPU ms"].append((cpu1 - cpu0) * 1000)
+                        figures["gateway TRELLIS CPU ms"].append((cpu2 - cpu1) * 1000)
+                        figures["gateway − direct stages ms"].append(
+                            _staged_ms(result.timings) - _staged_ms(timings))
+            rows.append({"round": round_, "in-process ms": round(statistics.median(in_process), 2),
+                         **{arm: {key: round(statistics.median(values), 2) for key, values in figures.items()}
+                            for arm, figures in per_call.items()}})
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        for _, _, channel, client in arms.values():
+            channel.close()
+            client.close()
+    summary = {f"{arm}: {figure}, per round": [row[arm][figure] for row in rows]
+               for arm in arms for figure in ("gateway − direct stages ms", "direct − in-process ms")}
+    print(json.dumps(summary, indent=1), flush=True)
+    return {"pairs_per_arm_per_round": repeats, "rounds": rows, "summary": summary}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.experiments", description=__doc__.split("\n\n")[0])
     parser.add_argument("name", choices=("malloc", "grpc-args", "loop", "faults", "client", "processes", "small-chunks",
-                                         "grpc-experiments", "gateway-hop", "process-pairs"))
+                                         "grpc-experiments", "gateway-hop", "process-pairs", "grpc-costs",
+                                         "stage-gap"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=8.0)
@@ -565,6 +765,10 @@ def main(argv: list[str] | None = None) -> int:
             data = gateway_hop(procs, args.rounds, args.repeats)
         elif args.name == "process-pairs":
             data = process_pairs(args.rounds, args.repeats)
+        elif args.name == "grpc-costs":
+            data = grpc_costs(procs, args.rounds, args.repeats)
+        elif args.name == "stage-gap":
+            data = stage_gap(procs, args.rounds, args.repeats)
         else:
             data = loop(procs, args.seconds)
     args.out.mkdir(parents=True, exist_ok=True)
