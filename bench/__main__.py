@@ -22,7 +22,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 from bench import coldstart, memory, overhead, scaling, transport
-from bench.common import REPO, Processes, machine_info, write_json
+from bench.common import REPO, Processes, exit_on_sigterm, machine_info, write_json
 from bench.report import write_docs
 from tools.stack import LocalStack
 
@@ -30,6 +30,7 @@ SECTIONS = ("overhead", "transport", "scaling", "coldstart", "memory")
 
 
 def main(argv: list[str] | None = None) -> int:
+    exit_on_sigterm()  # a killed benchmark still stops the services it started
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few repeats and smaller inputs (smoke test)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")

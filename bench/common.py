@@ -8,6 +8,7 @@ import io
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess  # nosec B404 - benchmark children: this interpreter, fixed module names
 import sys
@@ -127,6 +128,17 @@ def wait_serving(target: str, service: str, timeout: float, process: ServiceProc
         time.sleep(poll_s)
     tail = process.log_tail() if process is not None else ""
     raise TimeoutError(f"{service} at {target} not SERVING after {timeout:.0f} s\n{tail}")
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM end this benchmark through ``SystemExit``, so that its ``with Processes(...)`` and ``LocalStack``
+    blocks stop the service processes they started. Python's default for SIGTERM ends the process at once, without
+    running any ``finally``, and leaves them running."""
+
+    def exit_now(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, exit_now)
 
 
 @dataclass

@@ -50,6 +50,7 @@ from bench.common import (
     REPO,
     Processes,
     child_env,
+    exit_on_sigterm,
     machine_info,
     minor_faults,
     object_image,
@@ -729,6 +730,7 @@ def stage_gap(procs: Processes, rounds: int, repeats: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    exit_on_sigterm()  # a killed benchmark still stops the services it started
     parser = argparse.ArgumentParser(prog="python -m bench.experiments", description=__doc__.split("\n\n")[0])
     parser.add_argument("name", choices=("malloc", "grpc-args", "loop", "faults", "client", "processes", "small-chunks",
                                          "grpc-experiments", "gateway-hop", "process-pairs", "grpc-costs",

@@ -48,7 +48,7 @@ from typing import Any
 
 import crc32c
 
-from bench.common import REPO, cpu_seconds, machine_info, object_image, png, summarize, write_json
+from bench.common import REPO, cpu_seconds, exit_on_sigterm, machine_info, object_image, png, summarize, write_json
 from bench.overhead import GENERATION, ONE_THREAD, REFINE, InProcess
 from bench.report import write_section
 from bench.transport import MIB, StreamTiming, big_generation, big_image, big_request, timed_stream
@@ -428,6 +428,7 @@ def write_docs(docs: Path, results_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    exit_on_sigterm()  # a killed benchmark still stops the services it started
     parser = argparse.ArgumentParser(prog="python -m bench.ray_serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ray-mode", choices=("default", "throughput"), default="default")
     parser.add_argument("--triplets", type=int, default=TRIPLETS)
