@@ -109,7 +109,8 @@ class GpuLease(ABC):
 
         Returns at once when no peer waits. Used so that a contender that just yielded does not
         re-grab the lock before the peer it yielded to. ``timeout`` None uses the backend's
-        default grace. Returns True if a waiting peer was seen and took its turn.
+        default grace. Returns True if a waiting peer was seen and took its turn; False when it saw
+        no peer waiting (the peer may have taken its turn already) or the grace ran out.
         """
 
     def close(self) -> None:
