@@ -180,6 +180,17 @@ def start_raw_relay(procs: Processes, upstream: str, *args: str, name: str = "ra
     return relay
 
 
+def start_bare_and_relay(procs: Processes, name: str, file: Path, progress: int, *bare_args: str
+                         ) -> tuple[ServiceProcess, ServiceProcess]:
+    """The gRPC floor's two stand-ins, SERVING: ``bench/stubs.py --mode bare`` streaming ``file`` after ``progress``
+    events (``bare_args``: more of its flags, e.g. ``--chunk-bytes``), and a raw relay in front of it that forwards
+    the caller's request (:func:`start_raw_relay`). Their process names start with ``name``."""
+    bare = procs.start(f"{name}-bare", "bench.stubs", ["--mode", "bare", "--file", str(file), "--progress",
+                                                       str(progress), *bare_args])
+    wait_serving(bare.target, GATEWAY_SERVICE, 60, bare)
+    return bare, start_raw_relay(procs, bare.target, "--forward-request", name=f"{name}-relay")
+
+
 def run_child(module: str, args: Sequence[str], env: dict[str, str] | None = None,
               timeout: float = 1200) -> dict[str, Any]:
     """Run ``python -m <module> <args>`` in a fresh process and return the JSON object its last output line holds.

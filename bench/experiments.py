@@ -56,6 +56,7 @@ from bench.common import (
     object_image,
     png,
     run_child,
+    start_bare_and_relay,
     start_raw_relay,
     summarize,
     thread_cpu_seconds,
@@ -418,10 +419,7 @@ def small_chunks(procs: Processes, repeats: int) -> dict[str, Any]:
         path.write_bytes(glb)
         clients: dict[int, TrellisBoxClient] = {}
         for size in SMALL_CHUNKS:
-            bare = procs.start(f"bare-{size}", "bench.stubs", ["--mode", "bare", "--file", str(path), "--progress",
-                                                               "5", "--chunk-bytes", str(size)])
-            wait_serving(bare.target, GATEWAY_SERVICE, 60, bare)
-            relay = start_raw_relay(procs, bare.target, "--forward-request", name=f"relay-{size}")
+            _, relay = start_bare_and_relay(procs, f"chunks-{size}", path, 5, "--chunk-bytes", str(size))
             clients[size] = TrellisBoxClient(relay.target, timeout=60)
         wall_ms: dict[int, list[float]] = {size: [] for size in SMALL_CHUNKS}
         try:
@@ -544,6 +542,11 @@ def _shape_name(progress: int, glb_multiple: float | None) -> str:
     return f"{progress} progress, {'1 KiB' if glb_multiple is None else f'{glb_multiple:g} × GLB'}"
 
 
+def _messages(progress: int, artifact_bytes: int) -> int:
+    """The messages of a call that streams one artifact: its progress events, its 1 MiB chunks, ``done``."""
+    return progress + -(-artifact_bytes // MIB) + 1
+
+
 def _fit_costs(points: list[tuple[int, float, float]]) -> dict[str, float]:
     """Least squares of ``ms = per call + per message × messages + per MiB × MiB`` over (messages, MiB, ms)."""
     import numpy as np
@@ -569,11 +572,8 @@ def grpc_costs(procs: Processes, rounds: int, repeats: int) -> dict[str, Any]:
             name = _shape_name(progress, multiple)
             path = Path(tmp) / f"{len(paths)}.bin"
             path.write_bytes(artifact)
-            bare = procs.start(f"bare-{len(paths)}", "bench.stubs", ["--mode", "bare", "--file", str(path),
-                                                                      "--progress", str(progress)])
-            wait_serving(bare.target, GATEWAY_SERVICE, 60, bare)
-            relay = start_raw_relay(procs, bare.target, "--forward-request", name=f"relay-{len(paths)}")
-            messages = progress + -(-len(artifact) // MIB) + 1  # progress, 1 MiB chunks, done
+            bare, relay = start_bare_and_relay(procs, f"shape-{len(paths)}", path, progress)
+            messages = _messages(progress, len(artifact))
             for hops, target in (("1 hop", bare.target), ("2 hops", relay.target)):
                 paths[(name, hops)] = (TrellisBoxClient(target, timeout=60), artifact, messages)
         rows: list[dict[str, Any]] = []
@@ -600,7 +600,7 @@ def grpc_costs(procs: Processes, rounds: int, repeats: int) -> dict[str, Any]:
         finally:
             for client, _, _ in paths.values():
                 client.close()
-    served = (6 + -(-len(glb) // MIB) + 1, len(glb) / MIB)  # the served 3D-only call: 6 events, the GLB, done
+    served = (_messages(6, len(glb)), len(glb) / MIB)  # the served 3D-only call: 6 events, the GLB, done
     summary: dict[str, Any] = {}
     for hops in ("1 hop", "2 hops"):
         for term in ("per_call_ms", "per_message_ms", "per_mib_ms"):
@@ -636,10 +636,7 @@ def stage_gap(procs: Processes, rounds: int, repeats: int) -> dict[str, Any]:
     import grpc
 
     from bench.overhead import GENERATION, ONE_THREAD, InProcess
-    from trellis_service.exporters import encode_asset
     from trellisbox._domain.convert import params_to_proto, stage_name
-    from trellisbox._domain.imaging import decode_image
-    from trellisbox._domain.kinds import ArtifactKind
     from trellisbox._domain.params import GenerationParams
     from trellisbox.v1 import common_pb2, trellis_pb2
 
@@ -673,19 +670,17 @@ def stage_gap(procs: Processes, rounds: int, repeats: int) -> dict[str, Any]:
         return timings, bytes(data)
 
     local = InProcess()
-    images = [decode_image(request.images[0].data)]
+    image = request.images[0].data
 
     def in_process_ms() -> float:
-        """The overhead benchmark's in-process 3D-only run without its decode (outside the service's stages too), with
-        the GLB's SHA-256 (inside them)."""
+        """The overhead benchmark's in-process 3D-only run, its ``3D`` stage (generate and GLB export; the decode
+        is outside the service's stages too), plus the GLB's SHA-256 (inside them)."""
+        glb_here, stages = local.run(image, False)
         started = time.perf_counter()
-        result = local.preview.generate(images, GenerationParams(**GENERATION),  # type: ignore[arg-type]
-                                        {ArtifactKind.GLB}, local.ctx)
-        glb_here = encode_asset(result)[0].data
         hashlib.sha256(glb_here).digest()
         if glb_here != glb:
             raise RuntimeError("the in-process GLB differs from the served one")
-        return (time.perf_counter() - started) * 1000
+        return (stages["3D"] + time.perf_counter() - started) * 1000
 
     rows: list[dict[str, Any]] = []
     try:

@@ -25,13 +25,11 @@ from bench.common import (
     minor_faults,
     object_image,
     png,
-    start_raw_relay,
+    start_bare_and_relay,
     summarize,
     thread_cpu_seconds,
-    wait_serving,
 )
 from trellis_service.exporters import encode_asset
-from trellisbox._domain.contract import GATEWAY_SERVICE
 from trellisbox._domain.imaging import decode_image
 from trellisbox._domain.kinds import ArtifactKind
 from trellisbox._domain.params import GenerationParams, RefineParams
@@ -96,10 +94,7 @@ class GrpcFloor:
         path = Path(self._tmp.name) / "glb.bin"
         path.write_bytes(glb)
         self._glb = glb
-        self.bare = procs.start("floor-bare", "bench.stubs", ["--mode", "bare", "--file", str(path),
-                                                               "--progress", str(progress)])
-        wait_serving(self.bare.target, GATEWAY_SERVICE, 60, self.bare)
-        self.relay = start_raw_relay(procs, self.bare.target, "--forward-request", name="floor-relay")
+        self.bare, self.relay = start_bare_and_relay(procs, "floor", path, progress)
         self._client = TrellisBoxClient(self.relay.target, timeout=60)
 
     def call(self, request: gateway_pb2.GenerateRequest) -> float:
