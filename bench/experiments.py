@@ -25,6 +25,8 @@
     python -m bench.experiments stage-gap   # the TRELLIS service's stage times called directly and through the
                                             #   gateway, alternating, by progress interval, against the same
                                             #   compute in this process
+    python -m bench.experiments worker-gap  # the same 3D-only job in this process on this thread, on another, and
+                                            #   through the service's model worker, alternating: no gRPC, one process
 
 Each prints its rows and writes ``bench/results/experiment-<name>.json``.
 """
@@ -34,6 +36,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import random
 import statistics
 import subprocess  # nosec B404  # the benchmark's own child processes
 import sys
@@ -724,17 +727,139 @@ def stage_gap(procs: Processes, rounds: int, repeats: int) -> dict[str, Any]:
     return {"pairs_per_arm_per_round": repeats, "rounds": rows, "summary": summary}
 
 
+def worker_gap(rounds: int, repeats: int, malloc_profile: str) -> dict[str, Any]:
+    """Is the TRELLIS service's compute slower than in-process because of how the service runs it, with gRPC and the
+    second process out of the picture? The same 3D-only job in this process, in five arms, alternating (in a new
+    random order each time, so that no arm always follows the same other):
+
+    - ``this thread``: the overhead benchmark's in-process run;
+    - ``a thread``: the same run on one other thread, waited for;
+    - ``model worker``: the service's own machinery: the image decoded on an event loop, the job on a
+      :class:`~trellisbox._runtime.worker.ModelWorker` thread reporting its progress through the gate at the service's
+      default interval, the GLB encoded and hashed on an encoding thread;
+    - ``model worker, encoded on its thread``: the same, the GLB encoded and hashed at the end of the job;
+    - ``model worker, progress at stage starts only``: the same as ``model worker`` with a 60 s progress interval.
+
+    Each arm's figure is what the service's stages count, ``stages``: ``generate``, then ``export`` (the GLB export
+    and its SHA-256). ``malloc_profile`` ``model`` applies the model services' allocator profile first, as they do;
+    ``default`` keeps glibc's defaults, as the overhead benchmark's process has them. Per round and arm: the medians
+    of the three figures and of their per-call differences from ``this thread``."""
+    import asyncio
+    from concurrent.futures import Future, ThreadPoolExecutor
+    from functools import partial
+
+    from bench.overhead import GENERATION, InProcess
+    from trellis_service.exporters import encode_result
+    from trellisbox._domain.artifacts import Artifact
+    from trellisbox._domain.imaging import decode_image
+    from trellisbox._domain.kinds import ArtifactKind
+    from trellisbox._domain.params import GenerationParams
+    from trellisbox._runtime.allocator import MODEL, tune_malloc
+    from trellisbox._runtime.model import ModelSettings
+    from trellisbox._runtime.servicing import JobEvents, start_encoding
+    from trellisbox._runtime.worker import JobContext, ModelWorker
+
+    malloc = tune_malloc(MODEL) if malloc_profile == "model" else "malloc: glibc defaults"
+    _, glb = _3d_only_call()
+    data = png(object_image(512))
+    local = InProcess()
+    params = GenerationParams(**GENERATION)  # type: ignore[arg-type]
+
+    def here() -> tuple[float, float]:
+        glb_here, stages = local.run(data, False)
+        started = time.perf_counter()
+        hashlib.sha256(glb_here).digest()
+        if glb_here != glb:
+            raise RuntimeError("the in-process GLB differs from the served one")
+        export_s = stages["EXPORT"] + time.perf_counter() - started
+        return (stages["3D"] - stages["EXPORT"]) * 1000, export_s * 1000
+
+    def encoded_here(result: Any) -> Future[tuple[list[Artifact], float]]:
+        started = time.perf_counter()
+        artifacts = encode_result(result)
+        hashlib.sha256(artifacts[0].data).digest()
+        done: Future[tuple[list[Artifact], float]] = Future()
+        done.set_result((artifacts, time.perf_counter() - started))
+        return done
+
+    other_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="other")
+    default_interval = ModelWorker("worker-gap", max_queue=4, progress_interval_s=ModelSettings().progress_interval_s)
+    stage_starts = ModelWorker("worker-gap-60s", max_queue=4, progress_interval_s=60.0)
+    loop = asyncio.new_event_loop()
+
+    async def served(worker: ModelWorker, encode_on_model_thread: bool) -> tuple[float, float]:
+        images = [decode_image(data)]  # a 512² PNG: on the loop, as the service decodes it
+
+        def job(ctx: JobContext) -> tuple[float, Future[tuple[list[Artifact], float]]]:
+            started = time.perf_counter()
+            result = local.preview.generate(images, params, {ArtifactKind.GLB}, ctx)
+            generate_s = time.perf_counter() - started
+            if encode_on_model_thread:
+                return generate_s, encoded_here(result)
+            return generate_s, start_encoding(partial(encode_result, result))
+
+        events = JobEvents(worker.run(job, request_id="worker-gap"))
+        async for _ in events.progress():
+            pass
+        generate_s, encoding = events.finished.value
+        artifacts, encode_s = await asyncio.wrap_future(encoding)
+        if artifacts[0].data != glb:
+            raise RuntimeError("the model worker's GLB differs from the served one")
+        return generate_s * 1000, encode_s * 1000
+
+    arms: dict[str, Callable[[], tuple[float, float]]] = {
+        "this thread": here,
+        "a thread": lambda: other_thread.submit(here).result(),
+        "model worker": lambda: loop.run_until_complete(served(default_interval, False)),
+        "model worker, encoded on its thread": lambda: loop.run_until_complete(served(default_interval, True)),
+        "model worker, progress at stage starts only": lambda: loop.run_until_complete(served(stage_starts, False)),
+    }
+    rows: list[dict[str, Any]] = []
+    names, parts = list(arms), ("stages", "generate", "export")
+    order = random.Random(0)  # nosec B311  # a shuffle, not a secret
+    try:
+        for round_ in range(rounds):
+            times: dict[str, dict[str, list[float]]] = {arm: {part: [] for part in parts} for arm in arms}
+            for i in range(repeats + 1):  # the first call of each arm warms it up
+                for arm in order.sample(names, len(names)):
+                    generate_ms, export_ms = arms[arm]()
+                    if i:
+                        for part, ms in zip(parts, (generate_ms + export_ms, generate_ms, export_ms), strict=True):
+                            times[arm][part].append(ms)
+            base = times["this thread"]
+            row: dict[str, Any] = {"round": round_}
+            for arm, figures in times.items():
+                row[arm] = {f"{part} ms": round(statistics.median(values), 2) for part, values in figures.items()}
+                if arm != "this thread":
+                    row[arm].update({f"{part} − this thread ms": round(statistics.median(
+                        [a - b for a, b in zip(values, base[part], strict=True)]), 2)
+                        for part, values in figures.items()})
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        for worker in (default_interval, stage_starts):
+            worker.shutdown()
+        other_thread.shutdown()
+        loop.close()
+    summary = {f"{arm}: {part} − this thread ms, per round": [row[arm][f"{part} − this thread ms"] for row in rows]
+               for arm in names[1:] for part in parts}
+    print(malloc, json.dumps(summary, indent=1), flush=True)
+    return {"malloc": malloc, "calls_per_arm_per_round": repeats, "rounds": rows, "summary": summary}
+
+
 def main(argv: list[str] | None = None) -> int:
     exit_on_sigterm()  # a killed benchmark still stops the services it started
     parser = argparse.ArgumentParser(prog="python -m bench.experiments", description=__doc__.split("\n\n")[0])
     parser.add_argument("name", choices=("malloc", "grpc-args", "loop", "faults", "client", "processes", "small-chunks",
                                          "grpc-experiments", "gateway-hop", "process-pairs", "grpc-costs",
-                                         "stage-gap"))
+                                         "stage-gap", "worker-gap"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()) / "trellisbox-bench-experiments")
+    parser.add_argument("--malloc", choices=("default", "model"), default="model",
+                        help="worker-gap: glibc's allocator defaults, or the model services' profile (the default)")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # the arm a child of `processes` runs
     args = parser.parse_args(argv)
     if args.child == "serve-jobs":  # a child of `process-pairs`: one job per line read
@@ -766,6 +891,8 @@ def main(argv: list[str] | None = None) -> int:
             data = grpc_costs(procs, args.rounds, args.repeats)
         elif args.name == "stage-gap":
             data = stage_gap(procs, args.rounds, args.repeats)
+        elif args.name == "worker-gap":
+            data = worker_gap(args.rounds, args.repeats, args.malloc)
         else:
             data = loop(procs, args.seconds)
     args.out.mkdir(parents=True, exist_ok=True)
