@@ -632,10 +632,10 @@ def stage_gap(procs: Processes, rounds: int, repeats: int) -> dict[str, Any]:
     """Does the path around the TRELLIS service slow its compute? The overhead benchmark finds its stage times a few ms
     above the same compute in the benchmark process. Here the same service process is called directly (the
     ``TrellisService`` stub, one hop) and through the gateway (the served path: every progress event relayed to the
-    client), calls alternating, for each of :data:`STAGE_GAP_INTERVALS`. Per round: medians of the service's stage
-    times and of its CPU per call, by path, and of the per-pair difference (gateway − direct); and of the same compute
-    in this process after each pair of calls (the overhead benchmark's in-process run, with the SHA-256 the service
-    puts on the GLB), and of the direct call's stage times minus it."""
+    client), for each of :data:`STAGE_GAP_INTERVALS`, with the same compute in this process (the overhead benchmark's
+    in-process run, with the SHA-256 the service puts on the GLB): each arm's three calls in a new random order every
+    time, the arms too. Per round: medians of the service's stage times and of its CPU per call, by path, and of the
+    per-call differences gateway − direct and direct − in-process."""
     import grpc
 
     from bench.overhead import GENERATION, ONE_THREAD, InProcess
@@ -686,6 +686,7 @@ def stage_gap(procs: Processes, rounds: int, repeats: int) -> dict[str, Any]:
         return (stages["3D"] + time.perf_counter() - started) * 1000
 
     rows: list[dict[str, Any]] = []
+    order = random.Random(0)  # nosec B311  # a shuffle, not a secret
     try:
         for round_ in range(rounds):
             per_call: dict[str, dict[str, list[float]]] = {
@@ -694,25 +695,36 @@ def stage_gap(procs: Processes, rounds: int, repeats: int) -> dict[str, Any]:
                                           "direct − in-process ms")} for arm in arms}
             in_process: list[float] = []
             for i in range(repeats + 1):  # the first pair of each arm warms it up
-                for arm, (pid, call, _, client) in arms.items():
-                    cpu0 = thread_cpu_seconds(pid)
-                    timings, data = direct(call)
-                    cpu1 = thread_cpu_seconds(pid)
-                    result = client.collect(client.frames(request))
-                    cpu2 = thread_cpu_seconds(pid)
-                    if data != glb or result.glb != glb:
-                        raise RuntimeError(f"{arm}: the GLB came back changed")
-                    here_ms = in_process_ms()
+                # Each arm's three calls in a new random order each time: a fixed order biased paired figures by a
+                # few ms (worker-gap, docs/benchmarks.md item 37).
+                for arm in order.sample(list(arms), len(arms)):
+                    pid, call, _, client = arms[arm]
+                    staged: dict[str, float] = {}
+                    cpu: dict[str, float] = {}
+                    here_ms = 0.0
+                    for path in order.sample(["direct", "gateway", "in-process"], 3):
+                        if path == "in-process":
+                            here_ms = in_process_ms()
+                            continue
+                        cpu0 = thread_cpu_seconds(pid)
+                        if path == "direct":
+                            timings, data = direct(call)
+                        else:
+                            result = client.collect(client.frames(request))
+                            timings, data = result.timings, result.glb or b""
+                        cpu[path] = (thread_cpu_seconds(pid) - cpu0) * 1000
+                        staged[path] = _staged_ms(timings)
+                        if data != glb:
+                            raise RuntimeError(f"{arm}, {path}: the GLB came back changed")
                     if i:
                         in_process.append(here_ms)
                         figures = per_call[arm]
-                        figures["direct − in-process ms"].append(_staged_ms(timings) - here_ms)
-                        figures["direct stages ms"].append(_staged_ms(timings))
-                        figures["gateway stages ms"].append(_staged_ms(result.timings))
-                        figures["direct TRELLIS CPU ms"].append((cpu1 - cpu0) * 1000)
-                        figures["gateway TRELLIS CPU ms"].append((cpu2 - cpu1) * 1000)
-                        figures["gateway − direct stages ms"].append(
-                            _staged_ms(result.timings) - _staged_ms(timings))
+                        figures["direct − in-process ms"].append(staged["direct"] - here_ms)
+                        figures["direct stages ms"].append(staged["direct"])
+                        figures["gateway stages ms"].append(staged["gateway"])
+                        figures["direct TRELLIS CPU ms"].append(cpu["direct"])
+                        figures["gateway TRELLIS CPU ms"].append(cpu["gateway"])
+                        figures["gateway − direct stages ms"].append(staged["gateway"] - staged["direct"])
             rows.append({"round": round_, "in-process ms": round(statistics.median(in_process), 2),
                          **{arm: {key: round(statistics.median(values), 2) for key, values in figures.items()}
                             for arm, figures in per_call.items()}})
