@@ -744,31 +744,32 @@ def worker_gap(rounds: int, repeats: int, malloc_profile: str) -> dict[str, Any]
     second process out of the picture? The same 3D-only job in this process, in five arms, alternating (in a new
     random order each time, so that no arm always follows the same other):
 
-    - ``this thread``: the overhead benchmark's in-process run;
-    - ``a thread``: the same run on one other thread, waited for;
+    - ``this thread``: decode, generate, GLB export and SHA-256 on this thread, as the overhead benchmark's in-process
+      run does;
+    - ``a thread``: the same on one other thread, waited for;
     - ``model worker``: the service's own machinery: the image decoded on an event loop, the job on a
       :class:`~trellisbox._runtime.worker.ModelWorker` thread reporting its progress through the gate at the service's
-      default interval, the GLB encoded and hashed on an encoding thread;
-    - ``model worker, encoded on its thread``: the same, the GLB encoded and hashed at the end of the job;
+      default interval, the GLB exported and hashed on another thread;
+    - ``model worker, encoded on its thread``: the same, the GLB exported and hashed at the end of the job;
     - ``model worker, progress at stage starts only``: the same as ``model worker`` with a 60 s progress interval.
 
-    Each arm's figure is what the service's stages count, ``stages``: ``generate``, then ``export`` (the GLB export
-    and its SHA-256). ``malloc_profile`` ``model`` applies the model services' allocator profile first, as they do;
-    ``default`` keeps glibc's defaults, as the overhead benchmark's process has them. Per round and arm: the medians
-    of the three figures and of their per-call differences from ``this thread``."""
+    Each arm's figures are what the service's stages count, ``stages``: ``generate``, then ``export`` (the GLB export
+    and its SHA-256), in wall time, and the CPU time of the thread each ran on (``generate CPU``, ``export CPU``): wall
+    time that CPU time does not follow is waiting, not work. ``malloc_profile`` ``model`` applies the model services'
+    allocator profile first, as they do; ``default`` keeps glibc's defaults, as the overhead benchmark's process has
+    them. Per round and arm: the medians of the figures and of their per-call differences from ``this thread``."""
     import asyncio
     from concurrent.futures import Future, ThreadPoolExecutor
-    from functools import partial
 
     from bench.overhead import GENERATION, InProcess
+    from trellis_service.domain import GeneratedAsset
     from trellis_service.exporters import encode_result
-    from trellisbox._domain.artifacts import Artifact
     from trellisbox._domain.imaging import decode_image
     from trellisbox._domain.kinds import ArtifactKind
     from trellisbox._domain.params import GenerationParams
     from trellisbox._runtime.allocator import MODEL, tune_malloc
     from trellisbox._runtime.model import ModelSettings
-    from trellisbox._runtime.servicing import JobEvents, start_encoding
+    from trellisbox._runtime.servicing import JobEvents
     from trellisbox._runtime.worker import JobContext, ModelWorker
 
     malloc = tune_malloc(MODEL) if malloc_profile == "model" else "malloc: glibc defaults"
@@ -776,50 +777,50 @@ def worker_gap(rounds: int, repeats: int, malloc_profile: str) -> dict[str, Any]
     data = png(object_image(512))
     local = InProcess()
     params = GenerationParams(**GENERATION)  # type: ignore[arg-type]
+    Timed = tuple[float, float]  # wall ms, this thread's CPU ms
 
-    def here() -> tuple[float, float]:
-        glb_here, stages = local.run(data, False)
-        started = time.perf_counter()
+    def generate(images: list[Any], ctx: JobContext) -> tuple[GeneratedAsset, Timed]:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        result = local.preview.generate(images, params, {ArtifactKind.GLB}, ctx)
+        return result, ((time.perf_counter() - wall) * 1000, (time.thread_time() - cpu) * 1000)
+
+    def export(result: GeneratedAsset) -> Timed:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        glb_here = encode_result(result)[0].data
         hashlib.sha256(glb_here).digest()
+        timed = ((time.perf_counter() - wall) * 1000, (time.thread_time() - cpu) * 1000)
         if glb_here != glb:
-            raise RuntimeError("the in-process GLB differs from the served one")
-        export_s = stages["EXPORT"] + time.perf_counter() - started
-        return (stages["3D"] - stages["EXPORT"]) * 1000, export_s * 1000
+            raise RuntimeError("the GLB differs from the served one")
+        return timed
 
-    def encoded_here(result: Any) -> Future[tuple[list[Artifact], float]]:
-        started = time.perf_counter()
-        artifacts = encode_result(result)
-        hashlib.sha256(artifacts[0].data).digest()
-        done: Future[tuple[list[Artifact], float]] = Future()
-        done.set_result((artifacts, time.perf_counter() - started))
-        return done
+    def here() -> tuple[Timed, Timed]:
+        result, generated = generate([decode_image(data)], local.ctx)
+        return generated, export(result)
 
     other_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="other")
+    encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
     default_interval = ModelWorker("worker-gap", max_queue=4, progress_interval_s=ModelSettings().progress_interval_s)
     stage_starts = ModelWorker("worker-gap-60s", max_queue=4, progress_interval_s=60.0)
     loop = asyncio.new_event_loop()
 
-    async def served(worker: ModelWorker, encode_on_model_thread: bool) -> tuple[float, float]:
+    async def served(worker: ModelWorker, encode_on_model_thread: bool) -> tuple[Timed, Timed]:
         images = [decode_image(data)]  # a 512² PNG: on the loop, as the service decodes it
 
-        def job(ctx: JobContext) -> tuple[float, Future[tuple[list[Artifact], float]]]:
-            started = time.perf_counter()
-            result = local.preview.generate(images, params, {ArtifactKind.GLB}, ctx)
-            generate_s = time.perf_counter() - started
+        def job(ctx: JobContext) -> tuple[Timed, Future[Timed]]:
+            result, generated = generate(images, ctx)
             if encode_on_model_thread:
-                return generate_s, encoded_here(result)
-            return generate_s, start_encoding(partial(encode_result, result))
+                exported: Future[Timed] = Future()
+                exported.set_result(export(result))
+                return generated, exported
+            return generated, encoder.submit(export, result)  # as start_encoding does, from the model thread
 
         events = JobEvents(worker.run(job, request_id="worker-gap"))
         async for _ in events.progress():
             pass
-        generate_s, encoding = events.finished.value
-        artifacts, encode_s = await asyncio.wrap_future(encoding)
-        if artifacts[0].data != glb:
-            raise RuntimeError("the model worker's GLB differs from the served one")
-        return generate_s * 1000, encode_s * 1000
+        generated, exporting = events.finished.value
+        return generated, await asyncio.wrap_future(exporting)
 
-    arms: dict[str, Callable[[], tuple[float, float]]] = {
+    arms: dict[str, Callable[[], tuple[Timed, Timed]]] = {
         "this thread": here,
         "a thread": lambda: other_thread.submit(here).result(),
         "model worker": lambda: loop.run_until_complete(served(default_interval, False)),
@@ -827,16 +828,17 @@ def worker_gap(rounds: int, repeats: int, malloc_profile: str) -> dict[str, Any]
         "model worker, progress at stage starts only": lambda: loop.run_until_complete(served(stage_starts, False)),
     }
     rows: list[dict[str, Any]] = []
-    names, parts = list(arms), ("stages", "generate", "export")
+    names, parts = list(arms), ("stages", "generate", "export", "generate CPU", "export CPU")
     order = random.Random(0)  # nosec B311  # a shuffle, not a secret
     try:
         for round_ in range(rounds):
             times: dict[str, dict[str, list[float]]] = {arm: {part: [] for part in parts} for arm in arms}
             for i in range(repeats + 1):  # the first call of each arm warms it up
                 for arm in order.sample(names, len(names)):
-                    generate_ms, export_ms = arms[arm]()
+                    (generate_ms, generate_cpu_ms), (export_ms, export_cpu_ms) = arms[arm]()
                     if i:
-                        for part, ms in zip(parts, (generate_ms + export_ms, generate_ms, export_ms), strict=True):
+                        for part, ms in zip(parts, (generate_ms + export_ms, generate_ms, export_ms, generate_cpu_ms,
+                                                    export_cpu_ms), strict=True):
                             times[arm][part].append(ms)
             base = times["this thread"]
             row: dict[str, Any] = {"round": round_}
@@ -851,7 +853,8 @@ def worker_gap(rounds: int, repeats: int, malloc_profile: str) -> dict[str, Any]
     finally:
         for worker in (default_interval, stage_starts):
             worker.shutdown()
-        other_thread.shutdown()
+        for executor in (other_thread, encoder):
+            executor.shutdown()
         loop.close()
     summary = {f"{arm}: {part} − this thread ms, per round": [row[arm][f"{part} − this thread ms"] for row in rows]
                for arm in names[1:] for part in parts}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +63,7 @@ class InProcess:
         self.ctx = JobContext("bench", None, lambda _event: None)
 
     def run(self, data: bytes, refine: bool) -> tuple[bytes, dict[str, float]]:
-        """The GLB and the seconds spent refining (``REFINE``, decode included) and generating (``3D``), and the GLB
-        export's part of ``3D`` (``EXPORT``)."""
+        """The GLB and the seconds spent refining (decode included) and generating."""
         t0 = time.perf_counter()
         images = [decode_image(data)]
         if refine:
@@ -72,10 +72,9 @@ class InProcess:
         t1 = time.perf_counter()
         result = self.preview.generate(images, GenerationParams(**GENERATION),  # type: ignore[arg-type]
                                        {ArtifactKind.GLB}, self.ctx)
-        generated = time.perf_counter()
         glb = encode_asset(result)[0].data
         t2 = time.perf_counter()
-        return glb, {"REFINE": t1 - t0, "3D": t2 - t1, "EXPORT": t2 - generated}
+        return glb, {"REFINE": t1 - t0, "3D": t2 - t1}
 
 
 class GrpcFloor:
@@ -124,6 +123,22 @@ def _faults(trellis_pid: int | None) -> tuple[int, int]:
     return (minor_faults(trellis_pid) if trellis_pid is not None else 0), minor_faults()
 
 
+@dataclass(frozen=True)
+class _Cost:
+    """What one in-process run took: wall and CPU seconds, and the minor page faults of this process."""
+
+    wall_s: float
+    cpu_s: float
+    faults: int
+
+
+def _run_here(local: InProcess, data: bytes, refine: bool) -> tuple[bytes, dict[str, float], _Cost]:
+    """One in-process run (:meth:`InProcess.run`) and what it took."""
+    wall, cpu, faults = time.perf_counter(), thread_cpu_seconds(), minor_faults()
+    glb, stages = local.run(data, refine)
+    return glb, stages, _Cost(time.perf_counter() - wall, thread_cpu_seconds() - cpu, minor_faults() - faults)
+
+
 def run(gateway_target: str, quick: bool, repeats: int, pids: dict[str, int | None] | None = None,
         procs: Processes | None = None) -> dict[str, Any]:
     """``pids``: the stack's processes by name (None: this one, the client), whose CPU time per request is taken;
@@ -163,18 +178,14 @@ def run(gateway_target: str, quick: bool, repeats: int, pids: dict[str, int | No
                 # then favours both paths equally, and the two orders' medians show how much it is.
                 served_first = i % 2 == 0
                 if not served_first:
-                    local_t0, local_cpu0, local_faults0 = time.perf_counter(), thread_cpu_seconds(), _faults(None)[1]
-                    glb, stages = local.run(data, refine)
-                    local_t1, local_cpu1, local_faults1 = time.perf_counter(), thread_cpu_seconds(), _faults(None)[1]
+                    glb, stages, here = _run_here(local, data, refine)
                 cpu0, faults0 = _cpu(pids), _faults(trellis_pid)
                 t0 = time.perf_counter()
                 result = client.generate([data], on_progress=progress_events.append if i == 0 else None, **options)
                 t1 = time.perf_counter()
                 cpu1, faults1 = _cpu(pids), _faults(trellis_pid)
                 if served_first:
-                    local_t0, local_cpu0, local_faults0 = time.perf_counter(), thread_cpu_seconds(), _faults(None)[1]
-                    glb, stages = local.run(data, refine)
-                    local_t1, local_cpu1, local_faults1 = time.perf_counter(), thread_cpu_seconds(), _faults(None)[1]
+                    glb, stages, here = _run_here(local, data, refine)
                 identical &= result.glb == glb
                 if procs is not None and not refine:
                     if floor is None:  # after the warm-up pair: as many events as the served call delivered
@@ -185,13 +196,13 @@ def run(gateway_target: str, quick: bool, repeats: int, pids: dict[str, int | No
                         floor_ms.append(floor.call(request) * 1000)
                 if i > 0:
                     served_s.append(t1 - t0)
-                    local_s.append(local_t1 - local_t0)
+                    local_s.append(here.wall_s)
                     orders.append("served first" if served_first else "in-process first")
                     page_faults["TRELLIS service, per served request"].append(faults1[0] - faults0[0])
-                    page_faults["this process, per in-process run"].append(local_faults1 - local_faults0)
+                    page_faults["this process, per in-process run"].append(here.faults)
                     for process in pids:
                         served_cpu[process] += cpu1[process] - cpu0[process]
-                    local_cpu += local_cpu1 - local_cpu0
+                    local_cpu += here.cpu_s
                     if refine:
                         refine_hop_ms.append((result.timings.get("REFINE", 0.0) - stages["REFINE"]) * 1000)
                     generated = sum(v for k, v in result.timings.items() if k not in ("QUEUED", "REFINE"))
