@@ -773,8 +773,8 @@ def worker_gap(rounds: int, repeats: int, malloc_profile: str) -> dict[str, Any]
     from trellisbox._runtime.worker import JobContext, ModelWorker
 
     malloc = tune_malloc(MODEL) if malloc_profile == "model" else "malloc: glibc defaults"
-    _, glb = _3d_only_call()
-    data = png(object_image(512))
+    request, glb = _3d_only_call()
+    data = request.images[0].data  # the served call's PNG, as stage-gap uses it
     local = InProcess()
     params = GenerationParams(**GENERATION)  # type: ignore[arg-type]
     Timed = tuple[float, float]  # wall ms, this thread's CPU ms
