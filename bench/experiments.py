@@ -739,6 +739,13 @@ def stage_gap(procs: Processes, rounds: int, repeats: int) -> dict[str, Any]:
     return {"pairs_per_arm_per_round": repeats, "rounds": rows, "summary": summary}
 
 
+def _voluntary_switches() -> int:
+    """How often the calling thread has given up its core so far, waiting for something (a lock, the GIL, I/O): its
+    ``voluntary_ctxt_switches`` (Linux)."""
+    status = Path(f"/proc/self/task/{threading.get_native_id()}/status").read_text()
+    return int(status.split("\nvoluntary_ctxt_switches:")[1].split()[0])
+
+
 def worker_gap(rounds: int, repeats: int, malloc_profile: str) -> dict[str, Any]:
     """Is the TRELLIS service's compute slower than in-process because of how the service runs it, with gRPC and the
     second process out of the picture? The same 3D-only job in this process, in five arms, alternating (in a new
@@ -755,9 +762,12 @@ def worker_gap(rounds: int, repeats: int, malloc_profile: str) -> dict[str, Any]
 
     Each arm's figures are what the service's stages count, ``stages``: ``generate``, then ``export`` (the GLB export
     and its SHA-256), in wall time, and the CPU time of the thread each ran on (``generate CPU``, ``export CPU``): wall
-    time that CPU time does not follow is waiting, not work. ``malloc_profile`` ``model`` applies the model services'
-    allocator profile first, as they do; ``default`` keeps glibc's defaults, as the overhead benchmark's process has
-    them. Per round and arm: the medians of the figures and of their per-call differences from ``this thread``."""
+    time that CPU time does not follow is waiting, not work (``generate waiting``, wall − CPU). Two counts say what
+    the waiting is: ``generate switches``, how often the generating thread gave up its core (a lock, the GIL), and
+    ``caller switches``, how often the calling thread did during the call (in the model-worker arms: how often the
+    event loop woke). ``malloc_profile`` ``model`` applies the model services' allocator profile first, as they do;
+    ``default`` keeps glibc's defaults, as the overhead benchmark's process has them. Per round and arm: the medians
+    of the figures and of their per-call differences from ``this thread``, and the counts' means."""
     import asyncio
     from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -777,18 +787,19 @@ def worker_gap(rounds: int, repeats: int, malloc_profile: str) -> dict[str, Any]
     data = request.images[0].data  # the served call's PNG, as stage-gap uses it
     local = InProcess()
     params = GenerationParams(**GENERATION)  # type: ignore[arg-type]
-    Timed = tuple[float, float]  # wall ms, this thread's CPU ms
+    Timed = tuple[float, float, int]  # wall ms, this thread's CPU ms, its voluntary context switches
 
     def generate(images: list[Any], ctx: JobContext) -> tuple[GeneratedAsset, Timed]:
-        wall, cpu = time.perf_counter(), time.thread_time()
+        switches, wall, cpu = _voluntary_switches(), time.perf_counter(), time.thread_time()
         result = local.preview.generate(images, params, {ArtifactKind.GLB}, ctx)
-        return result, ((time.perf_counter() - wall) * 1000, (time.thread_time() - cpu) * 1000)
+        return result, ((time.perf_counter() - wall) * 1000, (time.thread_time() - cpu) * 1000,
+                        _voluntary_switches() - switches)
 
     def export(result: GeneratedAsset) -> Timed:
         wall, cpu = time.perf_counter(), time.thread_time()
         glb_here = encode_result(result)[0].data
         hashlib.sha256(glb_here).digest()
-        timed = ((time.perf_counter() - wall) * 1000, (time.thread_time() - cpu) * 1000)
+        timed = ((time.perf_counter() - wall) * 1000, (time.thread_time() - cpu) * 1000, 0)
         if glb_here != glb:
             raise RuntimeError("the GLB differs from the served one")
         return timed
@@ -828,26 +839,34 @@ def worker_gap(rounds: int, repeats: int, malloc_profile: str) -> dict[str, Any]
         "model worker, progress at stage starts only": lambda: loop.run_until_complete(served(stage_starts, False)),
     }
     rows: list[dict[str, Any]] = []
-    names, parts = list(arms), ("stages", "generate", "export", "generate CPU", "export CPU")
+    names = list(arms)
+    parts = ("stages", "generate", "export", "generate CPU", "export CPU", "generate waiting", "generate switches",
+             "caller switches")
     order = random.Random(0)  # nosec B311  # a shuffle, not a secret
     try:
         for round_ in range(rounds):
             times: dict[str, dict[str, list[float]]] = {arm: {part: [] for part in parts} for arm in arms}
             for i in range(repeats + 1):  # the first call of each arm warms it up
                 for arm in order.sample(names, len(names)):
-                    (generate_ms, generate_cpu_ms), (export_ms, export_cpu_ms) = arms[arm]()
+                    caller = _voluntary_switches()
+                    (generate_ms, generate_cpu_ms, switches), (export_ms, export_cpu_ms, _) = arms[arm]()
+                    caller = _voluntary_switches() - caller
                     if i:
                         for part, ms in zip(parts, (generate_ms + export_ms, generate_ms, export_ms, generate_cpu_ms,
-                                                    export_cpu_ms), strict=True):
+                                                    export_cpu_ms, generate_ms - generate_cpu_ms, switches, caller),
+                                            strict=True):
                             times[arm][part].append(ms)
             base = times["this thread"]
             row: dict[str, Any] = {"round": round_}
             for arm, figures in times.items():
-                row[arm] = {f"{part} ms": round(statistics.median(values), 2) for part, values in figures.items()}
+                row[arm] = {f"{part} ms": round(statistics.median(values), 2) for part, values in figures.items()
+                            if not part.endswith("switches")}
+                row[arm].update({f"{part} per call": round(statistics.mean(values), 2)  # counts: the mean
+                                 for part, values in figures.items() if part.endswith("switches")})
                 if arm != "this thread":
                     row[arm].update({f"{part} − this thread ms": round(statistics.median(
                         [a - b for a, b in zip(values, base[part], strict=True)]), 2)
-                        for part, values in figures.items()})
+                        for part, values in figures.items() if not part.endswith("switches")})
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:
@@ -857,7 +876,9 @@ def worker_gap(rounds: int, repeats: int, malloc_profile: str) -> dict[str, Any]
             executor.shutdown()
         loop.close()
     summary = {f"{arm}: {part} − this thread ms, per round": [row[arm][f"{part} − this thread ms"] for row in rows]
-               for arm in names[1:] for part in parts}
+               for arm in names[1:] for part in parts if not part.endswith("switches")}
+    summary.update({f"{arm}: {part} per call, per round": [row[arm][f"{part} per call"] for row in rows]
+                    for arm in names for part in parts if part.endswith("switches")})
     print(malloc, json.dumps(summary, indent=1), flush=True)
     return {"malloc": malloc, "calls_per_arm_per_round": repeats, "rounds": rows, "summary": summary}
 

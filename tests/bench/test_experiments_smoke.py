@@ -49,7 +49,11 @@ def test_worker_gap_runs_each_arm(tmp_path: Path) -> None:
             figures = row[arm]
             assert all(figures[f"{part} ms"] > 0 for part in ("generate", "export", "generate CPU", "export CPU"))
             assert figures["stages ms"] == pytest.approx(figures["generate ms"] + figures["export ms"], abs=5)
-    assert len(rows["summary"]) == 5 * (len(arms) - 1)
+            assert figures["generate waiting ms"] > -1  # wall time is not less than CPU time (clock reads apart)
+            assert figures["generate switches per call"] >= 0 and figures["caller switches per call"] >= 0
+        # The caller waits for the other arms' threads; this thread's run has nothing to wait for.
+        assert row["a thread"]["caller switches per call"] >= 1
+    assert len(rows["summary"]) == 6 * (len(arms) - 1) + 2 * len(arms)
     assert all(_finite(values) and len(values) == 2 for values in rows["summary"].values())
     assert rows["malloc"].startswith("malloc (model)")
 

@@ -260,3 +260,74 @@ def test_the_newest_held_step_is_the_one_that_goes_out_in_order() -> None:
     asyncio.run(main())
     assert seen == [1, 9, 10]
     worker.shutdown()
+
+
+def test_held_steps_do_not_wake_the_loop_while_its_timer_runs() -> None:
+    """Each wake of the loop takes the GIL from the model thread. After a hand-off, the loop sets the interval's timer
+    itself, so the steps held within that interval cost the model thread no wake: only what goes out does."""
+    worker = ModelWorker("test", max_queue=2, progress_interval_s=5.0)  # the steps fall within it, however slow
+    first_seen = threading.Event()
+    wakes_while_held: list[int] = []
+    wakes = [0]
+
+    def job(ctx: JobContext) -> str:
+        ctx.report(Stage.REFINE, 1, 10)
+        assert first_seen.wait(10)  # the loop has delivered step 1, and with it set the interval's timer
+        before = wakes[0]
+        for step in range(2, 10):
+            ctx.report(Stage.REFINE, step, 10)  # within the interval: held, the newest replacing the one before
+        wakes_while_held.append(wakes[0] - before)
+        ctx.report(Stage.EXPORT, 0, 1)  # opens a stage: step 9, then this, in one hand-off
+        return "ok"
+
+    async def main() -> list[tuple[Stage, int, int]]:
+        loop = asyncio.get_running_loop()
+        loop_thread = threading.get_ident()
+        call_soon_threadsafe = loop.call_soon_threadsafe
+
+        def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+            if threading.get_ident() != loop_thread:
+                wakes[0] += 1
+            return call_soon_threadsafe(*args, **kwargs)
+
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign,assignment]
+        got = []
+        async for item in worker.run(job, request_id="r"):
+            if isinstance(item, ProgressEvent):
+                got.append((item.stage, item.step, item.total))
+                first_seen.set()
+        return got
+
+    assert asyncio.run(main()) == [(Stage.REFINE, 1, 10), (Stage.REFINE, 9, 10), (Stage.EXPORT, 0, 1)]
+    assert wakes_while_held == [0]
+    assert wakes[0] == 3  # the two hand-offs and the job's result (run_in_executor's own wake); none to count it
+    worker.shutdown()
+
+
+def test_the_running_job_and_the_waiting_line_are_counted_without_the_loop() -> None:
+    """The model thread counts the job it runs (no wake of the loop for it); the queue depth the GPU lease reads at a
+    turn's end, on that thread, is the jobs still waiting."""
+    worker = ModelWorker("test", max_queue=4)
+    all_admitted, recorded, release = threading.Event(), threading.Event(), threading.Event()
+    seen: list[tuple[int, int]] = []
+
+    def job(ctx: JobContext) -> None:
+        all_admitted.wait(10)
+        seen.append((worker.in_flight, worker.queue_depth))
+        recorded.set()
+        release.wait(10)
+
+    async def main() -> None:
+        calls = [asyncio.ensure_future(_drain(worker, job)) for _ in range(3)]
+        await asyncio.sleep(0)  # each call runs up to its admission
+        assert worker.queue_depth + worker.in_flight == 3
+        all_admitted.set()
+        assert await asyncio.to_thread(recorded.wait, 10)
+        assert (worker.in_flight, worker.queue_depth) == (1, 2)
+        release.set()
+        await asyncio.gather(*calls)
+        assert (worker.in_flight, worker.queue_depth) == (0, 0)
+
+    asyncio.run(main())
+    assert seen == [(1, 2), (1, 1), (1, 0)]
+    worker.shutdown()

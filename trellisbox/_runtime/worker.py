@@ -56,6 +56,10 @@ class ProgressGate:
     Events reach the caller in the order reported; only steps that a newer step of the same part replaced within
     one interval are left out. ``interval_s`` 0 hands every event over as it comes.
 
+    The timer that ends an interval is set by the loop itself as it delivers a hand-off (it is awake then anyway):
+    the model thread wakes the loop only for what goes out, not to set a timer for what it holds, except when an
+    event is held after the loop's last timer found nothing to send (docs/benchmarks.md, issue 16, twelfth round).
+
     Args:
         deliver: Puts one event on the caller's stream; called on ``loop``'s thread.
         loop: The caller's event loop.
@@ -71,7 +75,9 @@ class ProgressGate:
         self._last: ProgressEvent | None = None
         self._last_at = 0.0
         self._held: ProgressEvent | None = None
-        self._timer_set = False
+        self._timer_set = False  # a timer is set, or the loop has been asked to set one
+        self._finished = False  # the loop's thread only, as the timer
+        self._timer: asyncio.TimerHandle | None = None
 
     def __call__(self, event: ProgressEvent) -> None:
         """Report ``event`` (any thread; never blocks)."""
@@ -86,42 +92,71 @@ class ProgressGate:
                 out = [held, event] if held is not None and opens else [event]
                 self._last, self._last_at = event, now
                 # Under the lock: what the timer hands off later was reported later, and is queued after this.
-                self._hand_off(out)
+                with contextlib.suppress(RuntimeError):  # the loop closed: nobody is left to tell
+                    self._loop.call_soon_threadsafe(self._deliver_then, out, None)
                 return
             self._held = event
             if self._timer_set:
-                return
+                return  # the interval's timer sends it
             self._timer_set = True
-            delay = self._last_at + self._interval_s - now
-        with contextlib.suppress(RuntimeError):  # the loop closed: nobody is left to tell
-            self._loop.call_soon_threadsafe(self._loop.call_later, delay, self._send_held)
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._set_timer)
 
     def finish(self, then: Callable[[], None]) -> None:
         """On the loop's thread, as the job's stream ends: hand off the held event (the job's newest state), then
         call ``then`` (which puts the stream's last item), after every event already on its way."""
         with self._lock:
             held, self._held = self._held, None
+        self._finished = True  # the loop's thread only, as the timer
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._loop.call_soon(self._deliver_then, [held] if held is not None else [], then)
 
+    def _set_timer(self, restart: bool = False) -> None:
+        """On the loop's thread: end the current interval with :meth:`_send_held`; a timer already set stays, or with
+        ``restart`` (an event just went out, so the interval starts again) moves to the new interval's end."""
+        if self._interval_s <= 0:
+            return
+        if self._timer is not None:
+            if not restart:
+                return
+            self._timer.cancel()
+            self._timer = None
+        if self._finished:
+            return
+        # Without the lock, which the model thread may hold as it waits for the GIL that this thread has: a stale
+        # _last_at only ends the interval early, and _send_held then waits out the rest.
+        self._timer_set = True
+        delay = self._last_at + self._interval_s - time.monotonic()
+        self._timer = self._loop.call_later(max(delay, 0.0), self._send_held)
+
     def _send_held(self) -> None:
+        self._timer = None
         with self._lock:
             self._timer_set = False
-            held, self._held = self._held, None
-            if held is not None:
-                self._last, self._last_at = held, time.monotonic()
-                self._hand_off([held])
-
-    def _hand_off(self, events: list[ProgressEvent]) -> None:
-        # From the model thread or the loop's timer alike: one queue of callbacks, so hand-offs arrive in the order
-        # they were made (and finish's, queued on the same loop, after them).
-        with contextlib.suppress(RuntimeError):  # the loop closed: nobody is left to tell
-            self._loop.call_soon_threadsafe(self._deliver_then, events, None)
+            held = self._held
+            if held is None:
+                return  # nothing to send: the next event held asks for a timer again
+            now = time.monotonic()
+            if now < self._last_at + self._interval_s - 0.001:
+                wait = True  # an event went out since this timer was set: its interval has not ended yet
+            else:
+                wait = False
+                self._held, self._last, self._last_at = None, held, now
+                # call_soon: after every hand-off the model thread queued before this one.
+                self._loop.call_soon(self._deliver_then, [held], None)
+        if wait:
+            self._set_timer()
 
     def _deliver_then(self, events: list[ProgressEvent], then: Callable[[], None] | None) -> None:
         for event in events:
             self._deliver(event)
         if then is not None:
             then()
+        else:
+            # Awake anyway: more events are likely within the interval, and this timer sends the newest at its end.
+            self._set_timer(restart=True)
 
 
 @dataclass(frozen=True)
@@ -218,22 +253,31 @@ class ModelWorker:
         self._max_queue = max_queue
         self._gpu_turn = gpu_turn
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{service}-model")
-        self._admitted = 0  # waiting + running; touched only on the event loop thread
-        self._running = 0
+        # Counted where each happens, so that no count needs a wake of the loop: admissions on the loop's thread,
+        # starts and ends on the model thread (where the GPU lease reads the queue depth as a turn ends).
+        self._admissions = 0
+        self._starts = 0
+        self._ends = 0
         self._release_when_idle_s = release_when_idle_s
         self._idle_release: asyncio.TimerHandle | None = None
 
     @property
     def queue_depth(self) -> int:
-        return self._admitted - self._running
+        """Jobs admitted that have not started."""
+        return self._admissions - self._starts
 
     @property
     def in_flight(self) -> int:
-        return self._running
+        """1 while a job runs, else 0."""
+        return self._starts - self._ends
+
+    @property
+    def _admitted(self) -> int:
+        return self._admissions - self._ends
 
     def _publish(self) -> None:
         QUEUE_DEPTH.labels(self._service).set(self.queue_depth)
-        IN_FLIGHT.labels(self._service).set(self._running)
+        IN_FLIGHT.labels(self._service).set(self.in_flight)
 
     def call_blocking(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the model thread and wait (startup: load and warm-up), in a copy of the caller's context:
@@ -259,14 +303,15 @@ class ModelWorker:
         gate = ProgressGate(events.put_nowait, loop, self.progress_interval_s)
         ctx = JobContext(request_id, deadline, gate)
         position = self.queue_depth
-        self._admitted += 1
+        self._admissions += 1
         self._publish()
 
         submitted = time.monotonic()
         computing: list[float] = []  # [start, end] of the job itself, set on the model thread
 
         def body() -> T:
-            loop.call_soon_threadsafe(self._started)
+            self._starts += 1  # here, not on the loop: a wake of the loop is a wait for the GIL on this thread
+            self._publish()
             STAGE.set(Stage.QUEUED.label)  # until the job reports its first stage: the GPU turn's wait
             started = time.monotonic()
             try:
@@ -281,13 +326,13 @@ class ModelWorker:
             except (Cancelled, DeadlineExceeded) as exc:
                 log_stop(ctx, exc, started)
                 raise
+            finally:
+                self._ends += 1  # after the GPU turn, whose end reads the queue depth
 
         # Copy the caller's context so log lines from the model thread carry its request id.
         future = loop.run_in_executor(self._executor, contextvars.copy_context().run, body)
 
         def finished(done: asyncio.Future[T]) -> None:
-            self._admitted -= 1
-            self._running -= 1
             self._publish()
             if self._admitted == 0:
                 self._schedule_release(loop)
@@ -322,10 +367,6 @@ class ModelWorker:
         self._idle_release = None
         if self._admitted == 0:
             loop.run_in_executor(None, release_memory)  # the last jobs' reference cycles, then the free pages
-
-    def _started(self) -> None:
-        self._running += 1
-        self._publish()
 
     def shutdown(self) -> None:
         if self._idle_release is not None:
