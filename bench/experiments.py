@@ -27,6 +27,8 @@
                                             #   compute in this process
     python -m bench.experiments worker-gap  # the same 3D-only job in this process on this thread, on another, and
                                             #   through the service's model worker, alternating: no gRPC, one process
+    python -m bench.experiments service-threads  # the TRELLIS service's CPU per call thread by thread (event loop,
+                                            #   model thread, encoding, gRPC's), against the same compute here
 
 Each prints its rows and writes ``bench/results/experiment-<name>.json``.
 """
@@ -883,12 +885,145 @@ def worker_gap(rounds: int, repeats: int, malloc_profile: str) -> dict[str, Any]
     return {"malloc": malloc, "calls_per_arm_per_round": repeats, "rounds": rows, "summary": summary}
 
 
+#: How :func:`service_threads` groups a service's threads, by the name the system shows for each (``comm``); "other":
+#: the Python threads the service does not name (gRPC's asyncio poller, the metrics server).
+THREAD_GROUPS = ("event loop", "model thread", "encoding threads", "gRPC's threads", "other")
+
+
+def _thread_group(pid: int, tid: int, comm: str) -> str:
+    if tid == pid:
+        return "event loop"  # the main thread runs the service's asyncio loop
+    if comm.endswith("-model_0"):
+        return "model thread"
+    if comm.startswith("encode"):
+        return "encoding threads"
+    if comm.startswith(("event_engine", "grpc", "lifeguard", "default-executo", "resolver-execut", "timer_manager")):
+        return "gRPC's threads"
+    return "other"
+
+
+def _threads(pid: int) -> dict[str, tuple[float, float, int]]:
+    """Per group of ``pid``'s threads: CPU ms, ms spent runnable but waiting for a core (both from ``schedstat``), and
+    voluntary context switches (waits for a lock, the GIL, I/O)."""
+    groups = {group: [0.0, 0.0, 0] for group in THREAD_GROUPS}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            comm = (task / "comm").read_text().strip()
+            running_ns, waiting_ns = (int(x) for x in (task / "schedstat").read_text().split()[:2])
+            switches = int((task / "status").read_text().split("\nvoluntary_ctxt_switches:")[1].split()[0])
+        except (OSError, IndexError):  # a thread that just ended
+            continue
+        figures = groups[_thread_group(pid, int(task.name), comm)]
+        figures[0] += running_ns / 1e6
+        figures[1] += waiting_ns / 1e6
+        figures[2] += switches
+    return {group: (cpu, waiting, int(switches)) for group, (cpu, waiting, switches) in groups.items()}
+
+
+def service_threads(procs: Processes, rounds: int, repeats: int) -> dict[str, Any]:
+    """Where the TRELLIS service spends its CPU on one 3D-only call, thread by thread, against the same compute in
+    this process. The service is called directly (one hop); after each call, in a new random order each time, this
+    process decodes the image, generates and exports the GLB (and its SHA-256) on this thread.
+
+    Per call, for each group of the service's threads (:data:`THREAD_GROUPS`, told apart by the names the service
+    gives them), from ``/proc/<pid>/task/*/{schedstat,status}``: CPU ms, ms runnable but waiting for a core (another
+    thread or process had it), and voluntary context switches. For this process: the CPU ms of the decode, the
+    generation and the export, and the wait for a core. The differences the service's own work makes: model thread −
+    generate, encoding threads − export, event loop − decode (what the event loop does besides decoding: gRPC,
+    asyncio, progress, the call's own Python). Per round: medians (the switches: means)."""
+    import grpc
+
+    from bench.overhead import GENERATION, ONE_THREAD, InProcess
+    from trellis_service.exporters import encode_result
+    from trellisbox._domain.convert import params_to_proto
+    from trellisbox._domain.imaging import decode_image
+    from trellisbox._domain.kinds import ArtifactKind
+    from trellisbox._domain.params import GenerationParams
+    from trellisbox.v1 import common_pb2, trellis_pb2
+
+    request, glb = _3d_only_call()
+    direct_request = trellis_pb2.ImageTo3DRequest(images=request.images, formats=[common_pb2.ARTIFACT_KIND_GLB])
+    params = GenerationParams(**GENERATION)  # type: ignore[arg-type]
+    params_to_proto(params, direct_request.parameters)
+    trellis = procs.start("trellis", "trellis_service", ["--backend", "preview"], env=ONE_THREAD)
+    wait_serving(trellis.target, TRELLIS_SERVICE, 120, trellis)
+    pid = trellis.process.pid
+    channel = grpc.insecure_channel(trellis.target, options=[("grpc.max_receive_message_length", 64 * MIB)])
+    call = channel.unary_stream(f"/{TRELLIS_SERVICE}/ImageTo3D",
+                                request_serializer=trellis_pb2.ImageTo3DRequest.SerializeToString,
+                                response_deserializer=trellis_pb2.ImageTo3DResponse.FromString)
+    local = InProcess()
+    image = request.images[0].data
+    me = Path(f"/proc/self/task/{threading.get_native_id()}/schedstat")
+
+    def served() -> dict[str, float]:
+        before = _threads(pid)
+        data = b"".join(response.chunk.data for response in call(direct_request, timeout=60)
+                        if response.HasField("chunk"))
+        time.sleep(0.02)  # the call's last work after its status: the collection of its cycles (release_memory)
+        after = _threads(pid)
+        if data != glb:
+            raise RuntimeError("the service's GLB differs from the in-process one")
+        figures: dict[str, float] = {}
+        for group in THREAD_GROUPS:
+            (cpu, waiting, switches), (cpu0, waiting0, switches0) = after[group], before[group]
+            figures.update({f"{group} CPU ms": cpu - cpu0, f"{group} waiting for a core ms": waiting - waiting0,
+                            f"{group} switches": switches - switches0})
+        figures["service CPU ms"] = sum(figures[f"{group} CPU ms"] for group in THREAD_GROUPS)
+        return figures
+
+    def here() -> dict[str, float]:
+        waiting = int(me.read_text().split()[1])
+        started = time.thread_time_ns()
+        images = [decode_image(image)]
+        decoded = time.thread_time_ns()
+        result = local.preview.generate(images, params, {ArtifactKind.GLB}, local.ctx)
+        generated = time.thread_time_ns()
+        hashlib.sha256(encode_result(result)[0].data).digest()
+        exported = time.thread_time_ns()
+        return {"decode CPU ms": (decoded - started) / 1e6, "generate CPU ms": (generated - decoded) / 1e6,
+                "export CPU ms": (exported - generated) / 1e6, "in-process CPU ms": (exported - started) / 1e6,
+                "in-process waiting for a core ms": (int(me.read_text().split()[1]) - waiting) / 1e6}
+
+    differences = {"model thread − generate CPU ms": ("model thread CPU ms", "generate CPU ms"),
+                   "encoding threads − export CPU ms": ("encoding threads CPU ms", "export CPU ms"),
+                   "event loop − decode CPU ms": ("event loop CPU ms", "decode CPU ms"),
+                   "service − in-process CPU ms": ("service CPU ms", "in-process CPU ms")}
+    rows: list[dict[str, Any]] = []
+    order = random.Random(0)  # nosec B311  # a shuffle, not a secret
+    try:
+        for round_ in range(rounds):
+            calls: list[dict[str, float]] = []
+            for i in range(repeats + 1):  # the first pair warms both up
+                pair: dict[str, float] = {}
+                for arm in order.sample(("served", "here"), 2):
+                    pair.update(served() if arm == "served" else here())
+                if i:
+                    pair.update({name: pair[a] - pair[b] for name, (a, b) in differences.items()})
+                    calls.append(pair)
+            row: dict[str, Any] = {"round": round_}
+            for name in calls[0]:
+                values = [call_[name] for call_ in calls]
+                row[name] = round(statistics.mean(values) if name.endswith("switches") else statistics.median(values),
+                                  2)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        channel.close()
+    summary = {f"{name}, per round": [row[name] for row in rows]
+               for name in (*differences, *(f"{group} CPU ms" for group in THREAD_GROUPS),
+                            *(f"{group} switches" for group in THREAD_GROUPS[:3]),
+                            "model thread waiting for a core ms", "in-process waiting for a core ms")}
+    print(json.dumps(summary, indent=1), flush=True)
+    return {"pairs_per_round": repeats, "rounds": rows, "summary": summary}
+
+
 def main(argv: list[str] | None = None) -> int:
     exit_on_sigterm()  # a killed benchmark still stops the services it started
     parser = argparse.ArgumentParser(prog="python -m bench.experiments", description=__doc__.split("\n\n")[0])
     parser.add_argument("name", choices=("malloc", "grpc-args", "loop", "faults", "client", "processes", "small-chunks",
                                          "grpc-experiments", "gateway-hop", "process-pairs", "grpc-costs",
-                                         "stage-gap", "worker-gap"))
+                                         "stage-gap", "worker-gap", "service-threads"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=8.0)
@@ -929,6 +1064,8 @@ def main(argv: list[str] | None = None) -> int:
             data = stage_gap(procs, args.rounds, args.repeats)
         elif args.name == "worker-gap":
             data = worker_gap(args.rounds, args.repeats, args.malloc)
+        elif args.name == "service-threads":
+            data = service_threads(procs, args.rounds, args.repeats)
         else:
             data = loop(procs, args.seconds)
     args.out.mkdir(parents=True, exist_ok=True)

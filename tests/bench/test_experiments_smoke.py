@@ -74,3 +74,14 @@ def test_stage_gap_compares_direct_gateway_and_in_process(tmp_path: Path) -> Non
     rows = result["rows"]
     assert isinstance(rows, dict) and len(rows["rounds"]) == 1
     assert all(_finite(values) for values in rows["summary"].values()) and len(rows["summary"]) == 4
+
+
+def test_service_threads_splits_the_service_cpu_by_thread(tmp_path: Path) -> None:
+    result = _run("service-threads", tmp_path, "--rounds", "1", "--repeats", "1")
+    rows = result["rows"]
+    assert isinstance(rows, dict) and len(rows["rounds"]) == 1
+    (row,) = rows["rounds"]
+    # The service names its threads, so that the model thread and the encoding thread are found and charged.
+    assert row["model thread CPU ms"] > 10 and row["encoding threads CPU ms"] > 10 and row["event loop CPU ms"] > 1
+    assert row["generate CPU ms"] > 10 and row["export CPU ms"] > 10
+    assert all(_finite(values) and len(values) == 1 for values in rows["summary"].values())

@@ -2,9 +2,11 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sys
 import threading
 import time
 from collections.abc import AsyncGenerator
+from pathlib import Path
 
 import pytest
 
@@ -330,4 +332,13 @@ def test_the_running_job_and_the_waiting_line_are_counted_without_the_loop() -> 
 
     asyncio.run(main())
     assert seen == [(1, 2), (1, 1), (1, 0)]
+    worker.shutdown()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread names in /proc: Linux")
+def test_the_model_thread_is_named_for_the_operating_system() -> None:
+    """`top -H`, `perf` and /proc tell the model thread apart (Python leaves every thread named after the process)."""
+    worker = ModelWorker("trellis", max_queue=1)
+    comm = worker.call_blocking(lambda: Path(f"/proc/self/task/{threading.get_native_id()}/comm").read_text())
+    assert comm.strip() == "trellis-model_0"
     worker.shutdown()

@@ -26,7 +26,7 @@ from trellisbox._domain.errors import InvalidInput
 from trellisbox._domain.imaging import header_pixels
 from trellisbox._runtime import tracing
 from trellisbox._runtime.config import ServiceSettings
-from trellisbox._runtime.observability import REQUEST_ID
+from trellisbox._runtime.observability import REQUEST_ID, name_os_thread
 from trellisbox._runtime.worker import Finished, ProgressEvent
 from trellisbox.v1 import common_pb2
 
@@ -150,7 +150,7 @@ class JobEvents(Generic[T]):
 
 #: The threads that encode outputs (PNG, TIFF, GLB, PLY): off the event loop, and off the model thread, which can start
 #: the next job meanwhile.
-_ENCODERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="encode")
+_ENCODERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="encode", initializer=name_os_thread)
 
 
 def start_encoding(encode: Callable[[], list[Artifact]]) -> Future[tuple[list[Artifact], float]]:

@@ -22,7 +22,7 @@ from typing import Generic, TypeVar
 from trellisbox._domain.errors import Cancelled, DeadlineExceeded, QueueFull
 from trellisbox._domain.kinds import Stage
 from trellisbox._runtime.allocator import release_memory
-from trellisbox._runtime.observability import IN_FLIGHT, QUEUE_DEPTH, STAGE
+from trellisbox._runtime.observability import IN_FLIGHT, QUEUE_DEPTH, STAGE, name_os_thread
 
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -252,7 +252,8 @@ class ModelWorker:
         self.progress_interval_s = progress_interval_s
         self._max_queue = max_queue
         self._gpu_turn = gpu_turn
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{service}-model")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{service}-model",
+                                            initializer=name_os_thread)
         # Counted where each happens, so that no count needs a wake of the loop: admissions on the loop's thread,
         # starts and ends on the model thread (where the GPU lease reads the queue depth as a turn ends).
         self._admissions = 0
