@@ -1,9 +1,13 @@
-"""Suite-wide settings: no test may reach a model hub; each test starts outside any request's log context."""
+"""Suite-wide settings: no test may reach a model hub; each test starts outside any request's log context; a
+terminated run still stops the service processes its tests started."""
 
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from collections.abc import Iterator
+from types import FrameType
 
 import pytest
 
@@ -27,3 +31,14 @@ def _outside_any_request() -> Iterator[None]:
     REQUEST_ID.set("-")
     STAGE.set("-")
     yield
+
+
+def _interrupt(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"terminated by signal {signum}")
+
+
+# SIGTERM (`timeout`, a CI runner giving up) would end the run at once, past every fixture's teardown, and leave the
+# services the tests started (each in a session of its own, so the signal does not reach them) running and holding
+# their ports. As an interrupt, pytest stops the run and tears the fixtures down, which stops them.
+if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGTERM, _interrupt)
