@@ -59,6 +59,8 @@ class ProgressGate:
     The timer that ends an interval is set by the loop itself as it delivers a hand-off (it is awake then anyway):
     the model thread wakes the loop only for what goes out, not to set a timer for what it holds, except when an
     event is held after the loop's last timer found nothing to send (docs/benchmarks.md, issue 16, twelfth round).
+    The price, for a job whose steps are slower than the interval: one timer per step that finds nothing to send, a
+    wake of the loop on its own thread rather than one the model thread causes.
 
     Args:
         deliver: Puts one event on the caller's stream; called on ``loop``'s thread.
