@@ -741,11 +741,11 @@ def stage_gap(procs: Processes, rounds: int, repeats: int) -> dict[str, Any]:
     return {"pairs_per_arm_per_round": repeats, "rounds": rows, "summary": summary}
 
 
-def _voluntary_switches() -> int:
-    """How often the calling thread has given up its core so far, waiting for something (a lock, the GIL, I/O): its
-    ``voluntary_ctxt_switches`` (Linux)."""
-    status = Path(f"/proc/self/task/{threading.get_native_id()}/status").read_text()
-    return int(status.split("\nvoluntary_ctxt_switches:")[1].split()[0])
+def _voluntary_switches(task: Path | None = None) -> int:
+    """How often a thread has given up its core so far, waiting for something (a lock, the GIL, I/O): its
+    ``voluntary_ctxt_switches`` (Linux). ``task``: its ``/proc/<pid>/task/<tid>`` folder; None: the calling thread."""
+    task = task or Path(f"/proc/self/task/{threading.get_native_id()}")
+    return int((task / "status").read_text().split("\nvoluntary_ctxt_switches:")[1].split()[0])
 
 
 def worker_gap(rounds: int, repeats: int, malloc_profile: str) -> dict[str, Any]:
@@ -910,7 +910,7 @@ def _threads(pid: int) -> dict[str, tuple[float, float, int]]:
         try:
             comm = (task / "comm").read_text().strip()
             running_ns, waiting_ns = (int(x) for x in (task / "schedstat").read_text().split()[:2])
-            switches = int((task / "status").read_text().split("\nvoluntary_ctxt_switches:")[1].split()[0])
+            switches = _voluntary_switches(task)
         except (OSError, IndexError):  # a thread that just ended
             continue
         figures = groups[_thread_group(pid, int(task.name), comm)]
