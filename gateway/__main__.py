@@ -17,7 +17,7 @@ from gateway.servicer import GatewayServicer, add_gateway_servicer
 from gateway.stages import StageClients
 from trellisbox._domain.contract import GATEWAY_SERVICE
 from trellisbox._runtime.allocator import STREAMING
-from trellisbox._runtime.config import load_settings
+from trellisbox._runtime.config import refuse_start, settings_or_exit
 from trellisbox._runtime.security import TokenFile, TokenInterceptor
 from trellisbox._runtime.server import ServiceSpec, run
 
@@ -27,11 +27,15 @@ STAGE_CHECK_S = 1.0
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings = load_settings(GatewaySettings, sys.argv[1:] if argv is None else argv)
+    settings = settings_or_exit(GatewaySettings, sys.argv[1:] if argv is None else argv)
     channels: list[StageClients] = []
     # Made (and checked) before the server starts: an unwritable results directory fails the start, not a request.
-    jobs = DurableJobs(ResultStore(settings.results_path, settings.results_retention_s, settings.results_max_bytes,
-                                   stale_after_s=settings.longest_call_s))
+    try:
+        jobs = DurableJobs(ResultStore(settings.results_path, settings.results_retention_s,
+                                       settings.results_max_bytes, stale_after_s=settings.longest_call_s))
+    except OSError as exc:
+        refuse_start(GatewaySettings, f"cannot use the results folder {settings.results_path}: "
+                     f"{exc.strerror or exc}")
 
     def register(server: grpc.aio.Server) -> None:
         # Channels must be created inside the server's event loop.
@@ -65,7 +69,10 @@ def main(argv: list[str] | None = None) -> None:
     tokens_in_use = f"bearer tokens from {settings.token_file}" if settings.token_file else "no token needed"
     if settings.token_file is not None:
         # Read now: a missing or empty token file stops the gateway at start instead of refusing every call.
-        tokens = TokenFile(settings.token_file)
+        try:
+            tokens = TokenFile(settings.token_file)
+        except ValueError as exc:
+            refuse_start(GatewaySettings, str(exc))
         interceptors.append(TokenInterceptor(tokens, open_reflection=not settings.reflection_needs_token))
     spec = ServiceSpec(
         name=GATEWAY_SERVICE,

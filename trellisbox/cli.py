@@ -36,7 +36,9 @@ from trellisbox._domain.params import (
 from trellisbox._runtime.allocator import RECEIVING, tune_malloc
 from trellisbox.client import GenerationResult, ProgressUpdate, TrellisBoxClient, connection_lost, refinement_lines
 
-_console = Console(stderr=True)
+#: File names and server messages printed as they are: no markup (``[x].png`` is a file, not a style), and no
+#: wrapping inside a path.
+_console = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
 
 
 def _add_parameters(group: argparse._ArgumentGroup, cls: type[ParamModel], dest: str) -> None:
@@ -91,11 +93,19 @@ def connection_options(args: argparse.Namespace) -> dict[str, Any]:
             "key_file": args.key_file}
 
 
+def seconds(text: str) -> float:
+    """A ``--timeout``: a positive, finite number of seconds."""
+    value = float(text)
+    if not 0 < value < float("inf"):  # NaN too
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
 def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("generate", help="image(s) -> 3D model (GLB), optionally refined first")
     p.add_argument("images", nargs="+", type=Path, help="one image, or several views of one object")
     p.add_argument("-o", "--output", type=Path, required=True, help="where to write the GLB")
-    p.add_argument("--timeout", type=float, default=900.0, help="deadline in seconds (default %(default)s)")
+    p.add_argument("--timeout", type=seconds, default=900.0, help="deadline in seconds (default %(default)s)")
     p.add_argument("--request-id", default="", help="make the request durable under this id (A-Z a-z 0-9 . _ : -): "
                    "the gateway finishes it even if this command is interrupted, and `trellisbox fetch ID` gets the "
                    "result; a broken connection is retried without computing anything twice")
@@ -119,7 +129,7 @@ def _add_fetch_and_cancel(sub: argparse._SubParsersAction[argparse.ArgumentParse
     f.add_argument("--ply", type=Path, help="also write the Gaussian splats (PLY) here, if the request made them")
     f.add_argument("--novel-views-png", type=Path, help="also write the refined novel views here (NAME-0.png, ...), "
                    "if the request made them")
-    f.add_argument("--timeout", type=float, default=900.0, help="deadline in seconds (default %(default)s)")
+    f.add_argument("--timeout", type=seconds, default=900.0, help="deadline in seconds (default %(default)s)")
     add_connection_arguments(f)
     c = sub.add_parser("cancel", help="stop a durable request, or delete its stored result")
     c.add_argument("request_id", help="the id the request was sent with")
@@ -163,7 +173,7 @@ class StageTime(ProgressColumn):
 
 def stage_progress(console: Console) -> Progress:
     """The progress display :class:`StageBars` fills: stage, bar, step/total, seconds."""
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), StageTime(),
+    return Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), StageTime(),
                     console=console, transient=False)
 
 
@@ -220,7 +230,7 @@ def print_summary(result: GenerationResult, written: Sequence[Path]) -> None:
         seeds += f", refine seeds={result.refine_seeds}"
     _console.print(seeds)
     for line in refinement_lines(result.gaussian_refinement):
-        _console.print(line, markup=False, highlight=False)
+        _console.print(line)
     for note in result.notes:
         _console.print(f"note: {note}")
     for path in written:
@@ -229,11 +239,21 @@ def print_summary(result: GenerationResult, written: Sequence[Path]) -> None:
 
 def write_outputs(result: GenerationResult, output: Path, refined_png: Path | None,
                   ply: Path | None, novel_views_png: Path | None = None) -> list[Path]:
+    """Write each artifact asked for; the paths written.
+
+    Raises:
+        OutputError: some could not be written (the others are; it lists both).
+    """
     written: list[Path] = []
+    failed: list[str] = []
 
     def write(path: Path, data: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        except OSError as exc:
+            failed.append(f"cannot write {path}: {exc.strerror or exc}")
+            return
         written.append(path)
 
     if result.glb is None:
@@ -248,7 +268,40 @@ def write_outputs(result: GenerationResult, output: Path, refined_png: Path | No
     if novel_views_png is not None:
         for i, data in enumerate(result.novel_views):
             write(novel_views_png.with_stem(f"{novel_views_png.stem}-{i}"), data)
+    if failed:
+        raise OutputError(failed, written)
     return written
+
+
+class OutputError(Exception):
+    """Some artifacts could not be written: ``failures`` says which and why, ``written`` what was."""
+
+    def __init__(self, failures: list[str], written: list[Path]) -> None:
+        super().__init__("; ".join(failures))
+        self.failures = failures
+        self.written = written
+
+
+def _unwritable(paths: Sequence[Path | None]) -> str | None:
+    """Why one of ``paths`` cannot be written, found before anything is computed (a folder at the path, a file
+    where a folder must be made, a folder this user cannot write in); None when none is known."""
+    for path in paths:
+        if path is None:
+            continue
+        if path.is_dir():
+            return f"{path} is a folder; give a file name"
+        if path.exists():
+            if not os.access(path, os.W_OK):
+                return f"cannot write {path}: no permission"
+            continue
+        parent = path.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            return f"cannot write {path}: {parent} is not a folder"
+        if not os.access(parent, os.W_OK | os.X_OK):
+            return f"cannot write {path}: no permission to write in {parent}"
+    return None
 
 
 def _unreadable(paths: Sequence[Path]) -> str | None:
@@ -278,10 +331,13 @@ def run_generate(args: argparse.Namespace) -> int:
         formats=formats,
         request_id=args.request_id,
     )
-    if args.refined_png and not args.refine:
-        _console.print("error: --refined-png needs --refine")
+    needs_refine = ["--refined-png"] * bool(args.refined_png) + [
+        f"--{cli_stem(RefineParams, path)}" for path, _ in walk(RefineParams)
+        if getattr(args, f"refine.{'.'.join(path)}") is not None]
+    if needs_refine and not args.refine:
+        _console.print(f"error: {', '.join(needs_refine)} {'needs' if len(needs_refine) == 1 else 'need'} --refine")
         return 2
-    problem = _unreadable(args.images)
+    problem = _unreadable(args.images) or _unwritable([args.output, args.refined_png, args.ply, args.novel_views_png])
     if problem:
         _console.print(f"error: {problem}")
         return 2
@@ -293,6 +349,10 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_fetch(args: argparse.Namespace) -> int:
+    problem = _unwritable([args.output, args.refined_png, args.ply, args.novel_views_png])
+    if problem:
+        _console.print(f"error: {problem}")
+        return 2
     return _follow(args, f"asking {args.target} for request {args.request_id}", [],
                    lambda client, bars: client.fetch(args.request_id, on_progress=bars))
 
@@ -302,10 +362,10 @@ def run_cancel(args: argparse.Namespace) -> int:
         with TrellisBoxClient(args.target, **connection_options(args)) as client:
             outcome = client.cancel(args.request_id)
     except grpc.RpcError as exc:
-        _console.print(f"error: {_explain(exc, [], args.target)}", markup=False, highlight=False)
+        _console.print(f"error: {_explain(exc, [], args.target)}")
         return 1
     except (OSError, ValueError) as exc:  # a TLS or token file that cannot be read (never its content)
-        _console.print(f"error: {exc}", markup=False)
+        _console.print(f"error: {exc}")
         return 1
     _console.print(f"request {args.request_id}: {'stopped' if outcome == 'stopped' else 'stored result deleted'}")
     return 0
@@ -332,12 +392,22 @@ def _follow(args: argparse.Namespace, status: str, names: Sequence[str],
             _console.print("cancelled (the server stops the request)")
         return 130
     except grpc.RpcError as exc:
-        _console.print(f"error: {_explain(exc, names, args.target)}", markup=False, highlight=False)
+        _console.print(f"error: {_explain(exc, names, args.target)}")
         return 1
     except (OSError, ValueError) as exc:  # a file that cannot be read or written (never its content)
-        _console.print(f"error: {exc}", markup=False)
+        _console.print(f"error: {exc}")
         return 1
-    print_summary(result, write_outputs(result, args.output, args.refined_png, args.ply, args.novel_views_png))
+    try:
+        written = write_outputs(result, args.output, args.refined_png, args.ply, args.novel_views_png)
+    except OutputError as exc:
+        print_summary(result, exc.written)
+        for failure in exc.failures:
+            _console.print(f"error: {failure}")
+        if result.request_id and args.request_id:
+            _console.print(f"the result stays at the gateway for its retention: `trellisbox fetch {args.request_id} "
+                           "-o ...` writes it again")
+        return 1
+    print_summary(result, written)
     return 0
 
 

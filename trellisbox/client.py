@@ -32,7 +32,7 @@ from trellisbox._domain.params import GenerationParams, RefineParams
 from trellisbox._runtime.security import channel_credentials
 from trellisbox.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
-ImageInput = bytes | str | Path | Image.Image
+ImageInput = bytes | bytearray | memoryview | str | Path | Image.Image
 
 #: The ``formats`` names the client takes.
 FORMATS: dict[str, ArtifactKind] = {
@@ -117,22 +117,29 @@ def _cancelling(call: grpc.CallIterator[R]) -> Generator[R, None, None]:
 
 
 def to_image_message(image: ImageInput) -> common_pb2.Image:
-    """Encoded bytes are sent as they are (the server sniffs the type); PIL images go as PNG."""
+    """Encoded bytes are sent as they are (the server sniffs the type); PIL images go as PNG.
+
+    Raises:
+        TypeError: ``image`` is none of those.
+        OSError: a path that cannot be read.
+    """
     if isinstance(image, Image.Image):
         return common_pb2.Image(data=encode_png(image), media_type="image/png")
     if isinstance(image, (str, Path)):
         return common_pb2.Image(data=Path(image).read_bytes())
-    return common_pb2.Image(data=image)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return common_pb2.Image(data=bytes(image))
+    raise TypeError(f"an image is a path, encoded bytes or a PIL image, not {type(image).__name__}")
 
 
-def build_request(images: Sequence[ImageInput], *, refine: bool = False,
+def build_request(images: ImageInput | Sequence[ImageInput], *, refine: bool = False,
                   refine_params: Mapping[str, Any] | None = None,
                   generation: Mapping[str, Any] | None = None,
                   formats: Sequence[str] = (), request_id: str = "") -> gateway_pb2.GenerateRequest:
     """A GenerateRequest. Parameters left out take the server's defaults.
 
     Args:
-        images: Paths, encoded bytes or PIL images; several images are views of one object.
+        images: One image, or several views of one object: paths, encoded bytes or PIL images.
         refine: Run the refiner first.
         refine_params: Any parameter of ``RefineParams`` by name: strength, guidance_scale,
             num_inference_steps, prompt, negative_prompt, seed, aesthetic_score, negative_aesthetic_score.
@@ -146,13 +153,24 @@ def build_request(images: Sequence[ImageInput], *, refine: bool = False,
             :meth:`TrellisBoxClient.fetch`, gets its result (see :meth:`TrellisBoxClient.generate`).
 
     Raises:
-        ValueError: an unknown parameter name, enum value or format (ranges are checked by the server).
+        ValueError: an unknown parameter name, enum value or format, or a value its field cannot hold, named
+            (other ranges are checked by the server: INVALID_ARGUMENT).
+        TypeError: an image that is not a path, bytes or a PIL image (named: ``images[1]``).
+        OSError: an image path that cannot be read.
     """
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise ValueError(f"unknown formats {unknown}; use {', '.join(FORMATS)}")
+    if isinstance(images, (str, Path, bytes, bytearray, memoryview, Image.Image)):
+        images = [images]  # one image, not a sequence of characters or byte values
+    messages = []
+    for index, image in enumerate(images):
+        try:
+            messages.append(to_image_message(image))
+        except TypeError as exc:
+            raise TypeError(f"images[{index}]: {exc}") from None
     message = gateway_pb2.GenerateRequest(
-        images=[to_image_message(i) for i in images],
+        images=messages,
         refine=refine,
         formats=kinds_to_proto(FORMATS[f] for f in formats),
         request_id=request_id,
@@ -175,6 +193,10 @@ class TrellisBoxClient:
         ca_file: PEM CA bundle the gateway's certificate chains to (e.g. a private CA).
         cert_file: PEM client certificate, for a gateway that requires one (``tls=mutual``); with ``key_file``.
         key_file: Its PEM private key.
+
+    Raises:
+        ValueError: a timeout that is not a positive number, a certificate without its key (or the reverse), or a
+            TLS file that cannot be read or is not PEM.
     """
 
     def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = 900.0,
@@ -185,7 +207,9 @@ class TrellisBoxClient:
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
-        if tls or ca_file is not None or cert_file is not None:
+        if timeout is not None and not timeout > 0:  # NaN too
+            raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+        if tls or ca_file is not None or cert_file is not None or key_file is not None:
             credentials = channel_credentials(*(Path(f) if f is not None else None
                                                 for f in (ca_file, cert_file, key_file)))
             self._channel = grpc.secure_channel(target, credentials, options=options)
@@ -219,7 +243,7 @@ class TrellisBoxClient:
         iterator."""
         yield from _cancelling(self._generate_frames(request, timeout=self._timeout, metadata=self._metadata))
 
-    def generate(self, images: Sequence[ImageInput], *,
+    def generate(self, images: ImageInput | Sequence[ImageInput], *,
                  on_progress: Callable[[ProgressUpdate], None] | None = None,
                  reconnects: int = 3, **options: Any) -> GenerationResult:
         """Run one Generate call to completion; ``options`` are those of :func:`build_request`.
@@ -229,6 +253,8 @@ class TrellisBoxClient:
         or returns its stored result (artifacts come again from their first byte), so nothing is computed twice.
 
         Raises:
+            ValueError, TypeError, OSError: a request that cannot be built (see :func:`build_request`); nothing
+                is sent.
             grpc.RpcError: with the server's status code and message (e.g. INVALID_ARGUMENT).
             ArtifactProtocolError: an artifact arrived damaged (a chunk whose CRC-32C does not match its data) or
                 out of order; it is not returned.

@@ -118,3 +118,45 @@ def test_the_classic_refiner_says_it_ignored_the_prompt(tmp_path: Path) -> None:
     assert completed.returncode == 0, completed.stderr
     assert "classic refiner: only strength applies; prompts, guidance, steps and seed are ignored" in \
         " ".join(completed.stderr.split())
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["{image}", "-o", "{tmp}"], "{tmp} is a folder; give a file name"),
+    (["{image}", "-o", "{tmp}/a-file/x.glb"], "cannot write {tmp}/a-file/x.glb: {tmp}/a-file is not a folder"),
+    (["{image}", "-o", "{tmp}/x.glb", "--ply", "{tmp}"], "{tmp} is a folder; give a file name"),
+    (["{image}", "-o", "{tmp}/x.glb", "--timeout", "-5"], "--timeout: must be a positive number of seconds, got -5"),
+    (["{image}", "-o", "{tmp}/x.glb", "--timeout", "nan"], "--timeout: must be a positive number of seconds, got nan"),
+    (["{image}", "-o", "{tmp}/x.glb", "--strength", "0.5", "--steps", "3"], "--strength, --steps need --refine"),
+    (["{tmp}/[/x].png", "-o", "{tmp}/x.glb"], "{tmp}/[/x].png: no such file"),
+])
+def test_what_cannot_work_is_refused_before_anything_is_sent(tmp_path: Path, args: list[str], said: str) -> None:
+    """Exit status 2 and one line naming the problem, before a request is sent (so no GPU time is spent on a
+    result that cannot be written); file names are printed as they are, brackets included."""
+    (tmp_path / "a-file").write_text("")
+    fill = {"image": str(EXAMPLE_IMAGE), "tmp": str(tmp_path)}
+    completed = subprocess.run([*CLI, "generate", *(arg.format(**fill) for arg in args),
+                                "--target", f"127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 2, completed.stderr
+    assert said.format(**fill) in completed.stderr and "Traceback" not in completed.stderr
+
+
+def test_an_output_that_fails_to_write_is_named_and_the_others_are_kept(tmp_path: Path) -> None:
+    """A write that fails after the model ran (here a full device) is an error line and status 1, not a traceback;
+    what could be written is, and its line says so. Names with brackets are files, not markup."""
+    folder = tmp_path / "[/y]"
+    with LocalStack(tmp_path / "logs", refiner_args=["--backend", "classic"], trellis_args=["--backend", "preview"],
+                    ready_timeout=120) as stack:
+        completed = subprocess.run(
+            [*CLI, "generate", str(EXAMPLE_IMAGE), "-o", str(folder / "[bold]m.glb"), "--ply", "/dev/full",
+             "--target", stack.gateway_target], capture_output=True, text=True, timeout=120)
+        assert completed.returncode == 1, completed.stderr
+        assert "error: cannot write /dev/full: No space left on device" in completed.stderr
+        assert "Traceback" not in completed.stderr
+        assert f"wrote {folder / '[bold]m.glb'}" in " ".join(completed.stderr.split())
+        assert (folder / "[bold]m.glb").read_bytes()[:4] == b"glTF"
+
+        completed = subprocess.run(
+            [*CLI, "generate", str(EXAMPLE_IMAGE), "-o", str(folder / "[red]n.glb"), "--target",
+             stack.gateway_target], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    assert (folder / "[red]n.glb").read_bytes()[:4] == b"glTF"

@@ -214,6 +214,34 @@ def test_the_client_refuses_unknown_names() -> None:
     assert message.multi_image_mode == common_pb2.MULTI_IMAGE_MODE_MULTIDIFFUSION and message.slat.steps == 3
 
 
+EMPTY_MESSAGE: dict[type[ParamModel], Any] = {RefineParams: common_pb2.RefineParameters,
+                                              GenerationParams: common_pb2.GenerationParameters}
+
+
+@pytest.mark.parametrize("cls", [RefineParams, GenerationParams])
+def test_the_client_names_every_field_given_a_value_it_cannot_hold(cls: type[ParamModel]) -> None:
+    """A value of the wrong type (or one protobuf cannot carry) is refused before sending, naming the field: not
+    protobuf's bare "Value out of range" or a TypeError from deep inside."""
+    for path, info in walk(cls):
+        kind = scalar_type(info)
+        wrong: Any = [1] if kind is str else "x"
+        values: dict[str, Any] = {path[-1]: wrong}
+        for parent in reversed(path[:-1]):
+            values = {parent: values}
+        dotted = ".".join(("p", *path))
+        with pytest.raises(ValueError, match=re.escape(f"{dotted} must be ")):
+            params_message(cls, EMPTY_MESSAGE[cls](), values, "p")
+    with pytest.raises(ValueError, match=re.escape("generation.seed must be a whole number in [0, 4294967295], "
+                                                   "got -1")):
+        build_request([b"x"], generation={"seed": -1})
+    with pytest.raises(ValueError, match=re.escape("refine_params.seed must be a whole number in [0, 4294967295]")):
+        build_request([b"x"], refine_params={"seed": 2**70})
+    with pytest.raises(ValueError, match=r"generation\.slat must be a mapping of steps, cfg_strength, got 12"):
+        build_request([b"x"], generation={"slat": 12})
+    with pytest.raises(ValueError, match=r"refine_params\.strength must be a number in \(0\.0, 1\.0\], got 'high'"):
+        build_request([b"x"], refine_params={"strength": "high"})
+
+
 def test_form_values_are_typed_from_the_definitions() -> None:
     typed = from_text(GenerationParams, {"seed": "11", "mesh_simplify": "0.9", "texture_size": "",
                                          "slat": {"steps": "7"}, "multi_image_mode": "stochastic"}, "generation")

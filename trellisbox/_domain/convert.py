@@ -19,7 +19,7 @@ from PIL import Image
 from trellisbox._domain.errors import InvalidInput
 from trellisbox._domain.imaging import ImageLimits, check_image, decode_image
 from trellisbox._domain.kinds import ArtifactKind, Stage, artifact_kind, kind_label, known_stage
-from trellisbox._domain.params import ParamModel, build, field_named, model_type, scalar_type
+from trellisbox._domain.params import ParamModel, build, describe, field_named, model_type, scalar_type
 from trellisbox.v1 import common_pb2
 
 P = TypeVar("P", bound=ParamModel)
@@ -108,12 +108,17 @@ def params_message(cls: type[ParamModel], message: M, values: Mapping[str, Any],
     Enum fields take the member or its value (``"stochastic"``); nested messages take a mapping.
 
     Raises:
-        ValueError: a name that is not a parameter of ``cls``, or an unknown enum value.
+        ValueError: a name that is not a parameter of ``cls``, an unknown enum value, or a value the field cannot
+            hold (a string for a number, a negative seed, a whole number beyond 64 bits); each names the field.
+            Other ranges are the server's to check.
     """
     for name, value in values.items():
         info = field_named(cls, name, where)
         nested = model_type(info)
         if nested is not None:
+            if not isinstance(value, Mapping):
+                raise ValueError(f"{where}.{name} must be a mapping of {', '.join(nested.model_fields)}, "
+                                 f"got {value!r}")
             params_message(nested, getattr(message, name), value, f"{where}.{name}").SetInParent()
             continue
         kind = scalar_type(info)
@@ -125,8 +130,14 @@ def params_message(cls: type[ParamModel], message: M, values: Mapping[str, Any],
                 raise ValueError(f"{where}.{name} must be one of {', '.join(str(m.value) for m in kind)}, "
                                  f"got {value!r}") from None
             setattr(message, name, _enum_number(enum, member))
-        else:
+            continue
+        try:  # protobuf refuses what its field type cannot hold, but its message names no field
             setattr(message, name, value)
+        except (TypeError, ValueError):
+            wanted = describe(info)
+            if kind in (int, float) and wanted.startswith("in "):
+                wanted = f"{'a whole number' if kind is int else 'a number'} {wanted}"
+            raise ValueError(f"{where}.{name} must be {wanted}, got {value!r}") from None
     return message
 
 

@@ -7,10 +7,12 @@ precedence: command-line flags, environment variables, an optional ``.env`` file
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Self, TypeVar
+from typing import NoReturn, Self, TypeVar
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
+from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from trellisbox._domain.imaging import ImageLimits
@@ -25,7 +27,8 @@ MAX_RESPONSE_BYTES = 4 * 2**20
 class ServiceSettings(BaseSettings):
     """Settings every gRPC service shares."""
 
-    model_config = SettingsConfigDict(extra="forbid", cli_kebab_case=True, cli_implicit_flags=True)
+    model_config = SettingsConfigDict(extra="forbid", cli_kebab_case=True, cli_implicit_flags=True,
+                                      cli_hide_none_type=True)
 
     host: str = Field("127.0.0.1", description="Address to bind; 0.0.0.0 or [::] in a container.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one).")
@@ -113,6 +116,49 @@ class ServiceSettings(BaseSettings):
 S = TypeVar("S", bound=ServiceSettings)
 
 
+class StartupError(Exception):
+    """A service cannot start as configured (a port taken, a file it must read missing): one line for its log, not
+    a traceback."""
+
+
+def program_name(cls: type[ServiceSettings]) -> str:
+    """How the service of ``cls`` is started: ``python -m gateway`` (its settings live in ``gateway.config``)."""
+    return f"python -m {cls.__module__.split('.')[0]}"
+
+
+def refuse_start(cls: type[ServiceSettings], message: str, status: int = 1) -> NoReturn:
+    """End the process before it serves, saying why on stderr in one line (2: a usage error, as argparse exits)."""
+    print(f"{program_name(cls)}: error: {message}", file=sys.stderr)
+    raise SystemExit(status)
+
+
 def load_settings(cls: type[S], argv: list[str] | None = None) -> S:
-    """Build ``cls`` from flags (``argv``, e.g. ``["--port", "50052"]``), environment and defaults."""
-    return cls(_cli_parse_args=argv if argv is not None else [])  # type: ignore[call-arg]
+    """Build ``cls`` from flags (``argv``, e.g. ``["--port", "50052"]``), environment and defaults.
+
+    Raises:
+        pydantic.ValidationError: a value out of range or of the wrong type, or a combination refused
+            (``--host 0.0.0.0`` without ``--tls``).
+    """
+    return cls(_cli_parse_args=argv if argv is not None else [],  # type: ignore[call-arg]
+               _cli_prog_name=program_name(cls))
+
+
+def settings_or_exit(cls: type[S], argv: list[str]) -> S:
+    """:func:`load_settings` for a service's entry point: what it refuses ends the process with status 2 and one
+    line on stderr, each problem named by its flag and environment variable."""
+    try:
+        return load_settings(cls, argv)
+    except ValidationError as exc:
+        refuse_start(cls, "; ".join(_explain(cls, error) for error in exc.errors(include_url=False)), status=2)
+
+
+def _explain(cls: type[ServiceSettings], error: ErrorDetails) -> str:
+    """One problem, named as a user sets it: ``--max-queue / TRELLISBOX_GATEWAY_MAX_QUEUE: ... (got 'abc')``."""
+    message = error["msg"].removeprefix("Value error, ")  # a validator's own sentence
+    if not error["loc"]:
+        return message
+    name = "_".join(str(part) for part in error["loc"])
+    value = error.get("input")
+    shown = f" (got {value!r})" if isinstance(value, (str, int, float)) else ""
+    prefix = cls.model_config.get("env_prefix", "")
+    return f"--{name.replace('_', '-')} / {prefix}{name.upper()}: {message}{shown}"

@@ -37,7 +37,7 @@ from pydantic import Field
 
 from trellisbox._domain.errors import Unavailable
 from trellisbox._runtime.allocator import MODEL
-from trellisbox._runtime.config import ServiceSettings, load_settings
+from trellisbox._runtime.config import ServiceSettings, settings_or_exit
 from trellisbox._runtime.devices import GpuMemoryCollector, gpu_memory_bytes
 from trellisbox._runtime.lease import LeaseSettings, make_gpu_turns, residency_hooks
 from trellisbox._runtime.observability import configure_logging
@@ -302,7 +302,7 @@ class ModelService(Generic[S, B]):
 
 def serve_model(service: ModelService[S, B], argv: list[str]) -> None:
     """Serve ``service`` until SIGTERM/SIGINT: settings from ``argv`` and the environment, then the bootstrap."""
-    settings = load_settings(service.settings, argv)
+    settings = settings_or_exit(service.settings, argv)
     # Before the backend is chosen, so the WARNING that says which backend runs is formatted and kept.
     configure_logging(service.label, settings.log_level, settings.log_format)
     host: ModelHost[B] = ModelHost(service.label, settings.max_queue, settings,

@@ -90,6 +90,13 @@ def _read(path: Path, what: str) -> bytes:
     return data
 
 
+def _read_pem(path: Path, what: str) -> bytes:
+    data = _read(path, what)
+    if b"-----BEGIN " not in data:  # else gRPC's refusal comes later and reads like a network failure
+        raise ValueError(f"the {what} {path} is not in PEM format (no -----BEGIN line)")
+    return data
+
+
 class CertificateFiles:
     """A server's certificate, key and (for mutual TLS) the CA of its clients, reread when they change.
 
@@ -106,8 +113,8 @@ class CertificateFiles:
         self.initial = self._load()
 
     def _load(self) -> grpc.ServerCertificateConfiguration:
-        pair = (_read(self.key_file, "TLS key"), _read(self.cert_file, "TLS certificate"))
-        roots = _read(self.client_ca_file, "client CA bundle") if self.client_ca_file is not None else None
+        pair = (_read_pem(self.key_file, "TLS key"), _read_pem(self.cert_file, "TLS certificate"))
+        roots = _read_pem(self.client_ca_file, "client CA bundle") if self.client_ca_file is not None else None
         return grpc.ssl_server_certificate_configuration([pair], root_certificates=roots)
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
@@ -150,9 +157,9 @@ def channel_credentials(ca_file: Path | None, cert_file: Path | None = None,
     if (cert_file is None) != (key_file is None):
         raise ValueError("a client certificate needs both its certificate file and its key file")
     return grpc.ssl_channel_credentials(
-        root_certificates=_read(ca_file, "CA bundle") if ca_file is not None else None,
-        private_key=_read(key_file, "TLS key") if key_file is not None else None,
-        certificate_chain=_read(cert_file, "TLS certificate") if cert_file is not None else None,
+        root_certificates=_read_pem(ca_file, "CA bundle") if ca_file is not None else None,
+        private_key=_read_pem(key_file, "TLS key") if key_file is not None else None,
+        certificate_chain=_read_pem(cert_file, "TLS certificate") if cert_file is not None else None,
     )
 
 

@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from trellisbox._domain.errors import ServiceError
 from trellisbox._runtime import tracing
 from trellisbox._runtime.allocator import MallocProfile, settle_heap, tune_malloc
-from trellisbox._runtime.config import MAX_RESPONSE_BYTES, ServiceSettings
+from trellisbox._runtime.config import MAX_RESPONSE_BYTES, ServiceSettings, StartupError
 from trellisbox._runtime.interceptor import ErrorInterceptor, ServerInterceptor
 from trellisbox._runtime.observability import configure_logging, start_metrics_server
 from trellisbox._runtime.security import describe_tls, is_loopback, server_credentials
@@ -103,9 +103,12 @@ def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
 
 def _bind(server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None) -> int:
     address = f"{host}:{port}"
-    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    try:
+        bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:  # grpcio's "Failed to bind to address ...; set GRPC_VERBOSITY=debug ..."
+        bound = 0
     if bound == 0:
-        raise RuntimeError(f"cannot bind {address}")
+        raise StartupError(f"cannot listen on {address}: the port is taken, or the address is not this machine's")
     return bound
 
 
@@ -204,5 +207,8 @@ def run(settings: ServiceSettings, spec: ServiceSpec, service_label: str, *,
         _log.info("%s", tune_malloc(malloc))
     try:
         asyncio.run(serve(settings, spec))
+    except StartupError as exc:
+        _log.error("cannot start: %s", exc)
+        raise SystemExit(1) from None
     finally:
         tracing.stop()  # export the spans still buffered
