@@ -94,7 +94,8 @@ class GatewaySettings(ServiceSettings):
         "hold the budget. 120 s lets a 64 MiB request arrive at 0.5 MiB/s."
     )
     default_timeout_s: float = Field(
-        900.0, gt=0, description="Deadline applied when the client sets none (refine + generation)."
+        900.0, gt=0, description="Deadline applied when the client sets none (refine + generation); a durable "
+        "request (one with a request_id) has at least this long, whatever its caller's deadline."
     )
     stage_retries: int = Field(
         3, ge=1, le=5, description="Attempts per stage call when a replica is UNAVAILABLE: before any reply, and "

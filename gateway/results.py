@@ -50,8 +50,17 @@ _RECENT_PROGRESS = 64
 
 
 def request_fingerprint(request: gateway_pb2.GenerateRequest) -> str:
-    """What makes two requests the same request: every field, images included (CPU work: call it off the loop)."""
-    return hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
+    """What makes two requests the same request: every field, images included, the formats as a set (their order
+    and repeats ask for nothing different). CPU work: call it off the loop, before anything else reads
+    ``request`` (its formats are taken out while it is serialized, then put back)."""
+    formats = list(request.formats)
+    del request.formats[:]
+    try:
+        digest = hashlib.sha256(request.SerializeToString(deterministic=True))
+    finally:
+        request.formats.extend(formats)
+    digest.update(b"formats:" + ",".join(str(kind) for kind in sorted(set(formats))).encode())
+    return digest.hexdigest()
 
 
 def _append_record(file: BinaryIO, data: bytes) -> None:

@@ -176,14 +176,20 @@ class GatewayServicer:
     def _job(self, request_id: str, request: gateway_pb2.GenerateRequest,
              context: grpc.aio.ServicerContext[Any, Any]) -> GenerateJob:
         generation = _seeded(params_from_proto(GenerationParams, request.generation, "generation"))
+        # Checked with refinement off too: a value out of range is the caller's mistake either way.
+        refine = params_from_proto(RefineParams, request.refine_parameters, "refine_parameters")
+        remaining_s = context.time_remaining()
+        # A durable request is the gateway's job, not the call's: a caller's deadline ends its call (it attaches again
+        # or fetches the result), and the job has the longer of that deadline and default_timeout_s.
+        limit_s = (max(remaining_s or 0.0, self._settings.default_timeout_s) if request.request_id
+                   else remaining_s or self._settings.default_timeout_s)
         job = GenerateJob(
             request_id=request_id,
             images=request.images,
-            refine=_seeded(params_from_proto(RefineParams, request.refine_parameters, "refine_parameters"))
-            if request.refine else None,
+            refine=_seeded(refine) if request.refine else None,
             generation=generation,
             formats=requested_formats(request, generation),
-            deadline=time.monotonic() + (context.time_remaining() or self._settings.default_timeout_s),
+            deadline=time.monotonic() + limit_s,
         )
         _log.info("generate: %d image(s), refine=%s, formats=%s%s", len(job.images), job.refine is not None,
                   sorted(kind.name for kind in job.formats), ", durable" if request.request_id else "")

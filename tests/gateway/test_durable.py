@@ -117,6 +117,32 @@ def test_callers_of_a_running_request_get_the_same_result(stack: LocalStack) -> 
     assert _jobs_started(stack, "durable-twice") == 1
 
 
+def test_a_callers_deadline_ends_its_call_not_the_request(stack: LocalStack) -> None:
+    """The job is the gateway's: a deadline shorter than the job ends the call with DEADLINE_EXCEEDED, and the
+    request goes on (bounded by the gateway's default_timeout_s) to a result that can be fetched."""
+    request = _request("durable-deadline", seed=11)
+    with grpc.insecure_channel(stack.gateway_target) as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            list(_stub(channel).Generate(request, timeout=REFINE_MS / 1000 / 2))
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    with TrellisBoxClient(stack.gateway_target, timeout=60) as client:
+        fetched = client.fetch("durable-deadline")
+    _check_result(fetched.glb, fetched.refined_images)
+    assert _jobs_started(stack, "durable-deadline") == 1
+
+
+def test_the_formats_count_as_a_set_when_matching_a_request(stack: LocalStack) -> None:
+    """Their order and repeats ask for nothing different: the same request, attached to, not ALREADY_EXISTS."""
+    request = _request("durable-formats", seed=13)
+    with TrellisBoxClient(stack.gateway_target, timeout=60) as client:
+        first = client.collect(client.stream(request))
+        reordered = gateway_pb2.GenerateRequest()
+        reordered.CopyFrom(request)
+        reordered.formats[:] = [*reversed(request.formats), request.formats[0]]
+        again = client.collect(client.stream(reordered))
+    assert again.glb == first.glb and _jobs_started(stack, "durable-formats") == 1
+
+
 def test_the_same_id_for_another_request_is_already_exists(stack: LocalStack) -> None:
     with TrellisBoxClient(stack.gateway_target, timeout=60) as client:
         client.collect(client.stream(_request("durable-taken", seed=1)))

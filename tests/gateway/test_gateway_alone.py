@@ -54,6 +54,9 @@ def _image(data: bytes, media_type: str = "") -> common_pb2.Image:
         ({"images": []}, "no images: send at least one PNG, JPEG or WebP image"),
         ({"images": [_image(png_bytes())], "refine": True,
           "refine_parameters": common_pb2.RefineParameters(strength=7)}, "strength must be in (0.0, 1.0], got 7"),
+        # Checked with refinement off too: the value is a mistake whether or not it is used.
+        ({"images": [_image(png_bytes())], "refine_parameters": common_pb2.RefineParameters(strength=float("nan"))},
+         "refine_parameters.strength must be in (0.0, 1.0], got nan"),
         ({"images": [_image(png_bytes())], "generation": common_pb2.GenerationParameters(texture_size=10)},
          "texture_size must be in [256, 4096], got 10"),
         ({"images": [_image(png_bytes())], "formats": [common_pb2.ARTIFACT_KIND_REFINED_IMAGE]},
@@ -81,7 +84,8 @@ def test_a_target_that_cannot_work_stops_the_gateway_at_start(tmp_path: Path) ->
     try:
         assert process.process.wait(60) != 0
         log = process.log_tail(40)
-        assert "refiner_target" in log and "for several fixed addresses use ipv4:" in log, log
+        assert "--refiner-target / TRELLISBOX_GATEWAY_REFINER_TARGET" in log, log
+        assert "for several fixed addresses use ipv4:" in log and "Traceback" not in log, log
     finally:
         process.stop()
 
