@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from typing import Any
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from trellis_service.gaussian_refinement import plan_novel_views, refine_splats
 from trellis_service.gaussian_refinement.cameras import OrbitPose, camera_at
 from trellis_service.gaussian_refinement.fit import (
     NOVEL_VIEW_WEIGHT,
+    REGULARISER_VIEWS_PER_STEP,
     FitSettings,
     FitTarget,
     fit_gaussians,
@@ -160,3 +162,47 @@ def test_the_stage_with_novel_views_corrects_the_side_no_photo_shows() -> None:
             return scores(RASTERIZER.render(drawn, back, torch.zeros(3)).colour, expected.colour, region).psnr
 
         assert psnr(helped.splats) >= psnr(alone.splats) + 3.0
+
+
+class _Stopped(Exception):
+    pass
+
+
+class _CountingRasterizer(TorchRasterizer):
+    """Counts renders; once ``stop_after`` have run, the caller is gone (``check_stop`` raises)."""
+
+    def __init__(self, stop_after: int | None) -> None:
+        super().__init__()
+        self.renders = 0
+        self.stop_after = stop_after
+
+    def render(self, *args: Any, **kwargs: Any) -> Any:
+        self.renders += 1
+        return super().render(*args, **kwargs)
+
+    def check_stop(self) -> None:
+        if self.stop_after is not None and self.renders >= self.stop_after:
+            raise _Stopped
+
+
+def test_a_fit_stops_before_its_next_render_whatever_phase_it_is_in() -> None:
+    """The reference renders before the first step and the scores after the last take as long as many steps at a
+    high resolution: a caller that left is let go before the next render there too, not only between steps."""
+    scene = asymmetric_object()
+    centre, _ = scene.centre_and_radius()
+    view = target_view(photo(scene, OrbitPose(35.0, 20.0, 2.6, (0.0, 0.0), 64), 64, RASTERIZER), 32)
+    settings = FitSettings(steps=3, attributes=frozenset({"colours"}), regularisation=0.1, resolution=32)
+
+    def fit(rasterizer: _CountingRasterizer) -> None:
+        fit_gaussians(scene, [FitTarget(view, OrbitPose(35.0, 20.0, 2.6))], settings, rasterizer, centre,
+                      check_stop=rasterizer.check_stop)
+
+    whole = _CountingRasterizer(stop_after=None)
+    fit(whole)
+    # At the first render, in the reference renders, in a step, and in the scoring at the very end.
+    for stop_after in sorted({1, 3, whole.renders // 2, whole.renders - 1}):
+        stopped = _CountingRasterizer(stop_after)
+        with pytest.raises(_Stopped):
+            fit(stopped)
+        # Outside the steps, none; within one, at most the rest of that step (its views are one backward pass).
+        assert stopped.renders - stop_after <= REGULARISER_VIEWS_PER_STEP, stopped.renders - stop_after

@@ -12,9 +12,10 @@ steps.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -23,6 +24,8 @@ from trellis_service.gaussian_refinement.cameras import Camera, OrbitPose, PoseP
 from trellis_service.gaussian_refinement.gaussians import ATTRIBUTES, DrawnGaussians, GaussianSet
 from trellis_service.gaussian_refinement.rasterizer import Rasterizer
 from trellis_service.gaussian_refinement.views import TargetView
+
+R = TypeVar("R")
 
 SSIM_WEIGHT = 0.2
 EARLY_STOP_WINDOW = 25
@@ -205,7 +208,7 @@ def ring_poses(anchor: OrbitPose, yaw_offsets: Sequence[float], pitch_offset: fl
 
 
 def fit_gaussians(gaussians: GaussianSet, targets: Sequence[FitTarget], settings: FitSettings,
-                  rasterizer: Rasterizer, centre: Tensor, *, should_stop: Callable[[], bool] = lambda: False,
+                  rasterizer: Rasterizer, centre: Tensor, *, check_stop: Callable[[], None] = lambda: None,
                   on_step: Callable[[int, float], None] = lambda step, loss: None) -> FitResult:
     """Fit ``gaussians`` to ``targets`` (see the module doc).
 
@@ -215,7 +218,9 @@ def fit_gaussians(gaussians: GaussianSet, targets: Sequence[FitTarget], settings
         settings: Step budget, attributes, regularisation weight and resolution.
         rasterizer: Renders every view.
         centre: (3,) the point the orbit cameras look at.
-        should_stop: Polled every step; True ends the fit (the steps so far are kept).
+        check_stop: Called before every render, outside the steps too (the reference renders before the first
+            step and the scores after the last take as long as many steps at a high resolution); it raises to
+            abandon the fit when the caller went away (``JobContext.raise_if_stopped``).
         on_step: Called after each step with the step number and the loss.
     """
     unknown = set(settings.attributes) - set(ATTRIBUTES)
@@ -237,12 +242,19 @@ def fit_gaussians(gaussians: GaussianSet, targets: Sequence[FitTarget], settings
     black = torch.zeros(3, dtype=centre.dtype, device=centre.device)
     white = torch.ones_like(black)
 
+    def checked(renders: Iterable[Callable[[], R]]) -> list[R]:
+        results = []
+        for render in renders:
+            check_stop()
+            results.append(render())
+        return results
+
     with torch.no_grad():
         drawn = original.activated()
-        ring_reference = [_premultiplied(rasterizer, drawn, camera, black) for camera in ring]
-        held_out_reference = [_premultiplied(rasterizer, drawn, camera, black) for camera in held_out]
-        before = [_target_scores(rasterizer, drawn, camera, view, region, black)
-                  for camera, view, region in zip(cameras, views, regions, strict=True)]
+        ring_reference = checked(partial(_premultiplied, rasterizer, drawn, camera, black) for camera in ring)
+        held_out_reference = checked(partial(_premultiplied, rasterizer, drawn, camera, black) for camera in held_out)
+        before = checked(partial(_target_scores, rasterizer, drawn, camera, view, region, black)
+                         for camera, view, region in zip(cameras, views, regions, strict=True))
 
     moving = {name: getattr(original, _FIELDS[name]).clone().requires_grad_(True)
               for name in ATTRIBUTES if name in settings.attributes}
@@ -261,8 +273,7 @@ def fit_gaussians(gaussians: GaussianSet, targets: Sequence[FitTarget], settings
     previous = math.inf
     stopped_early = False
     while step < settings.steps and moving:
-        if should_stop():
-            break
+        check_stop()
         current = original.with_values(**{_FIELDS[name]: tensor for name, tensor in moving.items()})
         drawn = current.activated()
         background = black if step % 2 == 0 else white
@@ -299,10 +310,11 @@ def fit_gaussians(gaussians: GaussianSet, targets: Sequence[FitTarget], settings
     cameras = [camera_at(pose, centre, size) for pose in poses]
     with torch.no_grad():
         drawn = refined.activated()
-        after = [_target_scores(rasterizer, drawn, camera, view, region, black)
-                 for camera, view, region in zip(cameras, views, regions, strict=True)]
+        after = checked(partial(_target_scores, rasterizer, drawn, camera, view, region, black)
+                        for camera, view, region in zip(cameras, views, regions, strict=True))
         held = []
         for pose, camera, (colour, alpha) in zip(held_out_poses, held_out, held_out_reference, strict=True):
+            check_stop()
             render_colour, render_alpha = _premultiplied(rasterizer, drawn, camera, black)
             region = object_region(torch.maximum(alpha, render_alpha), grow=0)
             held.append(HeldOutScores(pose.yaw_degrees, pose.pitch_degrees, scores(render_colour, colour, region)))

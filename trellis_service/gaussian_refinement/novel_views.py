@@ -7,7 +7,7 @@ refinement; the gateway has the refiner tier refine them; the second call turns 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,11 +58,13 @@ def plan_poses(anchor: OrbitPose, size: int) -> list[OrbitPose]:
             for pose in novel_view_poses(anchor, NOVEL_VIEW_COUNT)]
 
 
-def render_novel_views(gaussians: GaussianSet, centre: Tensor, poses: Sequence[OrbitPose], rasterizer: Rasterizer
-                       ) -> list[Image.Image]:
-    """The unrefined renders the refiner tier gets, as RGBA images at each pose's size."""
+def render_novel_views(gaussians: GaussianSet, centre: Tensor, poses: Sequence[OrbitPose], rasterizer: Rasterizer,
+                       check_stop: Callable[[], None] = lambda: None) -> list[Image.Image]:
+    """The unrefined renders the refiner tier gets, as RGBA images at each pose's size; ``check_stop`` is called
+    before each render and raises to abandon them (a caller gone)."""
     images = []
     for pose in poses:
+        check_stop()
         view = render_target(gaussians, pose, centre, pose.size, rasterizer)
         rgba = torch.cat([view.rgb, view.mask[..., None]], dim=-1).clamp(0.0, 1.0)
         pixels = np.round(rgba.detach().cpu().numpy() * 255.0).astype(np.uint8)
@@ -71,10 +73,12 @@ def render_novel_views(gaussians: GaussianSet, centre: Tensor, poses: Sequence[O
 
 
 def novel_view_targets(gaussians: GaussianSet, centre: Tensor, poses: Sequence[OrbitPose],
-                       refined: Sequence[Image.Image], rasterizer: Rasterizer, size: int) -> list[FitTarget]:
+                       refined: Sequence[Image.Image], rasterizer: Rasterizer, size: int,
+                       check_stop: Callable[[], None] = lambda: None) -> list[FitTarget]:
     """The refined views as fit targets at :data:`NOVEL_VIEW_WEIGHT`, at ``size`` pixels (the fit's resolution):
     their colours, on the coverage of the unrefined Gaussians from the same camera (rendered here, so a refiner that
-    drops or alters alpha, or paints outside the object, changes nothing but the colours on it).
+    drops or alters alpha, or paints outside the object, changes nothing but the colours on it). ``check_stop`` as
+    in :func:`render_novel_views`.
 
     Raises:
         InvalidInput: a refined view does not have its render's size.
@@ -86,6 +90,7 @@ def novel_view_targets(gaussians: GaussianSet, centre: Tensor, poses: Sequence[O
         if image.size != (pose.size, pose.size):
             raise InvalidInput(f"novel_views[{index}]: {image.width}x{image.height}, but it was rendered at "
                                f"{pose.size}x{pose.size}")
+        check_stop()
         coverage = render_target(gaussians, pose, centre, size, rasterizer).mask
         colours = image.convert("RGB").resize((size, size), Image.Resampling.BOX)
         rgb = torch.as_tensor(np.asarray(colours, dtype=np.float32) / 255.0, device=centre.device)

@@ -80,7 +80,7 @@ def plan_novel_views(splats: SplatArrays, images: list[Image.Image], params: Gau
     cameras = _recover_cameras(gaussians, centre, radius, views, ctx, rasterizer, seed, total)
     ctx.report(Stage.GAUSSIAN_REFINEMENT, len(images), total, f"rendering {NOVEL_VIEW_COUNT} novel views")
     poses = plan_poses(cameras[0].pose, novel_view_size(params.resolution))
-    renders = render_novel_views(gaussians, centre, poses, rasterizer)
+    renders = render_novel_views(gaussians, centre, poses, rasterizer, ctx.raise_if_stopped)
     ctx.raise_if_stopped()
     return NovelViewPlan(cameras=cameras, poses=poses, renders=renders)
 
@@ -117,7 +117,8 @@ def refine_splats(splats: SplatArrays, images: list[Image.Image], params: Gaussi
             raise InvalidInput(f"hand_over: {len(plan.cameras)} camera(s) for {len(images)} image(s)")
         cameras = plan.cameras
         ctx.report(Stage.GAUSSIAN_REFINEMENT, len(images), total, f"{len(plan.renders)} refined novel views")
-        extra = novel_view_targets(gaussians, centre, plan.poses, plan.renders, rasterizer, params.resolution)
+        extra = novel_view_targets(gaussians, centre, plan.poses, plan.renders, rasterizer, params.resolution,
+                                   ctx.raise_if_stopped)
     targets = [FitTarget(view, camera.pose) for view, camera in zip(views, cameras, strict=True)]
     every = max(1, params.steps // PROGRESS_EVENTS)
 
@@ -128,7 +129,7 @@ def refine_splats(splats: SplatArrays, images: list[Image.Image], params: Gaussi
     settings = FitSettings(steps=params.steps, attributes=params.attributes, regularisation=params.regularisation,
                            resolution=params.resolution)
     result = fit_gaussians(gaussians, [*targets, *extra], settings, rasterizer, centre,
-                           should_stop=lambda: ctx.should_stop, on_step=on_step)
+                           check_stop=ctx.raise_if_stopped, on_step=on_step)
     ctx.raise_if_stopped()
     ctx.report(Stage.GAUSSIAN_REFINEMENT, total, total, f"fitted in {result.steps} steps"
                + (" (the loss stopped improving)" if result.stopped_early else ""))
