@@ -4,6 +4,7 @@ import io
 import re
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
@@ -52,6 +53,12 @@ def _flipped(data: bytes, offset_from_end: int) -> bytes:
         (png_bytes(), "image/gif", "use image/png, image/jpeg or image/webp"),
         (encode(Image.new("RGB", (16, 16)), "GIF"), "", "send PNG, JPEG or WebP"),
         (encode(Image.new("RGB", (4, 64)), "PNG"), "", "at least 8 px"),
+        # A damaged or cut header with a known signature: truncated, not "not an image".
+        (png_bytes()[:8], "", "starts as a PNG file but is truncated or corrupt"),
+        (png_bytes()[:33], "", "starts as a PNG file but is truncated or corrupt"),
+        (_flipped(png_bytes()[:33], 1) + png_bytes()[33:], "", "starts as a PNG file but is truncated or corrupt"),
+        (encode(rgba_object(64), "WEBP")[:20], "", "starts as a WebP file but is truncated or corrupt"),
+        (b"\xff\xd8\xff\xe0", "", "starts as a JPEG file but is truncated or corrupt"),
     ],
 )
 @pytest.mark.parametrize("read", [decode_image, check_image], ids=["decode", "check"])
@@ -79,10 +86,36 @@ def test_the_check_reads_no_pixels_and_leaves_what_only_decoding_finds_to_the_de
     with pytest.raises(InvalidInput, match="is truncated or corrupt"):
         decode_image(cut_jpeg, label="images[0]")  # ... which the stage that reads the pixels does first
     # A PNG cut after its pixel data, and one with a bit flipped in it: the check refuses both by the chunks' structure
-    # and checksums, where decoding need not notice.
+    # and checksums, where decoding alone need not notice; the decode checks them too, so a model service called
+    # directly refuses what the gateway would.
     for damaged in (png_bytes()[:-8], _flipped(png_bytes(), 60)):
-        with pytest.raises(InvalidInput, match=r"^images\[0\] is truncated or corrupt \(broken PNG file"):
-            check_image(damaged, label="images[0]")
+        for read in (check_image, decode_image):
+            with pytest.raises(InvalidInput, match=r"^images\[0\] is truncated or corrupt \(broken PNG file"):
+                read(damaged, label="images[0]")
+
+
+def test_16_bit_grey_is_scaled_to_8_bits_not_clipped() -> None:
+    """Pillow's own conversion clips every value above 255 to white."""
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (16, 1))
+    decoded = np.asarray(decode_image(encode(Image.fromarray(ramp), "PNG")))
+    assert decoded.shape == (16, 64, 3)
+    assert list(decoded[0, :, 0]) == [int(v) >> 8 for v in ramp[0]]
+
+
+@pytest.mark.parametrize(("orientation", "size", "top_left"), [(1, (64, 32), "red"), (6, (32, 64), "red"),
+                                                                 (3, (64, 32), "blue"), (8, (32, 64), "blue")])
+def test_the_exif_orientation_is_applied_as_viewers_show_it(orientation: int, size: tuple[int, int],
+                                                            top_left: str) -> None:
+    photo = Image.new("RGB", (64, 32), "red")
+    photo.paste((0, 0, 255), (32, 0, 64, 32))  # left half red, right half blue; 6 turns it clockwise, 8 back
+    exif = photo.getexif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", exif=exif, quality=95)
+    upright = decode_image(buffer.getvalue())
+    assert upright.size == size
+    red, _, blue = upright.getpixel((2, 2))  # type: ignore[misc]
+    assert (red > 200 and blue < 60) if top_left == "red" else (blue > 200 and red < 60)
 
 
 def test_byte_limit() -> None:

@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from trellisbox._domain.errors import InvalidInput
 
@@ -87,6 +87,10 @@ def _open(data: bytes, media_type: str, limits: ImageLimits, label: str, handoff
             f"{label} is {size}; the limit is {_megapixels(limits.max_pixels)} (e.g. 4096×4096). Downscale it."
         ) from None
     except (UnidentifiedImageError, OSError, ValueError):
+        started_as = _signature_format(data)
+        if started_as:  # its header is damaged or cut short: the same advice as for a damaged body
+            raise InvalidInput(f"{label} starts as a {started_as} file but is truncated or corrupt (its header cannot "
+                               "be read); re-export the file") from None
         raise InvalidInput(
             f"{label} is not a PNG, JPEG or WebP image (first bytes: {data[:8]!r})"
         ) from None
@@ -118,6 +122,17 @@ def _open(data: bytes, media_type: str, limits: ImageLimits, label: str, handoff
     return image
 
 
+def _signature_format(data: bytes) -> str:
+    """The accepted format whose signature ``data`` starts with, or ''."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return ""
+
+
 def _truncated_or_corrupt(label: str, exc: BaseException) -> InvalidInput:
     return InvalidInput(f"{label} is truncated or corrupt ({exc}); re-export the file")
 
@@ -134,9 +149,14 @@ def check_image(data: bytes, media_type: str = "", limits: ImageLimits | None = 
     Raises:
         InvalidInput: as :func:`decode_image`, for what can be told without decoding.
     """
-    image = _open(data, media_type, limits or ImageLimits(), label, handoff=False)
+    _verify(_open(data, media_type, limits or ImageLimits(), label, handoff=False), label)
+
+
+def _verify(image: Image.Image, label: str) -> None:
+    """PNG: the chunk structure and every CRC up to IEND (JPEG and WebP: nothing, Pillow's no-op). Uses up
+    ``image``: reopen the bytes to decode them."""
     try:
-        image.verify()  # PNG: chunk structure and CRCs up to IEND; JPEG and WebP: nothing (Pillow's no-op)
+        image.verify()
     except (OSError, ValueError, SyntaxError, struct.error) as exc:
         raise _truncated_or_corrupt(label, exc) from None
 
@@ -153,17 +173,32 @@ def decode_image(data: bytes, media_type: str = "", limits: ImageLimits | None =
         handoff: Also accept the stages' hand-off format (:data:`HANDOFF_MEDIA_TYPE`, uncompressed TIFF).
 
     Returns:
-        A fully decoded image in mode ``RGBA`` when the input carries transparency, else ``RGB``.
+        A fully decoded image in mode ``RGBA`` when the input carries transparency, else ``RGB``, 8 bits per
+        channel (16-bit grey scaled, not clipped), turned upright as its EXIF orientation says (as viewers show it).
 
     Raises:
-        InvalidInput: empty, too large, not an image, unsupported format, truncated or corrupt.
+        InvalidInput: empty, too large, not an image, unsupported format, truncated or corrupt (a PNG's checksums
+            included, as :func:`check_image` checks them: a model service called directly refuses what the gateway
+            would).
     """
     image = _open(data, media_type, limits or ImageLimits(), label, handoff)
+    if image.format == "PNG":  # 0.03 ms at 512² (check_image)
+        _verify(image, label)
+        image = Image.open(io.BytesIO(data))
     try:
         image.load()
     except (OSError, ValueError, SyntaxError) as exc:
         raise _truncated_or_corrupt(label, exc) from None
-    return normalize_mode(image)
+    return normalize_mode(_upright(image))
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """``image`` turned as its EXIF orientation says; as it is when that tag is absent or cannot be read (a
+    damaged EXIF block costs the turn, not the request)."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except (OSError, ValueError, SyntaxError, struct.error, KeyError, TypeError):
+        return image
 
 
 def has_alpha(image: Image.Image) -> bool:
@@ -178,7 +213,11 @@ def has_real_alpha(image: Image.Image) -> bool:
 
 
 def normalize_mode(image: Image.Image) -> Image.Image:
-    """RGBA when the image has transparency, else RGB (palette, grey and CMYK converted)."""
+    """RGBA when the image has transparency, else RGB (palette, grey and CMYK converted; 16-bit grey scaled to 8
+    bits, where Pillow's conversion would clip every value above 255 to white)."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        wide = np.asarray(image).astype(np.uint32, copy=False)
+        image = Image.fromarray((np.clip(wide, 0, 65535) >> 8).astype(np.uint8))
     target = "RGBA" if has_alpha(image) else "RGB"
     return image if image.mode == target else image.convert(target)
 
