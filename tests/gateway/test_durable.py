@@ -121,10 +121,9 @@ def test_a_callers_deadline_ends_its_call_not_the_request(stack: LocalStack) -> 
     """The job is the gateway's: a deadline shorter than the job ends the call with DEADLINE_EXCEEDED, and the
     request goes on (bounded by the gateway's default_timeout_s) to a result that can be fetched."""
     request = _request("durable-deadline", seed=11)
-    with grpc.insecure_channel(stack.gateway_target) as channel:
-        with pytest.raises(grpc.RpcError) as caught:
-            list(_stub(channel).Generate(request, timeout=REFINE_MS / 1000 / 2))
-    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    with grpc.insecure_channel(stack.gateway_target) as channel, pytest.raises(grpc.RpcError) as caught:
+        list(_stub(channel).Generate(request, timeout=REFINE_MS / 1000 / 2))
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
     with TrellisBoxClient(stack.gateway_target, timeout=60) as client:
         fetched = client.fetch("durable-deadline")
     _check_result(fetched.glb, fetched.refined_images)
