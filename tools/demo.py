@@ -21,7 +21,7 @@ from rich.console import Console
 import trellisbox
 from tools.devcerts import write_dev_certs, write_private
 from tools.stack import LocalStack, StackSecurity, check_ports
-from trellisbox.cli import StageBars, print_summary, stage_progress, write_outputs
+from trellisbox.cli import OutputError, StageBars, print_summary, stage_progress, write_outputs
 from trellisbox.client import TrellisBoxClient
 
 EXAMPLE_IMAGE = Path(trellisbox.__file__).parent / "assets" / "example.png"
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             print_summary(result, written)
             _explain_backends(result.refiner_backend, result.generator_backend,
                               (args.refiner_backend, args.trellis_backend))
-    except (RuntimeError, TimeoutError) as exc:
+    except (RuntimeError, TimeoutError, OutputError) as exc:
         _console.print(f"{'make run' if args.serve else 'demo'} failed: {exc}", style="red", markup=False)
         return 1
     except KeyboardInterrupt:
