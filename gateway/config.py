@@ -14,8 +14,8 @@ from pydantic_settings import SettingsConfigDict
 from trellisbox._runtime.config import ServiceSettings
 from trellisbox._runtime.security import TlsMode, is_loopback
 
-_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(:\d{1,5})?$")
-_ADDRESS_PORT = re.compile(r"^\[?([0-9A-Fa-f:.]+?)\]?:(\d{1,5})$")
+_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(:\d{1,5})?\Z")
+_ADDRESS_PORT = re.compile(r"^\[?([0-9A-Fa-f:.]+?)\]?:(\d{1,5})\Z")
 
 
 def target_hosts(target: str) -> list[str]:

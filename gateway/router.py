@@ -12,6 +12,7 @@ worker at its next step.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -39,6 +40,9 @@ _Event = TypeVar("_Event", StageEvent[refiner_pb2.RefineResponse], StageEvent[tr
 TrellisCall = ImageTo3DCall | RefineGaussiansCall
 
 GENERATED_KINDS = frozenset({ArtifactKind.GLB, ArtifactKind.GAUSSIAN_PLY})
+#: The first pause before a stage call is tried again, and the longest (it doubles in between).
+RETRY_BACKOFF_S = 0.2
+MAX_RETRY_BACKOFF_S = 2.0
 #: The classic (CPU restoration) refiner has no diffusion model: say so rather than ignore the parameters silently.
 CLASSIC_NOTE = "classic refiner: only strength applies; prompts, guidance, steps and seed are ignored"
 
@@ -177,6 +181,7 @@ class Router:
                 if not self._retryable(failure, attempt, job):
                     raise
                 yield _retrying(refiner_pb2.RefineResponse, Stage.REFINE, failure, attempt + 1, self._attempts)
+                await asyncio.sleep(self._backoff_s(attempt, job))
         missing = set(range(len(images))) - set(refined)
         if missing:
             raise StageFailed("refiner", "INTERNAL", f"returned no refined image for images {sorted(missing)}")
@@ -212,6 +217,7 @@ class Router:
                 if relayed_chunk or not self._retryable(failure, attempt, job):
                     raise
                 yield _retrying(trellis_pb2.ImageTo3DResponse, Stage.QUEUED, failure, attempt + 1, self._attempts)
+                await asyncio.sleep(self._backoff_s(attempt, job))
 
     async def _with_novel_views(self, job: GenerateJob, images: Sequence[common_pb2.Image]
                                 ) -> AsyncIterator[StageEvent[trellis_pb2.ImageTo3DResponse]]:
@@ -311,11 +317,19 @@ class Router:
                 if not self._retryable(failure, attempt, job):
                     raise
                 yield _retrying(trellis_pb2.ImageTo3DResponse, Stage.QUEUED, failure, attempt + 1, self._attempts)
+                await asyncio.sleep(self._backoff_s(attempt, job))
 
     def _retryable(self, failure: StageFailed, attempt: int, job: GenerateJob) -> bool:
         """A replica that went away (or is not ready) mid-call: another one may take the stage, within the deadline.
         The stage gets the same request, seeds included, so it gives the same result."""
         return failure.code == "UNAVAILABLE" and attempt < self._attempts and job.remaining() > 1.0
+
+    @staticmethod
+    def _backoff_s(attempt: int, job: GenerateJob) -> float:
+        """The pause before attempt ``attempt + 1``: 0.2 s, doubling, at most 2 s, leaving a second of the deadline.
+        Time for DNS and the channel's health checks to drop a replica that went away. This loop is the only retry
+        of a stage call (the channels have no retry policy), so ``attempts`` means what it says."""
+        return max(0.0, min(RETRY_BACKOFF_S * 2.0 ** (attempt - 1), MAX_RETRY_BACKOFF_S, job.remaining() - 1.0))
 
     async def _stream(self, stage: str, call: grpc.aio.UnaryStreamCall[Any, _Event]) -> AsyncIterator[_Event]:
         """Iterate a stage call; its failures become ``StageFailed`` with the stage's own status code."""

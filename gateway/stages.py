@@ -39,31 +39,21 @@ def _method_path(service: str, method: str) -> str:
     return f"/{service}/{method}"
 
 
-def service_config(service: str, attempts: int) -> str:
-    """Round-robin over healthy backends; retry UNAVAILABLE (a replica that went away) before any reply."""
-    config: dict[str, Any] = {
+def service_config(service: str) -> str:
+    """Round-robin over healthy backends. No retry policy: the router is the one place a stage call is tried
+    again (``stage_retries`` attempts, also mid-stream, with a note to the caller); a second layer here would
+    multiply them."""
+    return json.dumps({
         "loadBalancingConfig": [{"round_robin": {}}],
         "healthCheckConfig": {"serviceName": service},
-    }
-    if attempts > 1:  # gRPC rejects a retry policy with fewer than 2 attempts
-        config["methodConfig"] = [{
-            "name": [{"service": service}],
-            "retryPolicy": {
-                "maxAttempts": attempts,
-                "initialBackoff": "0.2s",
-                "maxBackoff": "2s",
-                "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE"],
-            },
-        }]
-    return json.dumps(config)
+    })
 
 
 def channel_options(settings: GatewaySettings, service: str) -> list[tuple[str, int | str]]:
     return [
-        ("grpc.service_config", service_config(service, settings.stage_retries)),
-        ("grpc.enable_retries", 1),
-        # Requests carry whole images; let retries buffer them instead of committing early.
+        ("grpc.service_config", service_config(service)),
+        # Requests carry whole images; let gRPC's transparent retries (a call that never reached a server) buffer
+        # them instead of committing early.
         ("grpc.per_rpc_retry_buffer_size", settings.max_request_bytes),
         ("grpc.retry_buffer_size", 4 * settings.max_request_bytes),
         ("grpc.max_send_message_length", settings.max_request_bytes),

@@ -58,8 +58,8 @@ TERMINATION_LOG = "/dev/termination-log"
 #: What TRELLIS reads at import time; the service's ``TRELLISBOX_TRELLIS_<NAME>`` settings set them.
 TRELLIS_VARIABLES = ("ATTN_BACKEND", "SPARSE_ATTN_BACKEND", "SPARSE_BACKEND", "SPCONV_ALGO")
 _TRUTHY = {"1", "true", "yes", "on"}
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)\Z")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+\Z")
 
 BASE_IMAGE_HINT = (
     "The trellis backend needs the TRELLIS base image (TRELLIS on PYTHONPATH with its CUDA extensions "

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import HealthServicer
 
 from tests.images import huge_png_header, png_bytes, truncated_png
 from tools.stack import ServiceProcess, free_port, health_status, start_service
-from trellisbox._domain.contract import GATEWAY_SERVICE
-from trellisbox.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from trellisbox._domain.contract import GATEWAY_SERVICE, REFINER_SERVICE
+from trellisbox.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, refiner_pb2, refiner_pb2_grpc
 
 pytestmark = pytest.mark.integration
 
@@ -111,3 +114,40 @@ def test_oversized_request_message_is_refused_by_the_transport(tmp_path: Path, g
         with pytest.raises(grpc.RpcError) as info:
             list(stub.Generate(gateway_pb2.GenerateRequest(images=[big]), timeout=30))
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+
+
+class _AlwaysUnavailable(refiner_pb2_grpc.RefinerServiceServicer):
+    """A refiner replica that is ready by its health check and answers every call UNAVAILABLE; counts the calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def Refine(self, request: refiner_pb2.RefineRequest, context: grpc.ServicerContext) -> Iterator[Any]:
+        self.calls += 1
+        context.abort(grpc.StatusCode.UNAVAILABLE, "going away")
+        yield from ()
+
+
+def test_a_stage_call_is_tried_stage_retries_times_in_all(tmp_path: Path) -> None:
+    """The router is the only layer that retries a stage call: --stage-retries 3 is 3 calls, not 3 × the channel's
+    own retry policy (which made it 9)."""
+    refiner = _AlwaysUnavailable()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    refiner_pb2_grpc.add_RefinerServiceServicer_to_server(refiner, server)
+    health = HealthServicer()
+    health.set(REFINER_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    process = start_service("gateway-retries", "gateway", ["--refiner-target", f"127.0.0.1:{port}",
+                                                           "--trellis-target", f"127.0.0.1:{free_port()}",
+                                                           "--stage-retries", "3"], tmp_path)
+    try:
+        process.wait_ready("", 60)
+        error = _call(process.target, gateway_pb2.GenerateRequest(images=[_image(png_bytes())], refine=True))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+        assert error.details().startswith("refiner: ")  # type: ignore[attr-defined]
+        assert refiner.calls == 3
+    finally:
+        process.stop()
+        server.stop(None)

@@ -30,8 +30,8 @@ READINESS = {
 }
 GRPC_PORTS = {"gateway": 50051, "refiner": 50052, "trellis": 50053}
 PREFIXES = {"gateway": "TRELLISBOX_GATEWAY_", "refiner": "TRELLISBOX_REFINER_", "trellis": "TRELLISBOX_TRELLIS_"}
-DNS_1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-IANA_SVC_NAME = re.compile(r"^(?=.*[a-z])[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+DNS_1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
+IANA_SVC_NAME = re.compile(r"^(?=.*[a-z])[a-z0-9]([a-z0-9-]*[a-z0-9])?\Z")
 
 
 def role(container: Obj) -> str:

@@ -167,5 +167,12 @@ def test_failed_preflight_keeps_readiness_not_serving(tmp_path: Path) -> None:
         assert "no CUDA GPU is visible" in log or "not importable" in log or "does not exist" in log, log
         assert health_status(process.target, "") == health_pb2.HealthCheckResponse.SERVING
         assert health_status(process.target, TRELLIS_SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING
+        # Called anyway: FAILED_PRECONDITION with the cause (retrying cannot help), not UNAVAILABLE "still loading".
+        with grpc.insecure_channel(process.target) as channel, pytest.raises(grpc.RpcError) as caught:
+            list(trellis_pb2_grpc.TrellisServiceStub(channel).ImageTo3D(
+                trellis_pb2.ImageTo3DRequest(images=[common_pb2.Image(data=png_bytes(object_image((64, 64))))]),
+                timeout=30))
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+        assert "cannot run its model" in (caught.value.details() or "")  # type: ignore[attr-defined]
     finally:
         process.stop(grace=5)

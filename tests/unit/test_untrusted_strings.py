@@ -20,7 +20,8 @@ def test_a_huge_media_type_is_refused_without_being_echoed() -> None:
 
 
 @pytest.mark.parametrize("request_id", [
-    "a" * (MAX_REQUEST_ID_CHARS + 1), "forged\nline", "tab\there", "sp ace", "ünïcode", "x" * 2**20,
+    "a" * (MAX_REQUEST_ID_CHARS + 1), "forged\nline", "trailing-newline\n", "tab\there", "sp ace", "ünïcode",
+    "x" * 2**20,
 ])
 def test_request_ids_that_could_forge_or_flood_logs_are_refused(request_id: str) -> None:
     with pytest.raises(InvalidInput, match="request_id must be 1 to 128 characters") as info:

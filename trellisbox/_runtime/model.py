@@ -35,7 +35,7 @@ import grpc
 from prometheus_client import REGISTRY, Gauge, Info
 from pydantic import Field
 
-from trellisbox._domain.errors import Unavailable
+from trellisbox._domain.errors import ModelUnavailable, Unavailable
 from trellisbox._runtime.allocator import MODEL
 from trellisbox._runtime.config import ServiceSettings, settings_or_exit
 from trellisbox._runtime.devices import GpuMemoryCollector, gpu_memory_bytes
@@ -163,6 +163,7 @@ class ModelHost(Generic[B]):
         self.service = service
         self.lease = lease
         self._backend: B | None = None
+        self._cannot_run: ModelUnavailable | None = None  # why the model cannot run here, once start found out
         self._memory_collected = False
         hooks = residency_hooks(lease.residency, to_gpu=self._mover("to_gpu"), to_host=self._mover("to_host"),
                                 load=self._mover("load"), unload=self._mover("unload"))
@@ -176,8 +177,11 @@ class ModelHost(Generic[B]):
         return self._backend
 
     def require(self) -> B:
-        """The backend, or ``Unavailable`` while it is still loading (or failed to)."""
+        """The backend; ``ModelUnavailable`` (FAILED_PRECONDITION: retrying cannot help) when it cannot run here,
+        ``Unavailable`` while it is still loading (or failed to load for a reason not explained)."""
         if self._backend is None:
+            if self._cannot_run is not None:
+                raise ModelUnavailable(f"the {self.service} service cannot run its model: {self._cannot_run}")
             raise Unavailable(f"the {self.service} service is not ready: its model is still loading or failed to "
                               "load (see its readiness and log)")
         return self._backend
@@ -200,7 +204,11 @@ class ModelHost(Generic[B]):
             self._backend = backend
             return backend
 
-        backend = self.run_in_turn(prepare)
+        try:
+            backend = self.run_in_turn(prepare)
+        except ModelUnavailable as exc:
+            self._cannot_run = exc
+            raise
         self._publish_placement(backend.device)
         return backend
 

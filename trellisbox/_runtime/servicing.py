@@ -33,7 +33,7 @@ from trellisbox.v1 import common_pb2
 T = TypeVar("T")
 
 MAX_REQUEST_ID_CHARS = 128
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]+$")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]+\Z")
 
 
 def bind_request_id(given: str) -> str:

@@ -23,8 +23,8 @@ LeaseBackend = Literal["flock", "kubernetes"]
 Residency = Literal["resident", "offload", "unload"]
 
 # Kubernetes object names: DNS-1123 subdomain (also safe as a file name: no "/").
-_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
-_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?\Z")
+_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
 
 
 def default_holder() -> str:
