@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -299,3 +300,27 @@ def test_the_health_port_answers_probes_in_plaintext_and_serves_nothing_else(tmp
         refiner.stop()
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
     assert f"health checks only, plaintext, on 127.0.0.1:{health_port}" in refiner.log_tail(100)
+
+
+def test_refused_calls_are_counted_for_every_method(tmp_path: Path) -> None:
+    """An alert on code="UNAUTHENTICATED" must see the gateway's main call, which reads its own request."""
+    write_private(tmp_path / "tokens", f"{TOKEN}\n".encode())
+    dead, metrics_port = f"127.0.0.1:{free_port()}", free_port()
+    process = start_service("gateway-counted", "gateway", [
+        "--token-file", str(tmp_path / "tokens"), "--metrics-port", str(metrics_port),
+        "--refiner-target", dead, "--trellis-target", dead], tmp_path / "logs")
+    try:
+        process.wait_ready("", 60)
+        for token in (None, WRONG_TOKEN):
+            assert _generate_error(process.target, None, token).code() == (  # type: ignore[attr-defined]
+                grpc.StatusCode.UNAUTHENTICATED)
+        with grpc.insecure_channel(process.target) as channel, pytest.raises(grpc.RpcError):
+            gateway_pb2_grpc.GatewayServiceStub(channel).Cancel(gateway_pb2.CancelRequest(request_id="x"), timeout=20)
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    finally:
+        process.stop()
+    for method, count in (("Generate", 2), ("Cancel", 1)):
+        sample = f'trellisbox_requests_total{{code="UNAUTHENTICATED",method="{method}",service="GatewayService"}} '
+        assert any(line.startswith(sample) and float(line.rpartition(" ")[2]) == count
+                   for line in metrics.splitlines()), (method, [line for line in metrics.splitlines()
+                                                                if "requests_total" in line])

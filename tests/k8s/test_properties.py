@@ -557,6 +557,34 @@ def test_config_keys_are_real_settings_and_values_parse(name: str, monkeypatch: 
         assert settings.host == "0.0.0.0"
 
 
+#: The gateway's resident memory with no request (docs/reliability.md measures 72-92 MiB), with room to spare.
+GATEWAY_IDLE_BYTES = 128 * 2**20
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_the_gateway_memory_limit_holds_its_byte_budget(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/reliability.md: gateway RSS <= idle + 2 x max_held_bytes under any uploads. A limit below that lets
+    large uploads get the gateway OOM-killed, which the byte budget exists to prevent."""
+    from kubernetes.utils import parse_quantity
+
+    from trellisbox._runtime.config import load_settings
+
+    objs = k8sutil.render(name)
+    for _, container in k8sutil.iter_containers(objs):
+        if role(container) != "gateway":
+            continue
+        for key in [k for k in os.environ if k.startswith("TRELLISBOX_")]:
+            monkeypatch.delenv(key)
+        for key, value in container_environment(objs, container).items():
+            if key.startswith(PREFIXES["gateway"]):
+                monkeypatch.setenv(key, value)
+        settings = load_settings(settings_class("gateway"), [])
+        limit = parse_quantity(container["resources"]["limits"]["memory"])
+        ceiling = GATEWAY_IDLE_BYTES + 2 * settings.max_held_bytes
+        assert limit >= ceiling, (f"{name}: gateway memory limit {limit / 2**20:.0f} MiB < idle + 2 x max_held_bytes "
+                                  f"= {ceiling / 2**20:.0f} MiB; lower TRELLISBOX_GATEWAY_MAX_HELD_BYTES or raise it")
+
+
 # ---- weights layout: the Job, the images and the ConfigMaps agree -----------------------------------
 
 

@@ -17,6 +17,7 @@ Logs and error messages name files, never their content: no token, key or certif
 from __future__ import annotations
 
 import hmac
+import inspect
 import ipaddress
 import logging
 import threading
@@ -267,6 +268,10 @@ def _refusal(handler: Handler, error: Unauthenticated) -> Handler:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(error))
 
     if handler.request_streaming:
+        if handler.response_streaming and inspect.isasyncgenfunction(behaviours.stream_stream):
+            # The gateway's Generate reads its own request: the error mapping wraps such a handler (and counts it)
+            # only as an async generator.
+            return behaviours._replace(stream_stream=streaming)  # type: ignore[no-any-return]
         kind = "stream_stream" if handler.response_streaming else "stream_unary"
         return behaviours._replace(**{kind: client_streaming})  # type: ignore[no-any-return]
     if handler.response_streaming:
