@@ -53,7 +53,8 @@ def _image(data: bytes, media_type: str = "") -> common_pb2.Image:
     [
         ({"images": [_image(b"this is not an image")]}, "images[0] is not a PNG, JPEG or WebP image"),
         ({"images": [_image(png_bytes()), _image(truncated_png())]}, "images[1] is truncated or corrupt"),
-        ({"images": [_image(huge_png_header())]}, "images[0] is 900.0 MP; the limit is 16.8 MP"),
+        ({"images": [_image(huge_png_header())]},
+         "images[0] is 30000×30000 = 900,000,000 pixels; the limit is 16,777,216 (4096×4096)"),
         ({"images": []}, "no images: send at least one PNG, JPEG or WebP image"),
         ({"images": [_image(png_bytes())], "refine": True,
           "refine_parameters": common_pb2.RefineParameters(strength=7)}, "strength must be in (0.0, 1.0], got 7"),

@@ -46,7 +46,7 @@ def _flipped(data: bytes, offset_from_end: int) -> bytes:
         (b"", "", "is empty"),
         (b"definitely not an image", "", "is not a PNG, JPEG or WebP image"),
         (truncated_png(), "", "truncated or corrupt"),
-        (huge_png_header(), "", "900.0 MP; the limit is 16.8 MP"),
+        (huge_png_header(), "", "30000×30000 = 900,000,000 pixels; the limit is 16,777,216 (4096×4096)"),
         (huge_png_header(5000, 5000), "", "5000×5000 = 25,000,000 pixels; the limit is 16,777,216 (4096×4096)"),
         (huge_png_header(4097, 4097), "", "4097×4097 = 16,785,409 pixels; the limit is 16,777,216 (4096×4096)"),
         (png_bytes(), "image/jpeg", "declared image/jpeg but its bytes are image/png"),

@@ -80,7 +80,10 @@ def _open(data: bytes, media_type: str, limits: ImageLimits, label: str, handoff
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
-        # Pillow refuses absurd sizes before we see them; its message carries the pixel count.
+        # Pillow refuses absurd sizes before we see them. A PNG's header says its sides (read them, for the same
+        # message as any image over the limit); for the others, Pillow's message carries the pixel count.
+        if data.startswith(b"\x89PNG\r\n\x1a\n") and data[12:16] == b"IHDR":
+            raise _too_many_pixels(label, *struct.unpack(">II", data[16:24]), limits) from None
         found = re.search(r"\((\d+) pixels\)", str(exc))
         size = _megapixels(int(found.group(1))) if found else "too many pixels"
         raise InvalidInput(
@@ -113,13 +116,15 @@ def _open(data: bytes, media_type: str, limits: ImageLimits, label: str, handoff
             raise InvalidInput(f"{label} is declared {declared} but its bytes are {media_types[fmt]}")
     width, height = image.size
     if width * height > limits.max_pixels:
-        raise InvalidInput(
-            f"{label} is {width}×{height} = {width * height:,} pixels; the limit is {_pixel_limit(limits.max_pixels)}. "
-            "Downscale it."
-        )
+        raise _too_many_pixels(label, width, height, limits)
     if min(width, height) < limits.min_side:
         raise InvalidInput(f"{label} is {width}×{height}; each side must be at least {limits.min_side} px")
     return image
+
+
+def _too_many_pixels(label: str, width: int, height: int, limits: ImageLimits) -> InvalidInput:
+    return InvalidInput(f"{label} is {width}×{height} = {width * height:,} pixels; the limit is "
+                        f"{_pixel_limit(limits.max_pixels)}. Downscale it.")
 
 
 def _signature_format(data: bytes) -> str:
