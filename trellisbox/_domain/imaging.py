@@ -83,7 +83,8 @@ def _open(data: bytes, media_type: str, limits: ImageLimits, label: str, handoff
         # Pillow refuses absurd sizes before we see them. A PNG's header says its sides (read them, for the same
         # message as any image over the limit); for the others, Pillow's message carries the pixel count.
         if data.startswith(b"\x89PNG\r\n\x1a\n") and data[12:16] == b"IHDR":
-            raise _too_many_pixels(label, *struct.unpack(">II", data[16:24]), limits) from None
+            width, height = struct.unpack(">II", data[16:24])
+            raise _too_many_pixels(label, width, height, limits) from None
         found = re.search(r"\((\d+) pixels\)", str(exc))
         size = _megapixels(int(found.group(1))) if found else "too many pixels"
         raise InvalidInput(
