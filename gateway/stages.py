@@ -34,6 +34,10 @@ RefineGaussiansCall = grpc.aio.UnaryStreamCall[trellis_pb2.RefineGaussiansReques
                                                StageEvent[trellis_pb2.ImageTo3DResponse]]
 
 
+#: The longest a stage channel waits between attempts to reconnect to a replica that went away.
+MAX_RECONNECT_BACKOFF_MS = 2_000
+
+
 def _method_path(service: str, method: str) -> str:
     """``/package.Service/Method``, the HTTP/2 path of a method."""
     return f"/{service}/{method}"
@@ -63,6 +67,11 @@ def channel_options(settings: GatewaySettings, service: str) -> list[tuple[str, 
         # A replica closing an aged connection makes the channel re-resolve; gRPC's default allows that once in
         # 30 s, which would hide a new replica that long.
         ("grpc.dns_min_time_between_resolutions_ms", 2_000),
+        # A stage that was down comes back within a second or two of being ready: gRPC's default reconnect backoff
+        # grows to 120 s, and calls fail UNAVAILABLE while the channel waits out a long one.
+        ("grpc.initial_reconnect_backoff_ms", 250),
+        ("grpc.min_reconnect_backoff_ms", 250),
+        ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
     ]
 
 

@@ -206,3 +206,23 @@ def test_a_fit_stops_before_its_next_render_whatever_phase_it_is_in() -> None:
             fit(stopped)
         # Outside the steps, none; within one, at most the rest of that step (its views are one backward pass).
         assert stopped.renders - stop_after <= REGULARISER_VIEWS_PER_STEP, stopped.renders - stop_after
+
+
+def test_a_camera_search_stops_before_its_next_render() -> None:
+    """The search, its refinement and its last render each let a caller that left go at once (it used to need a
+    first candidate, and finished its refinement and its last render first)."""
+    scene = asymmetric_object()
+    centre, radius = scene.centre_and_radius()
+    view = target_view(photo(scene, OrbitPose(35.0, 20.0, 2.6, (0.0, 0.0), 64), 64, RASTERIZER), 32)
+
+    def search(rasterizer: _CountingRasterizer) -> None:
+        recover_pose(scene.activated(), centre, radius, view, rasterizer, check_stop=rasterizer.check_stop,
+                     generator=torch.Generator().manual_seed(0))
+
+    whole = _CountingRasterizer(stop_after=None)
+    search(whole)
+    for stop_after in sorted({0, 1, whole.renders // 2, whole.renders - 1}):
+        stopped = _CountingRasterizer(stop_after)
+        with pytest.raises(_Stopped):
+            search(stopped)
+        assert stopped.renders == stop_after

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -31,10 +32,13 @@ async def stream(request: common_pb2.Image, context: grpc.aio.ServicerContext[An
         raise StageFailed("refiner", "UNAVAILABLE", "Stream removed")
     if what == "bug":
         raise RuntimeError("secret internals")
+    if what == "slow":
+        await asyncio.sleep(30)
     yield common_pb2.Progress(step=2, message="done")
 
 
-async def call(data: bytes) -> tuple[list[bytes], grpc.StatusCode, str]:
+async def call(data: bytes, deadline_s: float = 10, cancel_after_s: float | None = None
+               ) -> tuple[list[bytes], grpc.StatusCode, str]:
     server = grpc.aio.server(interceptors=[ErrorInterceptor()])
     handler = grpc.unary_stream_rpc_method_handler(
         stream, request_deserializer=common_pb2.Image.FromString,
@@ -49,16 +53,23 @@ async def call(data: bytes) -> tuple[list[bytes], grpc.StatusCode, str]:
             # Raw bytes in and out: the request may be anything a client sends.
             rpc = channel.unary_stream(METHOD, None, None)
             received: list[bytes] = []
+            ongoing = rpc(data, timeout=deadline_s)
+            if cancel_after_s is not None:
+                asyncio.get_running_loop().call_later(cancel_after_s, ongoing.cancel)
             try:
-                async for message in rpc(data, timeout=10):
+                async for message in ongoing:
                     received.append(message)
             except grpc.aio.AioRpcError as exc:
                 return received, exc.code(), exc.details() or ""
+            except asyncio.CancelledError:
+                await asyncio.sleep(0.5)  # the server hears of it
+                return received, grpc.StatusCode.CANCELLED, ""
             # Health (a handler that writes with context.write) still works through the interceptor.
             watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=5)
             first = await watch.read()
             watch.cancel()
             assert first.status == health_pb2.HealthCheckResponse.SERVING
+            await asyncio.sleep(0.5)  # the server hears of it
             return received, grpc.StatusCode.OK, ""
     finally:
         await server.stop(None)
@@ -82,6 +93,26 @@ def test_typed_errors_become_their_status(what: str, code: grpc.StatusCode, deta
     assert "secret" not in message
     assert len(received) == (2 if code == grpc.StatusCode.OK else 1)  # what was sent before the error arrived
     assert count(code.name) == before + 1
+
+
+def test_calls_cut_short_are_counted_as_their_callers_saw_them() -> None:
+    """A deadline that passed is DEADLINE_EXCEEDED, not CANCELLED; a caller that cancelled is CANCELLED; a health
+    watch, which only ever ends by its caller leaving, is OK (or the error rate rises with every reconnect)."""
+    slow = common_pb2.Image(media_type="slow").SerializeToString()
+    watches = REQUESTS.labels("Health", "Watch", "OK")._value.get()
+    unwatched = REQUESTS.labels("Health", "Watch", "CANCELLED")._value.get()
+    before = {code: count(code) for code in ("DEADLINE_EXCEEDED", "CANCELLED")}
+    _, got, _ = asyncio.run(call(slow, deadline_s=0.5))
+    assert got == grpc.StatusCode.DEADLINE_EXCEEDED
+    time.sleep(0.5)
+    assert (count("DEADLINE_EXCEEDED"), count("CANCELLED")) == (before["DEADLINE_EXCEEDED"] + 1, before["CANCELLED"])
+    _, got, _ = asyncio.run(call(slow, cancel_after_s=0.3))
+    assert got == grpc.StatusCode.CANCELLED
+    assert (count("DEADLINE_EXCEEDED"), count("CANCELLED")) == (before["DEADLINE_EXCEEDED"] + 1,
+                                                                before["CANCELLED"] + 1)
+    asyncio.run(call(common_pb2.Image(media_type="fine").SerializeToString()))
+    assert REQUESTS.labels("Health", "Watch", "OK")._value.get() == watches + 1
+    assert REQUESTS.labels("Health", "Watch", "CANCELLED")._value.get() == unwatched
 
 
 @pytest.mark.parametrize("data", [b"\x0a\xff", b"\x12\x05ab", b"\xff\xff\xff", b"\x12\x02\xff\xfe"])

@@ -53,7 +53,7 @@ def soft_iou(alpha: Tensor, mask: Tensor) -> Tensor:
 
 
 def recover_pose(gaussians: DrawnGaussians, centre: Tensor, radius: float, view: TargetView,
-                 rasterizer: Rasterizer, *, should_stop: Callable[[], bool] = lambda: False,
+                 rasterizer: Rasterizer, *, check_stop: Callable[[], None] = lambda: None,
                  generator: torch.Generator | None = None) -> RecoveredPose:
     """The orbit pose from which ``gaussians`` look most like ``view`` (see the module doc).
 
@@ -63,11 +63,13 @@ def recover_pose(gaussians: DrawnGaussians, centre: Tensor, radius: float, view:
         radius: The object's radius around ``centre`` (sets the reference distance).
         view: The photo's target view.
         rasterizer: Renders the candidates.
-        should_stop: Polled between renders; True ends the search early with the best so far.
+        check_stop: Called before every render; it raises to abandon the search when the caller went away
+            (``JobContext.raise_if_stopped``).
         generator: Chooses the search subset (seeded for repeatable results).
     """
-    coarse = _coarse_search(gaussians, centre, radius, view, rasterizer, should_stop, generator)
-    refined = _refine(_subset(gaussians, REFINE_GAUSSIANS, generator), centre, view, rasterizer, coarse, should_stop)
+    coarse = _coarse_search(gaussians, centre, radius, view, rasterizer, check_stop, generator)
+    refined = _refine(_subset(gaussians, REFINE_GAUSSIANS, generator), centre, view, rasterizer, coarse, check_stop)
+    check_stop()
     with torch.no_grad():
         camera = camera_at(refined, centre, REFINE_SIZE)
         alpha = rasterizer.render(gaussians, camera, torch.zeros_like(centre)).alpha
@@ -83,7 +85,7 @@ def _subset(gaussians: DrawnGaussians, limit: int, generator: torch.Generator | 
 
 
 def _coarse_search(gaussians: DrawnGaussians, centre: Tensor, radius: float, view: TargetView,
-                   rasterizer: Rasterizer, should_stop: Callable[[], bool],
+                   rasterizer: Rasterizer, check_stop: Callable[[], None],
                    generator: torch.Generator | None) -> OrbitPose:
     size = SEARCH_SIZE
     target = view.resized(size)
@@ -98,8 +100,7 @@ def _coarse_search(gaussians: DrawnGaussians, centre: Tensor, radius: float, vie
     with torch.no_grad():
         for pitch in PITCHES_DEGREES:
             for step in range(round(360 / YAW_STEP_DEGREES)):
-                if should_stop() and candidates:
-                    break
+                check_stop()
                 yaw = step * YAW_STEP_DEGREES
                 camera = orbit_camera(torch.tensor(math.radians(yaw), dtype=dtype, device=device),
                                       torch.tensor(math.radians(pitch), dtype=dtype, device=device),
@@ -156,7 +157,7 @@ def _warp(images: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
 
 
 def _refine(gaussians: DrawnGaussians, centre: Tensor, view: TargetView, rasterizer: Rasterizer,
-            start: OrbitPose, should_stop: Callable[[], bool]) -> OrbitPose:
+            start: OrbitPose, check_stop: Callable[[], None]) -> OrbitPose:
     target = view.resized(REFINE_SIZE)
     drawn = DrawnGaussians(*(t.detach() for t in (gaussians.means, gaussians.quats, gaussians.scales,
                                                   gaussians.opacities, gaussians.colours)))
@@ -165,11 +166,10 @@ def _refine(gaussians: DrawnGaussians, centre: Tensor, view: TargetView, rasteri
     black = torch.zeros_like(centre)
     best = (-1.0, start)
     for _ in range(REFINE_STEPS + 1):
+        check_stop()
         iou = soft_iou(rasterizer.render(drawn, parameters.camera(centre), black).alpha, target.mask)
         if float(iou.detach()) > best[0]:
             best = (float(iou.detach()), parameters.pose())
-        if should_stop():
-            break
         optimiser.zero_grad()
         (1.0 - iou).backward()  # type: ignore[no-untyped-call]
         optimiser.step()

@@ -159,7 +159,7 @@ def _recover_cameras(gaussians: GaussianSet, centre: Tensor, radius: float, view
     for index, view in enumerate(views):
         ctx.report(Stage.GAUSSIAN_REFINEMENT, index, total, f"recovering the camera of image {index + 1}")
         recovered = recover_pose(gaussians.activated(), centre, radius, view, rasterizer,
-                                 should_stop=lambda: ctx.should_stop, generator=generator)
+                                 check_stop=ctx.raise_if_stopped, generator=generator)
         ctx.raise_if_stopped()
         _log.info("image %d: yaw %.1f° pitch %.1f° distance %.3f, silhouette IoU %.3f", index,
                   recovered.pose.yaw_degrees, recovered.pose.pitch_degrees, recovered.pose.distance, recovered.iou)

@@ -106,6 +106,13 @@ def _forget_frames(exc: BaseException) -> None:
         pending += [current.__cause__, current.__context__]
 
 
+#: Streams that only ever end by the caller cancelling them (a health watch): counted OK, or the error rate
+#: (``code!="OK"``) would rise each time a gateway reconnects.
+_ENDED_BY_THE_CALLER = {("Health", "Watch")}
+#: A call cancelled with less than this left of its deadline ended by the deadline.
+_DEADLINE_SLACK_S = 0.05
+
+
 class _Call:
     """Bookkeeping of one call: its labels and how it ended."""
 
@@ -116,6 +123,15 @@ class _Call:
 
     def count(self, code: grpc.StatusCode) -> None:
         REQUESTS.labels(self.service, self.method, code.name).inc()
+
+    def cancelled_as(self, context: Context) -> grpc.StatusCode:
+        """How a call that was cancelled under its handler ended, as its caller saw it."""
+        if (self.service, self.method) in _ENDED_BY_THE_CALLER:
+            return grpc.StatusCode.OK  # a watch has no end of its own: the caller leaving is how it ends
+        remaining = context.time_remaining()
+        if remaining is not None and remaining < _DEADLINE_SLACK_S:
+            return grpc.StatusCode.DEADLINE_EXCEEDED
+        return grpc.StatusCode.CANCELLED
 
     async def fail(self, exc: BaseException, context: Context) -> None:
         code, message = status_for(exc)
@@ -140,8 +156,8 @@ class _Call:
         except grpc.aio.AbortError:  # the handler (or a library it calls) chose the status itself
             self.count(context.code() or grpc.StatusCode.UNKNOWN)
             raise
-        except asyncio.CancelledError:  # the caller went away
-            self.count(grpc.StatusCode.CANCELLED)
+        except asyncio.CancelledError:  # the caller went away, or its deadline passed
+            self.count(self.cancelled_as(context))
             raise
         except Exception as exc:
             await self.fail(exc, context)
