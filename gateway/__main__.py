@@ -24,6 +24,8 @@ from trellisbox._runtime.server import ServiceSpec, run
 _log = logging.getLogger("gateway")
 #: How often readiness looks at the stages' channels.
 STAGE_CHECK_S = 1.0
+#: How much sooner than the grace period's end durable requests still running are stopped.
+DRAIN_MARGIN_S = 1.0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,8 +48,12 @@ def main(argv: list[str] | None = None) -> None:
                         budget=budget, max_message_bytes=settings.max_request_bytes)
         add_gateway_servicer(GatewayServicer(settings, router, budget, jobs), server)
 
+    async def drain_jobs(grace_s: float) -> None:
+        # Durable requests get the calls' grace, less a margin: one stopped then ends its callers' calls with its
+        # own CANCELLED message before the server cancels what is left of them.
+        await jobs.drain(max(0.0, grace_s - DRAIN_MARGIN_S))
+
     async def close_channels() -> None:
-        await jobs.drain(settings.grace_s)  # durable requests whose callers left get the drain time calls get
         for stages in channels:
             await stages.close()
 
@@ -80,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         describe=lambda: (f"refiner={settings.refiner_target} trellis={settings.trellis_target} "
                           f"results={settings.results_path} stage transport={settings.stage_tls or 'off'}; "
                           + tokens_in_use),
+        on_drain=drain_jobs,
         on_shutdown=close_channels,
         readiness=stages_reachable,
         interceptors=interceptors,

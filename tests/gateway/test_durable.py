@@ -251,3 +251,31 @@ def test_stored_results_survive_a_gateway_restart(stack: LocalStack) -> None:
     with TrellisBoxClient(restarted, timeout=60) as client:
         after = client.fetch("durable-restart")
     assert after.glb == before.glb and after.refined_images == before.refined_images
+
+
+def test_a_gateway_shutting_down_ends_durable_requests_within_one_grace(tmp_path: Path) -> None:
+    """SIGTERM with a durable request running: its caller hears the request's own CANCELLED message (not gRPC's
+    'Cancelling all calls'), and the gateway exits within --grace-s, not twice that (calls, then jobs)."""
+    grace_s = 4.0
+    with LocalStack(tmp_path, refiner_args=["--backend", "fixed-latency", "--fixed-latency-ms", "12000"],
+                    trellis_args=["--backend", "preview"], gateway_args=["--grace-s", str(grace_s)]) as running:
+        outcome: list[grpc.RpcError] = []
+
+        def follow() -> None:
+            with grpc.insecure_channel(running.gateway_target) as channel, pytest.raises(grpc.RpcError) as caught:
+                list(_stub(channel).Generate(_request("durable-shutdown"), timeout=60))
+            outcome.append(caught.value)
+
+        caller = threading.Thread(target=follow)
+        caller.start()
+        _wait_until_started(running, "durable-shutdown", caller)
+        gateway = running.processes["gateway"]
+        began = time.monotonic()
+        gateway.stop(grace=30)
+        took = time.monotonic() - began
+        caller.join(30)
+    assert took < grace_s + 3.0, f"the gateway took {took:.1f} s to stop with --grace-s {grace_s}"
+    (error,) = outcome
+    assert error.code() == grpc.StatusCode.CANCELLED, error  # type: ignore[attr-defined]
+    assert "request durable-shutdown was cancelled (Cancel, or the gateway shut down)" in (
+        error.details() or "")  # type: ignore[attr-defined]

@@ -40,6 +40,8 @@ class ServiceSpec:
         register: Adds the servicer(s) to the server.
         warm_up: Blocking load + first inference; runs in a thread after the port is open.
         describe: One line for the log once ready (backend, device).
+        on_drain: Called with the grace period (seconds) when the server starts draining, and awaited alongside the
+            calls' drain: work that outlives calls (the gateway's durable requests) ends within the same grace.
         on_shutdown: Called after the server stopped (free the model, release leases, close channels); may be
             a coroutine function.
         readiness: After warm-up, what readiness follows for the server's lifetime: an async iterator of
@@ -53,6 +55,7 @@ class ServiceSpec:
     register: Callable[[grpc.aio.Server], None]
     warm_up: Callable[[], object] | None = None
     describe: Callable[[], str] = field(default=lambda: "")
+    on_drain: Callable[[float], Awaitable[None]] | None = None
     on_shutdown: Callable[[], Awaitable[None] | None] | None = None
     readiness: Callable[[], AsyncIterator[bool]] | None = None
     interceptors: Sequence[ServerInterceptor] = ()
@@ -183,7 +186,9 @@ async def serve(settings: ServiceSettings, spec: ServiceSpec) -> None:
     await stop.wait()
     _log.info("draining for up to %.0f s", settings.grace_s)
     await health_servicer.enter_graceful_shutdown()
-    await server.stop(settings.grace_s)
+    # One grace for everything: the calls in flight and, alongside, what outlives calls.
+    await asyncio.gather(server.stop(settings.grace_s),
+                         *([spec.on_drain(settings.grace_s)] if spec.on_drain is not None else []))
     if health_server is not None:
         await health_server.stop(None)
     warm_task.cancel()
