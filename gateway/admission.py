@@ -125,12 +125,13 @@ class Hold:
 class ByteBudget:
     """The bytes of requests the gateway holds: requests being received, validated and routed.
 
-    The gateway reads a request only once the budget has room for the largest one (``max_request_bytes``): until
-    then HTTP/2 flow control keeps its bytes at the client, so any number of uploads at once cannot take the
-    gateway's memory. Requests waiting for room get it in the order they came. A request held while routed counts
-    twice (it and the stage request built from it); when that goes over the budget it is refused
-    (``RESOURCE_EXHAUSTED``, with a retry hint). One request is always let in when nothing is held, however large
-    (the transport's ``max_request_bytes`` bounds it).
+    The gateway reads a request only once the budget has room for the largest one twice (``max_request_bytes``: it
+    and the stage request built from it): until then HTTP/2 flow control keeps its bytes at the client, so any
+    number of uploads at once cannot take the gateway's memory. Once read, it keeps twice its own size until it
+    ends and gives the rest back; it never needs more, so a request read is never refused for room. Requests
+    waiting for room get it in the order they came, or are refused after waiting (``RESOURCE_EXHAUSTED``, with a
+    retry hint). One request is always let in when nothing is held, however large (the transport's
+    ``max_request_bytes`` bounds it). A hold that grows (:meth:`Hold.resize`) gets the room at once or is refused.
 
     Args:
         max_bytes: The budget.
@@ -145,10 +146,11 @@ class ByteBudget:
     def held(self) -> int:
         return self._held
 
-    def _refusal(self, waiting: int = 0) -> QueueFull:
+    def _refusal(self, needed: int, waiting: int = 0) -> QueueFull:
         also = f" and {waiting} more wait" if waiting else ""
         return QueueFull(f"gateway is holding {self._held / 2**20:.0f} MiB of requests (limit "
-                         f"{self._max_bytes / 2**20:.0f} MiB){also}; retry later", retry_after_s=RETRY_AFTER_S)
+                         f"{self._max_bytes / 2**20:.0f} MiB; this one needs {needed / 2**20:.0f} MiB){also}; "
+                         "retry later", retry_after_s=RETRY_AFTER_S)
 
     def _fits(self, hold: Hold, nbytes: int) -> bool:
         others = self._held - hold.nbytes
@@ -156,7 +158,7 @@ class ByteBudget:
 
     def _resize(self, hold: Hold, nbytes: int) -> None:
         if nbytes > hold.nbytes and not self._fits(hold, nbytes):
-            raise self._refusal()
+            raise self._refusal(nbytes)
         shrinks = nbytes < hold.nbytes
         self._held += nbytes - hold.nbytes
         hold.nbytes = nbytes
@@ -186,7 +188,7 @@ class ByteBudget:
         try:
             await asyncio.wait_for(granted, wait_s)
         except TimeoutError:
-            raise self._refusal(waiting=sum(not granted.done() for _, _, granted in self._waiters)) from None
+            raise self._refusal(nbytes, waiting=sum(not granted.done() for _, _, granted in self._waiters)) from None
 
     @contextmanager
     def hold(self, nbytes: int) -> Iterator[Hold]:

@@ -83,10 +83,10 @@ class GatewaySettings(ServiceSettings):
     )
     max_held_bytes: int = Field(
         512 * 2**20, ge=2**20, description="Request bytes the gateway holds at once: a request is read only when "
-        "max_request_bytes fit (until then HTTP/2 flow control keeps its bytes at the client), then counts twice its "
-        "bytes (it and the stage request built from it) until it ends; a request for which that does not fit is "
-        "refused with RESOURCE_EXHAUSTED. The gateway never decodes images. Bounds the gateway's memory under any "
-        "number of large uploads (docs/reliability.md)."
+        "twice max_request_bytes fit (until then HTTP/2 flow control keeps its bytes at the client), then holds twice "
+        "its bytes (it and the stage request built from it) until it ends, so a request read is never refused for "
+        "room; one that waits longer than receive_timeout_s for room is refused with RESOURCE_EXHAUSTED. The gateway "
+        "never decodes images. Bounds the gateway's memory under any number of large uploads (docs/reliability.md)."
     )
     receive_timeout_s: float = Field(
         120.0, gt=0, description="How long a request may take to arrive once the gateway reads it, and to wait for "

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from gateway.admission import ByteBudget, Hold
+from gateway.admission import ByteBudget
 from gateway.config import GatewaySettings
 from gateway.relay import Outgoing, serialize_response
 from gateway.results import CancelOutcome, DurableJobs, request_fingerprint
@@ -80,7 +80,7 @@ class GatewayServicer:
         """Registered as a request stream, which is the same on the wire as a unary request: the gateway reads the
         request itself, once the byte budget has room for the largest one (see :class:`ByteBudget`)."""
         async with AsyncExitStack() as held:
-            request, hold = await self._receive(context, held)
+            request = await self._receive(context, held)
             request_id = bind_request_id(request.request_id)
             fingerprint: str | None = None
             if request.request_id:  # durable: the same request again attaches to its job, or gets its stored result
@@ -91,7 +91,7 @@ class GatewayServicer:
                     async for response in existing:
                         yield response
                     return
-            await self._validate(request, hold)
+            await self._validate(request)
             job = self._job(request_id, request, context)
             if fingerprint is None:
                 async for response in self._router.generate(job):
@@ -132,8 +132,9 @@ class GatewayServicer:
         return bind_request_id(given)
 
     async def _receive(self, context: grpc.aio.ServicerContext[Any, Any], held: AsyncExitStack
-                       ) -> tuple[gateway_pb2.GenerateRequest, Hold]:
-        """Read the request once the budget has room for the largest one; its bytes stay held until ``held`` closes."""
+                       ) -> gateway_pb2.GenerateRequest:
+        """Read the request once the budget has room for the largest one twice; twice its bytes stay held until
+        ``held`` closes."""
         large = False
 
         async def return_memory() -> None:  # registered first, so it runs after the hold is given back
@@ -144,29 +145,27 @@ class GatewayServicer:
 
         held.push_async_callback(return_memory)
         limit_s = self._settings.receive_timeout_s
-        # Room for the largest request. Once read, a request needs more only when it is over half that size (see
-        # _validate); it then gets it at once or is refused, never waiting for room while holding some.
-        hold = await held.enter_async_context(
-            self._budget.hold_when_free(self._settings.max_request_bytes, self._wait_s(context)))
+        # Room for the largest request twice (it and the stage request built from it, held until the job ends), so
+        # that once read it needs no more: a request read is never refused for room, and never waits for it while
+        # holding some.
+        reserve = min(2 * self._settings.max_request_bytes, self._settings.max_held_bytes)
+        hold = await held.enter_async_context(self._budget.hold_when_free(reserve, self._wait_s(context)))
         try:
             data = await asyncio.wait_for(context.read(), limit_s)
         except TimeoutError:
             raise DeadlineExceeded(f"the request did not arrive within {limit_s:.0f} s (receive_timeout_s)") from None
         if not isinstance(data, bytes):
             raise InvalidInput("no request message: send one GenerateRequest")
-        hold.resize(len(data))
+        hold.resize(min(2 * len(data), reserve))  # what it holds until the job ends; the rest goes to the next
         large = len(data) > _LARGE_REQUEST
-        return parse_request(gateway_pb2.GenerateRequest, data), hold
+        return parse_request(gateway_pb2.GenerateRequest, data)
 
-    async def _validate(self, request: gateway_pb2.GenerateRequest, hold: Hold) -> None:
+    async def _validate(self, request: gateway_pb2.GenerateRequest) -> None:
         """Check the images without decoding them: format, declared type, size, pixel count, and a PNG's structure and
         checksums. The stage that first reads the pixels decodes them and refuses what only decoding finds (a JPEG cut
         short) before its model runs, with the same message; decoding here too would cost every request a few ms per
         image before any stage starts (docs/benchmarks.md). The stages get the caller's bytes, not a re-encoding."""
-        size = request.ByteSize()
-        # Until the job ends the gateway holds the request and the stage request built from it.
-        hold.resize(2 * size)
-        await check_request_images(request.images, self._settings, size)
+        await check_request_images(request.images, self._settings, request.ByteSize())
 
     def _wait_s(self, context: grpc.aio.ServicerContext[Any, Any]) -> float:
         """How long a request may wait for room in the byte budget."""
