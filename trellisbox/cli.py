@@ -34,7 +34,14 @@ from trellisbox._domain.params import (
     walk,
 )
 from trellisbox._runtime.allocator import RECEIVING, tune_malloc
-from trellisbox.client import GenerationResult, ProgressUpdate, TrellisBoxClient, connection_lost, refinement_lines
+from trellisbox.client import (
+    GenerationResult,
+    ProgressUpdate,
+    TrellisBoxClient,
+    connection_lost,
+    refinement_lines,
+    without_stage,
+)
 
 #: File names and server messages printed as they are: no markup (``[x].png`` is a file, not a style), and no
 #: wrapping inside a path.
@@ -193,7 +200,7 @@ class StageBars:
             self._current = (update.stage, task)
         name = update.stage.lower().replace("_", " ")
         if update.stage == "QUEUED" and update.total:
-            self._progress.update(task, total=None, description=f"{name:<16} position {update.total} in the queue")
+            self._progress.update(task, total=None, description=f"{name:<16} {update.total} ahead in the queue")
             return
         self._progress.update(task, completed=update.step, total=update.total or None,
                               description=f"{name:<16} {update.message}")
@@ -318,7 +325,7 @@ def _explain(exc: grpc.RpcError, names: Sequence[str], target: str) -> str:
         return (f"cannot reach the gateway at {target} ({details}).\n"
                 "Start the stack (in a checkout of trellisbox-serving: `make run`), or point --target at a running "
                 "gateway. A gateway that serves TLS needs --tls (and --ca-file for a private CA).")
-    return f"{code.name}: {details}"
+    return f"{code.name}: {without_stage(details) if code == grpc.StatusCode.INVALID_ARGUMENT else details}"
 
 
 def run_generate(args: argparse.Namespace) -> int:

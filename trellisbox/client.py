@@ -96,6 +96,15 @@ class GenerationResult:
 STAGE_PREFIXES = ("refiner:", "trellis:")
 
 
+def without_stage(details: str) -> str:
+    """A message without the name of the stage that sent it (``trellis: images[0] is ...``): for a person, when the
+    message names the caller's image or field itself (INVALID_ARGUMENT)."""
+    for prefix in STAGE_PREFIXES:
+        if details.startswith(prefix):
+            return details[len(prefix):].lstrip()
+    return details
+
+
 def connection_lost(exc: grpc.RpcError) -> bool:
     """The call broke between the client and the gateway (UNAVAILABLE not caused by a stage), so the request may
     still be running there."""

@@ -186,7 +186,7 @@ class WebApp:
                 if kind == "progress":
                     update: ProgressUpdate = payload
                     if update.stage == "QUEUED":
-                        panel.status = f"waiting in the server's queue (position {update.total})"
+                        panel.status = f"waiting in the server's queue ({update.total} ahead)"
                     else:
                         panel.update(update.stage, update.step, update.total, update.message)
                     yield panel.html(), skip
@@ -225,8 +225,12 @@ class WebApp:
             ply.write_bytes(result.gaussian_ply)
             downloads.append(str(ply))
         refined = []
+        stems = [Path(name).stem for name in names]
         for i, data in enumerate(result.refined_images):
-            path = folder / f"{Path(names[i]).stem if i < len(names) else stem}.refined.png"
+            view = stems[i] if i < len(stems) else stem
+            if stems.count(view) > 1 or i >= len(stems):  # two views named alike must not overwrite each other
+                view = f"{view}-{i + 1}"
+            path = folder / f"{view}.refined.png"
             path.write_bytes(data)
             downloads.append(str(path))
             refined.append((str(path), f"{path.name}"))

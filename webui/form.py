@@ -31,6 +31,7 @@ from trellisbox._domain.params import (
     walk,
 )
 from trellisbox.cli import name_images
+from trellisbox.client import without_stage
 
 #: The two parameter groups, as the client takes them: ``refine_params`` and ``generation``.
 GROUPS: dict[str, type[ParamModel]] = {"refine": RefineParams, "generation": GenerationParams}
@@ -189,7 +190,7 @@ def explain_error(exc: BaseException, names: Sequence[str], target: str) -> str:
         return ("The server refused this web app's credentials: whoever runs the app must start it with a valid "
                 f"token (--token-file or TRELLISBOX_TOKEN). ({details})")
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return details  # it starts with the file's name or the field's label
+        return without_stage(details)  # it starts with the file's name or the field's label
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return "The server is busy (its queue is full). Try again in a minute."
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:

@@ -64,6 +64,28 @@ def test_jobs_run_one_at_a_time_and_the_queue_is_bounded() -> None:
     worker.shutdown()
 
 
+def test_a_caller_behind_a_running_job_is_told_its_place_at_once() -> None:
+    """The first event of a call that waits is its place: the jobs ahead of it, the running one included (a call
+    behind one running job heard nothing until its own job started)."""
+    worker = ModelWorker("test", max_queue=4)
+
+    async def main() -> list[list[object]]:
+        first = asyncio.create_task(_drain(worker, _stepper(3, 0.1)))
+        await asyncio.sleep(0.05)  # the first job runs; nothing waits
+        second = asyncio.create_task(_drain(worker, _stepper(1, 0)))
+        await asyncio.sleep(0.01)
+        third = asyncio.create_task(_drain(worker, _stepper(1, 0)))
+        return [await first, await second, await third]
+
+    first, second, third = asyncio.run(main())
+    assert not any(isinstance(i, ProgressEvent) and i.stage == Stage.QUEUED for i in first)
+    for items, ahead in ((second, 1), (third, 2)):
+        event = items[0]
+        assert isinstance(event, ProgressEvent) and event.stage == Stage.QUEUED, items
+        assert (event.total, event.message) == (ahead, f"{ahead} ahead in the queue")
+    worker.shutdown()
+
+
 def test_a_caller_that_leaves_stops_its_job() -> None:
     worker = ModelWorker("test", max_queue=2)
     seen: list[int] = []

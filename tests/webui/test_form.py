@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from tests.images import png_bytes
+from trellisbox.cli import _explain as cli_explain
 from webui.form import ProgressPanel, check_images, controls, explain_error, prune_results, request_options
 
 
@@ -45,6 +46,12 @@ def test_errors_name_the_file_and_the_field_and_say_what_to_do() -> None:
     message = explain_error(_RpcError(grpc.StatusCode.INVALID_ARGUMENT, "images[1] is not a PNG, JPEG or WebP image"),
                             names, "127.0.0.1:50051")
     assert message == "chair-back.png is not a PNG, JPEG or WebP image"
+    # Found by the stage that decodes (a JPEG cut short): the same form, without the stage's name.
+    cut_short = "trellis: images[0] is truncated or corrupt (image file is truncated)"
+    message = explain_error(_RpcError(grpc.StatusCode.INVALID_ARGUMENT, cut_short), names, "")
+    assert message == "chair.png is truncated or corrupt (image file is truncated)"
+    assert cli_explain(_RpcError(grpc.StatusCode.INVALID_ARGUMENT, "refiner: images[1] is truncated or corrupt"),
+                       names, "") == "INVALID_ARGUMENT: chair-back.png is truncated or corrupt"
     message = explain_error(_RpcError(grpc.StatusCode.INVALID_ARGUMENT,
                                       "refine_parameters.strength must be in (0.0, 1.0], got 7.0"), names, "")
     assert message.startswith('"Strength" (refinement) must be in (0.0, 1.0]')
@@ -92,3 +99,19 @@ def test_old_and_surplus_results_are_removed(tmp_path: Path) -> None:
     os.utime(old, (time.time() - 7200, time.time() - 7200))
     prune_results(tmp_path, max_age_s=3600, keep=3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r2", "r3", "r4"]
+
+
+def test_views_named_alike_keep_each_refined_image(tmp_path: Path) -> None:
+    """Two uploads called example.png (from two folders): each view's refined image is its own file."""
+    from trellisbox._domain.artifacts import Artifact
+    from trellisbox._domain.kinds import ArtifactKind
+    from trellisbox.client import GenerationResult
+    from webui.app import WebApp
+
+    result = GenerationResult(artifacts=[Artifact(ArtifactKind.GLB, b"glTF"), *(
+        Artifact(ArtifactKind.REFINED_IMAGE, png_bytes(8 + i), i) for i in range(3))])
+    _, shown = WebApp("127.0.0.1:1", tmp_path)._show(result, ProgressPanel("x"),
+                                                      ["a/example.png", "side.png", "b/example.png"])
+    refined = [Path(path) for path, _ in shown["refined"]]
+    assert [path.name for path in refined] == ["example-1.refined.png", "side.refined.png", "example-3.refined.png"]
+    assert [path.read_bytes() for path in refined] == [png_bytes(8 + i) for i in range(3)]

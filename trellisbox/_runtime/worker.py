@@ -305,7 +305,7 @@ class ModelWorker:
 
         gate = ProgressGate(events.put_nowait, loop, self.progress_interval_s)
         ctx = JobContext(request_id, deadline, gate)
-        position = self.queue_depth
+        ahead = self._admitted  # the jobs waiting and the one running: a caller behind a running job waits too
         self._admissions += 1
         self._publish()
 
@@ -348,8 +348,8 @@ class ModelWorker:
 
         future.add_done_callback(finished)
         try:
-            if position > 0:
-                yield ProgressEvent(Stage.QUEUED, 0, position, f"{position} ahead in the queue")
+            if ahead > 0:
+                yield ProgressEvent(Stage.QUEUED, 0, ahead, f"{ahead} ahead in the queue")
             while (event := await events.get()) is not None:
                 yield event
             value = future.result()
