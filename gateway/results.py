@@ -52,15 +52,14 @@ _RECENT_PROGRESS = 64
 def request_fingerprint(request: gateway_pb2.GenerateRequest) -> str:
     """What makes two requests the same request: every field, images included, the formats as a set (their order
     and repeats ask for nothing different). CPU work: call it off the loop, before anything else reads
-    ``request`` (its formats are taken out while it is serialized, then put back)."""
+    ``request`` (its formats are put in order while it is serialized, then put back). A request whose formats are
+    in order already has the fingerprint it had before formats were taken as a set, so results stored then match."""
     formats = list(request.formats)
-    del request.formats[:]
+    request.formats[:] = sorted(set(formats))
     try:
-        digest = hashlib.sha256(request.SerializeToString(deterministic=True))
+        return hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
     finally:
-        request.formats.extend(formats)
-    digest.update(b"formats:" + ",".join(str(kind) for kind in sorted(set(formats))).encode())
-    return digest.hexdigest()
+        request.formats[:] = formats
 
 
 def _append_record(file: BinaryIO, data: bytes) -> None:
