@@ -14,7 +14,8 @@ import grpc
 import pytest
 
 from tests.images import png_bytes
-from tools.stack import LocalStack
+from tools.stack import LocalStack, free_port, start_service
+from trellisbox._domain.contract import GATEWAY_SERVICE, TRELLIS_SERVICE
 from trellisbox.client import TrellisBoxClient, build_request
 from trellisbox.v1 import common_pb2, gateway_pb2_grpc
 
@@ -98,3 +99,37 @@ def test_a_trellis_service_killed_mid_job_fails_its_caller_cleanly(tmp_path_fact
         assert stack.processes["gateway"].process.poll() is None, "the gateway outlives its stage"
         record("TRELLIS killed mid-job", {"status": error.code().name,  # type: ignore[attr-defined]
                                           "seconds_to_fail": round(time.monotonic() - started, 1)})
+
+
+def test_a_stage_back_after_an_outage_is_served_again_within_seconds(tmp_path: Path) -> None:
+    """After 45 s without its TRELLIS service, the gateway serves within a few seconds of the service being ready
+    again: gRPC's default reconnect backoff grows toward 120 s (served 20 s late here before, later the longer the
+    outage); the stage channels cap it at 2 s."""
+    trellis_port = free_port()
+    trellis = start_service("trellis", "trellis_service", ["--backend", "preview"], tmp_path, port=trellis_port)
+    gateway = start_service("gateway", "gateway", ["--refiner-target", f"127.0.0.1:{free_port()}",
+                                                   "--trellis-target", trellis.target], tmp_path)
+    try:
+        trellis.wait_ready(TRELLIS_SERVICE, 120)
+        gateway.wait_ready(GATEWAY_SERVICE, 60)
+        request = build_request([png_bytes(96)], generation={"texture_size": 256})
+        with TrellisBoxClient(gateway.target, timeout=60) as client:
+            client.collect(client.stream(request))
+            trellis.kill()
+            time.sleep(45)  # the channel's reconnect attempts back off meanwhile
+            trellis = start_service("trellis-again", "trellis_service", ["--backend", "preview"], tmp_path,
+                                    port=trellis_port)
+            trellis.wait_ready(TRELLIS_SERVICE, 120)
+            back = time.monotonic()
+            while True:
+                try:
+                    client.collect(client.stream(request))
+                    break
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc  # type: ignore[attr-defined]
+                    time.sleep(0.2)
+            waited = time.monotonic() - back
+    finally:
+        gateway.stop()
+        trellis.stop()
+    assert waited < 4.0, f"served {waited:.1f} s after TRELLIS was ready again"
