@@ -4,6 +4,7 @@ the scene fitted to the photo gets its input view back without spoiling the view
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -185,6 +186,20 @@ class _CountingRasterizer(TorchRasterizer):
             raise _Stopped
 
 
+def _renders_after_a_stop(run: Callable[[_CountingRasterizer], object], first: int) -> list[int]:
+    """Run once whole, then stopped at renders ``first``, 1, half-way and one before the end: how many renders
+    each stopped run made after its stop."""
+    whole = _CountingRasterizer(stop_after=None)
+    run(whole)
+    late = []
+    for stop_after in sorted({first, 1, whole.renders // 2, whole.renders - 1}):
+        stopped = _CountingRasterizer(stop_after)
+        with pytest.raises(_Stopped):
+            run(stopped)
+        late.append(stopped.renders - stop_after)
+    return late
+
+
 def test_a_fit_stops_before_its_next_render_whatever_phase_it_is_in() -> None:
     """The reference renders before the first step and the scores after the last take as long as many steps at a
     high resolution: a caller that left is let go before the next render there too, not only between steps."""
@@ -197,15 +212,9 @@ def test_a_fit_stops_before_its_next_render_whatever_phase_it_is_in() -> None:
         fit_gaussians(scene, [FitTarget(view, OrbitPose(35.0, 20.0, 2.6))], settings, rasterizer, centre,
                       check_stop=rasterizer.check_stop)
 
-    whole = _CountingRasterizer(stop_after=None)
-    fit(whole)
-    # At the first render, in the reference renders, in a step, and in the scoring at the very end.
-    for stop_after in sorted({1, 3, whole.renders // 2, whole.renders - 1}):
-        stopped = _CountingRasterizer(stop_after)
-        with pytest.raises(_Stopped):
-            fit(stopped)
-        # Outside the steps, none; within one, at most the rest of that step (its views are one backward pass).
-        assert stopped.renders - stop_after <= REGULARISER_VIEWS_PER_STEP, stopped.renders - stop_after
+    # At the first render, in the reference renders, in a step, and in the scoring at the very end. Outside the
+    # steps, no render after the stop; within one, at most the rest of that step (its views are one backward pass).
+    assert max(_renders_after_a_stop(fit, first=3)) <= REGULARISER_VIEWS_PER_STEP
 
 
 def test_a_camera_search_stops_before_its_next_render() -> None:
@@ -219,10 +228,4 @@ def test_a_camera_search_stops_before_its_next_render() -> None:
         recover_pose(scene.activated(), centre, radius, view, rasterizer, check_stop=rasterizer.check_stop,
                      generator=torch.Generator().manual_seed(0))
 
-    whole = _CountingRasterizer(stop_after=None)
-    search(whole)
-    for stop_after in sorted({0, 1, whole.renders // 2, whole.renders - 1}):
-        stopped = _CountingRasterizer(stop_after)
-        with pytest.raises(_Stopped):
-            search(stopped)
-        assert stopped.renders == stop_after
+    assert set(_renders_after_a_stop(search, first=0)) == {0}

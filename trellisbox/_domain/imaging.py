@@ -8,6 +8,7 @@ caller's bytes): the same checks without decoding the pixels.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import re
@@ -82,7 +83,7 @@ def _open(data: bytes, media_type: str, limits: ImageLimits, label: str, handoff
     except Image.DecompressionBombError as exc:
         # Pillow refuses absurd sizes before we see them. A PNG's header says its sides (read them, for the same
         # message as any image over the limit); for the others, Pillow's message carries the pixel count.
-        if data.startswith(b"\x89PNG\r\n\x1a\n") and data[12:16] == b"IHDR":
+        if _signature_format(data) == "PNG" and data[12:16] == b"IHDR":
             width, height = struct.unpack(">II", data[16:24])
             raise _too_many_pixels(label, width, height, limits) from None
         found = re.search(r"\((\d+) pixels\)", str(exc))
@@ -199,12 +200,12 @@ def decode_image(data: bytes, media_type: str = "", limits: ImageLimits | None =
 
 
 def _upright(image: Image.Image) -> Image.Image:
-    """``image`` turned as its EXIF orientation says; as it is when that tag is absent or cannot be read (a
-    damaged EXIF block costs the turn, not the request)."""
-    try:
-        return ImageOps.exif_transpose(image)
-    except (OSError, ValueError, SyntaxError, struct.error, KeyError, TypeError):
-        return image
+    """``image`` turned as its EXIF orientation says, in place (most images need no turn, and a copy of a large one
+    costs time and memory); as it is when that tag is absent or cannot be read (a damaged EXIF block costs the turn,
+    not the request)."""
+    with contextlib.suppress(OSError, ValueError, SyntaxError, struct.error, KeyError, TypeError):
+        ImageOps.exif_transpose(image, in_place=True)
+    return image
 
 
 def has_alpha(image: Image.Image) -> bool:
