@@ -116,11 +116,6 @@ class ServiceSettings(BaseSettings):
 S = TypeVar("S", bound=ServiceSettings)
 
 
-class StartupError(Exception):
-    """A service cannot start as configured (a port taken, a file it must read missing): one line for its log, not
-    a traceback."""
-
-
 def program_name(cls: type[ServiceSettings]) -> str:
     """How the service of ``cls`` is started: ``python -m gateway`` (its settings live in ``gateway.config``)."""
     return f"python -m {cls.__module__.split('.')[0]}"

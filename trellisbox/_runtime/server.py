@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from trellisbox._domain.errors import ServiceError
 from trellisbox._runtime import tracing
 from trellisbox._runtime.allocator import MallocProfile, settle_heap, tune_malloc
-from trellisbox._runtime.config import MAX_RESPONSE_BYTES, ServiceSettings, StartupError
+from trellisbox._runtime.config import MAX_RESPONSE_BYTES, ServiceSettings
 from trellisbox._runtime.interceptor import ErrorInterceptor, ServerInterceptor
 from trellisbox._runtime.observability import configure_logging, start_metrics_server
 from trellisbox._runtime.security import describe_tls, is_loopback, server_credentials
@@ -102,6 +102,10 @@ def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
             ("grpc.max_connection_age_grace_ms", int(settings.longest_call_s * 1000)),
         ]
     return options
+
+
+class StartupError(Exception):
+    """The server cannot start as configured (its port is taken): one line for its log, not a traceback."""
 
 
 def _bind(server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None) -> int:
